@@ -1,0 +1,13 @@
+//! Compiles the wire contract with a pure-Rust protobuf compiler (protox), so
+//! `cargo build` needs no `protoc` on the machine.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let proto = "proto/credvault/v1/credvault.proto";
+    println!("cargo:rerun-if-changed={proto}");
+    let descriptors = protox::compile([proto], ["proto"])?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(descriptors)?;
+    Ok(())
+}

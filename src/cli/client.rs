@@ -1,0 +1,347 @@
+//! Client subcommands: talk to a running vault over mutual TLS; secrets come from stdin or a no-echo prompt, never argv.
+
+use std::collections::HashMap;
+use std::io::{IsTerminal, Read};
+use std::path::PathBuf;
+
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use zeroize::Zeroizing;
+
+use crate::dev::certs::DevCertPaths;
+use crate::dev::CERTS_DIR;
+use crate::proto::credentials_client::CredentialsClient;
+use crate::proto::{
+    self, Credential, CredentialRef, ListProvidersRequest, ListRequest, StoreRequest,
+};
+
+/// Where the vault is and which client certificate to present.
+#[derive(Debug, clap::Args)]
+pub struct Connect {
+    /// The vault's address.
+    #[arg(
+        long,
+        env = "CREDVAULT_ADDR",
+        default_value = "https://localhost:50051"
+    )]
+    addr: String,
+    /// A development vault's folder: use its CA and `app` client certificate
+    /// unless --ca, --cert or --key say otherwise.
+    #[arg(long, env = "CREDVAULT_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// The CA bundle (PEM) that signed the server's certificate.
+    #[arg(long, env = "CREDVAULT_CA")]
+    ca: Option<PathBuf>,
+    /// This client's certificate (PEM).
+    #[arg(long, env = "CREDVAULT_CERT")]
+    cert: Option<PathBuf>,
+    /// This client's private key (PEM).
+    #[arg(long, env = "CREDVAULT_KEY")]
+    key: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StoreArgs {
+    #[command(flatten)]
+    connect: Connect,
+    #[arg(long)]
+    workspace: String,
+    #[arg(long)]
+    provider: String,
+    /// A non-secret parameter, as NAME=VALUE; repeat for more.
+    #[arg(long = "param", value_name = "NAME=VALUE")]
+    params: Vec<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RefArgs {
+    #[command(flatten)]
+    connect: Connect,
+    #[arg(long)]
+    workspace: String,
+    #[arg(long)]
+    provider: String,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ListArgs {
+    #[command(flatten)]
+    connect: Connect,
+    #[arg(long)]
+    workspace: String,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ProvidersArgs {
+    #[command(flatten)]
+    connect: Connect,
+}
+
+/// A gRPC client for the Credentials service over mutual TLS.
+pub async fn connect(
+    addr: &str,
+    ca_pem: &[u8],
+    cert_pem: &[u8],
+    key_pem: &[u8],
+) -> Result<CredentialsClient<Channel>, String> {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca_pem))
+        .identity(Identity::from_pem(cert_pem, key_pem));
+    let channel = Endpoint::from_shared(addr.to_owned())
+        .map_err(|e| format!("bad address {addr}: {e}"))?
+        .tls_config(tls)
+        .map_err(|e| format!("TLS configuration: {e}"))?
+        .connect()
+        .await
+        .map_err(|e| format!("cannot connect to {addr}: {}", error_chain(&e)))?;
+    Ok(CredentialsClient::new(channel))
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+impl Connect {
+    async fn client(&self) -> Result<CredentialsClient<Channel>, String> {
+        let dev = self
+            .data_dir
+            .as_ref()
+            .map(|d| DevCertPaths::new(&d.join(CERTS_DIR)));
+        let pick = |given: &Option<PathBuf>, from_dev: fn(&DevCertPaths) -> PathBuf, flag: &str| {
+            given
+                .clone()
+                .or_else(|| dev.as_ref().map(from_dev))
+                .ok_or_else(|| {
+                    format!("--{flag} is required (or --data-dir of a development vault)")
+                })
+        };
+        let ca = pick(&self.ca, |d| d.ca.clone(), "ca")?;
+        let cert = pick(&self.cert, |d| d.client_cert("app"), "cert")?;
+        let key = pick(&self.key, |d| d.client_key("app"), "key")?;
+        let read = |p: &PathBuf| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+        let key_pem = Zeroizing::new(read(&key)?);
+        connect(&self.addr, &read(&ca)?, &read(&cert)?, &key_pem).await
+    }
+}
+
+fn status_error(s: tonic::Status) -> String {
+    format!("{:?}: {}", s.code(), s.message())
+}
+
+pub async fn store(args: StoreArgs) -> Result<(), String> {
+    let mut params = HashMap::new();
+    for p in &args.params {
+        let (name, value) = p
+            .split_once('=')
+            .ok_or_else(|| format!("--param {p:?} is not NAME=VALUE"))?;
+        params.insert(name.to_owned(), value.to_owned());
+    }
+    let mut client = args.connect.client().await?;
+    let providers = client
+        .list_providers(ListProvidersRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .providers;
+    let provider = providers
+        .iter()
+        .find(|p| p.name == args.provider)
+        .ok_or_else(|| {
+            let names: Vec<_> = providers.iter().map(|p| p.name.as_str()).collect();
+            format!(
+                "unknown provider {:?}; the vault knows {}",
+                args.provider,
+                names.join(", ")
+            )
+        })?;
+    let secrets = read_secrets(provider)?;
+    let request = StoreRequest {
+        workspace_id: args.workspace,
+        provider: args.provider,
+        secrets: secrets
+            .iter()
+            .map(|(k, v)| (k.clone(), v.to_string()))
+            .collect(),
+        params,
+    };
+    drop(secrets);
+    let stored = client
+        .store(request)
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    print_credential(&stored);
+    Ok(())
+}
+
+/// Reads each secret field: with a terminal, from a no-echo prompt; otherwise
+/// from stdin as `NAME=VALUE` lines.
+fn read_secrets(
+    provider: &proto::ProviderInfo,
+) -> Result<Vec<(String, Zeroizing<String>)>, String> {
+    if std::io::stdin().is_terminal() {
+        return provider
+            .secrets
+            .iter()
+            .map(|f| {
+                let prompt = format!("{} ({}): ", f.name, f.description);
+                let value = rpassword::prompt_password(prompt)
+                    .map_err(|e| format!("cannot read {}: {e}", f.name))?;
+                Ok((f.name.clone(), Zeroizing::new(value)))
+            })
+            .collect();
+    }
+    let mut input = Zeroizing::new(String::new());
+    std::io::stdin()
+        .read_to_string(&mut input)
+        .map_err(|e| format!("cannot read secrets from stdin: {e}"))?;
+    parse_secret_lines(&input)
+}
+
+/// `NAME=VALUE` per line; only the line ending is stripped, so the vault can
+/// refuse stray whitespace in a value rather than hide it.
+fn parse_secret_lines(input: &str) -> Result<Vec<(String, Zeroizing<String>)>, String> {
+    input
+        .lines()
+        .enumerate()
+        .filter(|(_, line)| !line.is_empty())
+        .map(|(i, line)| {
+            let (name, value) = line
+                .split_once('=')
+                .ok_or_else(|| format!("stdin line {} is not NAME=VALUE", i + 1))?;
+            Ok((name.to_owned(), Zeroizing::new(value.to_owned())))
+        })
+        .collect()
+}
+
+fn reference(workspace: String, provider: String) -> CredentialRef {
+    CredentialRef {
+        workspace_id: workspace,
+        provider,
+    }
+}
+
+pub async fn redact(args: RefArgs) -> Result<(), String> {
+    let mut client = args.connect.client().await?;
+    let c = client
+        .redact(reference(args.workspace, args.provider))
+        .await
+        .map_err(status_error)?;
+    print_credential(c.get_ref());
+    Ok(())
+}
+
+pub async fn zero(args: RefArgs) -> Result<(), String> {
+    let mut client = args.connect.client().await?;
+    let c = client
+        .zero(reference(args.workspace, args.provider))
+        .await
+        .map_err(status_error)?;
+    print_credential(c.get_ref());
+    Ok(())
+}
+
+pub async fn list(args: ListArgs) -> Result<(), String> {
+    let mut client = args.connect.client().await?;
+    let workspace_id = args.workspace;
+    let list = client
+        .list(ListRequest {
+            workspace_id: workspace_id.clone(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    if list.credentials.is_empty() {
+        println!("no connections in workspace {workspace_id}");
+    }
+    for c in &list.credentials {
+        print_credential(c);
+    }
+    Ok(())
+}
+
+pub async fn providers(args: ProvidersArgs) -> Result<(), String> {
+    let mut client = args.connect.client().await?;
+    let list = client
+        .list_providers(ListProvidersRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    for p in &list.providers {
+        println!("{} ({})", p.name, p.display_name);
+        for f in &p.secrets {
+            println!("  secret {:<18} {}", f.name, f.description);
+        }
+        for f in &p.params {
+            let mut line = format!("  param  {:<18} {}", f.name, f.description);
+            if !f.allowed_values.is_empty() {
+                line.push_str(&format!(" [{}]", f.allowed_values.join("|")));
+            }
+            if !f.default_value.is_empty() {
+                line.push_str(&format!(" (default {})", f.default_value));
+            }
+            println!("{line}");
+        }
+    }
+    Ok(())
+}
+
+fn print_credential(c: &Credential) {
+    let status = proto::Status::try_from(c.status).map_or("unknown", |s| match s {
+        proto::Status::Connected => "connected",
+        proto::Status::Disconnected => "disconnected",
+        proto::Status::Unspecified => "unknown",
+    });
+    println!("{} in workspace {}: {status}", c.provider, c.workspace_id);
+    let mut params: Vec<_> = c.params.iter().collect();
+    params.sort();
+    for (name, value) in params {
+        println!("  {name:<18} = {value}");
+    }
+    let mut secrets: Vec<_> = c.secrets.iter().collect();
+    secrets.sort_by(|a, b| a.0.cmp(b.0));
+    for (name, r) in secrets {
+        println!("  {name:<18} {} (fingerprint {})", r.hint, r.fingerprint);
+    }
+    let time = |t: &Option<prost_types::Timestamp>| t.as_ref().map(ToString::to_string);
+    if let Some(t) = time(&c.created_at) {
+        println!("  created            {t}");
+    }
+    if let Some(t) = time(&c.updated_at) {
+        println!("  updated            {t}");
+    }
+    if let Some(t) = time(&c.disconnected_at) {
+        println!("  disconnected       {t}");
+    }
+    if let Some(t) = time(&c.expires_at) {
+        println!("  expires            {t}");
+    }
+    if c.key_version > 0 {
+        println!("  key version        {}", c.key_version);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_lines_keep_inner_equals_and_spaces() {
+        let parsed = parse_secret_lines("api_key=a=b \nsecret_key=xyz\r\n\n").unwrap();
+        assert_eq!(parsed[0].0, "api_key");
+        assert_eq!(parsed[0].1.as_str(), "a=b ");
+        assert_eq!(parsed[1].1.as_str(), "xyz");
+    }
+
+    #[test]
+    fn secret_line_without_equals_is_an_error_without_the_value() {
+        let err = parse_secret_lines("topsecretvalue").unwrap_err();
+        assert!(!err.contains("topsecret"));
+    }
+}

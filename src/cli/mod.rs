@@ -1,0 +1,177 @@
+//! The command line: `serve`, `certs init`, and client subcommands for people.
+
+pub mod client;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+use crate::dev;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "credvault",
+    version,
+    about = "A credential vault behind mutual-TLS gRPC"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the vault.
+    Serve(ServeArgs),
+    /// Development certificates.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+    /// Store a connection's credentials; secrets are read from stdin or a no-echo prompt.
+    Store(client::StoreArgs),
+    /// Show a connection's parameters and redacted secrets.
+    Redact(client::RefArgs),
+    /// Disconnect: destroy a connection's secrets, keep its metadata.
+    Zero(client::RefArgs),
+    /// List a workspace's connections.
+    List(client::ListArgs),
+    /// List the providers the vault knows and the fields each needs.
+    Providers(client::ProvidersArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// Development mode: on first run create certificates, a root key, a
+    /// configuration and a database in --data-dir; later runs reuse them.
+    #[arg(long, conflicts_with = "config")]
+    dev: bool,
+    /// The development vault's folder (with --dev).
+    #[arg(long, default_value = "credvault-dev", requires = "dev")]
+    data_dir: PathBuf,
+    /// Run from this configuration file alone.
+    #[arg(long, required_unless_present = "dev")]
+    config: Option<PathBuf>,
+    /// Listen on this address instead of the configured one.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Subcommand)]
+enum CertsCommand {
+    /// Write a development CA, server certificate and app/admin/auditor client certificates.
+    Init {
+        /// The folder to write them into.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// Parses the command line and runs the subcommand.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(&format!("cannot start the async runtime: {e}")),
+    };
+    let result = match cli.command {
+        Command::Serve(args) => runtime.block_on(serve(args)),
+        Command::Certs(CertsCommand::Init { out }) => certs_init(&out),
+        Command::Store(args) => runtime.block_on(client::store(args)),
+        Command::Redact(args) => runtime.block_on(client::redact(args)),
+        Command::Zero(args) => runtime.block_on(client::zero(args)),
+        Command::List(args) => runtime.block_on(client::list(args)),
+        Command::Providers(args) => runtime.block_on(client::providers(args)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => fail(&message),
+    }
+}
+
+fn fail(message: &str) -> ExitCode {
+    eprintln!("credvault: error: {message}");
+    ExitCode::FAILURE
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn serve(args: ServeArgs) -> Result<(), String> {
+    init_logging();
+    let config_path = if args.dev {
+        let vault = dev::prepare(&args.data_dir).map_err(|e| e.to_string())?;
+        if vault.created {
+            announce_dev_vault(&args.data_dir);
+        }
+        vault.config_path
+    } else {
+        // clap requires --config unless --dev.
+        args.config.ok_or("serve needs --config FILE, or --dev")?
+    };
+    let mut config = Config::load(&config_path).map_err(|e| e.to_string())?;
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    tracing::info!(config = %config_path.display(), "configuration:\n{}", config.to_toml());
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    crate::run(config, listener, shutdown_signal())
+        .await
+        .map_err(|e| e.to_string())
+}
+
+fn announce_dev_vault(dir: &Path) {
+    let d = dir.display();
+    eprintln!(
+        "\n\
+         ================================================================\n\
+         credvault: CREATED A NEW DEVELOPMENT VAULT in {d}\n\
+         \x20 {d}/certs/ca.pem                       the development CA\n\
+         \x20 {d}/certs/server.pem, server-key.pem   localhost, 127.0.0.1, ::1\n\
+         \x20 {d}/certs/{{app,admin,auditor}}.pem     client certificates (+ -key.pem)\n\
+         \x20 {d}/root.key                           the root key (mode 0600)\n\
+         \x20 {d}/credvault.toml                     the configuration in use\n\
+         \x20 {d}/credvault.db                       the database\n\
+         Not for production: the root key sits beside the database.\n\
+         Try: credvault providers --data-dir {d}\n\
+         ================================================================\n"
+    );
+}
+
+fn certs_init(out: &Path) -> Result<(), String> {
+    let paths = dev::certs::init(out).map_err(|e| e.to_string())?;
+    eprintln!(
+        "wrote a development CA, a server certificate and app, admin and auditor client certificates to {}",
+        paths.dir.display()
+    );
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM; stopping on SIGINT only");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}

@@ -1,0 +1,181 @@
+//! The configuration file: paths to key material, never the material itself, so it can be logged whole.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+pub const ROOT_KEY_ENV: &str = "CREDVAULT_ROOT_KEY";
+
+/// Everything `credvault serve` runs with.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    pub tls: TlsConfig,
+    pub storage: StorageConfig,
+    pub keys: KeysConfig,
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The server's certificate chain (PEM).
+    pub cert_file: PathBuf,
+    /// The server's private key (PEM); must not be readable by group or others.
+    pub key_file: PathBuf,
+    /// The CA bundle (PEM) client certificates must chain to.
+    pub client_ca_file: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    #[default]
+    Sqlite,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    #[serde(default)]
+    pub backend: Backend,
+    /// The SQLite database file; created with mode 0600 if absent.
+    pub path: PathBuf,
+}
+
+/// Where the root key comes from: a file, or else an environment variable.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeysConfig {
+    /// A file holding 64 hex characters, mode 0600 or stricter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_key_file: Option<PathBuf>,
+    /// The environment variable holding 64 hex characters, used when no file is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_key_env: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Requests larger than this are refused before decoding.
+    pub max_message_bytes: usize,
+    /// A TLS handshake that takes longer is dropped.
+    pub handshake_timeout_ms: u64,
+    /// In-flight calls get this long to finish after SIGTERM.
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 64 * 1024,
+            handshake_timeout_ms: 10_000,
+            shutdown_grace_ms: 10_000,
+        }
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    // A constant that parses.
+    #[allow(clippy::expect_used)]
+    DEFAULT_LISTEN
+        .parse()
+        .expect("DEFAULT_LISTEN is an address")
+}
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("configuration {path} is invalid: {message}")]
+    Parse { path: PathBuf, message: String },
+}
+
+impl Config {
+    /// Reads a TOML file; relative paths in it are taken relative to its folder.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.message().to_owned(),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.resolve_relative_to(base);
+        Ok(config)
+    }
+
+    /// Makes every path absolute against `base`.
+    pub fn resolve_relative_to(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.tls.cert_file);
+        fix(&mut self.tls.key_file);
+        fix(&mut self.tls.client_ca_file);
+        fix(&mut self.storage.path);
+        if let Some(p) = &mut self.keys.root_key_file {
+            fix(p);
+        }
+    }
+
+    /// The TOML text of this configuration.
+    pub fn to_toml(&self) -> String {
+        // Every field is a plain string, number or table: serialization cannot fail.
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolves_relative_paths_and_fills_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            r#"
+            [tls]
+            cert_file = "certs/server.pem"
+            key_file = "/abs/server-key.pem"
+            client_ca_file = "certs/ca.pem"
+            [storage]
+            path = "v.db"
+            [keys]
+            root_key_file = "root.key"
+            "#,
+        )
+        .unwrap();
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.tls.cert_file, dir.path().join("certs/server.pem"));
+        assert_eq!(c.tls.key_file, PathBuf::from("/abs/server-key.pem"));
+        assert_eq!(c.storage.backend, Backend::Sqlite);
+        assert_eq!(c.limits.max_message_bytes, 64 * 1024);
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "listn = \"x\"").unwrap();
+        let err = Config::load(&path).unwrap_err().to_string();
+        assert!(err.contains("listn"), "{err}");
+    }
+}

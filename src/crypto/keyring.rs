@@ -1,0 +1,323 @@
+//! The root key, the versioned key-encryption keys it wraps, and the fingerprint key.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use data_encoding::{BASE32_NOPAD, HEXLOWER_PERMISSIVE};
+use ring::hmac;
+use ring::rand::SystemRandom;
+use zeroize::Zeroizing;
+
+use super::{associated_data, open, seal, CryptoError, Key, Sealed};
+
+const KEK_PURPOSE: &str = "credvault/v1/key-encryption-key";
+const FINGERPRINT_KEY_PURPOSE: &str = "credvault/v1/fingerprint-key";
+const DATA_KEY_PURPOSE: &str = "credvault/v1/data-key";
+const FINGERPRINT_PURPOSE: &str = "credvault/v1/fingerprint";
+
+/// Why the root key could not be loaded. Never carries key bytes.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RootKeyError {
+    #[error("root key file {path} could not be read: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "root key file {path} is readable by group or others (mode {mode:o}); run `chmod 600 {path}`"
+    )]
+    Unsafe { path: PathBuf, mode: u32 },
+    #[error("root key from {origin} is not 64 hexadecimal characters (32 bytes)")]
+    Malformed { origin: String },
+    #[error("environment variable {0} is not set")]
+    MissingEnv(String),
+}
+
+/// The key that wraps key-encryption keys and nothing else.
+pub struct RootKey(Key);
+
+impl RootKey {
+    /// Reads 64 hex characters from a file that only its owner may read.
+    pub fn from_file(path: &Path) -> Result<Self, RootKeyError> {
+        use std::os::unix::fs::PermissionsExt;
+        let read_err = |source| RootKeyError::Read {
+            path: path.to_owned(),
+            source,
+        };
+        let mode = std::fs::metadata(path)
+            .map_err(read_err)?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            return Err(RootKeyError::Unsafe {
+                path: path.to_owned(),
+                mode: mode & 0o777,
+            });
+        }
+        let text = Zeroizing::new(std::fs::read(path).map_err(read_err)?);
+        Self::from_hex(&text, &path.display().to_string())
+    }
+
+    /// Reads 64 hex characters from an environment variable.
+    pub fn from_env(name: &str) -> Result<Self, RootKeyError> {
+        let value = Zeroizing::new(
+            std::env::var(name).map_err(|_| RootKeyError::MissingEnv(name.to_owned()))?,
+        );
+        Self::from_hex(value.as_bytes(), &format!("environment variable {name}"))
+    }
+
+    fn from_hex(text: &[u8], origin: &str) -> Result<Self, RootKeyError> {
+        let malformed = || RootKeyError::Malformed {
+            origin: origin.to_owned(),
+        };
+        let trimmed = text.trim_ascii();
+        let mut bytes = Zeroizing::new(
+            HEXLOWER_PERMISSIVE
+                .decode(trimmed)
+                .map_err(|_| malformed())?,
+        );
+        Key::from_slice(&mut bytes).map(Self).ok_or_else(malformed)
+    }
+
+    /// A fresh root key and its hex form, for a new development vault.
+    pub fn generate(rng: &SystemRandom) -> Result<(Self, Zeroizing<String>), CryptoError> {
+        let key = Key::generate(rng)?;
+        let hex = Zeroizing::new(HEXLOWER_PERMISSIVE.encode(key.expose_secret()));
+        Ok((Self(key), hex))
+    }
+}
+
+impl std::fmt::Debug for RootKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RootKey([REDACTED])")
+    }
+}
+
+/// A key-encryption key as stored: sealed under the root key.
+#[derive(Debug, Clone)]
+pub struct WrappedKeyVersion {
+    pub version: u32,
+    pub sealed: Sealed,
+}
+
+/// The unwrapped keys a running vault works with.
+pub struct Keyring {
+    rng: SystemRandom,
+    primary: u32,
+    versions: BTreeMap<u32, Key>,
+    fingerprint: Key,
+}
+
+impl std::fmt::Debug for Keyring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Keyring")
+            .field("primary", &self.primary)
+            .field("versions", &self.versions.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a brand-new keyring needs persisted.
+#[derive(Debug)]
+pub struct NewKeyMaterial {
+    pub first_version: WrappedKeyVersion,
+    pub fingerprint_key: Sealed,
+}
+
+impl Keyring {
+    /// Creates key version 1 and a fingerprint key, both sealed under `root`.
+    pub fn create(root: &RootKey) -> Result<(Self, NewKeyMaterial), CryptoError> {
+        let rng = SystemRandom::new();
+        let kek = Key::generate(&rng)?;
+        let fingerprint = Key::generate(&rng)?;
+        let material = NewKeyMaterial {
+            first_version: WrappedKeyVersion {
+                version: 1,
+                sealed: seal(&rng, &root.0, kek.expose_secret(), &kek_aad(1))?,
+            },
+            fingerprint_key: seal(
+                &rng,
+                &root.0,
+                fingerprint.expose_secret(),
+                &associated_data(FINGERPRINT_KEY_PURPOSE, &[]),
+            )?,
+        };
+        let keyring = Self {
+            rng,
+            primary: 1,
+            versions: BTreeMap::from([(1, kek)]),
+            fingerprint,
+        };
+        Ok((keyring, material))
+    }
+
+    /// Unwraps stored key material. The highest version is primary.
+    pub fn unwrap(
+        root: &RootKey,
+        versions: &[WrappedKeyVersion],
+        fingerprint_key: &Sealed,
+    ) -> Result<Self, CryptoError> {
+        let unwrap_key = |sealed: &Sealed, aad: &[u8]| {
+            let plain = open(&root.0, sealed, aad)?;
+            let mut bytes = plain.expose_secret().to_vec();
+            Key::from_slice(&mut bytes).ok_or(CryptoError::Decrypt)
+        };
+        let versions = versions
+            .iter()
+            .map(|w| Ok((w.version, unwrap_key(&w.sealed, &kek_aad(w.version))?)))
+            .collect::<Result<BTreeMap<_, _>, CryptoError>>()?;
+        let primary = *versions.keys().next_back().ok_or(CryptoError::Decrypt)?;
+        let fingerprint = unwrap_key(
+            fingerprint_key,
+            &associated_data(FINGERPRINT_KEY_PURPOSE, &[]),
+        )?;
+        Ok(Self {
+            rng: SystemRandom::new(),
+            primary,
+            versions,
+            fingerprint,
+        })
+    }
+
+    pub fn primary_version(&self) -> u32 {
+        self.primary
+    }
+
+    pub fn rng(&self) -> &SystemRandom {
+        &self.rng
+    }
+
+    /// A fresh data key, and that key sealed under the primary key version with
+    /// associated data naming its owner.
+    pub fn new_data_key(&self, owner: &[&[u8]]) -> Result<(Key, u32, Sealed), CryptoError> {
+        let data_key = Key::generate(&self.rng)?;
+        let kek = &self.versions[&self.primary];
+        let aad = data_key_aad(owner, self.primary);
+        let sealed = seal(&self.rng, kek, data_key.expose_secret(), &aad)?;
+        Ok((data_key, self.primary, sealed))
+    }
+
+    /// Unwraps a data key sealed by [`Keyring::new_data_key`] for the same owner.
+    pub fn open_data_key(
+        &self,
+        owner: &[&[u8]],
+        version: u32,
+        sealed: &Sealed,
+    ) -> Result<Key, CryptoError> {
+        let kek = self
+            .versions
+            .get(&version)
+            .ok_or(CryptoError::UnknownKeyVersion(version))?;
+        let plain = open(kek, sealed, &data_key_aad(owner, version))?;
+        let mut bytes = plain.expose_secret().to_vec();
+        Key::from_slice(&mut bytes).ok_or(CryptoError::Decrypt)
+    }
+
+    /// A short keyed hash of a secret value: 8 base32 characters (40 bits).
+    /// It depends only on the fingerprint key, so it survives key rotation.
+    pub fn fingerprint(&self, value: &[u8]) -> String {
+        let key = hmac::Key::new(hmac::HMAC_SHA256, self.fingerprint.expose_secret());
+        let tag = hmac::sign(&key, &associated_data(FINGERPRINT_PURPOSE, &[value]));
+        BASE32_NOPAD.encode(&tag.as_ref()[..5]).to_ascii_lowercase()
+    }
+}
+
+fn kek_aad(version: u32) -> Vec<u8> {
+    associated_data(KEK_PURPOSE, &[&version.to_be_bytes()])
+}
+
+fn data_key_aad(owner: &[&[u8]], version: u32) -> Vec<u8> {
+    let version = version.to_be_bytes();
+    let mut fields = owner.to_vec();
+    fields.push(&version);
+    associated_data(DATA_KEY_PURPOSE, &fields)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn root() -> RootKey {
+        RootKey::generate(&SystemRandom::new()).unwrap().0
+    }
+
+    #[test]
+    fn unwraps_what_it_created() {
+        let root = root();
+        let (ring, material) = Keyring::create(&root).unwrap();
+        let again = Keyring::unwrap(
+            &root,
+            std::slice::from_ref(&material.first_version),
+            &material.fingerprint_key,
+        )
+        .unwrap();
+        assert_eq!(again.primary_version(), 1);
+        assert_eq!(ring.fingerprint(b"abc"), again.fingerprint(b"abc"));
+        let (dk, v, sealed) = ring.new_data_key(&[b"ws", b"amplitude"]).unwrap();
+        let back = again
+            .open_data_key(&[b"ws", b"amplitude"], v, &sealed)
+            .unwrap();
+        assert_eq!(dk.expose_secret(), back.expose_secret());
+    }
+
+    #[test]
+    fn refuses_another_root_key() {
+        let (_, material) = Keyring::create(&root()).unwrap();
+        assert!(Keyring::unwrap(
+            &root(),
+            &[material.first_version],
+            &material.fingerprint_key
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn data_key_is_bound_to_owner_and_version() {
+        let (ring, _) = Keyring::create(&root()).unwrap();
+        let (_, v, sealed) = ring.new_data_key(&[b"ws", b"amplitude"]).unwrap();
+        assert!(ring
+            .open_data_key(&[b"ws2", b"amplitude"], v, &sealed)
+            .is_err());
+        assert!(ring
+            .open_data_key(&[b"ws", b"posthog"], v, &sealed)
+            .is_err());
+        assert!(matches!(
+            ring.open_data_key(&[b"ws", b"amplitude"], v + 1, &sealed),
+            Err(CryptoError::UnknownKeyVersion(_))
+        ));
+    }
+
+    #[test]
+    fn fingerprint_is_short_stable_and_keyed() {
+        let (a, _) = Keyring::create(&root()).unwrap();
+        let (b, _) = Keyring::create(&root()).unwrap();
+        let fp = a.fingerprint(b"secret");
+        assert_eq!(fp.len(), 8);
+        assert_eq!(fp, a.fingerprint(b"secret"));
+        assert_ne!(fp, a.fingerprint(b"secreT"));
+        assert_ne!(
+            fp,
+            b.fingerprint(b"secret"),
+            "another vault's key gives another fingerprint"
+        );
+    }
+
+    #[test]
+    fn root_key_file_must_be_private_and_hex() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("root.key");
+        std::fs::write(&path, "00".repeat(32)).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(matches!(
+            RootKey::from_file(&path),
+            Err(RootKeyError::Unsafe { .. })
+        ));
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(RootKey::from_file(&path).is_ok());
+        std::fs::write(&path, "zz").unwrap();
+        let err = RootKey::from_file(&path).unwrap_err().to_string();
+        assert!(err.contains("64 hexadecimal"), "{err}");
+    }
+}

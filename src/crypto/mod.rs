@@ -1,0 +1,22 @@
+//! Envelope encryption: a root key wraps versioned key-encryption keys, which wrap per-credential data keys.
+
+mod envelope;
+mod keyring;
+mod secret;
+
+pub use envelope::{associated_data, open, seal, Sealed, NONCE_LEN};
+pub use keyring::{Keyring, NewKeyMaterial, RootKey, RootKeyError, WrappedKeyVersion};
+pub use secret::{Key, Plaintext};
+
+/// A decryption or key failure. Deliberately says nothing more than that: which
+/// check failed is no business of whoever reads the message.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CryptoError {
+    #[error("could not decrypt")]
+    Decrypt,
+    #[error("the system random number generator failed")]
+    Random,
+    #[error("key version {0} is not in the keyring")]
+    UnknownKeyVersion(u32),
+}

@@ -1,0 +1,51 @@
+//! What can go wrong in the domain, sorted by what the caller should be told.
+
+use crate::crypto::CryptoError;
+use crate::store::StoreError;
+
+/// A domain failure. Bad-input messages name fields, never values; internal
+/// failures carry detail for the operator's log only (see `edge::status`).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum VaultError {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("no {provider} connection in workspace `{workspace_id}`")]
+    NotFound {
+        workspace_id: String,
+        provider: &'static str,
+    },
+    /// Stored material failed authentication or is malformed.
+    #[error("stored credential could not be decrypted")]
+    DataLoss,
+    #[error("storage is full")]
+    StorageFull,
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl From<StoreError> for VaultError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Full => VaultError::StorageFull,
+            StoreError::Corrupt(_) => VaultError::DataLoss,
+            StoreError::Database(ref db)
+                if db.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseCorrupt) =>
+            {
+                VaultError::DataLoss
+            }
+            other => VaultError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<CryptoError> for VaultError {
+    fn from(e: CryptoError) -> Self {
+        match e {
+            CryptoError::Decrypt | CryptoError::UnknownKeyVersion(_) => VaultError::DataLoss,
+            other => VaultError::Internal(other.to_string()),
+        }
+    }
+}

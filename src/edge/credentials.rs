@@ -1,0 +1,160 @@
+//! The `credvault.v1.Credentials` service: decode, call the domain, encode. No logic of its own.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tonic::{Code, Request, Response, Status};
+use tracing::Instrument;
+
+use super::status::to_status;
+use super::tls::PeerInfo;
+use crate::domain::{self, CredentialRef, NewCredential, Vault, VaultError, WorkspaceId};
+use crate::proto;
+use crate::providers::{FieldSpec, Provider};
+
+pub struct CredentialsService {
+    vault: Arc<Vault>,
+}
+
+impl CredentialsService {
+    pub fn new(vault: Arc<Vault>) -> Self {
+        Self { vault }
+    }
+}
+
+/// Runs one call inside a span naming the method and the caller, and logs
+/// one line with its outcome and latency.
+async fn call<T, R, F, Fut>(
+    method: &'static str,
+    req: Request<T>,
+    f: F,
+) -> Result<Response<R>, Status>
+where
+    F: FnOnce(T) -> Fut,
+    Fut: Future<Output = Result<R, VaultError>>,
+{
+    let Some(peer) = req.extensions().get::<PeerInfo>().cloned() else {
+        // Every connection passes through `tls::incoming`, which attaches it.
+        return Err(Status::unauthenticated("no client identity"));
+    };
+    let span = tracing::info_span!("rpc", method, identity = %peer.identity);
+    async move {
+        let started = Instant::now();
+        let result = f(req.into_inner()).await.map_err(to_status);
+        let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
+        tracing::info!(code = ?code, micros = started.elapsed().as_micros() as u64, "call");
+        result.map(Response::new)
+    }
+    .instrument(span)
+    .await
+}
+
+#[tonic::async_trait]
+impl proto::credentials_server::Credentials for CredentialsService {
+    async fn store(
+        &self,
+        req: Request<proto::StoreRequest>,
+    ) -> Result<Response<proto::Credential>, Status> {
+        call("Store", req, |r| async move {
+            let new = NewCredential::parse(&r.workspace_id, &r.provider, r.secrets, r.params)?;
+            self.vault.store(new).await.map(encode)
+        })
+        .await
+    }
+
+    async fn redact(
+        &self,
+        req: Request<proto::CredentialRef>,
+    ) -> Result<Response<proto::Credential>, Status> {
+        call("Redact", req, |r| async move {
+            let target = CredentialRef::parse(&r.workspace_id, &r.provider)?;
+            self.vault.redact(&target).await.map(encode)
+        })
+        .await
+    }
+
+    async fn zero(
+        &self,
+        req: Request<proto::CredentialRef>,
+    ) -> Result<Response<proto::Credential>, Status> {
+        call("Zero", req, |r| async move {
+            let target = CredentialRef::parse(&r.workspace_id, &r.provider)?;
+            self.vault.zero(&target).await.map(encode)
+        })
+        .await
+    }
+
+    async fn list(
+        &self,
+        req: Request<proto::ListRequest>,
+    ) -> Result<Response<proto::ListResponse>, Status> {
+        call("List", req, |r| async move {
+            let workspace = WorkspaceId::parse(&r.workspace_id)?;
+            let credentials = self.vault.list(&workspace).await?;
+            Ok(proto::ListResponse {
+                credentials: credentials.into_iter().map(encode).collect(),
+            })
+        })
+        .await
+    }
+
+    async fn list_providers(
+        &self,
+        req: Request<proto::ListProvidersRequest>,
+    ) -> Result<Response<proto::ListProvidersResponse>, Status> {
+        call("ListProviders", req, |_| async {
+            Ok(proto::ListProvidersResponse {
+                providers: Provider::ALL.iter().map(|p| describe(*p)).collect(),
+            })
+        })
+        .await
+    }
+}
+
+fn encode(c: domain::Connection) -> proto::Credential {
+    proto::Credential {
+        workspace_id: c.workspace_id,
+        provider: c.provider,
+        params: c.params.into_iter().collect::<HashMap<_, _>>(),
+        secrets: c
+            .secrets
+            .into_iter()
+            .map(|(field, r)| {
+                let redacted = proto::RedactedSecret {
+                    hint: r.hint,
+                    fingerprint: r.fingerprint,
+                };
+                (field, redacted)
+            })
+            .collect(),
+        status: match c.status {
+            domain::Status::Connected => proto::Status::Connected,
+            domain::Status::Disconnected => proto::Status::Disconnected,
+        } as i32,
+        created_at: Some(c.created_at.into()),
+        updated_at: Some(c.updated_at.into()),
+        disconnected_at: c.disconnected_at.map(Into::into),
+        key_version: c.key_version,
+        expires_at: c.expires_at.map(Into::into),
+    }
+}
+
+fn describe(p: Provider) -> proto::ProviderInfo {
+    let spec = p.spec();
+    let field = |f: &FieldSpec| proto::FieldInfo {
+        name: f.name.to_owned(),
+        description: f.description.to_owned(),
+        required: f.required,
+        allowed_values: f.allowed.iter().map(|v| (*v).to_owned()).collect(),
+        default_value: f.default.unwrap_or_default().to_owned(),
+        max_bytes: u32::try_from(f.max_bytes).unwrap_or(u32::MAX),
+    };
+    proto::ProviderInfo {
+        name: spec.name.to_owned(),
+        display_name: spec.display_name.to_owned(),
+        secrets: spec.secrets.iter().map(field).collect(),
+        params: spec.params.iter().map(field).collect(),
+    }
+}

@@ -1,0 +1,39 @@
+//! The gRPC edge: mutual TLS in, requests decoded and handed to the domain, answers encoded.
+
+mod credentials;
+mod status;
+pub mod tls;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use crate::config::Limits;
+use crate::domain::Vault;
+use crate::proto::credentials_server::CredentialsServer;
+use credentials::CredentialsService;
+
+/// Serves the vault's gRPC services on `listener` until `shutdown` resolves,
+/// then lets in-flight calls finish.
+pub async fn serve(
+    vault: Arc<Vault>,
+    listener: TcpListener,
+    tls: rustls::ServerConfig,
+    limits: &Limits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let credentials = CredentialsServer::new(CredentialsService::new(vault))
+        .max_decoding_message_size(limits.max_message_bytes)
+        .max_encoding_message_size(limits.max_message_bytes);
+    let incoming = tls::incoming(
+        listener,
+        Arc::new(tls),
+        Duration::from_millis(limits.handshake_timeout_ms),
+    );
+    tonic::transport::Server::builder()
+        .add_service(credentials)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+}

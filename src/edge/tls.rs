@@ -1,0 +1,317 @@
+//! Mutual TLS: the rustls server configuration, the accept loop, and the caller's identity from its certificate.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::Stream;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+use x509_parser::extensions::GeneralName;
+
+use crate::config::TlsConfig;
+
+/// Why the TLS material could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsError {
+    #[error("{what} {path}: {message}")]
+    File {
+        what: &'static str,
+        path: PathBuf,
+        message: String,
+    },
+    #[error(
+        "server key {path} is readable by group or others (mode {mode:o}); run `chmod 600 {path}`"
+    )]
+    UnsafeKey { path: PathBuf, mode: u32 },
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("client CA: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+}
+
+/// Who is calling, from its client certificate: the single URI SAN, else the
+/// DNS SAN. Never the subject CN or the serial number.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerIdentity(Arc<str>);
+
+impl PeerIdentity {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for PeerIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Attached to every request on a connection.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    pub identity: PeerIdentity,
+    pub remote: SocketAddr,
+}
+
+/// Why a verified client certificate still names no usable identity.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum IdentityError {
+    #[error("client certificate could not be parsed")]
+    Unparsable,
+    #[error("client certificate has {0} URI SANs; exactly one is allowed")]
+    SeveralUris(usize),
+    #[error("client certificate has neither a URI nor a DNS SAN")]
+    NoSan,
+}
+
+/// The identity a client certificate names.
+pub fn identity_of(cert: &CertificateDer<'_>) -> Result<PeerIdentity, IdentityError> {
+    let (_, parsed) =
+        x509_parser::parse_x509_certificate(cert).map_err(|_| IdentityError::Unparsable)?;
+    let san = parsed
+        .subject_alternative_name()
+        .map_err(|_| IdentityError::Unparsable)?
+        .ok_or(IdentityError::NoSan)?;
+    let names = &san.value.general_names;
+    let uris: Vec<&str> = names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::URI(u) => Some(*u),
+            _ => None,
+        })
+        .collect();
+    match uris.as_slice() {
+        [uri] => return Ok(PeerIdentity((*uri).into())),
+        [] => {}
+        several => return Err(IdentityError::SeveralUris(several.len())),
+    }
+    names
+        .iter()
+        .find_map(|n| match n {
+            GeneralName::DNSName(d) => Some(PeerIdentity((*d).into())),
+            _ => None,
+        })
+        .ok_or(IdentityError::NoSan)
+}
+
+/// TLS 1.3, or 1.2 with its AEAD suites (the only ones rustls offers); a client
+/// certificate chaining to the configured CA is required.
+pub fn server_config(tls: &TlsConfig) -> Result<ServerConfig, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let chain = read_certs("server certificate", &tls.cert_file)?;
+    let key = read_key(&tls.key_file)?;
+    let mut roots = RootCertStore::empty();
+    for ca in read_certs("client CA", &tls.client_ca_file)? {
+        roots.add(ca)?;
+    }
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+fn file_error(what: &'static str, path: &Path, message: impl ToString) -> TlsError {
+    TlsError::File {
+        what,
+        path: path.to_owned(),
+        message: message.to_string(),
+    }
+}
+
+fn read_certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| file_error(what, path, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| file_error(what, path, e))?;
+    if certs.is_empty() {
+        return Err(file_error(what, path, "holds no PEM certificate"));
+    }
+    Ok(certs)
+}
+
+fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)
+        .map_err(|e| file_error("server key", path, e))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        return Err(TlsError::UnsafeKey {
+            path: path.to_owned(),
+            mode: mode & 0o777,
+        });
+    }
+    // The parse error says only what was wrong with the PEM, not its bytes.
+    PrivateKeyDer::from_pem_file(path).map_err(|e| file_error("server key", path, e))
+}
+
+/// A client connection that completed the handshake and named an identity.
+pub struct TlsConn {
+    stream: TlsStream<TcpStream>,
+    info: PeerInfo,
+}
+
+impl tonic::transport::server::Connected for TlsConn {
+    type ConnectInfo = PeerInfo;
+
+    fn connect_info(&self) -> PeerInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for TlsConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// Accepts TCP connections and completes each handshake in its own task, so a
+/// slow or hostile client cannot hold up the others. Yields only connections
+/// whose certificate verified and named an identity. Stops accepting when the
+/// stream is dropped.
+pub fn incoming(
+    listener: TcpListener,
+    config: Arc<ServerConfig>,
+    handshake_timeout: Duration,
+) -> impl Stream<Item = io::Result<TlsConn>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let acceptor = TlsAcceptor::from(config);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, remote) = tokio::select! {
+                _ = tx.closed() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok(pair) => pair,
+                    Err(e) => {
+                        // Out of descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => match peer_identity(&stream) {
+                        Ok(identity) => {
+                            let info = PeerInfo { identity, remote };
+                            let _ = tx.send(Ok(TlsConn { stream, info })).await;
+                        }
+                        Err(e) => tracing::info!(%remote, reason = %e, "refused client"),
+                    },
+                    Ok(Err(e)) => tracing::info!(%remote, reason = %e, "TLS handshake failed"),
+                    Err(_) => tracing::info!(%remote, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+fn peer_identity(stream: &TlsStream<TcpStream>) -> Result<PeerIdentity, IdentityError> {
+    let (_, conn) = stream.get_ref();
+    let leaf = conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .ok_or(IdentityError::NoSan)?;
+    identity_of(leaf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dev::certs::{DevCa, Subject};
+
+    fn der(pem: &str) -> CertificateDer<'static> {
+        CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn identity_is_the_single_uri_san() {
+        let ca = DevCa::generate("t").unwrap();
+        let c = ca
+            .issue("cn-is-ignored", Subject::ClientUris(&["spiffe://x/app"]))
+            .unwrap();
+        assert_eq!(
+            identity_of(&der(&c.cert_pem)).unwrap().as_str(),
+            "spiffe://x/app"
+        );
+    }
+
+    #[test]
+    fn identity_falls_back_to_dns_san_never_cn() {
+        let ca = DevCa::generate("t").unwrap();
+        let c = ca
+            .issue("cn-is-ignored", Subject::ClientDns("svc.internal"))
+            .unwrap();
+        assert_eq!(
+            identity_of(&der(&c.cert_pem)).unwrap().as_str(),
+            "svc.internal"
+        );
+    }
+
+    #[test]
+    fn refuses_several_uri_sans() {
+        let ca = DevCa::generate("t").unwrap();
+        let c = ca
+            .issue("x", Subject::ClientUris(&["spiffe://x/a", "spiffe://x/b"]))
+            .unwrap();
+        assert_eq!(
+            identity_of(&der(&c.cert_pem)),
+            Err(IdentityError::SeveralUris(2))
+        );
+    }
+}

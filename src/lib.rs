@@ -1,0 +1,33 @@
+//! credvault: a credential vault that stores provider keys write-only behind mutual-TLS gRPC.
+//!
+//! # Layout
+//! - [`proto`]: the wire contract, generated from `proto/credvault/v1/credvault.proto`.
+//! - [`edge`]: mutual TLS, caller identity, gRPC decode/encode, errors to status codes.
+//! - [`domain`]: what Store, Redact, Zero and List mean; input parsing; redaction.
+//! - [`crypto`]: envelope encryption (root key → key-encryption keys → data keys), secret types.
+//! - [`store`]: the storage trait and its SQLite implementation.
+//! - [`providers`]: one module per provider: fields, parameters, checks.
+//! - [`config`], [`server`]: the configuration file and the `run` entry point.
+//! - [`dev`]: the development vault (certificates, root key, configuration) and [`cli`].
+
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod config;
+pub mod crypto;
+pub mod dev;
+pub mod domain;
+pub mod edge;
+mod hardening;
+pub mod providers;
+pub mod server;
+pub mod store;
+
+/// The generated `credvault.v1` messages, server and client.
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod proto {
+    tonic::include_proto!("credvault.v1");
+}
+
+pub use config::Config;
+pub use server::{run, ServeError};

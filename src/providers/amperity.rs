@@ -1,0 +1,157 @@
+//! Amperity: a JWT bearer access token for one tenant, on one of three hosts.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use secrecy::ExposeSecret;
+
+use super::{Checked, FieldSpec, Params, ProviderSpec, Rejection, Secrets};
+
+pub static SPEC: ProviderSpec = ProviderSpec {
+    name: "amperity",
+    display_name: "Amperity",
+    secrets: &[FieldSpec::secret(
+        "access_token",
+        "an API access token (a JWT) from the tenant's API keys page",
+        8192,
+    )],
+    params: &[
+        FieldSpec::param("tenant_id", "the tenant id, sent as Amperity-Tenant", 63),
+        FieldSpec::choice(
+            "host",
+            "app (AWS), tenant ({tenant_id}.amperity.com, Azure) or apse2 (Australia)",
+            &["app", "tenant", "apse2"],
+            "app",
+        ),
+    ],
+    check,
+};
+
+fn check(secrets: &Secrets, params: &Params) -> Result<Checked, Rejection> {
+    let tenant = params
+        .get("tenant_id")
+        .map(String::as_str)
+        .unwrap_or_default();
+    // The tenant id may become a host name label: keep it to one.
+    let label_ok = tenant
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !tenant.starts_with('-')
+        && !tenant.ends_with('-');
+    if !label_ok {
+        return Err(Rejection::Invalid(
+            "parameter `tenant_id` may hold only lowercase letters, digits and inner hyphens"
+                .into(),
+        ));
+    }
+    let token = secrets
+        .get("access_token")
+        .map(|s| s.expose_secret())
+        .unwrap_or_default();
+    let expires_at = jwt_expiry(token).ok_or_else(|| {
+        Rejection::Invalid("field `access_token` is not a JWT (header.payload.signature)".into())
+    })?;
+    if let Some(at) = expires_at {
+        if at <= SystemTime::now() {
+            return Err(Rejection::Precondition(
+                "field `access_token` has expired (its `exp` has passed); create a new token"
+                    .into(),
+            ));
+        }
+    }
+    Ok(Checked { expires_at })
+}
+
+/// The `exp` claim of a JWT, read without checking the signature: the vault is
+/// not the token's audience. `None` if this is not a JWT; `Some(None)` if it
+/// carries no (numeric) `exp`.
+fn jwt_expiry(token: &str) -> Option<Option<SystemTime>> {
+    let mut parts = token.split('.');
+    let (Some(header), Some(payload), Some(signature), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return None;
+    };
+    if header.is_empty() || signature.is_empty() {
+        return None;
+    }
+    let engine = &base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let header: serde_json::Value = serde_json::from_slice(&engine.decode(header).ok()?).ok()?;
+    header.as_object()?;
+    // The payload may carry personal data; it is parsed and dropped, never logged.
+    let claims: serde_json::Value = serde_json::from_slice(&engine.decode(payload).ok()?).ok()?;
+    let exp = claims
+        .as_object()?
+        .get("exp")
+        .and_then(serde_json::Value::as_u64);
+    Some(exp.map(|secs| UNIX_EPOCH + Duration::from_secs(secs)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn jwt(claims: &str) -> String {
+        let e = &base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        format!(
+            "{}.{}.{}",
+            e.encode(r#"{"alg":"RS256","typ":"JWT"}"#),
+            e.encode(claims),
+            e.encode("signature-bytes")
+        )
+    }
+
+    fn run(token: &str, tenant: &str) -> Result<Checked, Rejection> {
+        let secrets = Secrets::from([("access_token".to_owned(), token.into())]);
+        let params = Params::from([("tenant_id".to_owned(), tenant.to_owned())]);
+        check(&secrets, &params)
+    }
+
+    #[test]
+    fn reads_exp_into_expires_at() {
+        let checked = run(&jwt(r#"{"sub":"x","exp":4102444800}"#), "acme").unwrap();
+        assert_eq!(
+            checked.expires_at,
+            Some(UNIX_EPOCH + Duration::from_secs(4_102_444_800))
+        );
+    }
+
+    #[test]
+    fn token_without_exp_has_unknown_expiry() {
+        assert_eq!(
+            run(&jwt(r#"{"sub":"x"}"#), "acme").unwrap().expires_at,
+            None
+        );
+    }
+
+    #[test]
+    fn rejects_expired_token_as_precondition() {
+        assert!(matches!(
+            run(&jwt(r#"{"exp":1000}"#), "acme"),
+            Err(Rejection::Precondition(_))
+        ));
+    }
+
+    #[test]
+    fn rejects_what_is_not_a_jwt() {
+        for bad in [
+            "plain-token-value-123",
+            "a.b",
+            "a.b.c.d",
+            "..",
+            "eyJ.eyJ.sig",
+        ] {
+            assert!(
+                matches!(run(bad, "acme"), Err(Rejection::Invalid(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn rejects_tenant_that_is_not_a_host_label() {
+        for bad in ["Acme", "acme.evil.com", "-acme", "a/b", "acme-"] {
+            assert!(run(&jwt("{}"), bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,143 @@
+//! The providers the vault knows: one module each, declaring its fields and the checks its values must pass.
+
+mod amperity;
+mod amplitude;
+mod posthog;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::SystemTime;
+
+use secrecy::SecretString;
+
+/// A provider the vault can hold credentials for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Provider {
+    Amplitude,
+    Amperity,
+    Posthog,
+}
+
+impl Provider {
+    pub const ALL: [Provider; 3] = [Provider::Amplitude, Provider::Amperity, Provider::Posthog];
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.name() == name)
+    }
+
+    pub fn name(self) -> &'static str {
+        self.spec().name
+    }
+
+    pub fn spec(self) -> &'static ProviderSpec {
+        match self {
+            Provider::Amplitude => &amplitude::SPEC,
+            Provider::Amperity => &amperity::SPEC,
+            Provider::Posthog => &posthog::SPEC,
+        }
+    }
+}
+
+impl fmt::Display for Provider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What a provider's credential consists of.
+#[derive(Debug)]
+pub struct ProviderSpec {
+    pub name: &'static str,
+    pub display_name: &'static str,
+    pub secrets: &'static [FieldSpec],
+    pub params: &'static [FieldSpec],
+    /// Provider-specific checks, run after every field passed the generic ones.
+    pub check: fn(&Secrets, &Params) -> Result<Checked, Rejection>,
+}
+
+/// One secret field or parameter.
+#[derive(Debug)]
+pub struct FieldSpec {
+    pub name: &'static str,
+    pub description: &'static str,
+    pub required: bool,
+    /// For a parameter that takes one of a fixed set of values.
+    pub allowed: &'static [&'static str],
+    pub default: Option<&'static str>,
+    pub max_bytes: usize,
+}
+
+impl FieldSpec {
+    const fn secret(name: &'static str, description: &'static str, max_bytes: usize) -> Self {
+        Self {
+            name,
+            description,
+            required: true,
+            allowed: &[],
+            default: None,
+            max_bytes,
+        }
+    }
+
+    const fn param(name: &'static str, description: &'static str, max_bytes: usize) -> Self {
+        Self {
+            name,
+            description,
+            required: true,
+            allowed: &[],
+            default: None,
+            max_bytes,
+        }
+    }
+
+    const fn choice(
+        name: &'static str,
+        description: &'static str,
+        allowed: &'static [&'static str],
+        default: &'static str,
+    ) -> Self {
+        Self {
+            name,
+            description,
+            required: false,
+            allowed,
+            default: Some(default),
+            max_bytes: 16,
+        }
+    }
+}
+
+/// Secret values by field name, already through the generic checks.
+pub type Secrets = BTreeMap<String, SecretString>;
+/// Parameter values by name, defaults filled in, already through the generic checks.
+pub type Params = BTreeMap<String, String>;
+
+/// What the provider's own checks learned from a credential.
+#[derive(Debug, Default)]
+pub struct Checked {
+    /// When the secret stops working, where the credential itself says so.
+    pub expires_at: Option<SystemTime>,
+}
+
+/// Why a provider refused a credential. The message names fields, never values.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Rejection {
+    /// The value can never be right.
+    Invalid(String),
+    /// The value is well formed but unusable now (an expired token).
+    Precondition(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_provider_by_its_name() {
+        for p in Provider::ALL {
+            assert_eq!(Provider::parse(p.name()), Some(p));
+        }
+        assert_eq!(Provider::parse("Amplitude"), None);
+        assert_eq!(Provider::parse(""), None);
+    }
+}

@@ -1,0 +1,83 @@
+//! PostHog: a personal API key (`phx_…`) for one project in the US or EU cloud.
+
+use secrecy::ExposeSecret;
+
+use super::{Checked, FieldSpec, Params, ProviderSpec, Rejection, Secrets};
+
+pub static SPEC: ProviderSpec = ProviderSpec {
+    name: "posthog",
+    display_name: "PostHog",
+    secrets: &[FieldSpec::secret(
+        "personal_api_key",
+        "a personal API key (starts with phx_) with project:read scope",
+        256,
+    )],
+    params: &[
+        FieldSpec::param("project_id", "the numeric project id", 20),
+        FieldSpec::choice("region", "the PostHog cloud", &["us", "eu"], "us"),
+    ],
+    check,
+};
+
+fn check(secrets: &Secrets, params: &Params) -> Result<Checked, Rejection> {
+    let key = secrets
+        .get("personal_api_key")
+        .map(|s| s.expose_secret())
+        .unwrap_or_default();
+    if key.starts_with("phc_") {
+        return Err(Rejection::Invalid(
+            "field `personal_api_key` holds a project token (phc_…), which is public and cannot \
+             read the API; create a personal API key (phx_…) instead"
+                .into(),
+        ));
+    }
+    if !key.starts_with("phx_") {
+        return Err(Rejection::Invalid(
+            "field `personal_api_key` must be a personal API key starting with phx_".into(),
+        ));
+    }
+    let project = params
+        .get("project_id")
+        .map(String::as_str)
+        .unwrap_or_default();
+    if !matches!(project.parse::<u64>(), Ok(n) if n > 0)
+        || !project.bytes().all(|b| b.is_ascii_digit())
+    {
+        return Err(Rejection::Invalid(
+            "parameter `project_id` must be a positive integer".into(),
+        ));
+    }
+    Ok(Checked::default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(key: &str, project: &str) -> Result<Checked, Rejection> {
+        let secrets = Secrets::from([("personal_api_key".to_owned(), key.into())]);
+        let params = Params::from([("project_id".to_owned(), project.to_owned())]);
+        check(&secrets, &params)
+    }
+
+    #[test]
+    fn accepts_personal_key_and_numeric_project() {
+        assert!(run("phx_abcdefghijklmnopqrstuvwxyz", "12345").is_ok());
+    }
+
+    #[test]
+    fn rejects_project_token_saying_why_without_echoing_it() {
+        let Err(Rejection::Invalid(msg)) = run("phc_canaryCANARY123456", "1") else {
+            panic!("expected rejection")
+        };
+        assert!(msg.contains("project token"));
+        assert!(!msg.contains("canary"));
+    }
+
+    #[test]
+    fn rejects_non_numeric_project() {
+        for bad in ["abc", "-1", "0", "+5", "1.5"] {
+            assert!(run("phx_abcdefghijklmnop", bad).is_err(), "{bad}");
+        }
+    }
+}

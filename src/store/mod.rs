@@ -1,0 +1,103 @@
+//! Storage: the trait the domain writes through, and SQLite behind it.
+
+mod sqlite;
+
+use std::collections::BTreeMap;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+
+use crate::crypto::{NewKeyMaterial, Sealed, WrappedKeyVersion};
+
+pub use sqlite::SqliteStore;
+
+/// Whether a connection holds secrets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoredStatus {
+    Connected,
+    Disconnected,
+}
+
+/// A connection's row as stored. Secrets are ciphertext only.
+#[derive(Debug, Clone)]
+pub struct CredentialRecord {
+    pub workspace_id: String,
+    pub provider: String,
+    pub params: BTreeMap<String, String>,
+    pub status: StoredStatus,
+    pub created_at: SystemTime,
+    pub updated_at: SystemTime,
+    pub disconnected_at: Option<SystemTime>,
+    pub expires_at: Option<SystemTime>,
+    /// The sealed data key; `None` once disconnected.
+    pub data_key: Option<WrappedDataKey>,
+    pub secrets: Vec<SecretRecord>,
+}
+
+/// A data key sealed under a key-encryption key version.
+#[derive(Debug, Clone)]
+pub struct WrappedDataKey {
+    pub key_version: u32,
+    pub sealed: Sealed,
+}
+
+/// One encrypted secret field with its non-secret redaction.
+#[derive(Debug, Clone)]
+pub struct SecretRecord {
+    pub field: String,
+    pub sealed: Sealed,
+    pub hint: String,
+    pub fingerprint: String,
+}
+
+/// The key material a keyring is unwrapped from.
+#[derive(Debug)]
+pub struct StoredKeys {
+    pub versions: Vec<WrappedKeyVersion>,
+    pub fingerprint_key: Sealed,
+}
+
+/// A storage failure. Messages carry no row contents.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("the database is full")]
+    Full,
+    #[error("a stored row is malformed: {0}")]
+    Corrupt(&'static str),
+    #[error("database error: {0}")]
+    Database(#[from] rusqlite::Error),
+    #[error("database file {path}: {source}")]
+    File {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("storage task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// Where credentials and key material live. Every write is atomic and durable
+/// when it returns.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// The stored key material, or `None` for a new store.
+    async fn load_keys(&self) -> Result<Option<StoredKeys>, StoreError>;
+    /// Persists a new store's first key material.
+    async fn init_keys(&self, material: NewKeyMaterial) -> Result<(), StoreError>;
+    /// Inserts or replaces a connection (keeping its `created_at`) and returns it as stored.
+    async fn put(&self, record: CredentialRecord) -> Result<CredentialRecord, StoreError>;
+    async fn get(
+        &self,
+        workspace_id: &str,
+        provider: &str,
+    ) -> Result<Option<CredentialRecord>, StoreError>;
+    async fn list(&self, workspace_id: &str) -> Result<Vec<CredentialRecord>, StoreError>;
+    /// Destroys a connection's secret material and marks it disconnected at
+    /// `at` (unless it already was). `None` if there is no such connection.
+    async fn zero(
+        &self,
+        workspace_id: &str,
+        provider: &str,
+        at: SystemTime,
+    ) -> Result<Option<CredentialRecord>, StoreError>;
+}

@@ -1,0 +1,555 @@
+//! The embedded SQLite store: WAL, full fsync, secure delete, one writer and a few readers.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row, Transaction};
+
+use super::{
+    CredentialRecord, SecretRecord, Store, StoreError, StoredKeys, StoredStatus, WrappedDataKey,
+};
+use crate::crypto::{NewKeyMaterial, Sealed, WrappedKeyVersion, NONCE_LEN};
+
+const FINGERPRINT_KEY: &str = "fingerprint";
+const READERS: usize = 4;
+
+/// Schema versions, applied in order; `PRAGMA user_version` records how many ran.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE key_versions (
+    version     INTEGER PRIMARY KEY,
+    nonce       BLOB NOT NULL,
+    wrapped_key BLOB NOT NULL,
+    created_at  INTEGER NOT NULL
+) STRICT;
+CREATE TABLE key_material (
+    purpose     TEXT PRIMARY KEY,
+    nonce       BLOB NOT NULL,
+    wrapped_key BLOB NOT NULL,
+    created_at  INTEGER NOT NULL
+) STRICT;
+CREATE TABLE credentials (
+    workspace_id    TEXT NOT NULL,
+    provider        TEXT NOT NULL,
+    status          TEXT NOT NULL CHECK (status IN ('connected', 'disconnected')),
+    params          TEXT NOT NULL,
+    created_at      INTEGER NOT NULL,
+    updated_at      INTEGER NOT NULL,
+    disconnected_at INTEGER,
+    expires_at      INTEGER,
+    key_version     INTEGER REFERENCES key_versions (version),
+    dek_nonce       BLOB,
+    wrapped_dek     BLOB,
+    PRIMARY KEY (workspace_id, provider),
+    CHECK ((status = 'connected') = (wrapped_dek IS NOT NULL))
+) STRICT;
+CREATE INDEX credentials_by_key_version ON credentials (key_version);
+CREATE TABLE credential_secrets (
+    workspace_id TEXT NOT NULL,
+    provider     TEXT NOT NULL,
+    field        TEXT NOT NULL,
+    nonce        BLOB NOT NULL,
+    ciphertext   BLOB NOT NULL,
+    hint         TEXT NOT NULL,
+    fingerprint  TEXT NOT NULL,
+    PRIMARY KEY (workspace_id, provider, field),
+    FOREIGN KEY (workspace_id, provider) REFERENCES credentials ON DELETE CASCADE
+) STRICT;
+"#];
+
+/// SQLite behind [`Store`]. Blocking calls run on tokio's blocking pool.
+#[derive(Clone)]
+pub struct SqliteStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    writer: Mutex<Connection>,
+    readers: Vec<Mutex<Connection>>,
+    next_reader: AtomicUsize,
+}
+
+impl SqliteStore {
+    /// Opens (creating with mode 0600 if absent) and migrates the database.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        create_private(path)?;
+        let mut writer = connect(path)?;
+        migrate(&mut writer)?;
+        let readers = (0..READERS)
+            .map(|_| connect(path).map(Mutex::new))
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                path: path.to_owned(),
+                writer: Mutex::new(writer),
+                readers,
+                next_reader: AtomicUsize::new(0),
+            }),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    async fn write<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || f(&mut lock(&inner.writer))).await?
+    }
+
+    async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || {
+            let i = inner.next_reader.fetch_add(1, Ordering::Relaxed) % inner.readers.len();
+            f(&lock(&inner.readers[i]))
+        })
+        .await?
+    }
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.inner.path)
+            .finish()
+    }
+}
+
+/// A poisoned lock only means another call panicked mid-statement; SQLite
+/// rolled that transaction back, so the connection is still consistent.
+fn lock(m: &Mutex<Connection>) -> MutexGuard<'_, Connection> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn create_private(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let file_err = |source| StoreError::File {
+        path: path.to_owned(),
+        source,
+    };
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(file_err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(file_err)
+}
+
+fn connect(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "secure_delete", "ON")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let applied: usize = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", i + 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+fn millis(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn time(ms: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms.max(0).unsigned_abs())
+}
+
+fn nonce(bytes: Vec<u8>) -> Result<[u8; NONCE_LEN], StoreError> {
+    bytes
+        .try_into()
+        .map_err(|_| StoreError::Corrupt("nonce has the wrong length"))
+}
+
+/// Maps "disk full" to its own variant so callers can tell it apart.
+fn classify(e: rusqlite::Error) -> StoreError {
+    match e.sqlite_error_code() {
+        Some(ErrorCode::DiskFull) => StoreError::Full,
+        _ => StoreError::Database(e),
+    }
+}
+
+const CREDENTIAL_COLUMNS: &str = "workspace_id, provider, status, params, created_at, updated_at, \
+     disconnected_at, expires_at, key_version, dek_nonce, wrapped_dek";
+
+/// Reads a `credentials` row selected with [`CREDENTIAL_COLUMNS`]; secrets come separately.
+fn credential_row(row: &Row<'_>) -> rusqlite::Result<RawCredential> {
+    Ok(RawCredential {
+        workspace_id: row.get(0)?,
+        provider: row.get(1)?,
+        status: row.get(2)?,
+        params: row.get(3)?,
+        created_at: row.get(4)?,
+        updated_at: row.get(5)?,
+        disconnected_at: row.get(6)?,
+        expires_at: row.get(7)?,
+        key_version: row.get(8)?,
+        dek_nonce: row.get(9)?,
+        wrapped_dek: row.get(10)?,
+    })
+}
+
+struct RawCredential {
+    workspace_id: String,
+    provider: String,
+    status: String,
+    params: String,
+    created_at: i64,
+    updated_at: i64,
+    disconnected_at: Option<i64>,
+    expires_at: Option<i64>,
+    key_version: Option<u32>,
+    dek_nonce: Option<Vec<u8>>,
+    wrapped_dek: Option<Vec<u8>>,
+}
+
+impl RawCredential {
+    fn into_record(self, secrets: Vec<SecretRecord>) -> Result<CredentialRecord, StoreError> {
+        let status = match self.status.as_str() {
+            "connected" => StoredStatus::Connected,
+            "disconnected" => StoredStatus::Disconnected,
+            _ => return Err(StoreError::Corrupt("unknown status")),
+        };
+        let data_key = match (self.key_version, self.dek_nonce, self.wrapped_dek) {
+            (Some(key_version), Some(n), Some(ciphertext)) => Some(WrappedDataKey {
+                key_version,
+                sealed: Sealed {
+                    nonce: nonce(n)?,
+                    ciphertext,
+                },
+            }),
+            (None, None, None) => None,
+            _ => return Err(StoreError::Corrupt("partial data key")),
+        };
+        Ok(CredentialRecord {
+            workspace_id: self.workspace_id,
+            provider: self.provider,
+            params: serde_json::from_str(&self.params)
+                .map_err(|_| StoreError::Corrupt("params are not a JSON object of strings"))?,
+            status,
+            created_at: time(self.created_at),
+            updated_at: time(self.updated_at),
+            disconnected_at: self.disconnected_at.map(time),
+            expires_at: self.expires_at.map(time),
+            data_key,
+            secrets,
+        })
+    }
+}
+
+fn load_secrets(
+    conn: &Connection,
+    workspace_id: &str,
+    provider: &str,
+) -> Result<Vec<SecretRecord>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT field, nonce, ciphertext, hint, fingerprint FROM credential_secrets \
+         WHERE workspace_id = ?1 AND provider = ?2 ORDER BY field",
+    )?;
+    let rows = stmt.query_map(params![workspace_id, provider], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, Vec<u8>>(1)?,
+            r.get::<_, Vec<u8>>(2)?,
+            r.get::<_, String>(3)?,
+            r.get::<_, String>(4)?,
+        ))
+    })?;
+    rows.map(|row| {
+        let (field, n, ciphertext, hint, fingerprint) = row?;
+        Ok(SecretRecord {
+            field,
+            sealed: Sealed {
+                nonce: nonce(n)?,
+                ciphertext,
+            },
+            hint,
+            fingerprint,
+        })
+    })
+    .collect()
+}
+
+fn load_credential(
+    conn: &Connection,
+    workspace_id: &str,
+    provider: &str,
+) -> Result<Option<CredentialRecord>, StoreError> {
+    let raw = conn
+        .prepare_cached(&format!(
+            "SELECT {CREDENTIAL_COLUMNS} FROM credentials WHERE workspace_id = ?1 AND provider = ?2"
+        ))?
+        .query_row(params![workspace_id, provider], credential_row)
+        .optional()?;
+    raw.map(|raw| {
+        let secrets = load_secrets(conn, workspace_id, provider)?;
+        raw.into_record(secrets)
+    })
+    .transpose()
+}
+
+/// Deletes a connection's secret rows. `secure_delete` makes SQLite overwrite
+/// the freed bytes with zeros in the same write.
+fn delete_secrets(
+    tx: &Transaction<'_>,
+    workspace_id: &str,
+    provider: &str,
+) -> rusqlite::Result<()> {
+    tx.prepare_cached("DELETE FROM credential_secrets WHERE workspace_id = ?1 AND provider = ?2")?
+        .execute(params![workspace_id, provider])?;
+    Ok(())
+}
+
+fn put_tx(conn: &mut Connection, record: &CredentialRecord) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    let key = record.data_key.as_ref();
+    let params_json = serde_json::to_string(&record.params)
+        .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+    tx.prepare_cached(
+        "INSERT INTO credentials (workspace_id, provider, status, params, created_at, updated_at, \
+             disconnected_at, expires_at, key_version, dek_nonce, wrapped_dek) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?5, NULL, ?6, ?7, ?8, ?9) \
+         ON CONFLICT (workspace_id, provider) DO UPDATE SET \
+             status = excluded.status, params = excluded.params, updated_at = excluded.updated_at, \
+             disconnected_at = NULL, expires_at = excluded.expires_at, \
+             key_version = excluded.key_version, dek_nonce = excluded.dek_nonce, \
+             wrapped_dek = excluded.wrapped_dek",
+    )?
+    .execute(params![
+        record.workspace_id,
+        record.provider,
+        match record.status {
+            StoredStatus::Connected => "connected",
+            StoredStatus::Disconnected => "disconnected",
+        },
+        params_json,
+        millis(record.updated_at),
+        record.expires_at.map(millis),
+        key.map(|k| k.key_version),
+        key.map(|k| k.sealed.nonce.as_slice()),
+        key.map(|k| k.sealed.ciphertext.as_slice()),
+    ])?;
+    delete_secrets(&tx, &record.workspace_id, &record.provider)?;
+    {
+        let mut insert = tx.prepare_cached(
+            "INSERT INTO credential_secrets \
+             (workspace_id, provider, field, nonce, ciphertext, hint, fingerprint) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )?;
+        for s in &record.secrets {
+            insert.execute(params![
+                record.workspace_id,
+                record.provider,
+                s.field,
+                s.sealed.nonce.as_slice(),
+                s.sealed.ciphertext,
+                s.hint,
+                s.fingerprint,
+            ])?;
+        }
+    }
+    tx.commit()
+}
+
+fn zero_tx(
+    conn: &mut Connection,
+    workspace_id: &str,
+    provider: &str,
+    at: SystemTime,
+) -> rusqlite::Result<bool> {
+    let tx = conn.transaction()?;
+    delete_secrets(&tx, workspace_id, provider)?;
+    let changed = tx
+        .prepare_cached(
+            "UPDATE credentials SET \
+                 updated_at = CASE WHEN status = 'connected' THEN ?3 ELSE updated_at END, \
+                 disconnected_at = COALESCE(disconnected_at, ?3), status = 'disconnected', \
+                 expires_at = NULL, key_version = NULL, dek_nonce = NULL, wrapped_dek = NULL \
+             WHERE workspace_id = ?1 AND provider = ?2",
+        )?
+        .execute(params![workspace_id, provider, millis(at)])?;
+    tx.commit()?;
+    if changed > 0 {
+        // Move the zeroed pages into the main file and empty the WAL, so the
+        // old page images holding ciphertext do not linger there.
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+    }
+    Ok(changed > 0)
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn load_keys(&self) -> Result<Option<StoredKeys>, StoreError> {
+        self.read(|conn| {
+            let fingerprint_key = conn
+                .query_row(
+                    "SELECT nonce, wrapped_key FROM key_material WHERE purpose = ?1",
+                    [FINGERPRINT_KEY],
+                    |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?)),
+                )
+                .optional()?;
+            let Some((n, ciphertext)) = fingerprint_key else {
+                return Ok(None);
+            };
+            let mut stmt = conn
+                .prepare("SELECT version, nonce, wrapped_key FROM key_versions ORDER BY version")?;
+            let versions = stmt
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, u32>(0)?,
+                        r.get::<_, Vec<u8>>(1)?,
+                        r.get::<_, Vec<u8>>(2)?,
+                    ))
+                })?
+                .map(|row| {
+                    let (version, n, ciphertext) = row?;
+                    Ok(WrappedKeyVersion {
+                        version,
+                        sealed: Sealed {
+                            nonce: nonce(n)?,
+                            ciphertext,
+                        },
+                    })
+                })
+                .collect::<Result<Vec<_>, StoreError>>()?;
+            Ok(Some(StoredKeys {
+                versions,
+                fingerprint_key: Sealed {
+                    nonce: nonce(n)?,
+                    ciphertext,
+                },
+            }))
+        })
+        .await
+    }
+
+    async fn init_keys(&self, material: NewKeyMaterial) -> Result<(), StoreError> {
+        self.write(move |conn| {
+            let now = millis(SystemTime::now());
+            let tx = conn.transaction()?;
+            let v = &material.first_version;
+            tx.execute(
+                "INSERT INTO key_versions (version, nonce, wrapped_key, created_at) VALUES (?1, ?2, ?3, ?4)",
+                params![v.version, v.sealed.nonce.as_slice(), v.sealed.ciphertext, now],
+            )?;
+            tx.execute(
+                "INSERT INTO key_material (purpose, nonce, wrapped_key, created_at) VALUES (?1, ?2, ?3, ?4)",
+                params![
+                    FINGERPRINT_KEY,
+                    material.fingerprint_key.nonce.as_slice(),
+                    material.fingerprint_key.ciphertext,
+                    now
+                ],
+            )?;
+            tx.commit().map_err(classify)
+        })
+        .await
+    }
+
+    async fn put(&self, record: CredentialRecord) -> Result<CredentialRecord, StoreError> {
+        self.write(move |conn| {
+            put_tx(conn, &record).map_err(classify)?;
+            load_credential(conn, &record.workspace_id, &record.provider)?
+                .ok_or(StoreError::Corrupt("row vanished after write"))
+        })
+        .await
+    }
+
+    async fn get(
+        &self,
+        workspace_id: &str,
+        provider: &str,
+    ) -> Result<Option<CredentialRecord>, StoreError> {
+        let (w, p) = (workspace_id.to_owned(), provider.to_owned());
+        self.read(move |conn| load_credential(conn, &w, &p)).await
+    }
+
+    async fn list(&self, workspace_id: &str) -> Result<Vec<CredentialRecord>, StoreError> {
+        let w = workspace_id.to_owned();
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {CREDENTIAL_COLUMNS} FROM credentials WHERE workspace_id = ?1 ORDER BY provider"
+            ))?;
+            let raws = stmt
+                .query_map([&w], credential_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            raws.into_iter()
+                .map(|raw| {
+                    let secrets = load_secrets(conn, &raw.workspace_id, &raw.provider)?;
+                    raw.into_record(secrets)
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn zero(
+        &self,
+        workspace_id: &str,
+        provider: &str,
+        at: SystemTime,
+    ) -> Result<Option<CredentialRecord>, StoreError> {
+        let (w, p) = (workspace_id.to_owned(), provider.to_owned());
+        self.write(move |conn| {
+            if !zero_tx(conn, &w, &p, at).map_err(classify)? {
+                return Ok(None);
+            }
+            load_credential(conn, &w, &p)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn creates_database_readable_by_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.db");
+        let store = SqliteStore::open(&path).unwrap();
+        let mode = std::fs::metadata(store.path())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn migrations_run_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.db");
+        drop(SqliteStore::open(&path).unwrap());
+        drop(SqliteStore::open(&path).unwrap());
+        let conn = Connection::open(&path).unwrap();
+        let v: usize = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, MIGRATIONS.len());
+    }
+}
