@@ -1,0 +1,195 @@
+//! Shared test harness: a real vault over real mutual TLS on 127.0.0.1:0, with certificates made for the test.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use credvault::cli::client::connect;
+use credvault::config::{Backend, Config, KeysConfig, Limits, StorageConfig, TlsConfig};
+use credvault::dev::certs::{DevCa, IssuedCert, Subject};
+use credvault::proto::credentials_client::CredentialsClient;
+use credvault::proto::{CredentialRef, StoreRequest};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+
+pub const APP: &str = "spiffe://credvault.local/app";
+
+/// A vault's folder: its PKI, root key and database. Outlives restarts.
+pub struct VaultDir {
+    pub dir: tempfile::TempDir,
+    pub ca: DevCa,
+    pub app: IssuedCert,
+}
+
+impl VaultDir {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = DevCa::generate("test CA").unwrap();
+        let server = ca
+            .issue("server", Subject::Server(&["localhost", "127.0.0.1"]))
+            .unwrap();
+        let app = ca.issue("app", Subject::ClientUris(&[APP])).unwrap();
+        let p = dir.path();
+        std::fs::write(p.join("ca.pem"), ca.cert_pem()).unwrap();
+        std::fs::write(p.join("server.pem"), &server.cert_pem).unwrap();
+        write_private(&p.join("server-key.pem"), server.key_pem.as_bytes());
+        write_private(&p.join("root.key"), "ab".repeat(32).as_bytes());
+        Self { dir, ca, app }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn db(&self) -> PathBuf {
+        self.path().join("vault.db")
+    }
+
+    pub fn config(&self) -> Config {
+        let p = self.path();
+        Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            tls: TlsConfig {
+                cert_file: p.join("server.pem"),
+                key_file: p.join("server-key.pem"),
+                client_ca_file: p.join("ca.pem"),
+            },
+            storage: StorageConfig {
+                backend: Backend::Sqlite,
+                path: self.db(),
+            },
+            keys: KeysConfig {
+                root_key_file: Some(p.join("root.key")),
+                root_key_env: None,
+            },
+            limits: Limits::default(),
+        }
+    }
+
+    pub async fn start(&self) -> TestVault {
+        TestVault::start(self.config(), self.ca.cert_pem().to_owned(), &self.app).await
+    }
+}
+
+pub fn write_private(path: &Path, bytes: &[u8]) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, bytes).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+/// A running vault served by `credvault::run` on an ephemeral port.
+pub struct TestVault {
+    pub addr: SocketAddr,
+    pub ca_pem: String,
+    app_cert: String,
+    app_key: String,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), credvault::ServeError>>>,
+}
+
+impl TestVault {
+    pub async fn start(config: Config, ca_pem: String, app: &IssuedCert) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(credvault::run(config, listener, async {
+            let _ = stopped.await;
+        }));
+        Self {
+            addr,
+            ca_pem,
+            app_cert: app.cert_pem.clone(),
+            app_key: app.key_pem.clone(),
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://localhost:{}", self.addr.port())
+    }
+
+    /// A client presenting the `app` certificate.
+    pub async fn client(&self) -> CredentialsClient<Channel> {
+        self.client_as(&self.app_cert.clone(), &self.app_key.clone())
+            .await
+            .unwrap()
+    }
+
+    pub async fn client_as(
+        &self,
+        cert_pem: &str,
+        key_pem: &str,
+    ) -> Result<CredentialsClient<Channel>, String> {
+        connect(
+            &self.url(),
+            self.ca_pem.as_bytes(),
+            cert_pem.as_bytes(),
+            key_pem.as_bytes(),
+        )
+        .await
+    }
+
+    /// Stops the server as SIGTERM would and waits for it to finish.
+    pub async fn stop(mut self) {
+        self.stop.take().unwrap().send(()).unwrap();
+        self.task.take().unwrap().await.unwrap().unwrap();
+    }
+}
+
+impl Drop for TestVault {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+pub fn map(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+pub fn amplitude(workspace: &str, api_key: &str, secret_key: &str) -> StoreRequest {
+    StoreRequest {
+        workspace_id: workspace.to_owned(),
+        provider: "amplitude".to_owned(),
+        secrets: map(&[("api_key", api_key), ("secret_key", secret_key)]),
+        params: map(&[]),
+    }
+}
+
+pub fn reference(workspace: &str, provider: &str) -> CredentialRef {
+    CredentialRef {
+        workspace_id: workspace.to_owned(),
+        provider: provider.to_owned(),
+    }
+}
+
+/// An unsigned JWT with the given claims, shaped like Amperity's tokens.
+pub fn jwt(claims: &str) -> String {
+    use base64::Engine;
+    let e = &base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    format!(
+        "{}.{}.{}",
+        e.encode(r#"{"alg":"RS256","typ":"JWT"}"#),
+        e.encode(claims),
+        e.encode("a-signature-of-some-length")
+    )
+}
+
+/// Every window of `len` characters of `s`.
+pub fn windows(s: &str, len: usize) -> Vec<String> {
+    let chars: Vec<char> = s.chars().collect();
+    chars.windows(len).map(|w| w.iter().collect()).collect()
+}
+
+/// Whether `needle` occurs anywhere in `haystack`.
+pub fn contains_bytes(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
