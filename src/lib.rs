@@ -27,6 +27,39 @@ pub mod store;
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
 pub mod proto {
     tonic::include_proto!("credvault.v1");
+
+    /// Prints field names and parameters; secret values never.
+    impl std::fmt::Debug for StoreRequest {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            let mut secret_fields: Vec<_> = self.secrets.keys().collect();
+            secret_fields.sort();
+            f.debug_struct("StoreRequest")
+                .field("workspace_id", &self.workspace_id)
+                .field("provider", &self.provider)
+                .field("secrets", &format_args!("{secret_fields:?} [REDACTED]"))
+                .field("params", &self.params)
+                .finish()
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn store_request_debug_redacts_secret_values() {
+            let request = super::StoreRequest {
+                workspace_id: "ws".into(),
+                provider: "amplitude".into(),
+                secrets: [("secret_key".to_owned(), "CANARYvalue".to_owned())].into(),
+                params: [("region".to_owned(), "eu".to_owned())].into(),
+            };
+            let printed = format!("{request:?}");
+            assert!(
+                printed.contains("secret_key") && printed.contains("region"),
+                "{printed}"
+            );
+            assert!(!printed.contains("CANARY"), "{printed}");
+        }
+    }
 }
 
 pub use config::Config;

@@ -1,6 +1,8 @@
 //! Encryption at rest: tampered or moved ciphertexts give DATA_LOSS, never wrong
 //! plaintext, and Zero leaves no ciphertext behind in the database or its WAL.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
 mod common;
 
 use std::collections::HashMap;

@@ -1,5 +1,7 @@
 //! Store, Redact, Zero, List and ListProviders end to end over mutual TLS.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
 mod common;
 
 use common::{amplitude, jwt, map, reference, VaultDir};

@@ -1,5 +1,7 @@
 //! Mutual TLS: who gets in, and who is refused at the handshake.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
 mod common;
 
 use common::VaultDir;

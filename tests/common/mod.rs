@@ -1,6 +1,6 @@
 //! Shared test harness: a real vault over real mutual TLS on 127.0.0.1:0, with certificates made for the test.
 
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -1,0 +1,249 @@
+//! The README's path for a new user, run as a user would: `credvault serve --dev`
+//! as a real process, the client subcommands against it, SIGTERM to stop. Canary
+//! secrets are then searched for in every log line, the database and its WAL.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use common::{contains_bytes, windows};
+
+const BIN: &str = env!("CARGO_BIN_EXE_credvault");
+const API_KEY_CANARY: &str = "Zq7kXw9Vb2Lm8Np4Rt6JfH3yQd5Tz1Kc";
+const SECRET_CANARY: &str = "Hy3mQp5Tz1Kd7Fg2Wc9BvN4xJr8Ls6Gu";
+
+struct Server {
+    child: Child,
+    port: u16,
+    log: std::path::PathBuf,
+}
+
+/// Starts `credvault serve --dev` on an ephemeral port, logging at the most
+/// verbose level to a file, and waits until it serves.
+fn start(data_dir: &Path, log: &Path) -> Server {
+    let log_file = std::fs::File::create(log).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--dev", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir)
+        .env("RUST_LOG", "trace")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut tee = log_file;
+    let mut line = String::new();
+    let port = loop {
+        line.clear();
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "server exited before serving"
+        );
+        tee.write_all(line.as_bytes()).unwrap();
+        if let Some(rest) = line.split("credvault serving listen=").nth(1) {
+            let addr = rest.split_whitespace().next().unwrap();
+            break addr.rsplit(':').next().unwrap().parse().unwrap();
+        }
+    };
+    // Keep draining stderr into the log file so the server never blocks on it.
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut stderr, &mut tee);
+    });
+    Server {
+        child,
+        port,
+        log: log.to_owned(),
+    }
+}
+
+impl Server {
+    /// Runs a client subcommand with `stdin`, returning (success, stdout, stderr).
+    fn client(&self, data_dir: &Path, args: &[&str], stdin: &str) -> (bool, String, String) {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--addr", &format!("https://localhost:{}", self.port)])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8(out.stdout).unwrap(),
+            String::from_utf8(out.stderr).unwrap(),
+        )
+    }
+
+    /// SIGTERM, and the exit status must be 0.
+    fn terminate(mut self) {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).unwrap();
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "exit status after SIGTERM: {status}");
+    }
+}
+
+#[test]
+fn new_user_stores_redacts_lists_and_zeroes_with_the_cli_and_no_secret_leaks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("vault");
+    let server = start(&data, &tmp.path().join("first.log"));
+    for file in [
+        "certs/ca.pem",
+        "certs/server.pem",
+        "certs/server-key.pem",
+        "certs/app.pem",
+        "certs/app-key.pem",
+        "certs/admin.pem",
+        "certs/auditor-key.pem",
+        "root.key",
+        "credvault.toml",
+        "credvault.db",
+    ] {
+        assert!(data.join(file).exists(), "{file} was not created");
+    }
+    let first_log = std::fs::read_to_string(&server.log).unwrap();
+    assert!(first_log.contains("CREATED A NEW DEVELOPMENT VAULT"));
+
+    let secrets = format!("api_key={API_KEY_CANARY}\nsecret_key={SECRET_CANARY}\n");
+    let store = [
+        "store",
+        "--workspace",
+        "acme",
+        "--provider",
+        "amplitude",
+        "--param",
+        "region=eu",
+    ];
+    let (ok, out, err) = server.client(&data, &store, &secrets);
+    assert!(ok, "store failed: {err}");
+    assert!(
+        out.contains("amplitude in workspace acme: connected"),
+        "{out}"
+    );
+    assert!(out.contains("Zq7k…") && out.contains("Hy3m…"), "{out}");
+
+    // A rejected Store must not echo the value either.
+    let bad = format!("api_key={API_KEY_CANARY} \nsecret_key={SECRET_CANARY}\n");
+    let (ok, _, err) = server.client(&data, &store, &bad);
+    assert!(!ok);
+    assert!(
+        err.contains("field `api_key` has leading or trailing whitespace"),
+        "{err}"
+    );
+
+    let (ok, out, _) = server.client(
+        &data,
+        &["redact", "--workspace", "acme", "--provider", "amplitude"],
+        "",
+    );
+    assert!(ok && out.contains("region             = eu"), "{out}");
+    let (ok, out, _) = server.client(&data, &["list", "--workspace", "acme"], "");
+    assert!(
+        ok && out.contains("amplitude in workspace acme: connected"),
+        "{out}"
+    );
+    let (ok, out, _) = server.client(
+        &data,
+        &["zero", "--workspace", "acme", "--provider", "amplitude"],
+        "",
+    );
+    assert!(
+        ok && out.contains("disconnected") && !out.contains("Zq7k"),
+        "{out}"
+    );
+    server.terminate();
+
+    // A second run reuses everything and still knows the disconnected connection.
+    let server = start(&data, &tmp.path().join("second.log"));
+    let second_log = std::fs::read_to_string(&server.log).unwrap();
+    assert!(!second_log.contains("CREATED A NEW DEVELOPMENT VAULT"));
+    let (ok, out, _) = server.client(
+        &data,
+        &["redact", "--workspace", "acme", "--provider", "amplitude"],
+        "",
+    );
+    assert!(
+        ok && out.contains("disconnected") && out.contains("region             = eu"),
+        "{out}"
+    );
+    server.terminate();
+
+    let log = [
+        std::fs::read(tmp.path().join("first.log")).unwrap(),
+        std::fs::read(tmp.path().join("second.log")).unwrap(),
+    ]
+    .concat();
+    assert!(String::from_utf8_lossy(&log).contains("identity=spiffe://credvault.local/app"));
+    let mut files = vec![log];
+    for name in ["credvault.db", "credvault.db-wal"] {
+        files.push(std::fs::read(data.join(name)).unwrap_or_default());
+    }
+    for canary in [API_KEY_CANARY, SECRET_CANARY] {
+        // The hint shows 4 characters: no 5-character piece may appear anywhere.
+        for piece in std::iter::once(canary.to_owned()).chain(windows(canary, 5)) {
+            for (i, bytes) in files.iter().enumerate() {
+                assert!(
+                    !contains_bytes(bytes, piece.as_bytes()),
+                    "{piece:?} found in file {i}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn serve_with_config_refuses_to_start_naming_the_missing_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("vault");
+    credvault::dev::prepare(&data).unwrap();
+    std::fs::remove_file(data.join("certs/server.pem")).unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(data.join("credvault.toml"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("server.pem"), "{err}");
+}
+
+#[test]
+fn certs_init_writes_the_development_certificates() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["certs", "init", "--out"])
+        .arg(tmp.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    for name in [
+        "ca.pem",
+        "server.pem",
+        "server-key.pem",
+        "app.pem",
+        "admin-key.pem",
+        "auditor.pem",
+    ] {
+        assert!(tmp.path().join(name).exists(), "{name}");
+    }
+    let again = Command::new(BIN)
+        .args(["certs", "init", "--out"])
+        .arg(tmp.path())
+        .output()
+        .unwrap();
+    assert!(!again.status.success(), "refuses to overwrite");
+}
