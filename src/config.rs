@@ -1,9 +1,12 @@
 //! The configuration file: paths to key material, never the material itself, so it can be logged whole.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+
+use crate::providers::Provider;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
 pub const ROOT_KEY_ENV: &str = "CREDVAULT_ROOT_KEY";
@@ -19,6 +22,110 @@ pub struct Config {
     pub keys: KeysConfig,
     #[serde(default)]
     pub limits: Limits,
+    #[serde(default)]
+    pub outbound: OutboundConfig,
+    #[serde(default)]
+    pub providers: ProvidersConfig,
+}
+
+/// How the vault calls providers (ValidateConnection).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutboundConfig {
+    /// The whole call, body included.
+    pub timeout_ms: u64,
+    pub connect_timeout_ms: u64,
+    /// CA certificates (PEM) trusted in addition to the system roots.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub extra_ca_file: Option<PathBuf>,
+    /// Let provider hosts resolve to loopback or private addresses (tests only).
+    pub allow_private_addresses: bool,
+    /// Response bodies are read up to this size, then abandoned.
+    pub max_response_bytes: usize,
+}
+
+impl Default for OutboundConfig {
+    fn default() -> Self {
+        Self {
+            timeout_ms: 10_000,
+            connect_timeout_ms: 5_000,
+            extra_ca_file: None,
+            allow_private_addresses: false,
+            max_response_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// Per-provider settings; only base URLs so far.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProvidersConfig {
+    pub amplitude: ProviderConfig,
+    pub amperity: ProviderConfig,
+    pub posthog: ProviderConfig,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProviderConfig {
+    /// Overrides the provider's default base URL for a region or host key.
+    pub base_urls: BTreeMap<String, String>,
+}
+
+impl ProvidersConfig {
+    pub fn get(&self, provider: Provider) -> &ProviderConfig {
+        match provider {
+            Provider::Amplitude => &self.amplitude,
+            Provider::Amperity => &self.amperity,
+            Provider::Posthog => &self.posthog,
+        }
+    }
+
+    /// Every provider with all its base URLs written out: the defaults,
+    /// overridden by whatever is configured.
+    pub fn with_defaults(&self) -> Self {
+        let fill = |p: Provider| ProviderConfig {
+            base_urls: p
+                .spec()
+                .validation
+                .base_urls
+                .iter()
+                .map(|(k, url)| {
+                    let url = self
+                        .get(p)
+                        .base_urls
+                        .get(*k)
+                        .cloned()
+                        .unwrap_or((*url).to_owned());
+                    ((*k).to_owned(), url)
+                })
+                .collect(),
+        };
+        Self {
+            amplitude: fill(Provider::Amplitude),
+            amperity: fill(Provider::Amperity),
+            posthog: fill(Provider::Posthog),
+        }
+    }
+
+    /// Base URL keys must be the provider's, and each URL an https origin.
+    fn check(&self) -> Result<(), String> {
+        for p in Provider::ALL {
+            let spec = &p.spec().validation;
+            for (key, url) in &self.get(p).base_urls {
+                if spec.default_base_url(key).is_none() {
+                    let keys: Vec<_> = spec.base_urls.iter().map(|(k, _)| *k).collect();
+                    return Err(format!(
+                        "providers.{p}.base_urls has unknown key `{key}`; expected {}",
+                        keys.join(", ")
+                    ));
+                }
+                crate::outbound::parse_base_url(url, "tenant")
+                    .map_err(|why| format!("providers.{p}.base_urls.{key}: {why}"))?;
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -112,6 +219,13 @@ impl Config {
             path: path.to_owned(),
             message: e.message().to_owned(),
         })?;
+        config
+            .providers
+            .check()
+            .map_err(|message| ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            })?;
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve_relative_to(base);
         Ok(config)
@@ -129,6 +243,9 @@ impl Config {
         fix(&mut self.tls.client_ca_file);
         fix(&mut self.storage.path);
         if let Some(p) = &mut self.keys.root_key_file {
+            fix(p);
+        }
+        if let Some(p) = &mut self.outbound.extra_ca_file {
             fix(p);
         }
     }
@@ -168,6 +285,43 @@ mod tests {
         assert_eq!(c.tls.key_file, PathBuf::from("/abs/server-key.pem"));
         assert_eq!(c.storage.backend, Backend::Sqlite);
         assert_eq!(c.limits.max_message_bytes, 64 * 1024);
+    }
+
+    #[test]
+    fn base_urls_are_checked_and_filled_with_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        let base = "[tls]\ncert_file = \"a\"\nkey_file = \"b\"\nclient_ca_file = \"c\"\n\
+                    [storage]\npath = \"d\"\n[keys]\n";
+        std::fs::write(
+            &path,
+            format!("{base}[providers.amplitude.base_urls]\neu = \"https://127.0.0.1:9\"\n"),
+        )
+        .unwrap();
+        let c = Config::load(&path).unwrap();
+        let all = c.providers.with_defaults();
+        assert_eq!(all.amplitude.base_urls["eu"], "https://127.0.0.1:9");
+        assert_eq!(all.amplitude.base_urls["us"], "https://amplitude.com");
+        assert_eq!(
+            all.amperity.base_urls["tenant"],
+            "https://{tenant_id}.amperity.com"
+        );
+
+        for (bad, expected) in [
+            (
+                "[providers.amplitude.base_urls]\nap = \"https://x\"",
+                "unknown key `ap`",
+            ),
+            ("[providers.posthog.base_urls]\nus = \"http://x\"", "https"),
+            (
+                "[providers.posthog.base_urls]\nus = \"https://u:p@x\"",
+                "credentials",
+            ),
+        ] {
+            std::fs::write(&path, format!("{base}{bad}\n")).unwrap();
+            let err = Config::load(&path).unwrap_err().to_string();
+            assert!(err.contains(expected), "{err}");
+        }
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod dev;
 pub mod domain;
 pub mod edge;
 mod hardening;
+pub mod outbound;
 pub mod providers;
 pub mod server;
 pub mod store;
@@ -38,6 +39,7 @@ pub mod proto {
                 .field("provider", &self.provider)
                 .field("secrets", &format_args!("{secret_fields:?} [REDACTED]"))
                 .field("params", &self.params)
+                .field("validate", &self.validate)
                 .finish()
         }
     }
@@ -51,6 +53,7 @@ pub mod proto {
                 provider: "amplitude".into(),
                 secrets: [("secret_key".to_owned(), "CANARYvalue".to_owned())].into(),
                 params: [("region".to_owned(), "eu".to_owned())].into(),
+                validate: false,
             };
             let printed = format!("{request:?}");
             assert!(

@@ -10,6 +10,7 @@ use crate::config::{Backend, Config, ROOT_KEY_ENV};
 use crate::crypto::{RootKey, RootKeyError};
 use crate::domain::{Vault, VaultError};
 use crate::edge::{self, tls::TlsError};
+use crate::outbound::{Outbound, OutboundError};
 use crate::store::{SqliteStore, Store, StoreError};
 
 /// Why the vault did not start, or stopped with an error.
@@ -20,6 +21,8 @@ pub enum ServeError {
     RootKey(#[from] RootKeyError),
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error(transparent)]
+    Outbound(#[from] OutboundError),
     #[error("storage: {0}")]
     Store(#[from] StoreError),
     #[error("keyring: {0}")]
@@ -53,7 +56,8 @@ pub async fn run(
             )
         }
     };
-    let vault = Arc::new(Vault::open(store, &root).await?);
+    let outbound = Outbound::new(&config.outbound)?;
+    let vault = Arc::new(Vault::open(store, &root, outbound, &config.providers).await?);
     drop(root);
     tracing::info!(
         listen = %listener.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()),

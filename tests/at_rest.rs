@@ -9,8 +9,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use common::{contains_bytes, map, VaultDir};
+use credvault::config::{OutboundConfig, ProvidersConfig};
 use credvault::crypto::RootKey;
 use credvault::domain::{CredentialRef, NewCredential, Vault, VaultError};
+use credvault::outbound::Outbound;
 use credvault::store::SqliteStore;
 use rusqlite::Connection;
 
@@ -19,7 +21,14 @@ const SECRET: &str = "s3cr3tKEYvalue0123456789abcdefXY";
 async fn open_vault(dir: &VaultDir) -> Vault {
     let store = Arc::new(SqliteStore::open(&dir.db()).unwrap());
     let root = RootKey::from_file(&dir.path().join("root.key")).unwrap();
-    Vault::open(store, &root).await.unwrap()
+    Vault::open(store, &root, outbound(), &ProvidersConfig::default())
+        .await
+        .unwrap()
+}
+
+/// No test here calls a provider; the client is only needed to build the vault.
+fn outbound() -> Outbound {
+    Outbound::new(&OutboundConfig::default()).unwrap()
 }
 
 async fn store(vault: &Vault, workspace: &str) {
@@ -33,7 +42,7 @@ async fn store(vault: &Vault, workspace: &str) {
         HashMap::new(),
     )
     .unwrap();
-    vault.store(new).await.unwrap();
+    vault.store(new, false).await.unwrap();
 }
 
 fn target(workspace: &str) -> CredentialRef {
@@ -53,8 +62,8 @@ async fn assert_tampering_detected_by(tamper: impl FnOnce(&Connection)) {
     store(&vault, "ws2").await;
     let plain = vault.decrypt(&target("ws1")).await.unwrap();
     assert_eq!(
-        plain.secrets["secret_key"].expose_secret(),
-        SECRET.as_bytes()
+        secrecy::ExposeSecret::expose_secret(&plain.secrets["secret_key"]),
+        SECRET
     );
 
     let db = Connection::open(dir.db()).unwrap();
@@ -192,6 +201,9 @@ async fn another_root_key_cannot_open_the_database() {
     common::write_private(&dir.path().join("other.key"), "cd".repeat(32).as_bytes());
     let store = Arc::new(SqliteStore::open(&dir.db()).unwrap());
     let wrong = RootKey::from_file(&dir.path().join("other.key")).unwrap();
-    let err = Vault::open(store, &wrong).await.unwrap_err().to_string();
+    let err = Vault::open(store, &wrong, outbound(), &ProvidersConfig::default())
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("root key does not open"), "{err}");
 }

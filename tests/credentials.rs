@@ -46,6 +46,7 @@ async fn list_returns_every_connection_of_the_workspace_only() {
         provider: "posthog".into(),
         secrets: map(&[("personal_api_key", "phx_0123456789abcdefghij")]),
         params: map(&[("project_id", "42")]),
+        ..StoreRequest::default()
     })
     .await
     .unwrap();
@@ -254,6 +255,7 @@ async fn amperity_token_expiry_is_reported_and_an_expired_token_refused() {
         provider: "amperity".into(),
         secrets: map(&[("access_token", &token)]),
         params: map(&[("tenant_id", "acme")]),
+        ..StoreRequest::default()
     };
     let stored = c
         .store(request(jwt(r#"{"exp":4102444800}"#)))
@@ -298,6 +300,7 @@ async fn rejects_bad_input_naming_the_field_without_echoing_values() {
             provider: provider.into(),
             secrets: map(secrets),
             params: map(params),
+            ..StoreRequest::default()
         }
     };
     let good = [("api_key", CANARY), ("secret_key", CANARY)];

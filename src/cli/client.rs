@@ -10,6 +10,7 @@ use zeroize::Zeroizing;
 use crate::dev::certs::DevCertPaths;
 use crate::dev::CERTS_DIR;
 use crate::proto::credentials_client::CredentialsClient;
+use crate::proto::validation::Verdict;
 use crate::proto::{
     self, Credential, CredentialRef, ListProvidersRequest, ListRequest, StoreRequest,
 };
@@ -50,6 +51,9 @@ pub struct StoreArgs {
     /// A non-secret parameter, as NAME=VALUE; repeat for more.
     #[arg(long = "param", value_name = "NAME=VALUE")]
     params: Vec<String>,
+    /// Have the vault check the credentials with the provider first; store only if they work.
+    #[arg(long)]
+    validate: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -169,6 +173,7 @@ pub async fn store(args: StoreArgs) -> Result<(), String> {
             .map(|(k, v)| (k.clone(), v.to_string()))
             .collect(),
         params,
+        validate: args.validate,
     };
     drop(secrets);
     let stored = client
@@ -245,6 +250,75 @@ pub async fn zero(args: RefArgs) -> Result<(), String> {
         .map_err(status_error)?;
     print_credential(c.get_ref());
     Ok(())
+}
+
+/// Prints the verdict for a person; an error (exit status 1) unless VALID.
+pub async fn validate(args: RefArgs) -> Result<(), String> {
+    let mut client = args.connect.client().await?;
+    let provider = args.provider.clone();
+    let v = client
+        .validate_connection(reference(args.workspace, args.provider))
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    println!("{}", explain(&provider, &v));
+    if v.verdict == Verdict::Valid as i32 {
+        Ok(())
+    } else {
+        Err(format!("the {provider} connection did not validate"))
+    }
+}
+
+/// A verdict in words, after the seed document's troubleshooting texts.
+fn explain(provider: &str, v: &proto::Validation) -> String {
+    let verdict = Verdict::try_from(v.verdict).unwrap_or(Verdict::Unspecified);
+    let status = match v.provider_status {
+        0 => String::new(),
+        s => format!(" (HTTP {s})"),
+    };
+    let advice = match verdict {
+        Verdict::Valid if v.display_name.is_empty() => {
+            format!("{provider} accepted the credentials.")
+        }
+        Verdict::Valid => format!(
+            "{provider} accepted the credentials for \"{}\".",
+            v.display_name
+        ),
+        Verdict::Rejected => format!(
+            "{provider} rejected the credentials. Check that each key was copied whole, with no \
+             leading or trailing space; that paired keys come from the same project; that the \
+             project still exists; and that the keys were not regenerated since."
+        ),
+        Verdict::WrongRegion => format!(
+            "Wrong region: the credentials work in region {0}. Store them again with \
+             --param region={0}.",
+            v.suggested_region
+        ),
+        Verdict::InsufficientPermission => format!(
+            "{provider} accepted the key but it lacks a permission the vault needs. {}",
+            v.message
+        ),
+        Verdict::RateLimited => format!(
+            "{provider} is rate-limiting these credentials. Wait {} s and retry; if it persists, \
+             check whether a batch job is hammering the same endpoint.",
+            v.retry_after_seconds
+        ),
+        Verdict::Unreachable => format!("Couldn't reach {provider}: {}", v.message),
+        Verdict::UnexpectedResponse => {
+            format!(
+                "{provider} gave an answer the vault did not expect: {}",
+                v.message
+            )
+        }
+        Verdict::Expired => {
+            "The stored token has expired. Create a new one and store it.".to_owned()
+        }
+        Verdict::Disconnected => {
+            "The connection is disconnected. Store credentials to reconnect it.".to_owned()
+        }
+        Verdict::Unspecified => format!("Unknown verdict: {}", v.message),
+    };
+    format!("{}{status}: {advice}", verdict.as_str_name())
 }
 
 pub async fn list(args: ListArgs) -> Result<(), String> {
@@ -324,6 +398,15 @@ fn print_credential(c: &Credential) {
     }
     if c.key_version > 0 {
         println!("  key version        {}", c.key_version);
+    }
+    if let Some(v) = &c.last_validation {
+        let verdict = Verdict::try_from(v.verdict).unwrap_or(Verdict::Unspecified);
+        let at = time(&v.checked_at).unwrap_or_default();
+        println!(
+            "  last validation    {} at {at}: {}",
+            verdict.as_str_name(),
+            v.message
+        );
     }
 }
 

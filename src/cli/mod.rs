@@ -37,6 +37,8 @@ enum Command {
     Zero(client::RefArgs),
     /// List a workspace's connections.
     List(client::ListArgs),
+    /// Have the vault check a connection's credentials with the provider.
+    Validate(client::RefArgs),
     /// List the providers the vault knows and the fields each needs.
     Providers(client::ProvidersArgs),
 }
@@ -85,6 +87,7 @@ pub fn main() -> ExitCode {
         Command::Redact(args) => runtime.block_on(client::redact(args)),
         Command::Zero(args) => runtime.block_on(client::zero(args)),
         Command::List(args) => runtime.block_on(client::list(args)),
+        Command::Validate(args) => runtime.block_on(client::validate(args)),
         Command::Providers(args) => runtime.block_on(client::providers(args)),
     };
     match result {

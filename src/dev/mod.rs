@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use ring::rand::SystemRandom;
 
 use crate::config::{
-    Backend, Config, KeysConfig, Limits, StorageConfig, TlsConfig, DEFAULT_LISTEN,
+    Backend, Config, KeysConfig, Limits, OutboundConfig, ProvidersConfig, StorageConfig, TlsConfig,
+    DEFAULT_LISTEN,
 };
 use crate::crypto::RootKey;
 use certs::{CertError, DevCertPaths};
@@ -99,6 +100,8 @@ fn dev_config() -> Config {
             root_key_env: None,
         },
         limits: Limits::default(),
+        outbound: OutboundConfig::default(),
+        providers: ProvidersConfig::default().with_defaults(),
     }
 }
 

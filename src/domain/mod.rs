@@ -4,16 +4,21 @@ mod error;
 mod ids;
 mod input;
 mod redact;
+mod validate;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use secrecy::ExposeSecret;
+use secrecy::{ExposeSecret, SecretString};
 
-use crate::crypto::{self, Keyring, Plaintext, RootKey};
-use crate::providers::{Params, Provider};
+use crate::config::ProvidersConfig;
+use crate::crypto::{self, Keyring, RootKey};
+use crate::outbound::Outbound;
+use crate::providers::validation::{Validation, Verdict};
+use crate::providers::{Params, Provider, Secrets};
 use crate::store::{CredentialRecord, SecretRecord, Store, StoredStatus, WrappedDataKey};
+use validate::Validator;
 
 pub use error::VaultError;
 pub use ids::{parse_provider, CredentialRef, WorkspaceId};
@@ -50,11 +55,18 @@ pub struct Connection {
     /// 0 once disconnected.
     pub key_version: u32,
     pub expires_at: Option<SystemTime>,
+    pub last_validation: Option<Validation>,
 }
 
 impl From<CredentialRecord> for Connection {
     fn from(r: CredentialRecord) -> Self {
+        let last_validation = r.last_validation.as_deref().and_then(|json| {
+            serde_json::from_str(json)
+                .inspect_err(|_| tracing::warn!("a stored last_validation is unreadable; ignored"))
+                .ok()
+        });
         Self {
+            last_validation,
             secrets: r
                 .secrets
                 .into_iter()
@@ -87,13 +99,14 @@ impl From<CredentialRecord> for Connection {
 pub struct Decrypted {
     pub provider: Provider,
     pub params: Params,
-    pub secrets: BTreeMap<String, Plaintext>,
+    pub secrets: Secrets,
 }
 
 /// The vault: the only holder of the unwrapped keyring.
 pub struct Vault {
     store: Arc<dyn Store>,
     keyring: Keyring,
+    validator: Validator,
 }
 
 impl std::fmt::Debug for Vault {
@@ -106,7 +119,13 @@ impl std::fmt::Debug for Vault {
 
 impl Vault {
     /// Unwraps the stored keyring with `root`, creating one for a new store.
-    pub async fn open(store: Arc<dyn Store>, root: &RootKey) -> Result<Self, VaultError> {
+    /// Validation calls go through `outbound` to the configured base URLs.
+    pub async fn open(
+        store: Arc<dyn Store>,
+        root: &RootKey,
+        outbound: Outbound,
+        providers: &ProvidersConfig,
+    ) -> Result<Self, VaultError> {
         let keyring = match store.load_keys().await? {
             Some(keys) => {
                 Keyring::unwrap(root, &keys.versions, &keys.fingerprint_key).map_err(|_| {
@@ -123,7 +142,11 @@ impl Vault {
                 keyring
             }
         };
-        Ok(Self { store, keyring })
+        Ok(Self {
+            store,
+            keyring,
+            validator: Validator::new(outbound, providers),
+        })
     }
 
     pub fn keyring(&self) -> &Keyring {
@@ -131,9 +154,30 @@ impl Vault {
     }
 
     /// Encrypts and stores a credential, replacing any secrets the connection
-    /// held and reconnecting it if it was disconnected.
-    pub async fn store(&self, new: NewCredential) -> Result<Connection, VaultError> {
+    /// held and reconnecting it if it was disconnected. With `validate`, the
+    /// provider must accept the credentials first, or nothing changes.
+    pub async fn store(
+        &self,
+        new: NewCredential,
+        validate: bool,
+    ) -> Result<Connection, VaultError> {
         let target = &new.target;
+        let last_validation = if validate {
+            let v = self
+                .validator
+                .check(target, &new.secrets, &new.params)
+                .await;
+            if v.verdict != Verdict::Valid {
+                return Err(VaultError::FailedPrecondition(format!(
+                    "validation failed: {}: {}",
+                    v.verdict.name(),
+                    v.message
+                )));
+            }
+            Some(encode_validation(&v)?)
+        } else {
+            None
+        };
         let owner = target.owner();
         let (data_key, key_version, sealed_key) = self.keyring.new_data_key(&owner)?;
         let secrets = new
@@ -169,6 +213,7 @@ impl Vault {
                 sealed: sealed_key,
             }),
             secrets,
+            last_validation,
         };
         Ok(self.store.put(record).await?.into())
     }
@@ -197,10 +242,74 @@ impl Vault {
         Ok(records.into_iter().map(Connection::from).collect())
     }
 
+    /// Calls the provider with the stored credentials and records the verdict.
+    /// A disconnected connection, an expired credential, or a connection still
+    /// inside a 429's Retry-After window gets its verdict without a call.
+    pub async fn validate(&self, target: &CredentialRef) -> Result<Validation, VaultError> {
+        let record = self.record(target).await?;
+        let Some(data_key) = record.data_key.clone() else {
+            return Ok(Validation::new(
+                Verdict::Disconnected,
+                "the connection is disconnected; store credentials to reconnect it",
+            ));
+        };
+        if record.expires_at.is_some_and(|at| at <= SystemTime::now()) {
+            let expired = Validation::new(
+                Verdict::Expired,
+                "the stored credential has expired (its `exp` has passed); store a new one",
+            );
+            self.record_validation(target, &data_key, &expired).await?;
+            return Ok(expired);
+        }
+        if let Some(limited) = self.validator.rate_limited(target) {
+            return Ok(limited);
+        }
+        let slot = self.validator.join(target);
+        let result = slot
+            .get_or_try_init(|| async {
+                let decrypted = self.open_record(target, record)?;
+                let v = self
+                    .validator
+                    .check(target, &decrypted.secrets, &decrypted.params)
+                    .await;
+                self.record_validation(target, &data_key, &v).await?;
+                Ok::<_, VaultError>(v)
+            })
+            .await
+            .cloned();
+        self.validator.leave(target, &slot);
+        result
+    }
+
+    async fn record_validation(
+        &self,
+        target: &CredentialRef,
+        data_key: &WrappedDataKey,
+        v: &Validation,
+    ) -> Result<(), VaultError> {
+        self.store
+            .set_last_validation(
+                target.workspace_id.as_str(),
+                target.provider.name(),
+                data_key,
+                encode_validation(v)?,
+            )
+            .await?;
+        Ok(())
+    }
+
     /// Decrypts a connected credential. Any failed check is [`VaultError::DataLoss`]:
     /// never wrong plaintext.
     pub async fn decrypt(&self, target: &CredentialRef) -> Result<Decrypted, VaultError> {
         let record = self.record(target).await?;
+        self.open_record(target, record)
+    }
+
+    fn open_record(
+        &self,
+        target: &CredentialRef,
+        record: CredentialRecord,
+    ) -> Result<Decrypted, VaultError> {
         let Some(wrapped) = &record.data_key else {
             return Err(VaultError::FailedPrecondition(format!(
                 "the {} connection of workspace `{}` is disconnected",
@@ -217,9 +326,12 @@ impl Vault {
             .map(|s| {
                 let plain = crypto::open(&data_key, &s.sealed, &secret_aad(target, &s.field))
                     .inspect_err(|_| tamper_warning(target, "secret"))?;
-                Ok((s.field.clone(), plain))
+                // Stored from a `str`, so valid UTF-8 unless tampered with.
+                let text = String::from_utf8(plain.expose_secret().to_vec())
+                    .map_err(|_| VaultError::DataLoss)?;
+                Ok((s.field.clone(), SecretString::from(text)))
             })
-            .collect::<Result<BTreeMap<_, _>, VaultError>>()?;
+            .collect::<Result<Secrets, VaultError>>()?;
         let declared = target.provider.spec().secrets;
         let complete = declared.len() == secrets.len()
             && declared.iter().all(|f| secrets.contains_key(f.name));
@@ -240,6 +352,10 @@ impl Vault {
             .await?
             .ok_or_else(|| target.not_found())
     }
+}
+
+fn encode_validation(v: &Validation) -> Result<String, VaultError> {
+    serde_json::to_string(v).map_err(|e| VaultError::Internal(format!("encoding a verdict: {e}")))
 }
 
 fn secret_aad(target: &CredentialRef, field: &str) -> Vec<u8> {

@@ -12,6 +12,7 @@ use super::status::to_status;
 use super::tls::PeerInfo;
 use crate::domain::{self, CredentialRef, NewCredential, Vault, VaultError, WorkspaceId};
 use crate::proto;
+use crate::providers::validation::{Validation, Verdict};
 use crate::providers::{FieldSpec, Provider};
 
 pub struct CredentialsService {
@@ -59,7 +60,7 @@ impl proto::credentials_server::Credentials for CredentialsService {
     ) -> Result<Response<proto::Credential>, Status> {
         call("Store", req, |r| async move {
             let new = NewCredential::parse(&r.workspace_id, &r.provider, r.secrets, r.params)?;
-            self.vault.store(new).await.map(encode)
+            self.vault.store(new, r.validate).await.map(encode)
         })
         .await
     }
@@ -96,6 +97,23 @@ impl proto::credentials_server::Credentials for CredentialsService {
             Ok(proto::ListResponse {
                 credentials: credentials.into_iter().map(encode).collect(),
             })
+        })
+        .await
+    }
+
+    async fn validate_connection(
+        &self,
+        req: Request<proto::CredentialRef>,
+    ) -> Result<Response<proto::Validation>, Status> {
+        call("ValidateConnection", req, |r| async move {
+            let target = CredentialRef::parse(&r.workspace_id, &r.provider)?;
+            let v = self.vault.validate(&target).await?;
+            tracing::info!(
+                verdict = v.verdict.name(),
+                provider_status = v.provider_status,
+                "verdict"
+            );
+            Ok(encode_validation(v))
         })
         .await
     }
@@ -138,6 +156,32 @@ fn encode(c: domain::Connection) -> proto::Credential {
         disconnected_at: c.disconnected_at.map(Into::into),
         key_version: c.key_version,
         expires_at: c.expires_at.map(Into::into),
+        last_validation: c.last_validation.map(encode_validation),
+    }
+}
+
+fn encode_validation(v: Validation) -> proto::Validation {
+    use proto::validation::Verdict as V;
+    let verdict = match v.verdict {
+        Verdict::Valid => V::Valid,
+        Verdict::Rejected => V::Rejected,
+        Verdict::WrongRegion => V::WrongRegion,
+        Verdict::InsufficientPermission => V::InsufficientPermission,
+        Verdict::RateLimited => V::RateLimited,
+        Verdict::Unreachable => V::Unreachable,
+        Verdict::UnexpectedResponse => V::UnexpectedResponse,
+        Verdict::Expired => V::Expired,
+        Verdict::Disconnected => V::Disconnected,
+    };
+    proto::Validation {
+        verdict: verdict as i32,
+        provider_status: v.provider_status.into(),
+        display_name: v.display_name,
+        message: v.message,
+        retry_after_seconds: v.retry_after_seconds,
+        suggested_region: v.suggested_region,
+        checked_at: Some(v.checked_at.into()),
+        duration_ms: v.duration_ms,
     }
 }
 

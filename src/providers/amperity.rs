@@ -5,7 +5,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::Engine;
 use secrecy::ExposeSecret;
 
-use super::{Checked, FieldSpec, Params, ProviderSpec, Rejection, Secrets};
+use zeroize::Zeroizing;
+
+use super::validation::{classify, Answer, Probe, ProbeHeader, Reading, Validation};
+use super::{Checked, FieldSpec, Params, ProviderSpec, Rejection, Secrets, ValidationSpec};
+
+/// The API version every request must name.
+const API_VERSION: &str = "2024-04-01";
 
 pub static SPEC: ProviderSpec = ProviderSpec {
     name: "amperity",
@@ -25,7 +31,64 @@ pub static SPEC: ProviderSpec = ProviderSpec {
         ),
     ],
     check,
+    validation: ValidationSpec {
+        base_urls: &[
+            ("app", "https://app.amperity.com"),
+            ("tenant", "https://{tenant_id}.amperity.com"),
+            ("apse2", "https://app-aws-apse2.amperity.com"),
+        ],
+        base_url_param: "host",
+        wrong_region_on: &[],
+        // Amperity allows 10 requests/s per tenant.
+        max_concurrent: 8,
+        probe,
+        interpret,
+    },
 };
+
+fn probe(secrets: &Secrets, params: &Params) -> Probe {
+    let token = secrets
+        .get("access_token")
+        .map(|s| s.expose_secret())
+        .unwrap_or_default();
+    let tenant = params.get("tenant_id").cloned().unwrap_or_default();
+    Probe {
+        // Never with_total=true: it is expensive on Amperity's side.
+        path_and_query: "/api/segments?limit=1".to_owned(),
+        headers: vec![
+            ProbeHeader {
+                name: "authorization",
+                value: Zeroizing::new(format!("Bearer {token}")),
+                sensitive: true,
+            },
+            ProbeHeader {
+                name: "amperity-tenant",
+                value: Zeroizing::new(tenant),
+                sensitive: false,
+            },
+            ProbeHeader {
+                name: "api-version",
+                value: Zeroizing::new(API_VERSION.to_owned()),
+                sensitive: false,
+            },
+        ],
+    }
+}
+
+fn interpret(answer: &Answer, params: &Params) -> Validation {
+    let reading = Reading {
+        // 403: a valid token without the DataGrid Operator role.
+        forbidden_is_permission: true,
+        not_found_is_permission: false,
+    };
+    // There is no tenant-info endpoint: the tenant id is the name.
+    let tenant = params.get("tenant_id").cloned().unwrap_or_default();
+    classify(answer, &reading, "Amperity", |json| {
+        json.get("data")
+            .is_some_and(serde_json::Value::is_array)
+            .then_some(tenant)
+    })
+}
 
 fn check(secrets: &Secrets, params: &Params) -> Result<Checked, Rejection> {
     let tenant = params

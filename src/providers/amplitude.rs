@@ -1,6 +1,11 @@
 //! Amplitude: an API key and secret key pair from one project, in the US or EU region.
 
-use super::{Checked, FieldSpec, Params, ProviderSpec, Rejection, Secrets};
+use base64::Engine;
+use secrecy::ExposeSecret;
+use zeroize::Zeroizing;
+
+use super::validation::{classify, Answer, Probe, ProbeHeader, Reading, Validation};
+use super::{Checked, FieldSpec, Params, ProviderSpec, Rejection, Secrets, ValidationSpec};
 
 pub static SPEC: ProviderSpec = ProviderSpec {
     name: "amplitude",
@@ -9,14 +14,76 @@ pub static SPEC: ProviderSpec = ProviderSpec {
         FieldSpec::secret("api_key", "the project's API key", 256),
         FieldSpec::secret("secret_key", "the project's secret key", 256),
     ],
-    params: &[FieldSpec::choice(
-        "region",
-        "the project's data center",
-        &["us", "eu"],
-        "us",
-    )],
+    params: &[
+        FieldSpec::choice("region", "the project's data center", &["us", "eu"], "us"),
+        FieldSpec::choice(
+            "validation",
+            "the validation call: events (/api/2/events/list) or taxonomy (needs Enterprise or Govern)",
+            &["events", "taxonomy"],
+            "events",
+        ),
+    ],
     check,
+    validation: ValidationSpec {
+        base_urls: &[
+            ("us", "https://amplitude.com"),
+            ("eu", "https://analytics.eu.amplitude.com"),
+        ],
+        base_url_param: "region",
+        // Amplitude answers a bad key and a wrong region alike, with 401 or 403.
+        wrong_region_on: &[401, 403],
+        // At most 5 concurrent REST requests per project; leave one for the product.
+        max_concurrent: 4,
+        probe,
+        interpret,
+    },
 };
+
+fn uses_taxonomy(params: &Params) -> bool {
+    params.get("validation").is_some_and(|v| v == "taxonomy")
+}
+
+fn probe(secrets: &Secrets, params: &Params) -> Probe {
+    let secret = |name: &str| {
+        secrets
+            .get(name)
+            .map(|s| s.expose_secret())
+            .unwrap_or_default()
+    };
+    let mut pair = Zeroizing::new(String::new());
+    pair.push_str(secret("api_key"));
+    pair.push(':');
+    pair.push_str(secret("secret_key"));
+    let encoded = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(pair.as_bytes()));
+    let path = if uses_taxonomy(params) {
+        "/api/2/taxonomy/category"
+    } else {
+        "/api/2/events/list"
+    };
+    Probe {
+        path_and_query: path.to_owned(),
+        headers: vec![ProbeHeader {
+            name: "authorization",
+            value: Zeroizing::new(format!("Basic {}", encoded.as_str())),
+            sensitive: true,
+        }],
+    }
+}
+
+fn interpret(answer: &Answer, params: &Params) -> Validation {
+    let reading = Reading {
+        // A bad key or secret may come back as 403 too.
+        forbidden_is_permission: false,
+        not_found_is_permission: false,
+    };
+    let taxonomy = uses_taxonomy(params);
+    // No Basic-auth endpoint returns the project's name.
+    classify(answer, &reading, "Amplitude", |json| {
+        let data_is_list = json.get("data").is_some_and(serde_json::Value::is_array);
+        let success = !taxonomy || json.get("success") == Some(&serde_json::Value::Bool(true));
+        (data_is_list && success).then(String::new)
+    })
+}
 
 fn check(_secrets: &Secrets, _params: &Params) -> Result<Checked, Rejection> {
     Ok(Checked::default())

@@ -3,12 +3,15 @@
 mod amperity;
 mod amplitude;
 mod posthog;
+pub mod validation;
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::time::SystemTime;
 
 use secrecy::SecretString;
+
+use validation::{Answer, Probe, Validation};
 
 /// A provider the vault can hold credentials for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -53,6 +56,34 @@ pub struct ProviderSpec {
     pub params: &'static [FieldSpec],
     /// Provider-specific checks, run after every field passed the generic ones.
     pub check: fn(&Secrets, &Params) -> Result<Checked, Rejection>,
+    pub validation: ValidationSpec,
+}
+
+/// How the vault checks a credential with the provider itself.
+#[derive(Debug)]
+pub struct ValidationSpec {
+    /// Default base URLs by key; the configuration may override each.
+    pub base_urls: &'static [(&'static str, &'static str)],
+    /// The parameter whose value picks the base URL.
+    pub base_url_param: &'static str,
+    /// Answers on the stored region that make the vault try the other
+    /// region(s) once, to tell a wrong region from a bad key.
+    pub wrong_region_on: &'static [u16],
+    /// Validation calls in flight to this provider at once, at most.
+    pub max_concurrent: usize,
+    /// The request that validates a credential.
+    pub probe: fn(&Secrets, &Params) -> Probe,
+    /// What the provider's answer means.
+    pub interpret: fn(&Answer, &Params) -> Validation,
+}
+
+impl ValidationSpec {
+    pub fn default_base_url(&self, key: &str) -> Option<&'static str> {
+        self.base_urls
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, url)| *url)
+    }
 }
 
 /// One secret field or parameter.

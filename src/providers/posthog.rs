@@ -2,7 +2,10 @@
 
 use secrecy::ExposeSecret;
 
-use super::{Checked, FieldSpec, Params, ProviderSpec, Rejection, Secrets};
+use zeroize::Zeroizing;
+
+use super::validation::{classify, printable, Answer, Probe, ProbeHeader, Reading, Validation};
+use super::{Checked, FieldSpec, Params, ProviderSpec, Rejection, Secrets, ValidationSpec};
 
 pub static SPEC: ProviderSpec = ProviderSpec {
     name: "posthog",
@@ -17,7 +20,52 @@ pub static SPEC: ProviderSpec = ProviderSpec {
         FieldSpec::choice("region", "the PostHog cloud", &["us", "eu"], "us"),
     ],
     check,
+    validation: ValidationSpec {
+        base_urls: &[
+            ("us", "https://us.posthog.com"),
+            ("eu", "https://eu.posthog.com"),
+        ],
+        base_url_param: "region",
+        // A key sent to the other region's host gets the same 401 as a bad key.
+        wrong_region_on: &[401],
+        max_concurrent: 8,
+        probe,
+        interpret,
+    },
 };
+
+fn probe(secrets: &Secrets, params: &Params) -> Probe {
+    let key = secrets
+        .get("personal_api_key")
+        .map(|s| s.expose_secret())
+        .unwrap_or_default();
+    let project = params
+        .get("project_id")
+        .map(String::as_str)
+        .unwrap_or_default();
+    Probe {
+        path_and_query: format!("/api/projects/{project}/"),
+        headers: vec![ProbeHeader {
+            name: "authorization",
+            value: Zeroizing::new(format!("Bearer {key}")),
+            sensitive: true,
+        }],
+    }
+}
+
+fn interpret(answer: &Answer, _params: &Params) -> Validation {
+    let reading = Reading {
+        // 403: the key lacks the project:read scope.
+        forbidden_is_permission: true,
+        // 404: the key reaches no such project.
+        not_found_is_permission: true,
+    };
+    classify(answer, &reading, "PostHog", |json| {
+        json.get("name")
+            .and_then(serde_json::Value::as_str)
+            .map(printable)
+    })
+}
 
 fn check(secrets: &Secrets, params: &Params) -> Result<Checked, Rejection> {
     let key = secrets

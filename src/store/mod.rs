@@ -32,6 +32,8 @@ pub struct CredentialRecord {
     /// The sealed data key; `None` once disconnected.
     pub data_key: Option<WrappedDataKey>,
     pub secrets: Vec<SecretRecord>,
+    /// The latest validation verdict, as the domain serialized it (non-secret).
+    pub last_validation: Option<String>,
 }
 
 /// A data key sealed under a key-encryption key version.
@@ -92,6 +94,16 @@ pub trait Store: Send + Sync + 'static {
         provider: &str,
     ) -> Result<Option<CredentialRecord>, StoreError>;
     async fn list(&self, workspace_id: &str) -> Result<Vec<CredentialRecord>, StoreError>;
+    /// Records a connection's latest validation verdict, unless its secrets
+    /// changed since `data_key` was read (so a slow check never labels newer
+    /// secrets). Returns whether it was recorded.
+    async fn set_last_validation(
+        &self,
+        workspace_id: &str,
+        provider: &str,
+        data_key: &WrappedDataKey,
+        validation: String,
+    ) -> Result<bool, StoreError>;
     /// Destroys a connection's secret material and marks it disconnected at
     /// `at` (unless it already was). `None` if there is no such connection.
     async fn zero(

@@ -17,7 +17,8 @@ const FINGERPRINT_KEY: &str = "fingerprint";
 const READERS: usize = 4;
 
 /// Schema versions, applied in order; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE key_versions (
     version     INTEGER PRIMARY KEY,
     nonce       BLOB NOT NULL,
@@ -57,7 +58,11 @@ CREATE TABLE credential_secrets (
     PRIMARY KEY (workspace_id, provider, field),
     FOREIGN KEY (workspace_id, provider) REFERENCES credentials ON DELETE CASCADE
 ) STRICT;
-"#];
+"#,
+    r#"
+ALTER TABLE credentials ADD COLUMN last_validation TEXT;
+"#,
+];
 
 /// SQLite behind [`Store`]. Blocking calls run on tokio's blocking pool.
 #[derive(Clone)]
@@ -193,7 +198,7 @@ fn classify(e: rusqlite::Error) -> StoreError {
 }
 
 const CREDENTIAL_COLUMNS: &str = "workspace_id, provider, status, params, created_at, updated_at, \
-     disconnected_at, expires_at, key_version, dek_nonce, wrapped_dek";
+     disconnected_at, expires_at, key_version, dek_nonce, wrapped_dek, last_validation";
 
 /// Reads a `credentials` row selected with [`CREDENTIAL_COLUMNS`]; secrets come separately.
 fn credential_row(row: &Row<'_>) -> rusqlite::Result<RawCredential> {
@@ -209,6 +214,7 @@ fn credential_row(row: &Row<'_>) -> rusqlite::Result<RawCredential> {
         key_version: row.get(8)?,
         dek_nonce: row.get(9)?,
         wrapped_dek: row.get(10)?,
+        last_validation: row.get(11)?,
     })
 }
 
@@ -224,6 +230,7 @@ struct RawCredential {
     key_version: Option<u32>,
     dek_nonce: Option<Vec<u8>>,
     wrapped_dek: Option<Vec<u8>>,
+    last_validation: Option<String>,
 }
 
 impl RawCredential {
@@ -256,6 +263,7 @@ impl RawCredential {
             expires_at: self.expires_at.map(time),
             data_key,
             secrets,
+            last_validation: self.last_validation,
         })
     }
 }
@@ -330,13 +338,13 @@ fn put_tx(conn: &mut Connection, record: &CredentialRecord) -> rusqlite::Result<
         .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
     tx.prepare_cached(
         "INSERT INTO credentials (workspace_id, provider, status, params, created_at, updated_at, \
-             disconnected_at, expires_at, key_version, dek_nonce, wrapped_dek) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?5, NULL, ?6, ?7, ?8, ?9) \
+             disconnected_at, expires_at, key_version, dek_nonce, wrapped_dek, last_validation) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?5, NULL, ?6, ?7, ?8, ?9, ?10) \
          ON CONFLICT (workspace_id, provider) DO UPDATE SET \
              status = excluded.status, params = excluded.params, updated_at = excluded.updated_at, \
              disconnected_at = NULL, expires_at = excluded.expires_at, \
              key_version = excluded.key_version, dek_nonce = excluded.dek_nonce, \
-             wrapped_dek = excluded.wrapped_dek",
+             wrapped_dek = excluded.wrapped_dek, last_validation = excluded.last_validation",
     )?
     .execute(params![
         record.workspace_id,
@@ -351,6 +359,7 @@ fn put_tx(conn: &mut Connection, record: &CredentialRecord) -> rusqlite::Result<
         key.map(|k| k.key_version),
         key.map(|k| k.sealed.nonce.as_slice()),
         key.map(|k| k.sealed.ciphertext.as_slice()),
+        record.last_validation,
     ])?;
     delete_secrets(&tx, &record.workspace_id, &record.provider)?;
     {
@@ -502,6 +511,28 @@ impl Store for SqliteStore {
                     raw.into_record(secrets)
                 })
                 .collect()
+        })
+        .await
+    }
+
+    async fn set_last_validation(
+        &self,
+        workspace_id: &str,
+        provider: &str,
+        data_key: &WrappedDataKey,
+        validation: String,
+    ) -> Result<bool, StoreError> {
+        let (w, p) = (workspace_id.to_owned(), provider.to_owned());
+        let wrapped = data_key.sealed.ciphertext.clone();
+        self.write(move |conn| {
+            let changed = conn
+                .prepare_cached(
+                    "UPDATE credentials SET last_validation = ?1 \
+                     WHERE workspace_id = ?2 AND provider = ?3 AND wrapped_dek = ?4",
+                )?
+                .execute(params![validation, w, p, wrapped])
+                .map_err(classify)?;
+            Ok(changed > 0)
         })
         .await
     }

@@ -7,7 +7,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use credvault::cli::client::connect;
-use credvault::config::{Backend, Config, KeysConfig, Limits, StorageConfig, TlsConfig};
+use credvault::config::{
+    Backend, Config, KeysConfig, Limits, OutboundConfig, ProvidersConfig, StorageConfig, TlsConfig,
+};
 use credvault::dev::certs::{DevCa, IssuedCert, Subject};
 use credvault::proto::credentials_client::CredentialsClient;
 use credvault::proto::{CredentialRef, StoreRequest};
@@ -66,11 +68,22 @@ impl VaultDir {
                 root_key_env: None,
             },
             limits: Limits::default(),
+            // Providers are HTTPS fakes on 127.0.0.1 with certificates from the test CA.
+            outbound: OutboundConfig {
+                extra_ca_file: Some(p.join("ca.pem")),
+                allow_private_addresses: true,
+                ..OutboundConfig::default()
+            },
+            providers: ProvidersConfig::default(),
         }
     }
 
     pub async fn start(&self) -> TestVault {
-        TestVault::start(self.config(), self.ca.cert_pem().to_owned(), &self.app).await
+        self.start_with(self.config()).await
+    }
+
+    pub async fn start_with(&self, config: Config) -> TestVault {
+        TestVault::start(config, self.ca.cert_pem().to_owned(), &self.app).await
     }
 }
 
@@ -160,7 +173,7 @@ pub fn amplitude(workspace: &str, api_key: &str, secret_key: &str) -> StoreReque
         workspace_id: workspace.to_owned(),
         provider: "amplitude".to_owned(),
         secrets: map(&[("api_key", api_key), ("secret_key", secret_key)]),
-        params: map(&[]),
+        ..StoreRequest::default()
     }
 }
 

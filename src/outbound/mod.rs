@@ -1,0 +1,271 @@
+//! Calls to providers: HTTPS to configured hosts only, no redirects, bounded time and body, public addresses only.
+
+mod address;
+
+use std::collections::BTreeMap;
+use std::error::Error as _;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use reqwest::redirect::Policy;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+use tokio::sync::Semaphore;
+use url::Url;
+
+use crate::config::OutboundConfig;
+use crate::providers::validation::{Answer, Probe};
+use crate::providers::Provider;
+pub use address::is_public;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OutboundError {
+    #[error("outbound extra_ca_file {path}: {message}")]
+    Ca { path: PathBuf, message: String },
+    #[error("outbound TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("outbound HTTP client: {0}")]
+    Client(#[from] reqwest::Error),
+}
+
+/// Why no answer came back, in words for a person. Never holds a secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unreachable(pub String);
+
+/// Parses a configured base URL, filling in `{tenant_id}`: an https origin
+/// with no credentials, query or fragment.
+pub fn parse_base_url(template: &str, tenant_id: &str) -> Result<Url, String> {
+    let url = Url::parse(&template.replace("{tenant_id}", tenant_id))
+        .map_err(|e| format!("not a URL ({e})"))?;
+    if url.scheme() != "https" {
+        return Err("must be an https URL".into());
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("must not carry credentials".into());
+    }
+    if url.query().is_some() || url.fragment().is_some() || url.host().is_none() {
+        return Err("must be scheme://host[:port][/path] with no query or fragment".into());
+    }
+    Ok(url)
+}
+
+/// The HTTP client validation calls go through.
+pub struct Outbound {
+    client: reqwest::Client,
+    allow_private: bool,
+    max_body: usize,
+    timeout: Duration,
+    permits: BTreeMap<Provider, Arc<Semaphore>>,
+}
+
+impl std::fmt::Debug for Outbound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbound")
+            .field("allow_private", &self.allow_private)
+            .field("max_body", &self.max_body)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Outbound {
+    pub fn new(config: &OutboundConfig) -> Result<Self, OutboundError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        let native = rustls_native_certs::load_native_certs();
+        roots.add_parsable_certificates(native.certs);
+        if let Some(path) = &config.extra_ca_file {
+            let ca_error = |message: String| OutboundError::Ca {
+                path: path.clone(),
+                message,
+            };
+            let certs = CertificateDer::pem_file_iter(path)
+                .map_err(|e| ca_error(e.to_string()))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| ca_error(e.to_string()))?;
+            if certs.is_empty() {
+                return Err(ca_error("holds no PEM certificate".into()));
+            }
+            for cert in certs {
+                roots.add(cert)?;
+            }
+        }
+        if roots.is_empty() {
+            tracing::warn!("no trusted CA certificates: every provider call will fail TLS");
+        }
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let client = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .https_only(true)
+            .redirect(Policy::none())
+            // An environment proxy would see every provider call.
+            .no_proxy()
+            .connect_timeout(Duration::from_millis(config.connect_timeout_ms))
+            .timeout(Duration::from_millis(config.timeout_ms))
+            .dns_resolver(Arc::new(address::PinnedResolver {
+                allow_private: config.allow_private_addresses,
+            }))
+            .user_agent(concat!("credvault/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        let permits = Provider::ALL
+            .iter()
+            .map(|p| {
+                let n = p.spec().validation.max_concurrent;
+                (*p, Arc::new(Semaphore::new(n)))
+            })
+            .collect();
+        Ok(Self {
+            client,
+            allow_private: config.allow_private_addresses,
+            max_body: config.max_response_bytes,
+            timeout: Duration::from_millis(config.timeout_ms),
+            permits,
+        })
+    }
+
+    /// Sends `probe` as a GET to `base`, waiting for one of the provider's
+    /// concurrency permits first. The probe, and the plaintext in it, is
+    /// dropped as soon as the request is built.
+    pub async fn call(
+        &self,
+        provider: Provider,
+        base: &Url,
+        probe: Probe,
+    ) -> Result<Answer, Unreachable> {
+        let url = format!(
+            "{}{}",
+            base.as_str().trim_end_matches('/'),
+            probe.path_and_query
+        );
+        let url =
+            Url::parse(&url).map_err(|_| Unreachable("the provider URL is malformed".into()))?;
+        self.check_literal_address(&url)?;
+        let mut headers = HeaderMap::new();
+        for h in &probe.headers {
+            let mut value = HeaderValue::from_bytes(h.value.as_bytes()).map_err(|_| {
+                Unreachable(format!(
+                    "a stored value cannot be sent in the `{}` header",
+                    h.name
+                ))
+            })?;
+            value.set_sensitive(h.sensitive);
+            headers.insert(HeaderName::from_static(h.name), value);
+        }
+        drop(probe);
+        let request = self.client.get(url).headers(headers);
+
+        let permits = self.permits.get(&provider).cloned();
+        let _permit = match &permits {
+            Some(semaphore) => Some(
+                semaphore
+                    .acquire()
+                    .await
+                    .map_err(|_| Unreachable("the vault is shutting down".into()))?,
+            ),
+            None => None,
+        };
+        let mut response = request.send().await.map_err(|e| self.describe(&e))?;
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        let mut body = Vec::new();
+        let mut truncated = false;
+        while let Some(chunk) = response.chunk().await.map_err(|e| self.describe(&e))? {
+            if body.len() + chunk.len() > self.max_body {
+                // Stop reading; dropping the response closes the connection.
+                truncated = true;
+                break;
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(Answer {
+            status,
+            retry_after,
+            body,
+            truncated,
+        })
+    }
+
+    /// A host given as an address is checked here; names are checked by the resolver.
+    fn check_literal_address(&self, url: &Url) -> Result<(), Unreachable> {
+        let ip = match url.host() {
+            Some(url::Host::Ipv4(ip)) => IpAddr::V4(ip),
+            Some(url::Host::Ipv6(ip)) => IpAddr::V6(ip),
+            _ => return Ok(()),
+        };
+        if self.allow_private || is_public(ip) {
+            Ok(())
+        } else {
+            Err(Unreachable(
+                address::NonPublicAddress {
+                    host: ip.to_string(),
+                    addr: SocketAddr::new(ip, 0),
+                }
+                .to_string(),
+            ))
+        }
+    }
+
+    fn describe(&self, e: &reqwest::Error) -> Unreachable {
+        if e.is_timeout() {
+            return Unreachable(format!(
+                "no answer within {} ms (network timeout)",
+                self.timeout.as_millis()
+            ));
+        }
+        let mut innermost = String::new();
+        let mut source = e.source();
+        while let Some(s) = source {
+            if let Some(refused) = s.downcast_ref::<address::NonPublicAddress>() {
+                return Unreachable(refused.to_string());
+            }
+            innermost = s.to_string();
+            source = s.source();
+        }
+        let what = if e.is_connect() {
+            "could not connect"
+        } else {
+            "the request failed"
+        };
+        if innermost.is_empty() {
+            Unreachable(what.to_owned())
+        } else {
+            Unreachable(format!("{what}: {innermost}"))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_urls_must_be_plain_https_origins() {
+        assert!(parse_base_url("https://amplitude.com", "t").is_ok());
+        assert_eq!(
+            parse_base_url("https://{tenant_id}.amperity.com", "acme")
+                .unwrap()
+                .host_str(),
+            Some("acme.amperity.com")
+        );
+        for bad in [
+            "http://x.com",
+            "https://u:p@x.com",
+            "https://x.com/?a=1",
+            "https://x.com/#f",
+            "x",
+        ] {
+            assert!(parse_base_url(bad, "t").is_err(), "{bad}");
+        }
+    }
+}
