@@ -15,6 +15,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use tokio::sync::Semaphore;
 use url::Url;
+use zeroize::Zeroizing;
 
 use crate::config::OutboundConfig;
 use crate::providers::validation::{Answer, Probe};
@@ -148,6 +149,21 @@ impl Outbound {
             Url::parse(&url).map_err(|_| Unreachable("the provider URL is malformed".into()))?;
         self.check_literal_address(&url)?;
         let mut headers = HeaderMap::new();
+        // What a hostile or careless provider might echo back: each sensitive
+        // value, and its credential part after an auth scheme.
+        let needles: Vec<Zeroizing<Vec<u8>>> = probe
+            .headers
+            .iter()
+            .filter(|h| h.sensitive)
+            .flat_map(|h| {
+                let whole = h.value.as_bytes();
+                let credential = h.value.split_once(' ').map_or(whole, |(_, c)| c.as_bytes());
+                [
+                    Zeroizing::new(whole.to_vec()),
+                    Zeroizing::new(credential.to_vec()),
+                ]
+            })
+            .collect();
         for h in &probe.headers {
             let mut value = HeaderValue::from_bytes(h.value.as_bytes()).map_err(|_| {
                 Unreachable(format!(
@@ -187,6 +203,9 @@ impl Outbound {
                 break;
             }
             body.extend_from_slice(&chunk);
+        }
+        for needle in &needles {
+            redact_bytes(&mut body, needle);
         }
         Ok(Answer {
             status,
@@ -245,9 +264,33 @@ impl Outbound {
     }
 }
 
+/// Replaces every occurrence of `needle` in `haystack` with `[redacted]`.
+fn redact_bytes(haystack: &mut Vec<u8>, needle: &[u8]) {
+    const MASK: &[u8] = b"[redacted]";
+    if needle.len() < 6 {
+        return;
+    }
+    let mut i = 0;
+    while i + needle.len() <= haystack.len() {
+        if &haystack[i..i + needle.len()] == needle {
+            haystack.splice(i..i + needle.len(), MASK.iter().copied());
+            i += MASK.len();
+        } else {
+            i += 1;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redacts_every_occurrence() {
+        let mut body = b"a TOKEN123 b TOKEN123".to_vec();
+        redact_bytes(&mut body, b"TOKEN123");
+        assert_eq!(body, b"a [redacted] b [redacted]");
+    }
 
     #[test]
     fn base_urls_must_be_plain_https_origins() {

@@ -3,6 +3,8 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
+pub mod fake;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 

@@ -1,0 +1,182 @@
+//! HTTPS fakes of the providers on 127.0.0.1: record every request, answer as the test says.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use credvault::dev::certs::{DevCa, Subject};
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+/// One request as the fake received it.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: String,
+    pub path_and_query: String,
+    /// Lower-case names.
+    pub headers: HashMap<String, String>,
+}
+
+/// What the fake answers.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Bytes,
+    pub delay: Duration,
+}
+
+impl Reply {
+    pub fn json(status: u16, body: &str) -> Self {
+        Self {
+            status,
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: Bytes::copy_from_slice(body.as_bytes()),
+            delay: Duration::ZERO,
+        }
+    }
+
+    pub fn header(mut self, name: &str, value: &str) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    pub fn after(mut self, delay: Duration) -> Self {
+        self.delay = delay;
+        self
+    }
+}
+
+type Handler = dyn Fn(&Recorded) -> Reply + Send + Sync;
+
+/// A provider fake serving HTTPS with a certificate from the test CA.
+pub struct FakeProvider {
+    pub addr: SocketAddr,
+    requests: Arc<Mutex<Vec<Recorded>>>,
+    handler: Arc<Mutex<Arc<Handler>>>,
+    max_in_flight: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FakeProvider {
+    pub async fn start(
+        ca: &DevCa,
+        reply: impl Fn(&Recorded) -> Reply + Send + Sync + 'static,
+    ) -> Self {
+        let cert = ca
+            .issue(
+                "fake provider",
+                Subject::Server(&["127.0.0.1", "localhost"]),
+            )
+            .unwrap();
+        let chain = vec![CertificateDer::from_pem_slice(cert.cert_pem.as_bytes()).unwrap()];
+        let key = PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let handler: Arc<Mutex<Arc<Handler>>> = Arc::new(Mutex::new(Arc::new(reply)));
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let max_in_flight = Arc::new(AtomicUsize::new(0));
+        let (r, h, n, m) = (
+            requests.clone(),
+            handler.clone(),
+            in_flight.clone(),
+            max_in_flight.clone(),
+        );
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (acceptor, r, h, n, m) =
+                    (acceptor.clone(), r.clone(), h.clone(), n.clone(), m.clone());
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                        let (r, h, n, m) = (r.clone(), h.clone(), n.clone(), m.clone());
+                        async move {
+                            let recorded = Recorded {
+                                method: req.method().to_string(),
+                                path_and_query: req
+                                    .uri()
+                                    .path_and_query()
+                                    .map(ToString::to_string)
+                                    .unwrap_or_default(),
+                                headers: req
+                                    .headers()
+                                    .iter()
+                                    .map(|(k, v)| {
+                                        (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned())
+                                    })
+                                    .collect(),
+                            };
+                            r.lock().unwrap().push(recorded.clone());
+                            let now = n.fetch_add(1, Ordering::SeqCst) + 1;
+                            m.fetch_max(now, Ordering::SeqCst);
+                            let handler = h.lock().unwrap().clone();
+                            let reply = handler(&recorded);
+                            tokio::time::sleep(reply.delay).await;
+                            n.fetch_sub(1, Ordering::SeqCst);
+                            let mut response = hyper::Response::builder().status(reply.status);
+                            for (k, v) in &reply.headers {
+                                response = response.header(k, v);
+                            }
+                            Ok::<_, Infallible>(response.body(Full::new(reply.body)).unwrap())
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tls), service)
+                        .await;
+                });
+            }
+        });
+        Self {
+            addr,
+            requests,
+            handler,
+            max_in_flight,
+            task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.addr.port())
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.requests.lock().unwrap().clone()
+    }
+
+    pub fn set_reply(&self, reply: impl Fn(&Recorded) -> Reply + Send + Sync + 'static) {
+        *self.handler.lock().unwrap() = Arc::new(reply);
+    }
+
+    /// The most requests this fake was answering at one time.
+    pub fn max_in_flight(&self) -> usize {
+        self.max_in_flight.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for FakeProvider {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
