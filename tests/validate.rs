@@ -54,7 +54,7 @@ fn capture_logs() -> Arc<Mutex<Vec<u8>>> {
 /// A vault whose providers all point at fakes: `us` and `eu` for the regional
 /// providers, `app` for Amperity.
 struct World {
-    _dir: VaultDir,
+    dir: VaultDir,
     vault: TestVault,
     us: FakeProvider,
     eu: FakeProvider,
@@ -94,7 +94,7 @@ async fn world_with(
     tweak(&mut config);
     let vault = dir.start_with(config).await;
     World {
-        _dir: dir,
+        dir,
         vault,
         us,
         eu,
@@ -670,4 +670,43 @@ async fn canary_secrets_appear_in_no_log_line_response_or_error() {
             assert!(!log.contains(&piece), "{piece} in the logs");
         }
     }
+}
+
+#[tokio::test]
+async fn cli_validate_explains_the_verdict_in_words() {
+    let w = world(|_| Reply::json(401, "{}")).await;
+    w.eu.set_reply(|_| Reply::json(200, OK_EVENTS));
+    w.store(amplitude("ws", API_KEY, SECRET)).await.unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let path = files.path().join(name);
+        common::write_private(&path, text.as_bytes());
+        path
+    };
+    let ca = write("ca.pem", &w.vault.ca_pem);
+    let cert = write("app.pem", &w.dir.app.cert_pem);
+    let key = write("app-key.pem", &w.dir.app.key_pem);
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_credvault"))
+        .args([
+            "validate",
+            "--workspace",
+            "ws",
+            "--provider",
+            "amplitude",
+            "--addr",
+            &w.vault.url(),
+        ])
+        .arg("--ca")
+        .arg(&ca)
+        .arg("--cert")
+        .arg(&cert)
+        .arg("--key")
+        .arg(&key)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "only VALID exits 0");
+    assert!(stdout.contains("WRONG_REGION (HTTP 401)"), "{stdout}");
+    assert!(stdout.contains("--param region=eu"), "{stdout}");
 }
