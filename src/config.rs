@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::policy::{Policy, Rule};
 use crate::providers::Provider;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
@@ -26,6 +27,12 @@ pub struct Config {
     pub outbound: OutboundConfig,
     #[serde(default)]
     pub providers: ProvidersConfig,
+    /// Who may call what; no rule, no call.
+    #[serde(default, rename = "policy")]
+    pub policy: Vec<Rule>,
+    /// The file this was loaded from, re-read on SIGHUP.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 /// How the vault calls providers (ValidateConnection).
@@ -222,12 +229,14 @@ impl Config {
         config
             .providers
             .check()
+            .and_then(|()| Policy::compile(&config.policy).map(drop))
             .map_err(|message| ConfigError::Parse {
                 path: path.to_owned(),
                 message,
             })?;
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve_relative_to(base);
+        config.source = Some(path.to_owned());
         Ok(config)
     }
 

@@ -20,6 +20,7 @@ pub mod domain;
 pub mod edge;
 mod hardening;
 pub mod outbound;
+pub mod policy;
 pub mod providers;
 pub mod server;
 pub mod store;

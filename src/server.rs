@@ -1,6 +1,7 @@
 //! Start-up and shutdown: load keys and TLS material, open storage, serve until told to stop.
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,6 +12,7 @@ use crate::crypto::{RootKey, RootKeyError};
 use crate::domain::{Vault, VaultError};
 use crate::edge::{self, tls::TlsError};
 use crate::outbound::{Outbound, OutboundError};
+use crate::policy::{Policy, SharedPolicy};
 use crate::store::{SqliteStore, Store, StoreError};
 
 /// Why the vault did not start, or stopped with an error.
@@ -29,6 +31,8 @@ pub enum ServeError {
     Keyring(#[from] VaultError),
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("policy: {0}")]
+    Policy(String),
     #[error("in-flight calls did not finish within {0:?} of shutdown")]
     ShutdownTimeout(Duration),
 }
@@ -56,6 +60,13 @@ pub async fn run(
             )
         }
     };
+    let policy = SharedPolicy::new(Policy::compile(&config.policy).map_err(ServeError::Policy)?);
+    if policy.current().is_empty() {
+        tracing::warn!("the configuration has no [[policy]] rules: every call will be denied");
+    }
+    if let Some(path) = config.source.clone() {
+        watch_sighup(path, policy.clone());
+    }
     let outbound = Outbound::new(&config.outbound)?;
     let vault = Arc::new(Vault::open(store, &root, outbound, &config.providers).await?);
     drop(root);
@@ -66,7 +77,7 @@ pub async fn run(
     );
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let serve = edge::serve(vault, listener, tls, &config.limits, async {
+    let serve = edge::serve(vault, policy, listener, tls, &config.limits, async {
         let _ = stop_rx.await;
     });
     tokio::pin!(serve);
@@ -81,4 +92,31 @@ pub async fn run(
         Ok(result) => Ok(result?),
         Err(_) => Err(ServeError::ShutdownTimeout(grace)),
     }
+}
+
+/// Re-reads the policy from the configuration file on every SIGHUP. A file
+/// that does not load keeps the policy in force, and the log says why.
+fn watch_sighup(path: PathBuf, policy: SharedPolicy) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGHUP: the policy will not reload");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            let loaded = Config::load(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|c| Policy::compile(&c.policy).map(|p| (p, c.policy.len())));
+            match loaded {
+                Ok((new, rules)) => {
+                    policy.replace(new);
+                    tracing::info!(rules, "SIGHUP: policy reloaded");
+                }
+                Err(why) => tracing::warn!(%why, "SIGHUP: policy not reloaded; the old one stays"),
+            }
+        }
+    });
 }

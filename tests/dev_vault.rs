@@ -87,6 +87,23 @@ impl Server {
         )
     }
 
+    fn signal(&self, signal: rustix::process::Signal) {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).unwrap();
+        rustix::process::kill_process(pid, signal).unwrap();
+    }
+
+    /// Waits until the log holds `text` `count` times.
+    fn wait_for_log(&self, text: &str, count: usize) {
+        for _ in 0..200 {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            if log.matches(text).count() >= count {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("the log never said {text:?} {count} times");
+    }
+
     /// SIGTERM, and the exit status must be 0.
     fn terminate(mut self) {
         let pid = rustix::process::Pid::from_raw(self.child.id() as i32).unwrap();
@@ -246,4 +263,45 @@ fn certs_init_writes_the_development_certificates() {
         .output()
         .unwrap();
     assert!(!again.status.success(), "refuses to overwrite");
+}
+
+#[test]
+fn sighup_reloads_the_policy_and_a_broken_file_keeps_the_old_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("vault");
+    let server = start(&data, &tmp.path().join("serve.log"));
+    let config = data.join("credvault.toml");
+    let original = std::fs::read_to_string(&config).unwrap();
+    let list = ["list", "--workspace", "acme"];
+    assert!(server.client(&data, &list, "").0, "app may list");
+
+    // Hand the app identity's rule to another identity.
+    let without_app = original.replace(
+        "identity = \"spiffe://credvault.local/app\"",
+        "identity = \"spiffe://credvault.local/someone-else\"",
+    );
+    assert_ne!(without_app, original);
+    std::fs::write(&config, &without_app).unwrap();
+    server.signal(rustix::process::Signal::HUP);
+    server.wait_for_log("SIGHUP: policy reloaded", 1);
+    let (ok, _, err) = server.client(&data, &list, "");
+    assert!(!ok && err.contains("PermissionDenied"), "{err}");
+    assert!(
+        err.contains("identity `spiffe://credvault.local/app` may not call `List`"),
+        "{err}"
+    );
+
+    std::fs::write(&config, "[[policy]\nthis is not toml").unwrap();
+    server.signal(rustix::process::Signal::HUP);
+    server.wait_for_log("policy not reloaded", 1);
+    assert!(
+        !server.client(&data, &list, "").0,
+        "the policy in force stays"
+    );
+
+    std::fs::write(&config, &original).unwrap();
+    server.signal(rustix::process::Signal::HUP);
+    server.wait_for_log("SIGHUP: policy reloaded", 2);
+    assert!(server.client(&data, &list, "").0, "app may list again");
+    server.terminate();
 }

@@ -74,17 +74,6 @@ async fn rejects_client_certificate_with_several_uri_sans() {
 }
 
 #[tokio::test]
-async fn accepts_client_named_by_dns_san() {
-    let dir = VaultDir::new();
-    let vault = dir.start().await;
-    let service = dir
-        .ca
-        .issue("svc", Subject::ClientDns("svc.internal"))
-        .unwrap();
-    assert!(gets_through(&vault, Some((&service.cert_pem, &service.key_pem))).await);
-}
-
-#[tokio::test]
 async fn refuses_to_start_with_a_world_readable_server_key() {
     use std::os::unix::fs::PermissionsExt;
     let dir = VaultDir::new();

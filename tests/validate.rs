@@ -93,12 +93,7 @@ async fn world_with(
     }
     tweak(&mut config);
     let vault = dir.start_with(config).await;
-    World {
-        dir,
-        vault,
-        us,
-        eu,
-    }
+    World { dir, vault, us, eu }
 }
 
 impl World {

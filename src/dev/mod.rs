@@ -102,6 +102,8 @@ fn dev_config() -> Config {
         limits: Limits::default(),
         outbound: OutboundConfig::default(),
         providers: ProvidersConfig::default().with_defaults(),
+        policy: crate::policy::dev_rules(),
+        source: None,
     }
 }
 

@@ -3,13 +3,10 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Instant;
 
-use tonic::{Code, Request, Response, Status};
-use tracing::Instrument;
+use tonic::{Request, Response, Status};
 
-use super::status::to_status;
-use super::tls::PeerInfo;
+use super::gate::{Gate, Scope};
 use crate::domain::{self, CredentialRef, NewCredential, Vault, VaultError, WorkspaceId};
 use crate::proto;
 use crate::providers::validation::{Validation, Verdict};
@@ -17,39 +14,27 @@ use crate::providers::{FieldSpec, Provider};
 
 pub struct CredentialsService {
     vault: Arc<Vault>,
+    gate: Gate,
 }
 
 impl CredentialsService {
-    pub fn new(vault: Arc<Vault>) -> Self {
-        Self { vault }
+    pub fn new(vault: Arc<Vault>, gate: Gate) -> Self {
+        Self { vault, gate }
     }
-}
 
-/// Runs one call inside a span naming the method and the caller, and logs
-/// one line with its outcome and latency.
-async fn call<T, R, F, Fut>(
-    method: &'static str,
-    req: Request<T>,
-    f: F,
-) -> Result<Response<R>, Status>
-where
-    F: FnOnce(T) -> Fut,
-    Fut: Future<Output = Result<R, VaultError>>,
-{
-    let Some(peer) = req.extensions().get::<PeerInfo>().cloned() else {
-        // Every connection passes through `tls::incoming`, which attaches it.
-        return Err(Status::unauthenticated("no client identity"));
-    };
-    let span = tracing::info_span!("rpc", method, identity = %peer.identity);
-    async move {
-        let started = Instant::now();
-        let result = f(req.into_inner()).await.map_err(to_status);
-        let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
-        tracing::info!(code = ?code, micros = started.elapsed().as_micros() as u64, "call");
-        result.map(Response::new)
+    async fn call<T, R, F, Fut>(
+        &self,
+        method: &'static str,
+        req: Request<T>,
+        f: F,
+    ) -> Result<Response<R>, Status>
+    where
+        T: Scope,
+        F: FnOnce(T) -> Fut,
+        Fut: Future<Output = Result<R, VaultError>>,
+    {
+        self.gate.call("Credentials", method, req, f).await
     }
-    .instrument(span)
-    .await
 }
 
 #[tonic::async_trait]
@@ -58,7 +43,7 @@ impl proto::credentials_server::Credentials for CredentialsService {
         &self,
         req: Request<proto::StoreRequest>,
     ) -> Result<Response<proto::Credential>, Status> {
-        call("Store", req, |r| async move {
+        self.call("Store", req, |r| async move {
             let new = NewCredential::parse(&r.workspace_id, &r.provider, r.secrets, r.params)?;
             self.vault.store(new, r.validate).await.map(encode)
         })
@@ -69,7 +54,7 @@ impl proto::credentials_server::Credentials for CredentialsService {
         &self,
         req: Request<proto::CredentialRef>,
     ) -> Result<Response<proto::Credential>, Status> {
-        call("Redact", req, |r| async move {
+        self.call("Redact", req, |r| async move {
             let target = CredentialRef::parse(&r.workspace_id, &r.provider)?;
             self.vault.redact(&target).await.map(encode)
         })
@@ -80,7 +65,7 @@ impl proto::credentials_server::Credentials for CredentialsService {
         &self,
         req: Request<proto::CredentialRef>,
     ) -> Result<Response<proto::Credential>, Status> {
-        call("Zero", req, |r| async move {
+        self.call("Zero", req, |r| async move {
             let target = CredentialRef::parse(&r.workspace_id, &r.provider)?;
             self.vault.zero(&target).await.map(encode)
         })
@@ -91,7 +76,7 @@ impl proto::credentials_server::Credentials for CredentialsService {
         &self,
         req: Request<proto::ListRequest>,
     ) -> Result<Response<proto::ListResponse>, Status> {
-        call("List", req, |r| async move {
+        self.call("List", req, |r| async move {
             let workspace = WorkspaceId::parse(&r.workspace_id)?;
             let credentials = self.vault.list(&workspace).await?;
             Ok(proto::ListResponse {
@@ -105,7 +90,7 @@ impl proto::credentials_server::Credentials for CredentialsService {
         &self,
         req: Request<proto::CredentialRef>,
     ) -> Result<Response<proto::Validation>, Status> {
-        call("ValidateConnection", req, |r| async move {
+        self.call("ValidateConnection", req, |r| async move {
             let target = CredentialRef::parse(&r.workspace_id, &r.provider)?;
             let v = self.vault.validate(&target).await?;
             tracing::info!(
@@ -122,7 +107,7 @@ impl proto::credentials_server::Credentials for CredentialsService {
         &self,
         req: Request<proto::ListProvidersRequest>,
     ) -> Result<Response<proto::ListProvidersResponse>, Status> {
-        call("ListProviders", req, |_| async {
+        self.call("ListProviders", req, |_| async {
             Ok(proto::ListProvidersResponse {
                 providers: Provider::ALL.iter().map(|p| describe(*p)).collect(),
             })

@@ -1,6 +1,7 @@
 //! The gRPC edge: mutual TLS in, requests decoded and handed to the domain, answers encoded.
 
 mod credentials;
+mod gate;
 mod status;
 pub mod tls;
 
@@ -12,19 +13,22 @@ use tokio::net::TcpListener;
 
 use crate::config::Limits;
 use crate::domain::Vault;
+use crate::policy::SharedPolicy;
 use crate::proto::credentials_server::CredentialsServer;
 use credentials::CredentialsService;
+use gate::Gate;
 
 /// Serves the vault's gRPC services on `listener` until `shutdown` resolves,
 /// then lets in-flight calls finish.
 pub async fn serve(
     vault: Arc<Vault>,
+    policy: SharedPolicy,
     listener: TcpListener,
     tls: rustls::ServerConfig,
     limits: &Limits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
-    let credentials = CredentialsServer::new(CredentialsService::new(vault))
+    let credentials = CredentialsServer::new(CredentialsService::new(vault, Gate::new(policy)))
         .max_decoding_message_size(limits.max_message_bytes)
         .max_encoding_message_size(limits.max_message_bytes);
     let incoming = tls::incoming(

@@ -77,6 +77,8 @@ impl VaultDir {
                 ..OutboundConfig::default()
             },
             providers: ProvidersConfig::default(),
+            policy: credvault::policy::dev_rules(),
+            source: None,
         }
     }
 

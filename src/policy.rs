@@ -1,0 +1,341 @@
+//! Who may call what: the configuration's `[[policy]]` rules. Anything no rule allows is denied.
+
+use std::sync::{Arc, RwLock};
+
+use serde::{Deserialize, Serialize};
+use wildmatch::WildMatch;
+
+/// Every method a rule may name, by service.
+pub const METHODS: &[(&str, &[&str])] = &[
+    (
+        "Credentials",
+        &[
+            "Store",
+            "Redact",
+            "Zero",
+            "List",
+            "ListProviders",
+            "ValidateConnection",
+        ],
+    ),
+    ("KeyAdmin", &["Rotate", "Status", "Retire"]),
+    ("Audit", &["Subscribe", "Head"]),
+];
+
+/// One `[[policy]]` table as written in the configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    /// A client identity, exactly, or a prefix ending in `/*`.
+    pub identity: String,
+    /// `Store` (a Credentials method), `Service.Method`, or `Service.*`.
+    pub allow: Vec<String>,
+    /// Provider names, or `*` (the default) for all.
+    #[serde(default = "everything")]
+    pub providers: Vec<String>,
+    /// Workspace id globs (`*`, `?`); `*` (the default) for all.
+    #[serde(default = "everything")]
+    pub workspaces: Vec<String>,
+}
+
+fn everything() -> Vec<String> {
+    vec!["*".to_owned()]
+}
+
+/// What a call is about, as far as the policy cares.
+#[derive(Debug, Clone, Copy)]
+pub struct Call<'a> {
+    pub service: &'a str,
+    pub method: &'a str,
+    /// For calls on a workspace.
+    pub workspace: Option<&'a str>,
+    /// For calls on one provider's connection.
+    pub provider: Option<&'a str>,
+}
+
+/// Rules compiled for matching.
+#[derive(Debug, Default)]
+pub struct Policy {
+    rules: Vec<Compiled>,
+}
+
+#[derive(Debug)]
+struct Compiled {
+    identity: String,
+    identity_is_prefix: bool,
+    /// (service, method); method `None` for `Service.*`.
+    methods: Vec<(String, Option<String>)>,
+    /// `None` for all providers.
+    providers: Option<Vec<String>>,
+    workspaces: Vec<WildMatch>,
+}
+
+impl Policy {
+    /// Checks every rule: identities non-empty, methods that exist.
+    pub fn compile(rules: &[Rule]) -> Result<Self, String> {
+        let rules = rules
+            .iter()
+            .enumerate()
+            .map(|(i, rule)| compile_rule(rule).map_err(|e| format!("policy rule {}: {e}", i + 1)))
+            .collect::<Result<_, _>>()?;
+        Ok(Self { rules })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// Whether any rule lets `identity` make `call`.
+    pub fn allows(&self, identity: &str, call: &Call<'_>) -> bool {
+        self.rules.iter().any(|rule| {
+            let identity_ok = if rule.identity_is_prefix {
+                identity.starts_with(&rule.identity)
+            } else {
+                identity == rule.identity
+            };
+            let method_ok = rule.methods.iter().any(|(service, method)| {
+                service == call.service && method.as_deref().is_none_or(|m| m == call.method)
+            });
+            let provider_ok = match (&rule.providers, call.provider) {
+                (None, _) | (Some(_), None) => true,
+                (Some(list), Some(p)) => list.iter().any(|x| x == p),
+            };
+            let workspace_ok = call
+                .workspace
+                .is_none_or(|w| rule.workspaces.iter().any(|g| g.matches(w)));
+            identity_ok && method_ok && provider_ok && workspace_ok
+        })
+    }
+}
+
+fn compile_rule(rule: &Rule) -> Result<Compiled, String> {
+    let (identity, identity_is_prefix) = match rule.identity.strip_suffix('*') {
+        Some(prefix) if prefix.ends_with('/') => (prefix.to_owned(), true),
+        Some(_) => return Err("`identity` may end in `/*` only".into()),
+        None => (rule.identity.clone(), false),
+    };
+    if identity.is_empty() || identity.contains('*') {
+        return Err("`identity` must name an identity, or a prefix ending in `/*`".into());
+    }
+    let methods = rule
+        .allow
+        .iter()
+        .map(|entry| parse_method(entry))
+        .collect::<Result<Vec<_>, _>>()?;
+    if methods.is_empty() {
+        return Err("`allow` is empty".into());
+    }
+    let providers = if rule.providers.iter().any(|p| p == "*") {
+        None
+    } else {
+        for p in &rule.providers {
+            if crate::providers::Provider::parse(p).is_none() {
+                return Err(format!("unknown provider `{p}`"));
+            }
+        }
+        Some(rule.providers.clone())
+    };
+    Ok(Compiled {
+        identity,
+        identity_is_prefix,
+        methods,
+        providers,
+        workspaces: rule.workspaces.iter().map(|g| WildMatch::new(g)).collect(),
+    })
+}
+
+fn parse_method(entry: &str) -> Result<(String, Option<String>), String> {
+    let (service, method) = entry.split_once('.').unwrap_or(("Credentials", entry));
+    let Some((_, methods)) = METHODS.iter().find(|(s, _)| *s == service) else {
+        return Err(format!("unknown service in `{entry}`"));
+    };
+    if method == "*" {
+        return Ok((service.to_owned(), None));
+    }
+    if !methods.contains(&method) {
+        return Err(format!("unknown method `{entry}`"));
+    }
+    Ok((service.to_owned(), Some(method.to_owned())))
+}
+
+/// The policy in force, replaceable while serving (SIGHUP).
+#[derive(Debug, Clone, Default)]
+pub struct SharedPolicy(Arc<RwLock<Arc<Policy>>>);
+
+impl SharedPolicy {
+    pub fn new(policy: Policy) -> Self {
+        Self(Arc::new(RwLock::new(Arc::new(policy))))
+    }
+
+    pub fn current(&self) -> Arc<Policy> {
+        // A writer never panics while holding the lock; a poisoned one still holds a whole policy.
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn replace(&self, policy: Policy) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(policy);
+    }
+}
+
+/// The policy `--dev` writes: the three development identities, each with its role.
+pub fn dev_rules() -> Vec<Rule> {
+    let rule = |who: &str, allow: &[&str]| Rule {
+        identity: format!("spiffe://credvault.local/{who}"),
+        allow: allow.iter().map(|s| (*s).to_owned()).collect(),
+        providers: everything(),
+        workspaces: everything(),
+    };
+    vec![
+        rule(
+            "app",
+            &[
+                "Store",
+                "Redact",
+                "Zero",
+                "List",
+                "ListProviders",
+                "ValidateConnection",
+            ],
+        ),
+        rule("admin", &["KeyAdmin.*"]),
+        rule("auditor", &["Audit.*"]),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call<'a>(
+        service: &'a str,
+        method: &'a str,
+        ws: Option<&'a str>,
+        p: Option<&'a str>,
+    ) -> Call<'a> {
+        Call {
+            service,
+            method,
+            workspace: ws,
+            provider: p,
+        }
+    }
+
+    const APP: &str = "spiffe://credvault.local/app";
+
+    #[test]
+    fn dev_roles_get_exactly_their_methods() {
+        let policy = Policy::compile(&dev_rules()).unwrap();
+        for (service, methods) in METHODS {
+            for method in *methods {
+                let c = call(service, method, Some("ws"), Some("amplitude"));
+                assert_eq!(
+                    policy.allows(APP, &c),
+                    *service == "Credentials",
+                    "app {service}.{method}"
+                );
+                assert_eq!(
+                    policy.allows("spiffe://credvault.local/admin", &c),
+                    *service == "KeyAdmin"
+                );
+                assert_eq!(
+                    policy.allows("spiffe://credvault.local/auditor", &c),
+                    *service == "Audit"
+                );
+                assert!(!policy.allows("spiffe://credvault.local/other", &c));
+            }
+        }
+    }
+
+    #[test]
+    fn identity_prefix_and_scopes() {
+        let policy = Policy::compile(&[Rule {
+            identity: "spiffe://corp/team-a/*".into(),
+            allow: vec!["Redact".into(), "Credentials.List".into()],
+            providers: vec!["posthog".into()],
+            workspaces: vec!["team-a-*".into()],
+        }])
+        .unwrap();
+        let who = "spiffe://corp/team-a/billing";
+        assert!(policy.allows(
+            who,
+            &call("Credentials", "Redact", Some("team-a-1"), Some("posthog"))
+        ));
+        assert!(policy.allows(who, &call("Credentials", "List", Some("team-a-1"), None)));
+        assert!(!policy.allows(
+            who,
+            &call("Credentials", "Redact", Some("team-b-1"), Some("posthog"))
+        ));
+        assert!(!policy.allows(
+            who,
+            &call("Credentials", "Redact", Some("team-a-1"), Some("amplitude"))
+        ));
+        assert!(!policy.allows(
+            who,
+            &call("Credentials", "Store", Some("team-a-1"), Some("posthog"))
+        ));
+        assert!(!policy.allows(
+            "spiffe://corp/team-a",
+            &call("Credentials", "Redact", Some("team-a-1"), Some("posthog"))
+        ));
+        assert!(!policy.allows(
+            "spiffe://corp/team-ab/x",
+            &call("Credentials", "Redact", Some("team-a-1"), Some("posthog"))
+        ));
+    }
+
+    #[test]
+    fn empty_policy_denies_everything() {
+        let policy = Policy::compile(&[]).unwrap();
+        assert!(!policy.allows(APP, &call("Credentials", "ListProviders", None, None)));
+    }
+
+    #[test]
+    fn refuses_rules_that_name_nothing_real() {
+        let base = Rule {
+            identity: APP.into(),
+            allow: vec!["Store".into()],
+            providers: everything(),
+            workspaces: everything(),
+        };
+        for (rule, expected) in [
+            (
+                Rule {
+                    allow: vec!["Stroe".into()],
+                    ..base.clone()
+                },
+                "unknown method `Stroe`",
+            ),
+            (
+                Rule {
+                    allow: vec!["Keys.*".into()],
+                    ..base.clone()
+                },
+                "unknown service",
+            ),
+            (
+                Rule {
+                    allow: vec![],
+                    ..base.clone()
+                },
+                "`allow` is empty",
+            ),
+            (
+                Rule {
+                    identity: "spiffe://x*".into(),
+                    ..base.clone()
+                },
+                "`/*`",
+            ),
+            (
+                Rule {
+                    providers: vec!["salesforce".into()],
+                    ..base.clone()
+                },
+                "unknown provider",
+            ),
+        ] {
+            let err = Policy::compile(&[rule]).unwrap_err();
+            assert!(err.contains(expected), "{err}");
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! Authorization: each identity may call exactly what the policy allows; anything else is
+//! PERMISSION_DENIED naming the identity and the method, whether or not the target exists.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+mod common;
+
+use common::{amplitude, reference, VaultDir};
+use credvault::dev::certs::Subject;
+use credvault::policy::Rule;
+use credvault::proto::credentials_client::CredentialsClient;
+use credvault::proto::{ListProvidersRequest, ListRequest};
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+const SECRET: &str = "Vq8rKw2Lx7Mz4Nc9Pb3Td6Yf1Gh5Js0U";
+
+/// Calls every Credentials method once; returns the codes in a fixed order.
+async fn codes(c: &mut CredentialsClient<Channel>, workspace: &str) -> Vec<Code> {
+    let code = |r: Result<(), Status>| r.err().map_or(Code::Ok, |s| s.code());
+    vec![
+        code(
+            c.store(amplitude(workspace, SECRET, SECRET))
+                .await
+                .map(drop),
+        ),
+        code(c.redact(reference(workspace, "amplitude")).await.map(drop)),
+        code(
+            c.list(ListRequest {
+                workspace_id: workspace.into(),
+            })
+            .await
+            .map(drop),
+        ),
+        code(c.list_providers(ListProvidersRequest {}).await.map(drop)),
+        code(c.zero(reference(workspace, "amplitude")).await.map(drop)),
+    ]
+}
+
+#[tokio::test]
+async fn each_dev_role_gets_exactly_its_methods() {
+    let dir = VaultDir::new();
+    let vault = dir.start().await;
+    let mut app = vault.client().await;
+    assert!(codes(&mut app, "ws").await.iter().all(|c| *c == Code::Ok));
+    for role in ["admin", "auditor"] {
+        let cert = dir
+            .ca
+            .issue(
+                role,
+                Subject::ClientUris(&[&format!("spiffe://credvault.local/{role}")]),
+            )
+            .unwrap();
+        let mut c = vault
+            .client_as(&cert.cert_pem, &cert.key_pem)
+            .await
+            .unwrap();
+        let got = codes(&mut c, "ws").await;
+        assert!(
+            got.iter().all(|c| *c == Code::PermissionDenied),
+            "{role}: {got:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn identity_without_policy_is_denied_without_learning_whether_the_target_exists() {
+    let dir = VaultDir::new();
+    let vault = dir.start().await;
+    vault
+        .client()
+        .await
+        .store(amplitude("ws", SECRET, SECRET))
+        .await
+        .unwrap();
+    let who = "spiffe://credvault.local/stranger";
+    let cert = dir
+        .ca
+        .issue("stranger", Subject::ClientUris(&[who]))
+        .unwrap();
+    let mut c = vault
+        .client_as(&cert.cert_pem, &cert.key_pem)
+        .await
+        .unwrap();
+    let existing = c.redact(reference("ws", "amplitude")).await.unwrap_err();
+    let missing = c.redact(reference("nope", "posthog")).await.unwrap_err();
+    assert_eq!(existing.code(), Code::PermissionDenied);
+    assert_eq!(
+        existing.message(),
+        format!("identity `{who}` may not call `Redact`")
+    );
+    assert_eq!(missing.code(), existing.code());
+    assert_eq!(
+        missing.message(),
+        format!("identity `{who}` may not call `Redact`")
+    );
+    let garbage = c.redact(reference("", "")).await.unwrap_err();
+    assert_eq!(
+        garbage.code(),
+        Code::PermissionDenied,
+        "denied before the input is even parsed"
+    );
+}
+
+#[tokio::test]
+async fn rules_scope_identities_to_workspaces_and_providers() {
+    let dir = VaultDir::new();
+    let mut config = dir.config();
+    config.policy.push(Rule {
+        identity: "spiffe://corp/team-a/*".into(),
+        allow: vec!["Store".into(), "Redact".into()],
+        providers: vec!["amplitude".into()],
+        workspaces: vec!["team-a-*".into()],
+    });
+    let vault = dir.start_with(config).await;
+    let cert = dir
+        .ca
+        .issue(
+            "billing",
+            Subject::ClientUris(&["spiffe://corp/team-a/billing"]),
+        )
+        .unwrap();
+    let mut c = vault
+        .client_as(&cert.cert_pem, &cert.key_pem)
+        .await
+        .unwrap();
+    c.store(amplitude("team-a-1", SECRET, SECRET))
+        .await
+        .unwrap();
+    c.redact(reference("team-a-1", "amplitude")).await.unwrap();
+    let denied = [
+        c.store(amplitude("team-b-1", SECRET, SECRET))
+            .await
+            .unwrap_err(),
+        c.redact(reference("team-a-1", "posthog"))
+            .await
+            .unwrap_err(),
+        c.zero(reference("team-a-1", "amplitude"))
+            .await
+            .unwrap_err(),
+    ];
+    for status in denied {
+        assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    }
+}
+
+#[tokio::test]
+async fn client_named_by_dns_san_is_authorized_by_that_name() {
+    let dir = VaultDir::new();
+    let mut config = dir.config();
+    config.policy.push(Rule {
+        identity: "svc.internal".into(),
+        allow: vec!["ListProviders".into()],
+        providers: vec!["*".into()],
+        workspaces: vec!["*".into()],
+    });
+    let vault = dir.start_with(config).await;
+    let cert = dir
+        .ca
+        .issue("cn-ignored", Subject::ClientDns("svc.internal"))
+        .unwrap();
+    let mut c = vault
+        .client_as(&cert.cert_pem, &cert.key_pem)
+        .await
+        .unwrap();
+    c.list_providers(ListProvidersRequest {}).await.unwrap();
+    let denied = c
+        .list(ListRequest {
+            workspace_id: "ws".into(),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        denied.message().contains("`svc.internal`"),
+        "{}",
+        denied.message()
+    );
+}
