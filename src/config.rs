@@ -27,6 +27,8 @@ pub struct Config {
     pub outbound: OutboundConfig,
     #[serde(default)]
     pub providers: ProvidersConfig,
+    #[serde(default)]
+    pub audit: AuditConfig,
     /// Who may call what; no rule, no call.
     #[serde(default, rename = "policy")]
     pub policy: Vec<Rule>,
@@ -59,6 +61,30 @@ impl Default for OutboundConfig {
             extra_ca_file: None,
             allow_private_addresses: false,
             max_response_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// The audit log's signed checkpoints.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// Sign the head at least every this many events...
+    pub checkpoint_every: u64,
+    /// ...and at least this often while events arrive.
+    pub checkpoint_interval_ms: u64,
+    /// Where the vault writes its audit public key (hex) at start-up, for
+    /// `credvault audit verify`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub public_key_file: Option<PathBuf>,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            checkpoint_every: 100,
+            checkpoint_interval_ms: 10_000,
+            public_key_file: None,
         }
     }
 }
@@ -255,6 +281,9 @@ impl Config {
             fix(p);
         }
         if let Some(p) = &mut self.outbound.extra_ca_file {
+            fix(p);
+        }
+        if let Some(p) = &mut self.audit.public_key_file {
             fix(p);
         }
     }

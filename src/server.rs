@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
-use crate::config::{Backend, Config, ROOT_KEY_ENV};
+use crate::config::{AuditConfig, Backend, Config, ROOT_KEY_ENV};
 use crate::crypto::{RootKey, RootKeyError};
 use crate::domain::{Vault, VaultError};
 use crate::edge::{self, tls::TlsError};
@@ -31,6 +31,11 @@ pub enum ServeError {
     Keyring(#[from] VaultError),
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("cannot write the audit public key to {path}: {source}")]
+    PublicKey {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("policy: {0}")]
     Policy(String),
     #[error("in-flight calls did not finish within {0:?} of shutdown")]
@@ -70,6 +75,14 @@ pub async fn run(
     let outbound = Outbound::new(&config.outbound)?;
     let vault = Arc::new(Vault::open(store, &root, outbound, &config.providers).await?);
     drop(root);
+    if let Some(path) = &config.audit.public_key_file {
+        let hex = data_encoding::HEXLOWER.encode(vault.audit().public_key());
+        std::fs::write(path, format!("{hex}\n")).map_err(|e| ServeError::PublicKey {
+            path: path.clone(),
+            source: e,
+        })?;
+    }
+    tokio::spawn(checkpoints(Arc::clone(&vault), config.audit.clone()));
     tracing::info!(
         listen = %listener.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()),
         key_version = vault.keyring().primary_version(),
@@ -119,4 +132,30 @@ fn watch_sighup(path: PathBuf, policy: SharedPolicy) {
             }
         }
     });
+}
+
+/// Signs the audit head every `checkpoint_every` events, and every
+/// `checkpoint_interval_ms` while events arrive.
+async fn checkpoints(vault: Arc<Vault>, config: AuditConfig) {
+    let mut head = vault.audit().watch();
+    let mut last = 0;
+    let interval = Duration::from_millis(config.checkpoint_interval_ms.max(1));
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            changed = head.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                if *head.borrow_and_update() < last + config.checkpoint_every.max(1) {
+                    continue;
+                }
+            }
+        }
+        match vault.audit().checkpoint(last).await {
+            Ok(Some(sequence)) => last = sequence,
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "could not sign an audit checkpoint"),
+        }
+    }
 }

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use common::{contains_bytes, map, VaultDir};
+use credvault::audit;
 use credvault::config::{OutboundConfig, ProvidersConfig};
 use credvault::crypto::RootKey;
 use credvault::domain::{CredentialRef, NewCredential, Vault, VaultError};
@@ -42,7 +43,17 @@ async fn store(vault: &Vault, workspace: &str) {
         HashMap::new(),
     )
     .unwrap();
-    vault.store(new, false).await.unwrap();
+    vault.store(new, false, &context()).await.unwrap();
+}
+
+fn context() -> audit::Context {
+    audit::Context {
+        identity: "test".into(),
+        method: "Credentials.Store".into(),
+        workspace_id: "ws".into(),
+        provider: "amplitude".into(),
+        request_id: "r".into(),
+    }
 }
 
 fn target(workspace: &str) -> CredentialRef {
@@ -180,7 +191,7 @@ async fn zero_leaves_no_ciphertext_in_the_database_or_wal() {
     drop(db);
     assert_eq!(material.len(), 3);
 
-    vault.zero(&target("ws1")).await.unwrap();
+    vault.zero(&target("ws1"), &context()).await.unwrap();
     for suffix in ["", "-wal"] {
         let path = format!("{}{suffix}", dir.db().display());
         let bytes = std::fs::read(&path).unwrap_or_default();

@@ -38,6 +38,10 @@ pub struct Connect {
     /// This client's private key (PEM).
     #[arg(long, env = "CREDVAULT_KEY")]
     key: Option<PathBuf>,
+    /// With --data-dir: which development identity to present (app, admin,
+    /// auditor); the audit subcommands default to auditor, the others to app.
+    #[arg(long = "as", value_name = "IDENTITY")]
+    identity: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -87,17 +91,28 @@ pub async fn connect(
     cert_pem: &[u8],
     key_pem: &[u8],
 ) -> Result<CredentialsClient<Channel>, String> {
+    connect_channel(addr, ca_pem, cert_pem, key_pem)
+        .await
+        .map(CredentialsClient::new)
+}
+
+/// A mutual-TLS channel to the vault, for any of its services.
+pub async fn connect_channel(
+    addr: &str,
+    ca_pem: &[u8],
+    cert_pem: &[u8],
+    key_pem: &[u8],
+) -> Result<Channel, String> {
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(ca_pem))
         .identity(Identity::from_pem(cert_pem, key_pem));
-    let channel = Endpoint::from_shared(addr.to_owned())
+    Endpoint::from_shared(addr.to_owned())
         .map_err(|e| format!("bad address {addr}: {e}"))?
         .tls_config(tls)
         .map_err(|e| format!("TLS configuration: {e}"))?
         .connect()
         .await
-        .map_err(|e| format!("cannot connect to {addr}: {}", error_chain(&e)))?;
-    Ok(CredentialsClient::new(channel))
+        .map_err(|e| format!("cannot connect to {addr}: {}", error_chain(&e)))
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -113,6 +128,13 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 impl Connect {
     async fn client(&self) -> Result<CredentialsClient<Channel>, String> {
+        self.channel("app").await.map(CredentialsClient::new)
+    }
+
+    /// A channel presenting the chosen certificate; `default_identity` picks
+    /// the development certificate when --data-dir is given without --as.
+    pub async fn channel(&self, default_identity: &str) -> Result<Channel, String> {
+        let identity = self.identity.as_deref().unwrap_or(default_identity);
         let dev = self
             .data_dir
             .as_ref()
@@ -125,12 +147,22 @@ impl Connect {
                     format!("--{flag} is required (or --data-dir of a development vault)")
                 })
         };
+        let dev_cert = dev.as_ref().map(|d| d.client_cert(identity));
+        let dev_key = dev.as_ref().map(|d| d.client_key(identity));
         let ca = pick(&self.ca, |d| d.ca.clone(), "ca")?;
-        let cert = pick(&self.cert, |d| d.client_cert("app"), "cert")?;
-        let key = pick(&self.key, |d| d.client_key("app"), "key")?;
+        let cert = self
+            .cert
+            .clone()
+            .or(dev_cert)
+            .ok_or("--cert is required (or --data-dir of a development vault)")?;
+        let key = self
+            .key
+            .clone()
+            .or(dev_key)
+            .ok_or("--key is required (or --data-dir of a development vault)")?;
         let read = |p: &PathBuf| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
         let key_pem = Zeroizing::new(read(&key)?);
-        connect(&self.addr, &read(&ca)?, &read(&cert)?, &key_pem).await
+        connect_channel(&self.addr, &read(&ca)?, &read(&cert)?, &key_pem).await
     }
 }
 

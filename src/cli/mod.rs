@@ -1,5 +1,6 @@
 //! The command line: `serve`, `certs init`, and client subcommands for people.
 
+pub mod audit;
 pub mod client;
 
 use std::net::SocketAddr;
@@ -41,6 +42,9 @@ enum Command {
     Validate(client::RefArgs),
     /// List the providers the vault knows and the fields each needs.
     Providers(client::ProvidersArgs),
+    /// The audit log: tail it, export it, verify its chain.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
 }
 
 #[derive(Debug, clap::Args)]
@@ -89,6 +93,7 @@ pub fn main() -> ExitCode {
         Command::List(args) => runtime.block_on(client::list(args)),
         Command::Validate(args) => runtime.block_on(client::validate(args)),
         Command::Providers(args) => runtime.block_on(client::providers(args)),
+        Command::Audit(command) => runtime.block_on(audit::run(command)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -14,6 +14,7 @@ const KEK_PURPOSE: &str = "credvault/v1/key-encryption-key";
 const FINGERPRINT_KEY_PURPOSE: &str = "credvault/v1/fingerprint-key";
 const DATA_KEY_PURPOSE: &str = "credvault/v1/data-key";
 const FINGERPRINT_PURPOSE: &str = "credvault/v1/fingerprint";
+const ROOT_SEALED_PURPOSE: &str = "credvault/v1/root-sealed";
 
 /// Why the root key could not be loaded. Never carries key bytes.
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +86,31 @@ impl RootKey {
         let key = Key::generate(rng)?;
         let hex = Zeroizing::new(HEXLOWER_PERMISSIVE.encode(key.expose_secret()));
         Ok((Self(key), hex))
+    }
+}
+
+impl RootKey {
+    /// Seals other key material (the audit signing key) under the root key.
+    pub fn seal(
+        &self,
+        rng: &SystemRandom,
+        purpose: &str,
+        bytes: &[u8],
+    ) -> Result<Sealed, CryptoError> {
+        seal(
+            rng,
+            &self.0,
+            bytes,
+            &associated_data(ROOT_SEALED_PURPOSE, &[purpose.as_bytes()]),
+        )
+    }
+
+    pub fn open(&self, purpose: &str, sealed: &Sealed) -> Result<super::Plaintext, CryptoError> {
+        open(
+            &self.0,
+            sealed,
+            &associated_data(ROOT_SEALED_PURPOSE, &[purpose.as_bytes()]),
+        )
     }
 }
 

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use ring::rand::SystemRandom;
 
 use crate::config::{
-    Backend, Config, KeysConfig, Limits, OutboundConfig, ProvidersConfig, StorageConfig, TlsConfig,
-    DEFAULT_LISTEN,
+    AuditConfig, Backend, Config, KeysConfig, Limits, OutboundConfig, ProvidersConfig,
+    StorageConfig, TlsConfig, DEFAULT_LISTEN,
 };
 use crate::crypto::RootKey;
 use certs::{CertError, DevCertPaths};
@@ -17,6 +17,7 @@ pub const CONFIG_FILE: &str = "credvault.toml";
 pub const ROOT_KEY_FILE: &str = "root.key";
 pub const DATABASE_FILE: &str = "credvault.db";
 pub const CERTS_DIR: &str = "certs";
+pub const AUDIT_PUBLIC_KEY_FILE: &str = "audit-signing.pub";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DevError {
@@ -102,6 +103,10 @@ fn dev_config() -> Config {
         limits: Limits::default(),
         outbound: OutboundConfig::default(),
         providers: ProvidersConfig::default().with_defaults(),
+        audit: AuditConfig {
+            public_key_file: Some(AUDIT_PUBLIC_KEY_FILE.into()),
+            ..AuditConfig::default()
+        },
         policy: crate::policy::dev_rules(),
         source: None,
     }

@@ -22,6 +22,9 @@ pub enum VaultError {
     DataLoss,
     #[error("storage is full")]
     StorageFull,
+    /// The audit event could not be written, so the call was not carried out.
+    #[error("the audit log could not be written")]
+    AuditUnavailable,
     #[error("internal: {0}")]
     Internal(String),
 }
@@ -30,6 +33,10 @@ impl From<StoreError> for VaultError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Full => VaultError::StorageFull,
+            StoreError::Audit(ref db) => {
+                tracing::warn!(error = %db, "audit append failed");
+                VaultError::AuditUnavailable
+            }
             StoreError::Corrupt(_) => VaultError::DataLoss,
             StoreError::Database(ref db)
                 if db.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseCorrupt) =>

@@ -1,5 +1,6 @@
 //! What Store, Redact, Zero and List mean, independent of the wire.
 
+mod audit_log;
 mod error;
 mod ids;
 mod input;
@@ -12,6 +13,7 @@ use std::time::SystemTime;
 
 use secrecy::{ExposeSecret, SecretString};
 
+use crate::audit::{self, Event};
 use crate::config::ProvidersConfig;
 use crate::crypto::{self, Keyring, RootKey};
 use crate::outbound::Outbound;
@@ -20,6 +22,7 @@ use crate::providers::{Params, Provider, Secrets};
 use crate::store::{CredentialRecord, SecretRecord, Store, StoredStatus, WrappedDataKey};
 use validate::Validator;
 
+pub use audit_log::AuditLog;
 pub use error::VaultError;
 pub use ids::{parse_provider, CredentialRef, WorkspaceId};
 pub use input::NewCredential;
@@ -56,6 +59,28 @@ pub struct Connection {
     pub key_version: u32,
     pub expires_at: Option<SystemTime>,
     pub last_validation: Option<Validation>,
+}
+
+impl Connection {
+    /// What an audit event says about this connection: key version, and the
+    /// hint and fingerprint of each secret.
+    pub fn audit_details(&self) -> audit::Details {
+        audit::Details {
+            verdict: String::new(),
+            key_version: self.key_version,
+            secrets: self
+                .secrets
+                .iter()
+                .map(|(field, r)| {
+                    let summary = audit::SecretSummary {
+                        hint: r.hint.clone(),
+                        fingerprint: r.fingerprint.clone(),
+                    };
+                    (field.clone(), summary)
+                })
+                .collect(),
+        }
+    }
 }
 
 impl From<CredentialRecord> for Connection {
@@ -107,6 +132,7 @@ pub struct Vault {
     store: Arc<dyn Store>,
     keyring: Keyring,
     validator: Validator,
+    audit: AuditLog,
 }
 
 impl std::fmt::Debug for Vault {
@@ -142,11 +168,17 @@ impl Vault {
                 keyring
             }
         };
+        let audit = AuditLog::open(Arc::clone(&store), root).await?;
         Ok(Self {
             store,
             keyring,
             validator: Validator::new(outbound, providers),
+            audit,
         })
+    }
+
+    pub fn audit(&self) -> &AuditLog {
+        &self.audit
     }
 
     pub fn keyring(&self) -> &Keyring {
@@ -155,11 +187,13 @@ impl Vault {
 
     /// Encrypts and stores a credential, replacing any secrets the connection
     /// held and reconnecting it if it was disconnected. With `validate`, the
-    /// provider must accept the credentials first, or nothing changes.
+    /// provider must accept the credentials first, or nothing changes. The
+    /// audit event (for `context`) is written in the same transaction.
     pub async fn store(
         &self,
         new: NewCredential,
         validate: bool,
+        context: &audit::Context,
     ) -> Result<Connection, VaultError> {
         let target = &new.target;
         let last_validation = if validate {
@@ -215,7 +249,18 @@ impl Vault {
             secrets,
             last_validation,
         };
-        Ok(self.store.put(record).await?.into())
+        let event = Event::new(
+            context,
+            audit::OUTCOME_OK,
+            audit::Details {
+                verdict: String::new(),
+                key_version,
+                secrets: summaries(&record.secrets),
+            },
+        );
+        let (stored, appended) = self.store.put(record, event).await?;
+        self.audit.appended(&appended);
+        Ok(stored.into())
     }
 
     /// The connection's metadata and redacted secrets.
@@ -223,17 +268,26 @@ impl Vault {
         self.record(target).await.map(Connection::from)
     }
 
-    /// Destroys the connection's secret material; keeps its metadata. Idempotent.
-    pub async fn zero(&self, target: &CredentialRef) -> Result<Connection, VaultError> {
-        self.store
+    /// Destroys the connection's secret material; keeps its metadata.
+    /// Idempotent. The audit event is written in the same transaction.
+    pub async fn zero(
+        &self,
+        target: &CredentialRef,
+        context: &audit::Context,
+    ) -> Result<Connection, VaultError> {
+        let event = Event::new(context, audit::OUTCOME_OK, audit::Details::default());
+        let (record, appended) = self
+            .store
             .zero(
                 target.workspace_id.as_str(),
                 target.provider.name(),
                 SystemTime::now(),
+                event,
             )
             .await?
-            .map(Connection::from)
-            .ok_or_else(|| target.not_found())
+            .ok_or_else(|| target.not_found())?;
+        self.audit.appended(&appended);
+        Ok(record.into())
     }
 
     /// Every connection of a workspace, by provider name.
@@ -245,8 +299,26 @@ impl Vault {
     /// Calls the provider with the stored credentials and records the verdict.
     /// A disconnected connection, an expired credential, or a connection still
     /// inside a 429's Retry-After window gets its verdict without a call.
-    pub async fn validate(&self, target: &CredentialRef) -> Result<Validation, VaultError> {
+    pub async fn validate(
+        &self,
+        target: &CredentialRef,
+    ) -> Result<(Validation, audit::Details), VaultError> {
         let record = self.record(target).await?;
+        let mut details = audit::Details {
+            verdict: String::new(),
+            key_version: record.data_key.as_ref().map_or(0, |k| k.key_version),
+            secrets: summaries(&record.secrets),
+        };
+        let v = self.check_record(target, record).await?;
+        details.verdict = v.verdict.name().to_owned();
+        Ok((v, details))
+    }
+
+    async fn check_record(
+        &self,
+        target: &CredentialRef,
+        record: CredentialRecord,
+    ) -> Result<Validation, VaultError> {
         let Some(data_key) = record.data_key.clone() else {
             return Ok(Validation::new(
                 Verdict::Disconnected,
@@ -352,6 +424,19 @@ impl Vault {
             .await?
             .ok_or_else(|| target.not_found())
     }
+}
+
+fn summaries(secrets: &[SecretRecord]) -> BTreeMap<String, audit::SecretSummary> {
+    secrets
+        .iter()
+        .map(|s| {
+            let summary = audit::SecretSummary {
+                hint: s.hint.clone(),
+                fingerprint: s.fingerprint.clone(),
+            };
+            (s.field.clone(), summary)
+        })
+        .collect()
 }
 
 fn encode_validation(v: &Validation) -> Result<String, VaultError> {

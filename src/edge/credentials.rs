@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::gate::{Gate, Scope};
+use super::gate::{Audited, Gate, Scope};
+use crate::audit;
 use crate::domain::{self, CredentialRef, NewCredential, Vault, VaultError, WorkspaceId};
 use crate::proto;
 use crate::providers::validation::{Validation, Verdict};
@@ -30,8 +31,8 @@ impl CredentialsService {
     ) -> Result<Response<R>, Status>
     where
         T: Scope,
-        F: FnOnce(T) -> Fut,
-        Fut: Future<Output = Result<R, VaultError>>,
+        F: FnOnce(T, audit::Context) -> Fut,
+        Fut: Future<Output = Result<(R, Audited), VaultError>>,
     {
         self.gate.call("Credentials", method, req, f).await
     }
@@ -43,9 +44,10 @@ impl proto::credentials_server::Credentials for CredentialsService {
         &self,
         req: Request<proto::StoreRequest>,
     ) -> Result<Response<proto::Credential>, Status> {
-        self.call("Store", req, |r| async move {
+        self.call("Store", req, |r, context| async move {
             let new = NewCredential::parse(&r.workspace_id, &r.provider, r.secrets, r.params)?;
-            self.vault.store(new, r.validate).await.map(encode)
+            let stored = self.vault.store(new, r.validate, &context).await?;
+            Ok((encode(stored), Audited::InTransaction))
         })
         .await
     }
@@ -54,9 +56,11 @@ impl proto::credentials_server::Credentials for CredentialsService {
         &self,
         req: Request<proto::CredentialRef>,
     ) -> Result<Response<proto::Credential>, Status> {
-        self.call("Redact", req, |r| async move {
+        self.call("Redact", req, |r, _| async move {
             let target = CredentialRef::parse(&r.workspace_id, &r.provider)?;
-            self.vault.redact(&target).await.map(encode)
+            let connection = self.vault.redact(&target).await?;
+            let details = Audited::Details(connection.audit_details());
+            Ok((encode(connection), details))
         })
         .await
     }
@@ -65,9 +69,10 @@ impl proto::credentials_server::Credentials for CredentialsService {
         &self,
         req: Request<proto::CredentialRef>,
     ) -> Result<Response<proto::Credential>, Status> {
-        self.call("Zero", req, |r| async move {
+        self.call("Zero", req, |r, context| async move {
             let target = CredentialRef::parse(&r.workspace_id, &r.provider)?;
-            self.vault.zero(&target).await.map(encode)
+            let zeroed = self.vault.zero(&target, &context).await?;
+            Ok((encode(zeroed), Audited::InTransaction))
         })
         .await
     }
@@ -76,12 +81,13 @@ impl proto::credentials_server::Credentials for CredentialsService {
         &self,
         req: Request<proto::ListRequest>,
     ) -> Result<Response<proto::ListResponse>, Status> {
-        self.call("List", req, |r| async move {
+        self.call("List", req, |r, _| async move {
             let workspace = WorkspaceId::parse(&r.workspace_id)?;
             let credentials = self.vault.list(&workspace).await?;
-            Ok(proto::ListResponse {
+            let response = proto::ListResponse {
                 credentials: credentials.into_iter().map(encode).collect(),
-            })
+            };
+            Ok((response, Audited::Details(audit::Details::default())))
         })
         .await
     }
@@ -90,15 +96,15 @@ impl proto::credentials_server::Credentials for CredentialsService {
         &self,
         req: Request<proto::CredentialRef>,
     ) -> Result<Response<proto::Validation>, Status> {
-        self.call("ValidateConnection", req, |r| async move {
+        self.call("ValidateConnection", req, |r, _| async move {
             let target = CredentialRef::parse(&r.workspace_id, &r.provider)?;
-            let v = self.vault.validate(&target).await?;
+            let (v, details) = self.vault.validate(&target).await?;
             tracing::info!(
                 verdict = v.verdict.name(),
                 provider_status = v.provider_status,
                 "verdict"
             );
-            Ok(encode_validation(v))
+            Ok((encode_validation(v), Audited::Details(details)))
         })
         .await
     }
@@ -107,10 +113,11 @@ impl proto::credentials_server::Credentials for CredentialsService {
         &self,
         req: Request<proto::ListProvidersRequest>,
     ) -> Result<Response<proto::ListProvidersResponse>, Status> {
-        self.call("ListProviders", req, |_| async {
-            Ok(proto::ListProvidersResponse {
+        self.call("ListProviders", req, |_, _| async {
+            let response = proto::ListProvidersResponse {
                 providers: Provider::ALL.iter().map(|p| describe(*p)).collect(),
-            })
+            };
+            Ok((response, Audited::Details(audit::Details::default())))
         })
         .await
     }

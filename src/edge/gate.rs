@@ -1,6 +1,7 @@
 //! Every call passes the gate: caller identity, authorization, one log line with the outcome.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Instant;
 
 use tonic::{Code, Request, Response, Status};
@@ -8,9 +9,11 @@ use tracing::Instrument;
 
 use super::status::to_status;
 use super::tls::PeerInfo;
-use crate::domain::VaultError;
+use crate::audit::{self, Event};
+use crate::domain::{Vault, VaultError, WorkspaceId};
 use crate::policy::{Call, SharedPolicy};
 use crate::proto;
+use crate::providers::Provider;
 
 /// What a request is about, for the policy: (workspace, provider).
 pub trait Scope {
@@ -41,18 +44,42 @@ impl Scope for proto::ListProvidersRequest {
     }
 }
 
+impl Scope for proto::SubscribeRequest {
+    fn scope(&self) -> (Option<&str>, Option<&str>) {
+        (None, None)
+    }
+}
+
+impl Scope for proto::HeadRequest {
+    fn scope(&self) -> (Option<&str>, Option<&str>) {
+        (None, None)
+    }
+}
+
+/// How a call's audit event gets written.
+#[derive(Debug)]
+pub enum Audited {
+    /// The domain wrote it in the same transaction as the change.
+    InTransaction,
+    /// The gate writes it, with these details, before answering.
+    Details(audit::Details),
+}
+
 #[derive(Debug, Clone)]
 pub struct Gate {
     policy: SharedPolicy,
+    vault: Arc<Vault>,
 }
 
 impl Gate {
-    pub fn new(policy: SharedPolicy) -> Self {
-        Self { policy }
+    pub fn new(policy: SharedPolicy, vault: Arc<Vault>) -> Self {
+        Self { policy, vault }
     }
 
     /// Runs one call inside a span naming the method and the caller: denies
-    /// it unless the policy allows it, then logs one line with its outcome.
+    /// it unless the policy allows it, makes sure its audit event is written
+    /// before answering (failing the call if it cannot be), and logs one line
+    /// with its outcome.
     pub async fn call<T, R, F, Fut>(
         &self,
         service: &'static str,
@@ -62,17 +89,25 @@ impl Gate {
     ) -> Result<Response<R>, Status>
     where
         T: Scope,
-        F: FnOnce(T) -> Fut,
-        Fut: Future<Output = Result<R, VaultError>>,
+        F: FnOnce(T, audit::Context) -> Fut,
+        Fut: Future<Output = Result<(R, Audited), VaultError>>,
     {
         let Some(peer) = req.extensions().get::<PeerInfo>().cloned() else {
             // Every connection passes through `tls::incoming`, which attaches it.
             return Err(Status::unauthenticated("no client identity"));
         };
-        let span = tracing::info_span!("rpc", method, identity = %peer.identity);
+        let request_id = request_id(req.metadata());
+        let span = tracing::info_span!("rpc", method, identity = %peer.identity, %request_id);
         async move {
             let started = Instant::now();
             let (workspace, provider) = req.get_ref().scope();
+            let context = audit::Context {
+                identity: peer.identity.to_string(),
+                method: format!("{service}.{method}"),
+                workspace_id: workspace.map(audited_workspace).unwrap_or_default(),
+                provider: provider.map(audited_provider).unwrap_or_default(),
+                request_id,
+            };
             let call = Call {
                 service,
                 method,
@@ -80,7 +115,9 @@ impl Gate {
                 provider,
             };
             let result = if self.policy.current().allows(peer.identity.as_str(), &call) {
-                f(req.into_inner()).await.map_err(to_status)
+                f(req.into_inner(), context.clone())
+                    .await
+                    .map_err(to_status)
             } else {
                 // The same answer whether or not the target exists.
                 Err(Status::permission_denied(format!(
@@ -88,11 +125,88 @@ impl Gate {
                     peer.identity
                 )))
             };
+            let pending = match &result {
+                Ok((_, Audited::InTransaction)) => None,
+                Ok((_, Audited::Details(details))) => {
+                    Some(Event::new(&context, audit::OUTCOME_OK, details.clone()))
+                }
+                Err(status) => Some(Event::new(
+                    &context,
+                    code_name(status.code()),
+                    audit::Details::default(),
+                )),
+            };
+            let result = match pending {
+                // Fail closed: no answer leaves without its audit event.
+                Some(event) => match self.vault.audit().record(event).await {
+                    Ok(()) => result,
+                    Err(e) => Err(to_status(e)),
+                },
+                None => result,
+            };
             let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
             tracing::info!(code = ?code, micros = started.elapsed().as_micros() as u64, "call");
-            result.map(Response::new)
+            result.map(|(response, _)| Response::new(response))
         }
         .instrument(span)
         .await
+    }
+}
+
+/// The caller's `x-request-id` if it is short and plain, else a fresh one.
+fn request_id(metadata: &tonic::metadata::MetadataMap) -> String {
+    let given = metadata.get("x-request-id").and_then(|v| v.to_str().ok());
+    if let Some(id) = given.filter(|id| {
+        !id.is_empty()
+            && id.len() <= 64
+            && id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+    }) {
+        return id.to_owned();
+    }
+    let mut bytes = [0u8; 8];
+    // Only an identifier: if the generator fails, zeros still correlate the log line.
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes);
+    data_encoding::HEXLOWER.encode(&bytes)
+}
+
+/// A workspace id for the audit record: as given if well formed, never raw input.
+fn audited_workspace(raw: &str) -> String {
+    match WorkspaceId::parse(raw) {
+        Ok(id) => id.to_string(),
+        Err(_) if raw.is_empty() => String::new(),
+        Err(_) => "(invalid)".to_owned(),
+    }
+}
+
+fn audited_provider(raw: &str) -> String {
+    match Provider::parse(raw) {
+        Some(p) => p.name().to_owned(),
+        None if raw.is_empty() => String::new(),
+        None => "(invalid)".to_owned(),
+    }
+}
+
+/// The canonical name of a gRPC status code, as audit events carry it.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
     }
 }

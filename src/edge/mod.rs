@@ -1,5 +1,6 @@
 //! The gRPC edge: mutual TLS in, requests decoded and handed to the domain, answers encoded.
 
+pub mod audit;
 mod credentials;
 mod gate;
 mod status;
@@ -14,7 +15,9 @@ use tokio::net::TcpListener;
 use crate::config::Limits;
 use crate::domain::Vault;
 use crate::policy::SharedPolicy;
+use crate::proto::audit_server::AuditServer;
 use crate::proto::credentials_server::CredentialsServer;
+use audit::AuditService;
 use credentials::CredentialsService;
 use gate::Gate;
 
@@ -28,7 +31,9 @@ pub async fn serve(
     limits: &Limits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
-    let credentials = CredentialsServer::new(CredentialsService::new(vault, Gate::new(policy)))
+    let gate = Gate::new(policy, Arc::clone(&vault));
+    let audit = AuditServer::new(AuditService::new(Arc::clone(&vault), gate.clone()));
+    let credentials = CredentialsServer::new(CredentialsService::new(vault, gate))
         .max_decoding_message_size(limits.max_message_bytes)
         .max_encoding_message_size(limits.max_message_bytes);
     let incoming = tls::incoming(
@@ -38,6 +43,7 @@ pub async fn serve(
     );
     tonic::transport::Server::builder()
         .add_service(credentials)
+        .add_service(audit)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }

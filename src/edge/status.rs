@@ -16,6 +16,9 @@ pub fn to_status(e: VaultError) -> Status {
             tracing::warn!("storage is full: writes fail until space is freed");
             Status::resource_exhausted("the vault's storage is full")
         }
+        VaultError::AuditUnavailable => Status::unavailable(
+            "the audit log could not be written, so the call was not carried out",
+        ),
         VaultError::Internal(detail) => {
             tracing::warn!(%detail, "internal error");
             Status::new(Code::Internal, "unexpected error")

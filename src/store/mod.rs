@@ -7,9 +7,10 @@ use std::time::SystemTime;
 
 use async_trait::async_trait;
 
+use crate::audit::{Checkpoint, Event, StoredEvent};
 use crate::crypto::{NewKeyMaterial, Sealed, WrappedKeyVersion};
 
-pub use sqlite::SqliteStore;
+pub use sqlite::{read_audit_log, SqliteStore};
 
 /// Whether a connection holds secrets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,6 +75,9 @@ pub enum StoreError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    /// Writing the audit event failed; the change it recorded was not made.
+    #[error("the audit log could not be written: {0}")]
+    Audit(rusqlite::Error),
     #[error("storage task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
 }
@@ -86,8 +90,13 @@ pub trait Store: Send + Sync + 'static {
     async fn load_keys(&self) -> Result<Option<StoredKeys>, StoreError>;
     /// Persists a new store's first key material.
     async fn init_keys(&self, material: NewKeyMaterial) -> Result<(), StoreError>;
-    /// Inserts or replaces a connection (keeping its `created_at`) and returns it as stored.
-    async fn put(&self, record: CredentialRecord) -> Result<CredentialRecord, StoreError>;
+    /// Inserts or replaces a connection (keeping its `created_at`) and appends
+    /// `event` in the same transaction. Returns the row as stored.
+    async fn put(
+        &self,
+        record: CredentialRecord,
+        event: Event,
+    ) -> Result<(CredentialRecord, StoredEvent), StoreError>;
     async fn get(
         &self,
         workspace_id: &str,
@@ -105,11 +114,24 @@ pub trait Store: Send + Sync + 'static {
         validation: String,
     ) -> Result<bool, StoreError>;
     /// Destroys a connection's secret material and marks it disconnected at
-    /// `at` (unless it already was). `None` if there is no such connection.
+    /// `at` (unless it already was), appending `event` in the same
+    /// transaction. `None`, with nothing written, if there is no such connection.
     async fn zero(
         &self,
         workspace_id: &str,
         provider: &str,
         at: SystemTime,
-    ) -> Result<Option<CredentialRecord>, StoreError>;
+        event: Event,
+    ) -> Result<Option<(CredentialRecord, StoredEvent)>, StoreError>;
+    /// Appends an event for a call that changed nothing.
+    async fn append_audit(&self, event: Event) -> Result<StoredEvent, StoreError>;
+    /// Up to `limit` events after `after`, in order.
+    async fn audit_after(&self, after: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError>;
+    /// The newest event, if any.
+    async fn audit_head(&self) -> Result<Option<StoredEvent>, StoreError>;
+    async fn add_checkpoint(&self, checkpoint: Checkpoint) -> Result<(), StoreError>;
+    async fn checkpoints(&self) -> Result<Vec<Checkpoint>, StoreError>;
+    /// A key sealed under the root key, by purpose.
+    async fn key_material(&self, purpose: &str) -> Result<Option<Sealed>, StoreError>;
+    async fn put_key_material(&self, purpose: &str, sealed: Sealed) -> Result<(), StoreError>;
 }

@@ -11,6 +11,7 @@ use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row, Transactio
 use super::{
     CredentialRecord, SecretRecord, Store, StoreError, StoredKeys, StoredStatus, WrappedDataKey,
 };
+use crate::audit::{chain_hash, Checkpoint, Event, StoredEvent, GENESIS, HASH_LEN};
 use crate::crypto::{NewKeyMaterial, Sealed, WrappedKeyVersion, NONCE_LEN};
 
 const FINGERPRINT_KEY: &str = "fingerprint";
@@ -61,6 +62,20 @@ CREATE TABLE credential_secrets (
 "#,
     r#"
 ALTER TABLE credentials ADD COLUMN last_validation TEXT;
+"#,
+    r#"
+CREATE TABLE audit_events (
+    sequence      INTEGER PRIMARY KEY,
+    event         TEXT NOT NULL,
+    previous_hash BLOB NOT NULL,
+    hash          BLOB NOT NULL
+) STRICT;
+CREATE TABLE audit_checkpoints (
+    sequence   INTEGER PRIMARY KEY,
+    hash       BLOB NOT NULL,
+    signature  BLOB NOT NULL,
+    key_id     TEXT NOT NULL
+) STRICT;
 "#,
 ];
 
@@ -194,6 +209,14 @@ fn classify(e: rusqlite::Error) -> StoreError {
     match e.sqlite_error_code() {
         Some(ErrorCode::DiskFull) => StoreError::Full,
         _ => StoreError::Database(e),
+    }
+}
+
+/// [`classify`] for errors already typed: a failed audit append stays one.
+fn classify_store(e: StoreError) -> StoreError {
+    match e {
+        StoreError::Database(db) => classify(db),
+        other => other,
     }
 }
 
@@ -331,7 +354,11 @@ fn delete_secrets(
     Ok(())
 }
 
-fn put_tx(conn: &mut Connection, record: &CredentialRecord) -> rusqlite::Result<()> {
+fn put_tx(
+    conn: &mut Connection,
+    record: &CredentialRecord,
+    event: Event,
+) -> Result<StoredEvent, StoreError> {
     let tx = conn.transaction()?;
     let key = record.data_key.as_ref();
     let params_json = serde_json::to_string(&record.params)
@@ -380,7 +407,85 @@ fn put_tx(conn: &mut Connection, record: &CredentialRecord) -> rusqlite::Result<
             ])?;
         }
     }
-    tx.commit()
+    let stored = append_in(&tx, event)?;
+    tx.commit()?;
+    Ok(stored)
+}
+
+/// Appends `event` to the chain inside `tx`: next sequence, hash over the
+/// previous event's hash and this event's canonical text.
+fn append_in(tx: &Transaction<'_>, mut event: Event) -> Result<StoredEvent, StoreError> {
+    let mut append = || -> rusqlite::Result<StoredEvent> {
+        let last = tx
+            .prepare_cached(
+                "SELECT sequence, hash FROM audit_events ORDER BY sequence DESC LIMIT 1",
+            )?
+            .query_row([], |r| Ok((r.get::<_, u64>(0)?, r.get::<_, Vec<u8>>(1)?)))
+            .optional()?;
+        let (sequence, previous_hash) = match last {
+            Some((seq, hash)) => (seq + 1, hash_array(hash)?),
+            None => (1, GENESIS),
+        };
+        event.sequence = sequence;
+        let canonical = event.canonical();
+        let hash = chain_hash(&previous_hash, &canonical);
+        tx.prepare_cached(
+            "INSERT INTO audit_events (sequence, event, previous_hash, hash) VALUES (?1, ?2, ?3, ?4)",
+        )?
+        .execute(params![sequence, canonical, previous_hash.as_slice(), hash.as_slice()])?;
+        Ok(StoredEvent {
+            sequence,
+            canonical,
+            previous_hash,
+            hash,
+        })
+    };
+    append().map_err(StoreError::Audit)
+}
+
+fn hash_array(bytes: Vec<u8>) -> rusqlite::Result<[u8; HASH_LEN]> {
+    bytes.try_into().map_err(|b: Vec<u8>| {
+        rusqlite::Error::FromSqlConversionFailure(
+            b.len(),
+            rusqlite::types::Type::Blob,
+            "an audit hash is not 32 bytes".into(),
+        )
+    })
+}
+
+fn stored_event(r: &Row<'_>) -> rusqlite::Result<StoredEvent> {
+    Ok(StoredEvent {
+        sequence: r.get(0)?,
+        canonical: r.get(1)?,
+        previous_hash: hash_array(r.get(2)?)?,
+        hash: hash_array(r.get(3)?)?,
+    })
+}
+
+/// Every event in sequence order, and every checkpoint: for `audit verify`,
+/// straight from a database file that is opened read-only.
+pub fn read_audit_log(path: &Path) -> Result<(Vec<StoredEvent>, Vec<Checkpoint>), StoreError> {
+    let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let events = conn
+        .prepare("SELECT sequence, event, previous_hash, hash FROM audit_events ORDER BY sequence")?
+        .query_map([], stored_event)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok((events, read_checkpoints(&conn)?))
+}
+
+fn read_checkpoints(conn: &Connection) -> rusqlite::Result<Vec<Checkpoint>> {
+    conn.prepare_cached(
+        "SELECT sequence, hash, signature, key_id FROM audit_checkpoints ORDER BY sequence",
+    )?
+    .query_map([], |r| {
+        Ok(Checkpoint {
+            sequence: r.get(0)?,
+            hash: r.get(1)?,
+            signature: r.get(2)?,
+            key_id: r.get(3)?,
+        })
+    })?
+    .collect()
 }
 
 fn zero_tx(
@@ -388,7 +493,8 @@ fn zero_tx(
     workspace_id: &str,
     provider: &str,
     at: SystemTime,
-) -> rusqlite::Result<bool> {
+    event: Event,
+) -> Result<Option<StoredEvent>, StoreError> {
     let tx = conn.transaction()?;
     delete_secrets(&tx, workspace_id, provider)?;
     let changed = tx
@@ -400,13 +506,15 @@ fn zero_tx(
              WHERE workspace_id = ?1 AND provider = ?2",
         )?
         .execute(params![workspace_id, provider, millis(at)])?;
-    tx.commit()?;
-    if changed > 0 {
-        // Move the zeroed pages into the main file and empty the WAL, so the
-        // old page images holding ciphertext do not linger there.
-        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+    if changed == 0 {
+        return Ok(None);
     }
-    Ok(changed > 0)
+    let stored = append_in(&tx, event)?;
+    tx.commit()?;
+    // Move the zeroed pages into the main file and empty the WAL, so the
+    // old page images holding ciphertext do not linger there.
+    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+    Ok(Some(stored))
 }
 
 #[async_trait]
@@ -478,11 +586,16 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn put(&self, record: CredentialRecord) -> Result<CredentialRecord, StoreError> {
+    async fn put(
+        &self,
+        record: CredentialRecord,
+        event: Event,
+    ) -> Result<(CredentialRecord, StoredEvent), StoreError> {
         self.write(move |conn| {
-            put_tx(conn, &record).map_err(classify)?;
-            load_credential(conn, &record.workspace_id, &record.provider)?
-                .ok_or(StoreError::Corrupt("row vanished after write"))
+            let stored = put_tx(conn, &record, event).map_err(classify_store)?;
+            let row = load_credential(conn, &record.workspace_id, &record.provider)?
+                .ok_or(StoreError::Corrupt("row vanished after write"))?;
+            Ok((row, stored))
         })
         .await
     }
@@ -542,13 +655,103 @@ impl Store for SqliteStore {
         workspace_id: &str,
         provider: &str,
         at: SystemTime,
-    ) -> Result<Option<CredentialRecord>, StoreError> {
+        event: Event,
+    ) -> Result<Option<(CredentialRecord, StoredEvent)>, StoreError> {
         let (w, p) = (workspace_id.to_owned(), provider.to_owned());
         self.write(move |conn| {
-            if !zero_tx(conn, &w, &p, at).map_err(classify)? {
+            let Some(stored) = zero_tx(conn, &w, &p, at, event).map_err(classify_store)? else {
                 return Ok(None);
-            }
-            load_credential(conn, &w, &p)
+            };
+            let row = load_credential(conn, &w, &p)?
+                .ok_or(StoreError::Corrupt("row vanished after write"))?;
+            Ok(Some((row, stored)))
+        })
+        .await
+    }
+
+    async fn append_audit(&self, event: Event) -> Result<StoredEvent, StoreError> {
+        self.write(move |conn| {
+            let tx = conn.transaction().map_err(StoreError::Audit)?;
+            let stored = append_in(&tx, event)?;
+            tx.commit().map_err(StoreError::Audit)?;
+            Ok(stored)
+        })
+        .await
+    }
+
+    async fn audit_after(&self, after: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
+        self.read(move |conn| {
+            Ok(conn
+                .prepare_cached(
+                    "SELECT sequence, event, previous_hash, hash FROM audit_events \
+                     WHERE sequence > ?1 ORDER BY sequence LIMIT ?2",
+                )?
+                .query_map(params![after, limit as i64], stored_event)?
+                .collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
+    async fn audit_head(&self) -> Result<Option<StoredEvent>, StoreError> {
+        self.read(|conn| {
+            Ok(conn
+                .prepare_cached(
+                    "SELECT sequence, event, previous_hash, hash FROM audit_events \
+                     ORDER BY sequence DESC LIMIT 1",
+                )?
+                .query_row([], stored_event)
+                .optional()?)
+        })
+        .await
+    }
+
+    async fn add_checkpoint(&self, cp: Checkpoint) -> Result<(), StoreError> {
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "INSERT OR REPLACE INTO audit_checkpoints (sequence, hash, signature, key_id) \
+                 VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![cp.sequence, cp.hash, cp.signature, cp.key_id])
+            .map_err(classify)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn checkpoints(&self) -> Result<Vec<Checkpoint>, StoreError> {
+        self.read(|conn| Ok(read_checkpoints(conn)?)).await
+    }
+
+    async fn key_material(&self, purpose: &str) -> Result<Option<Sealed>, StoreError> {
+        let purpose = purpose.to_owned();
+        self.read(move |conn| {
+            let row = conn
+                .query_row(
+                    "SELECT nonce, wrapped_key FROM key_material WHERE purpose = ?1",
+                    [&purpose],
+                    |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?)),
+                )
+                .optional()?;
+            row.map(|(n, ciphertext)| {
+                Ok(Sealed {
+                    nonce: nonce(n)?,
+                    ciphertext,
+                })
+            })
+            .transpose()
+        })
+        .await
+    }
+
+    async fn put_key_material(&self, purpose: &str, sealed: Sealed) -> Result<(), StoreError> {
+        let purpose = purpose.to_owned();
+        self.write(move |conn| {
+            conn.execute(
+                "INSERT INTO key_material (purpose, nonce, wrapped_key, created_at) VALUES (?1, ?2, ?3, ?4)",
+                params![purpose, sealed.nonce.as_slice(), sealed.ciphertext, millis(SystemTime::now())],
+            )
+            .map_err(classify)?;
+            Ok(())
         })
         .await
     }

@@ -77,6 +77,10 @@ impl VaultDir {
                 ..OutboundConfig::default()
             },
             providers: ProvidersConfig::default(),
+            audit: credvault::config::AuditConfig {
+                public_key_file: Some(p.join("audit.pub")),
+                ..Default::default()
+            },
             policy: credvault::policy::dev_rules(),
             source: None,
         }

@@ -1,0 +1,254 @@
+//! The audit log: typed events, hash-chained, with signed checkpoints, and the check that finds a broken link.
+
+mod verify;
+
+use std::collections::BTreeMap;
+
+use ring::digest;
+use ring::signature::{Ed25519KeyPair, KeyPair};
+use serde::{Deserialize, Serialize};
+
+pub use verify::{verify, Broken, Checked};
+
+pub const HASH_LEN: usize = 32;
+pub const GENESIS: [u8; HASH_LEN] = [0; HASH_LEN];
+pub const OUTCOME_OK: &str = "OK";
+const HEAD_SIGNATURE_PURPOSE: &[u8] = b"credvault/v1/audit-head";
+
+/// Who did what, as the gate saw it before the call ran.
+#[derive(Debug, Clone)]
+pub struct Context {
+    pub identity: String,
+    /// `Service.Method`.
+    pub method: String,
+    pub workspace_id: String,
+    pub provider: String,
+    pub request_id: String,
+}
+
+/// What a secret looks like in an event: its redaction, never its value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretSummary {
+    pub hint: String,
+    pub fingerprint: String,
+}
+
+/// One audit event. Built only from these typed fields, never from error
+/// strings, request bodies or `Debug` output. Its JSON (fields in this order,
+/// maps sorted) is the canonical encoding the hash chain covers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Event {
+    pub sequence: u64,
+    pub time_ms: i64,
+    pub identity: String,
+    pub method: String,
+    pub workspace_id: String,
+    pub provider: String,
+    pub outcome: String,
+    pub verdict: String,
+    pub key_version: u32,
+    pub secrets: BTreeMap<String, SecretSummary>,
+    pub request_id: String,
+}
+
+/// What the call itself adds to its event.
+#[derive(Debug, Clone, Default)]
+pub struct Details {
+    pub verdict: String,
+    pub key_version: u32,
+    pub secrets: BTreeMap<String, SecretSummary>,
+}
+
+impl Event {
+    /// An event for `context` with `outcome`; the store assigns the sequence.
+    pub fn new(context: &Context, outcome: &str, details: Details) -> Self {
+        let time_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        Self {
+            sequence: 0,
+            time_ms,
+            identity: context.identity.clone(),
+            method: context.method.clone(),
+            workspace_id: context.workspace_id.clone(),
+            provider: context.provider.clone(),
+            outcome: outcome.to_owned(),
+            verdict: details.verdict,
+            key_version: details.key_version,
+            secrets: details.secrets,
+            request_id: context.request_id.clone(),
+        }
+    }
+
+    pub fn canonical(&self) -> String {
+        // Strings, integers and string maps always serialize.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+/// An event as stored: its canonical text and its place in the chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEvent {
+    pub sequence: u64,
+    pub canonical: String,
+    pub previous_hash: [u8; HASH_LEN],
+    pub hash: [u8; HASH_LEN],
+}
+
+impl StoredEvent {
+    pub fn event(&self) -> Option<Event> {
+        serde_json::from_str(&self.canonical).ok()
+    }
+}
+
+/// `SHA-256(previous_hash || canonical)`.
+pub fn chain_hash(previous: &[u8; HASH_LEN], canonical: &str) -> [u8; HASH_LEN] {
+    let mut ctx = digest::Context::new(&digest::SHA256);
+    ctx.update(previous);
+    ctx.update(canonical.as_bytes());
+    let mut out = [0; HASH_LEN];
+    out.copy_from_slice(ctx.finish().as_ref());
+    out
+}
+
+/// A signed statement that the log held `sequence` events ending in `hash`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub sequence: u64,
+    #[serde(with = "hex")]
+    pub hash: Vec<u8>,
+    #[serde(with = "hex")]
+    pub signature: Vec<u8>,
+    pub key_id: String,
+}
+
+fn head_message(sequence: u64, hash: &[u8]) -> Vec<u8> {
+    [HEAD_SIGNATURE_PURPOSE, &sequence.to_be_bytes(), hash].concat()
+}
+
+/// The vault's Ed25519 audit key.
+pub struct Signer {
+    pair: Ed25519KeyPair,
+}
+
+impl std::fmt::Debug for Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Signer({})", self.key_id())
+    }
+}
+
+impl Signer {
+    /// A new key, as PKCS#8 bytes to be sealed and stored.
+    pub fn generate(rng: &ring::rand::SystemRandom) -> Option<zeroize::Zeroizing<Vec<u8>>> {
+        Ed25519KeyPair::generate_pkcs8(rng)
+            .ok()
+            .map(|doc| zeroize::Zeroizing::new(doc.as_ref().to_vec()))
+    }
+
+    pub fn from_pkcs8(pkcs8: &[u8]) -> Option<Self> {
+        Ed25519KeyPair::from_pkcs8(pkcs8)
+            .ok()
+            .map(|pair| Self { pair })
+    }
+
+    pub fn public_key(&self) -> &[u8] {
+        self.pair.public_key().as_ref()
+    }
+
+    pub fn key_id(&self) -> String {
+        key_id(self.public_key())
+    }
+
+    pub fn sign_head(&self, sequence: u64, hash: &[u8]) -> Checkpoint {
+        Checkpoint {
+            sequence,
+            hash: hash.to_vec(),
+            signature: self
+                .pair
+                .sign(&head_message(sequence, hash))
+                .as_ref()
+                .to_vec(),
+            key_id: self.key_id(),
+        }
+    }
+}
+
+/// The first 8 bytes of the public key's SHA-256, in hex.
+pub fn key_id(public_key: &[u8]) -> String {
+    data_encoding::HEXLOWER.encode(&digest::digest(&digest::SHA256, public_key).as_ref()[..8])
+}
+
+/// Whether `checkpoint` is signed by `public_key`.
+pub fn signature_ok(public_key: &[u8], checkpoint: &Checkpoint) -> bool {
+    ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, public_key)
+        .verify(
+            &head_message(checkpoint.sequence, &checkpoint.hash),
+            &checkpoint.signature,
+        )
+        .is_ok()
+}
+
+/// Hex for byte fields in JSON.
+pub mod hex {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&data_encoding::HEXLOWER.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(d)?;
+        data_encoding::HEXLOWER_PERMISSIVE
+            .decode(text.as_bytes())
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_encoding_is_stable_and_sorted() {
+        let ctx = Context {
+            identity: "i".into(),
+            method: "Credentials.Store".into(),
+            workspace_id: "w".into(),
+            provider: "amplitude".into(),
+            request_id: "r".into(),
+        };
+        let mut details = Details::default();
+        for f in ["z", "a"] {
+            details.secrets.insert(
+                f.into(),
+                SecretSummary {
+                    hint: "h…".into(),
+                    fingerprint: "f".into(),
+                },
+            );
+        }
+        let mut e = Event::new(&ctx, OUTCOME_OK, details);
+        e.time_ms = 5;
+        let text = e.canonical();
+        assert!(
+            text.starts_with(r#"{"sequence":0,"time_ms":5,"identity":"i""#),
+            "{text}"
+        );
+        assert!(text.find("\"a\"") < text.find("\"z\""));
+        assert_eq!(serde_json::from_str::<Event>(&text).unwrap(), e);
+    }
+
+    #[test]
+    fn signatures_verify_only_for_their_head() {
+        let rng = ring::rand::SystemRandom::new();
+        let signer = Signer::from_pkcs8(&Signer::generate(&rng).unwrap()).unwrap();
+        let cp = signer.sign_head(7, &[1; 32]);
+        assert!(signature_ok(signer.public_key(), &cp));
+        let mut other = cp.clone();
+        other.sequence = 8;
+        assert!(!signature_ok(signer.public_key(), &other));
+        let stranger = Signer::from_pkcs8(&Signer::generate(&rng).unwrap()).unwrap();
+        assert!(!signature_ok(stranger.public_key(), &cp));
+    }
+}

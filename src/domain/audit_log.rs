@@ -1,0 +1,113 @@
+//! The audit log as the vault keeps it: appends that notify subscribers, and signed heads.
+
+use std::sync::Arc;
+
+use ring::rand::SystemRandom;
+use tokio::sync::watch;
+
+use super::VaultError;
+use crate::audit::{Checkpoint, Event, Signer, StoredEvent};
+use crate::crypto::RootKey;
+use crate::store::Store;
+
+const SIGNING_KEY: &str = "audit-signing";
+
+pub struct AuditLog {
+    store: Arc<dyn Store>,
+    signer: Signer,
+    head: watch::Sender<u64>,
+}
+
+impl std::fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditLog")
+            .field("signer", &self.signer)
+            .field("head", &*self.head.borrow())
+            .finish()
+    }
+}
+
+impl AuditLog {
+    /// Unseals the audit signing key with `root`, creating one for a new store.
+    pub(super) async fn open(store: Arc<dyn Store>, root: &RootKey) -> Result<Self, VaultError> {
+        let rng = SystemRandom::new();
+        let signer = match store.key_material(SIGNING_KEY).await? {
+            Some(sealed) => {
+                let pkcs8 = root.open(SIGNING_KEY, &sealed)?;
+                Signer::from_pkcs8(pkcs8.expose_secret()).ok_or(VaultError::DataLoss)?
+            }
+            None => {
+                let pkcs8 = Signer::generate(&rng).ok_or_else(|| {
+                    VaultError::Internal("could not generate the audit key".into())
+                })?;
+                store
+                    .put_key_material(SIGNING_KEY, root.seal(&rng, SIGNING_KEY, &pkcs8)?)
+                    .await?;
+                Signer::from_pkcs8(&pkcs8).ok_or(VaultError::DataLoss)?
+            }
+        };
+        let head = store.audit_head().await?.map_or(0, |e| e.sequence);
+        Ok(Self {
+            store,
+            signer,
+            head: watch::Sender::new(head),
+        })
+    }
+
+    /// Appends an event for a call that changed nothing. Fails closed: the
+    /// caller must not answer if this fails.
+    pub async fn record(&self, event: Event) -> Result<(), VaultError> {
+        let stored = self.store.append_audit(event).await.map_err(|e| {
+            tracing::warn!(error = %e, "audit append failed");
+            VaultError::AuditUnavailable
+        })?;
+        self.appended(&stored);
+        Ok(())
+    }
+
+    /// Tells subscribers about an event appended (possibly inside another transaction).
+    pub(super) fn appended(&self, stored: &StoredEvent) {
+        self.head.send_if_modified(|head| {
+            let newer = stored.sequence > *head;
+            if newer {
+                *head = stored.sequence;
+            }
+            newer
+        });
+    }
+
+    /// The newest sequence, watched: it changes whenever an event is appended.
+    pub fn watch(&self) -> watch::Receiver<u64> {
+        self.head.subscribe()
+    }
+
+    pub async fn after(&self, after: u64, limit: usize) -> Result<Vec<StoredEvent>, VaultError> {
+        Ok(self.store.audit_after(after, limit).await?)
+    }
+
+    /// The newest event's sequence and hash, signed now; `None` for an empty log.
+    pub async fn signed_head(&self) -> Result<Option<Checkpoint>, VaultError> {
+        let head = self.store.audit_head().await?;
+        Ok(head.map(|e| self.signer.sign_head(e.sequence, &e.hash)))
+    }
+
+    /// Signs and stores the head unless the newest checkpoint already covers it.
+    pub async fn checkpoint(&self, last: u64) -> Result<Option<u64>, VaultError> {
+        match self.signed_head().await? {
+            Some(cp) if cp.sequence > last => {
+                let sequence = cp.sequence;
+                self.store.add_checkpoint(cp).await?;
+                Ok(Some(sequence))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    pub fn public_key(&self) -> &[u8] {
+        self.signer.public_key()
+    }
+
+    pub fn key_id(&self) -> String {
+        self.signer.key_id()
+    }
+}

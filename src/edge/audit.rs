@@ -1,0 +1,146 @@
+//! The `credvault.v1.Audit` service: the consumer's stream of events and the signed head.
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::gate::{Audited, Gate};
+use crate::audit::{self, StoredEvent};
+use crate::domain::Vault;
+use crate::proto;
+
+/// Events read from the database per query while catching up.
+const BATCH: usize = 256;
+/// Events buffered per subscriber; a full buffer only stalls that subscriber.
+const BUFFER: usize = 256;
+
+pub struct AuditService {
+    vault: Arc<Vault>,
+    gate: Gate,
+}
+
+impl AuditService {
+    pub fn new(vault: Arc<Vault>, gate: Gate) -> Self {
+        Self { vault, gate }
+    }
+}
+
+#[tonic::async_trait]
+impl proto::audit_server::Audit for AuditService {
+    type SubscribeStream = ReceiverStream<Result<proto::AuditEvent, Status>>;
+
+    async fn subscribe(
+        &self,
+        req: Request<proto::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        self.gate
+            .call("Audit", "Subscribe", req, |r, _| async move {
+                let (tx, rx) = mpsc::channel(BUFFER);
+                tokio::spawn(follow(Arc::clone(&self.vault), r.after_sequence, tx));
+                Ok((
+                    ReceiverStream::new(rx),
+                    Audited::Details(audit::Details::default()),
+                ))
+            })
+            .await
+    }
+
+    async fn head(
+        &self,
+        req: Request<proto::HeadRequest>,
+    ) -> Result<Response<proto::AuditHead>, Status> {
+        self.gate
+            .call("Audit", "Head", req, |_, _| async move {
+                let log = self.vault.audit();
+                let head = log.signed_head().await?;
+                let response = proto::AuditHead {
+                    sequence: head.as_ref().map_or(0, |h| h.sequence),
+                    hash: head.as_ref().map(|h| h.hash.clone()).unwrap_or_default(),
+                    signature: head.map(|h| h.signature).unwrap_or_default(),
+                    public_key_id: log.key_id(),
+                    public_key: log.public_key().to_vec(),
+                };
+                Ok((response, Audited::Details(audit::Details::default())))
+            })
+            .await
+    }
+}
+
+/// Sends every event after `after` from the database, then waits for the
+/// head to move and reads again. Writers only bump a watched number, so a
+/// slow subscriber never slows them; it just reads further behind.
+async fn follow(
+    vault: Arc<Vault>,
+    mut after: u64,
+    tx: mpsc::Sender<Result<proto::AuditEvent, Status>>,
+) {
+    let log = vault.audit();
+    let mut head = log.watch();
+    loop {
+        // Marks the current head seen before reading, so an append that
+        // lands after the read still wakes the wait below.
+        head.borrow_and_update();
+        let batch = match log.after(after, BATCH).await {
+            Ok(batch) => batch,
+            Err(e) => {
+                tracing::warn!(error = %e, "audit subscriber could not read the log");
+                let _ = tx
+                    .send(Err(Status::unavailable("the audit log could not be read")))
+                    .await;
+                return;
+            }
+        };
+        if batch.is_empty() {
+            tokio::select! {
+                () = tx.closed() => return,
+                changed = head.changed() => if changed.is_err() { return },
+            }
+            continue;
+        }
+        for stored in batch {
+            after = stored.sequence;
+            let Some(event) = encode(&stored) else {
+                let _ = tx
+                    .send(Err(Status::data_loss("an audit event is malformed")))
+                    .await;
+                return;
+            };
+            if tx.send(Ok(event)).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+pub fn encode(stored: &StoredEvent) -> Option<proto::AuditEvent> {
+    let e = stored.event()?;
+    let time =
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(e.time_ms.max(0).unsigned_abs());
+    Some(proto::AuditEvent {
+        sequence: stored.sequence,
+        time: Some(time.into()),
+        identity: e.identity,
+        method: e.method,
+        workspace_id: e.workspace_id,
+        provider: e.provider,
+        outcome: e.outcome,
+        verdict: e.verdict,
+        key_version: e.key_version,
+        secrets: e
+            .secrets
+            .into_iter()
+            .map(|(field, s)| {
+                let redacted = proto::RedactedSecret {
+                    hint: s.hint,
+                    fingerprint: s.fingerprint,
+                };
+                (field, redacted)
+            })
+            .collect(),
+        request_id: e.request_id,
+        hash: stored.hash.to_vec(),
+        previous_hash: stored.previous_hash.to_vec(),
+    })
+}
