@@ -185,6 +185,17 @@ fn new_user_stores_redacts_lists_and_zeroes_with_the_cli_and_no_secret_leaks() {
     server.terminate();
 
     // A second run reuses everything and still knows the disconnected connection.
+    let verify = Command::new(BIN)
+        .args(["audit", "verify", "--config"])
+        .arg(data.join("credvault.toml"))
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+
     let server = start(&data, &tmp.path().join("second.log"));
     let second_log = std::fs::read_to_string(&server.log).unwrap();
     assert!(!second_log.contains("CREATED A NEW DEVELOPMENT VAULT"));

@@ -1,0 +1,517 @@
+//! The audit stream: one event per call, written before the answer (or with the change),
+//! secret-free, resumable, tamper-evident.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+mod common;
+
+use std::process::Command;
+
+use common::{amplitude, reference, windows, TestVault, VaultDir};
+use credvault::dev::certs::Subject;
+use credvault::proto::audit_client::AuditClient;
+use credvault::proto::{
+    AuditEvent, HeadRequest, ListProvidersRequest, ListRequest, SubscribeRequest,
+};
+use rusqlite::Connection;
+use tonic::transport::Channel;
+use tonic::Code;
+
+const BIN: &str = env!("CARGO_BIN_EXE_credvault");
+const CANARY: &str = "Jx4Wq9Lm2Vb7Nc5Rt8Yd3Kf6Gh1Ps0Zu";
+
+async fn auditor(dir: &VaultDir, vault: &TestVault) -> AuditClient<Channel> {
+    let cert = dir
+        .ca
+        .issue(
+            "auditor",
+            Subject::ClientUris(&["spiffe://credvault.local/auditor"]),
+        )
+        .unwrap();
+    let channel = credvault::cli::client::connect_channel(
+        &vault.url(),
+        vault.ca_pem.as_bytes(),
+        cert.cert_pem.as_bytes(),
+        cert.key_pem.as_bytes(),
+    )
+    .await
+    .unwrap();
+    AuditClient::new(channel)
+}
+
+/// Reads events after `after` until `count` have arrived.
+async fn read(client: &mut AuditClient<Channel>, after: u64, count: usize) -> Vec<AuditEvent> {
+    let mut stream = client
+        .subscribe(SubscribeRequest {
+            after_sequence: after,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut events = Vec::new();
+    while events.len() < count {
+        events.push(stream.message().await.unwrap().unwrap());
+    }
+    events
+}
+
+#[tokio::test]
+async fn every_call_produces_exactly_one_event_in_order() {
+    let dir = VaultDir::new();
+    let vault = dir.start().await;
+    let mut c = vault.client().await;
+    let stored = c
+        .store(amplitude("ws", CANARY, CANARY))
+        .await
+        .unwrap()
+        .into_inner();
+    c.redact(reference("ws", "amplitude")).await.unwrap();
+    c.list(ListRequest {
+        workspace_id: "ws".into(),
+    })
+    .await
+    .unwrap();
+    c.list_providers(ListProvidersRequest {}).await.unwrap();
+    c.zero(reference("ws", "amplitude")).await.unwrap();
+    c.validate_connection(reference("ws", "amplitude"))
+        .await
+        .unwrap();
+    c.redact(reference("ws", "posthog")).await.unwrap_err();
+
+    let mut audit = auditor(&dir, &vault).await;
+    let events = read(&mut audit, 0, 8).await;
+    let seen: Vec<_> = events
+        .iter()
+        .map(|e| (e.sequence, e.method.as_str(), e.outcome.as_str()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (1, "Credentials.Store", "OK"),
+            (2, "Credentials.Redact", "OK"),
+            (3, "Credentials.List", "OK"),
+            (4, "Credentials.ListProviders", "OK"),
+            (5, "Credentials.Zero", "OK"),
+            (6, "Credentials.ValidateConnection", "OK"),
+            (7, "Credentials.Redact", "NOT_FOUND"),
+            (8, "Audit.Subscribe", "OK"),
+        ]
+    );
+    let store = &events[0];
+    assert_eq!(store.identity, common::APP);
+    assert_eq!(
+        (store.workspace_id.as_str(), store.provider.as_str()),
+        ("ws", "amplitude")
+    );
+    assert_eq!(store.key_version, 1);
+    assert_eq!(
+        store.secrets, stored.secrets,
+        "hints and fingerprints, nothing more"
+    );
+    assert_eq!(events[5].verdict, "DISCONNECTED");
+    assert_eq!(store.request_id.len(), 16);
+    for pair in events.windows(2) {
+        assert_eq!(pair[1].previous_hash, pair[0].hash, "the chain links");
+    }
+}
+
+#[tokio::test]
+async fn failed_and_denied_calls_are_audited() {
+    let dir = VaultDir::new();
+    let vault = dir.start().await;
+    let mut c = vault.client().await;
+    let mut bad = amplitude("ws", CANARY, "short");
+    bad.secrets
+        .insert("secret_key".into(), format!("{CANARY} "));
+    assert_eq!(
+        c.store(bad).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    let stranger = dir
+        .ca
+        .issue(
+            "x",
+            Subject::ClientUris(&["spiffe://credvault.local/stranger"]),
+        )
+        .unwrap();
+    let mut s = vault
+        .client_as(&stranger.cert_pem, &stranger.key_pem)
+        .await
+        .unwrap();
+    s.zero(reference("ws-2", "posthog")).await.unwrap_err();
+    s.redact(reference(&"x".repeat(500), "not-a-provider"))
+        .await
+        .unwrap_err();
+
+    let events = read(&mut auditor(&dir, &vault).await, 0, 3).await;
+    assert_eq!(events[0].method, "Credentials.Store");
+    assert_eq!(events[0].outcome, "INVALID_ARGUMENT");
+    assert_eq!(events[0].workspace_id, "ws");
+    assert!(events[0].secrets.is_empty());
+    assert_eq!(events[1].identity, "spiffe://credvault.local/stranger");
+    assert_eq!(events[1].method, "Credentials.Zero");
+    assert_eq!(events[1].outcome, "PERMISSION_DENIED");
+    assert_eq!(
+        (events[1].workspace_id.as_str(), events[1].provider.as_str()),
+        ("ws-2", "posthog")
+    );
+    assert_eq!(
+        events[2].workspace_id, "(invalid)",
+        "raw input never reaches the log"
+    );
+    assert_eq!(events[2].provider, "(invalid)");
+}
+
+#[tokio::test]
+async fn a_canary_secret_is_in_no_event() {
+    let dir = VaultDir::new();
+    let vault = dir.start().await;
+    let mut c = vault.client().await;
+    c.store(amplitude("ws", CANARY, CANARY)).await.unwrap();
+    let mut bad = amplitude("ws", CANARY, CANARY);
+    bad.secrets.insert(CANARY.into(), CANARY.into());
+    c.store(bad).await.unwrap_err();
+    c.redact(reference("ws", "amplitude")).await.unwrap();
+    let events = read(&mut auditor(&dir, &vault).await, 0, 3).await;
+    let db = Connection::open(dir.db()).unwrap();
+    let mut rows: Vec<String> = db
+        .prepare("SELECT event FROM audit_events")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    rows.push(format!("{events:?}"));
+    for piece in windows(CANARY, 5) {
+        for row in &rows {
+            assert!(!row.contains(&piece), "{piece} in {row}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_failing_audit_write_fails_the_call_and_changes_nothing() {
+    let dir = VaultDir::new();
+    let vault = dir.start().await;
+    let mut c = vault.client().await;
+    let before = c
+        .store(amplitude("ws", CANARY, CANARY))
+        .await
+        .unwrap()
+        .into_inner();
+    let db = Connection::open(dir.db()).unwrap();
+    db.execute_batch(
+        "CREATE TRIGGER audit_down BEFORE INSERT ON audit_events BEGIN SELECT RAISE(ABORT, 'disk gone'); END;",
+    )
+    .unwrap();
+    let store = c
+        .store(amplitude("ws", CANARY, "Another0secret1value2xyzXYZ34567"))
+        .await
+        .unwrap_err();
+    assert_eq!(store.code(), Code::Unavailable, "{store:?}");
+    assert!(!store.message().contains("disk gone"));
+    assert_eq!(
+        c.zero(reference("ws", "amplitude"))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::Unavailable
+    );
+    assert_eq!(
+        c.redact(reference("ws", "amplitude"))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::Unavailable
+    );
+    db.execute_batch("DROP TRIGGER audit_down").unwrap();
+    let after = c
+        .redact(reference("ws", "amplitude"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(after.secrets, before.secrets, "the Store did not happen");
+    assert_eq!(after.status, before.status, "the Zero did not happen");
+}
+
+#[tokio::test]
+async fn a_subscriber_that_reconnects_gets_every_event_exactly_once() {
+    let dir = VaultDir::new();
+    let vault = dir.start().await;
+    let mut c = vault.client().await;
+    for i in 0..5 {
+        c.store(amplitude(&format!("ws{i}"), CANARY, CANARY))
+            .await
+            .unwrap();
+    }
+    let mut audit = auditor(&dir, &vault).await;
+    let first = read(&mut audit, 0, 3).await;
+    let last_seen = first.last().unwrap().sequence;
+    for i in 5..10 {
+        c.store(amplitude(&format!("ws{i}"), CANARY, CANARY))
+            .await
+            .unwrap();
+    }
+    // Events so far: 10 stores and 1 subscribe; a second subscribe comes next.
+    let rest = read(&mut audit, last_seen, 12 - 3).await;
+    let all: Vec<u64> = first.iter().chain(&rest).map(|e| e.sequence).collect();
+    assert_eq!(all, (1..=12).collect::<Vec<_>>());
+    // And live events arrive on an open stream.
+    let mut live = audit
+        .subscribe(SubscribeRequest { after_sequence: 12 })
+        .await
+        .unwrap()
+        .into_inner();
+    c.list_providers(ListProvidersRequest {}).await.unwrap();
+    let next = live.message().await.unwrap().unwrap();
+    assert_eq!(next.sequence, 13);
+    assert_eq!(next.method, "Audit.Subscribe");
+    assert_eq!(
+        live.message().await.unwrap().unwrap().method,
+        "Credentials.ListProviders"
+    );
+}
+
+#[tokio::test]
+async fn a_stalled_consumer_does_not_hold_up_writers() {
+    let dir = VaultDir::new();
+    let vault = dir.start().await;
+    let mut audit = auditor(&dir, &vault).await;
+    // Subscribe and read nothing while far more events than any buffer are written.
+    let mut stalled = audit
+        .subscribe(SubscribeRequest { after_sequence: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut c = vault.client().await;
+    for i in 0..600 {
+        c.store(amplitude(&format!("ws{i}"), CANARY, CANARY))
+            .await
+            .unwrap();
+    }
+    let mut expected = 1;
+    while expected <= 601 {
+        let e = stalled.message().await.unwrap().unwrap();
+        assert_eq!(e.sequence, expected);
+        expected += 1;
+    }
+}
+
+#[tokio::test]
+async fn head_is_signed_by_the_published_key() {
+    let dir = VaultDir::new();
+    let vault = dir.start().await;
+    vault
+        .client()
+        .await
+        .list_providers(ListProvidersRequest {})
+        .await
+        .unwrap();
+    let head = auditor(&dir, &vault)
+        .await
+        .head(HeadRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        head.sequence, 1,
+        "the Head call's own event comes after it is read"
+    );
+    let published = std::fs::read_to_string(dir.path().join("audit.pub")).unwrap();
+    assert_eq!(
+        published.trim(),
+        data_encoding::HEXLOWER.encode(&head.public_key)
+    );
+    let checkpoint = credvault::audit::Checkpoint {
+        sequence: head.sequence,
+        hash: head.hash.clone(),
+        signature: head.signature.clone(),
+        key_id: head.public_key_id.clone(),
+    };
+    assert!(credvault::audit::signature_ok(
+        &head.public_key,
+        &checkpoint
+    ));
+}
+
+/// Writes the test vault's configuration to a file, as `audit verify --config` reads it.
+fn config_file(dir: &VaultDir) -> std::path::PathBuf {
+    let path = dir.path().join("credvault.toml");
+    std::fs::write(&path, dir.config().to_toml()).unwrap();
+    path
+}
+
+fn verify(args: &[&str], path: &std::path::Path) -> (bool, String) {
+    let out = Command::new(BIN)
+        .args(["audit", "verify"])
+        .args(args)
+        .arg(path)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+async fn log_of_six(dir: &VaultDir) {
+    let vault = dir.start().await;
+    let mut c = vault.client().await;
+    for i in 0..6 {
+        c.store(amplitude(&format!("ws{i}"), CANARY, CANARY))
+            .await
+            .unwrap();
+    }
+    drop(c);
+    vault.stop().await;
+}
+
+#[tokio::test]
+async fn audit_verify_catches_edited_deleted_and_reordered_events() {
+    let dir = VaultDir::new();
+    log_of_six(&dir).await;
+    let config = config_file(&dir);
+    let (ok, text) = verify(&["--config"], &config);
+    assert!(ok, "{text}");
+    assert!(text.contains("audit log intact: 6 events"), "{text}");
+
+    let db = Connection::open(dir.db()).unwrap();
+    let original: Vec<String> = db
+        .prepare("SELECT event FROM audit_events ORDER BY sequence")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    db.execute(
+        "UPDATE audit_events SET event = replace(event, '\"ws2\"', '\"ws9\"') WHERE sequence = 3",
+        [],
+    )
+    .unwrap();
+    let (ok, text) = verify(&["--config"], &config);
+    assert!(!ok && text.contains("event 3 was edited"), "{text}");
+    db.execute(
+        "UPDATE audit_events SET event = ?1 WHERE sequence = 3",
+        [&original[2]],
+    )
+    .unwrap();
+    assert!(verify(&["--config"], &config).0, "restored");
+
+    db.execute(
+        "UPDATE audit_events SET event = CASE sequence WHEN 4 THEN ?1 WHEN 5 THEN ?2 END WHERE sequence IN (4, 5)",
+        [&original[4], &original[3]],
+    )
+    .unwrap();
+    let (ok, text) = verify(&["--config"], &config);
+    assert!(!ok && text.contains("event 4"), "{text}");
+    db.execute(
+        "UPDATE audit_events SET event = CASE sequence WHEN 4 THEN ?1 WHEN 5 THEN ?2 END WHERE sequence IN (4, 5)",
+        [&original[3], &original[4]],
+    )
+    .unwrap();
+    assert!(verify(&["--config"], &config).0, "restored");
+
+    db.execute("DELETE FROM audit_events WHERE sequence = 2", [])
+        .unwrap();
+    let (ok, text) = verify(&["--config"], &config);
+    assert!(!ok && text.contains("event 2 is missing"), "{text}");
+}
+
+#[tokio::test]
+async fn audit_verify_catches_deleted_trailing_events_through_a_checkpoint() {
+    let dir = VaultDir::new();
+    let mut config = dir.config();
+    config.audit.checkpoint_every = 3;
+    let vault = dir.start_with(config).await;
+    let mut c = vault.client().await;
+    for i in 0..6 {
+        c.store(amplitude(&format!("ws{i}"), CANARY, CANARY))
+            .await
+            .unwrap();
+    }
+    drop(c);
+    // Wait for the checkpoint task to sign a head at or past event 3.
+    let db = Connection::open(dir.db()).unwrap();
+    for _ in 0..100 {
+        let n: i64 = db
+            .query_row("SELECT count(*) FROM audit_checkpoints", [], |r| r.get(0))
+            .unwrap();
+        if n > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    vault.stop().await;
+    let top: u64 = db
+        .query_row("SELECT max(sequence) FROM audit_checkpoints", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert!(top >= 3);
+    let config = config_file(&dir);
+    assert!(verify(&["--config"], &config).0);
+    db.execute("DELETE FROM audit_events WHERE sequence >= ?1", [top])
+        .unwrap();
+    let (ok, text) = verify(&["--config"], &config);
+    assert!(!ok && text.contains("past the end of the log"), "{text}");
+}
+
+#[tokio::test]
+async fn audit_export_then_verify_file() {
+    let dir = VaultDir::new();
+    let vault = dir.start().await;
+    let mut c = vault.client().await;
+    for i in 0..4 {
+        c.store(amplitude(&format!("ws{i}"), CANARY, CANARY))
+            .await
+            .unwrap();
+    }
+    let auditor = dir
+        .ca
+        .issue(
+            "auditor",
+            Subject::ClientUris(&["spiffe://credvault.local/auditor"]),
+        )
+        .unwrap();
+    common::write_private(&dir.path().join("auditor.pem"), auditor.cert_pem.as_bytes());
+    common::write_private(
+        &dir.path().join("auditor-key.pem"),
+        auditor.key_pem.as_bytes(),
+    );
+    let export = dir.path().join("audit.jsonl");
+    let out = tokio::process::Command::new(BIN)
+        .args(["audit", "export", "--addr", &vault.url()])
+        .arg("--ca")
+        .arg(dir.path().join("ca.pem"))
+        .arg("--cert")
+        .arg(dir.path().join("auditor.pem"))
+        .arg("--key")
+        .arg(dir.path().join("auditor-key.pem"))
+        .arg("--to")
+        .arg(&export)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pinned = dir.path().join("audit.pub");
+    let (ok, text) = verify(
+        &["--public-key", pinned.to_str().unwrap(), "--file"],
+        &export,
+    );
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("4 events") && text.contains("1 signed checkpoints"),
+        "{text}"
+    );
+
+    let text = std::fs::read_to_string(&export).unwrap();
+    std::fs::write(&export, text.replacen("\"ws1\"", "\"ws7\"", 1)).unwrap();
+    let (ok, text) = verify(&["--file"], &export);
+    assert!(!ok && text.contains("event 2 was edited"), "{text}");
+}
