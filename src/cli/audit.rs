@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::client::Connect;
+use super::client::{status_error, Connect};
 use crate::audit::{self, Checkpoint, Event, SecretSummary, StoredEvent, HASH_LEN};
 use crate::config::Config;
 use crate::proto::audit_client::AuditClient;
@@ -76,10 +76,6 @@ pub async fn run(command: AuditCommand) -> Result<(), String> {
 
 async fn client(connect: &Connect) -> Result<AuditClient<tonic::transport::Channel>, String> {
     connect.channel("auditor").await.map(AuditClient::new)
-}
-
-fn status_error(s: tonic::Status) -> String {
-    format!("{:?}: {}", s.code(), s.message())
 }
 
 async fn tail(connect: Connect, from: u64) -> Result<(), String> {

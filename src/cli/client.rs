@@ -166,7 +166,7 @@ impl Connect {
     }
 }
 
-fn status_error(s: tonic::Status) -> String {
+pub(super) fn status_error(s: tonic::Status) -> String {
     format!("{:?}: {}", s.code(), s.message())
 }
 

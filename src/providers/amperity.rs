@@ -16,13 +16,13 @@ const API_VERSION: &str = "2024-04-01";
 pub static SPEC: ProviderSpec = ProviderSpec {
     name: "amperity",
     display_name: "Amperity",
-    secrets: &[FieldSpec::secret(
+    secrets: &[FieldSpec::required(
         "access_token",
         "an API access token (a JWT) from the tenant's API keys page",
         8192,
     )],
     params: &[
-        FieldSpec::param("tenant_id", "the tenant id, sent as Amperity-Tenant", 63),
+        FieldSpec::required("tenant_id", "the tenant id, sent as Amperity-Tenant", 63),
         FieldSpec::choice(
             "host",
             "app (AWS), tenant ({tenant_id}.amperity.com, Azure) or apse2 (Australia)",

@@ -11,8 +11,8 @@ pub static SPEC: ProviderSpec = ProviderSpec {
     name: "amplitude",
     display_name: "Amplitude",
     secrets: &[
-        FieldSpec::secret("api_key", "the project's API key", 256),
-        FieldSpec::secret("secret_key", "the project's secret key", 256),
+        FieldSpec::required("api_key", "the project's API key", 256),
+        FieldSpec::required("secret_key", "the project's secret key", 256),
     ],
     params: &[
         FieldSpec::choice("region", "the project's data center", &["us", "eu"], "us"),

@@ -99,18 +99,8 @@ pub struct FieldSpec {
 }
 
 impl FieldSpec {
-    const fn secret(name: &'static str, description: &'static str, max_bytes: usize) -> Self {
-        Self {
-            name,
-            description,
-            required: true,
-            allowed: &[],
-            default: None,
-            max_bytes,
-        }
-    }
-
-    const fn param(name: &'static str, description: &'static str, max_bytes: usize) -> Self {
+    /// A field that must be given, with no fixed set of values.
+    const fn required(name: &'static str, description: &'static str, max_bytes: usize) -> Self {
         Self {
             name,
             description,

@@ -10,13 +10,13 @@ use super::{Checked, FieldSpec, Params, ProviderSpec, Rejection, Secrets, Valida
 pub static SPEC: ProviderSpec = ProviderSpec {
     name: "posthog",
     display_name: "PostHog",
-    secrets: &[FieldSpec::secret(
+    secrets: &[FieldSpec::required(
         "personal_api_key",
         "a personal API key (starts with phx_) with project:read scope",
         256,
     )],
     params: &[
-        FieldSpec::param("project_id", "the numeric project id", 20),
+        FieldSpec::required("project_id", "the numeric project id", 20),
         FieldSpec::choice("region", "the PostHog cloud", &["us", "eu"], "us"),
     ],
     check,
