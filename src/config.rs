@@ -198,6 +198,14 @@ pub struct KeysConfig {
     /// The environment variable holding 64 hex characters, used when no file is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub root_key_env: Option<String>,
+    /// The vault rotates by itself when the primary key version has wrapped
+    /// this many data keys (well under AES-GCM's limit for random nonces).
+    #[serde(default = "default_max_encryptions")]
+    pub max_encryptions_per_version: u64,
+}
+
+fn default_max_encryptions() -> u64 {
+    1 << 30
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -73,8 +73,16 @@ pub async fn run(
         watch_sighup(path, policy.clone());
     }
     let outbound = Outbound::new(&config.outbound)?;
-    let vault = Arc::new(Vault::open(store, &root, outbound, &config.providers).await?);
-    drop(root);
+    let vault = Arc::new(
+        Vault::open(
+            store,
+            root,
+            outbound,
+            &config.providers,
+            config.keys.max_encryptions_per_version,
+        )
+        .await?,
+    );
     if let Some(path) = &config.audit.public_key_file {
         let hex = data_encoding::HEXLOWER.encode(vault.audit().public_key());
         std::fs::write(path, format!("{hex}\n")).map_err(|e| ServeError::PublicKey {
@@ -83,9 +91,10 @@ pub async fn run(
         })?;
     }
     tokio::spawn(checkpoints(Arc::clone(&vault), config.audit.clone()));
+    tokio::spawn(crate::domain::rotation::run(Arc::clone(&vault)));
     tracing::info!(
         listen = %listener.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()),
-        key_version = vault.keyring().primary_version(),
+        key_version = vault.primary_key_version(),
         "credvault serving"
     );
 

@@ -22,9 +22,15 @@ const SECRET: &str = "s3cr3tKEYvalue0123456789abcdefXY";
 async fn open_vault(dir: &VaultDir) -> Vault {
     let store = Arc::new(SqliteStore::open(&dir.db()).unwrap());
     let root = RootKey::from_file(&dir.path().join("root.key")).unwrap();
-    Vault::open(store, &root, outbound(), &ProvidersConfig::default())
-        .await
-        .unwrap()
+    Vault::open(
+        store,
+        root,
+        outbound(),
+        &ProvidersConfig::default(),
+        1 << 30,
+    )
+    .await
+    .unwrap()
 }
 
 /// No test here calls a provider; the client is only needed to build the vault.
@@ -212,9 +218,15 @@ async fn another_root_key_cannot_open_the_database() {
     common::write_private(&dir.path().join("other.key"), "cd".repeat(32).as_bytes());
     let store = Arc::new(SqliteStore::open(&dir.db()).unwrap());
     let wrong = RootKey::from_file(&dir.path().join("other.key")).unwrap();
-    let err = Vault::open(store, &wrong, outbound(), &ProvidersConfig::default())
-        .await
-        .unwrap_err()
-        .to_string();
+    let err = Vault::open(
+        store,
+        wrong,
+        outbound(),
+        &ProvidersConfig::default(),
+        1 << 30,
+    )
+    .await
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("root key does not open"), "{err}");
 }

@@ -2,6 +2,7 @@
 
 pub mod audit;
 pub mod client;
+mod keys;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -45,6 +46,9 @@ enum Command {
     /// The audit log: tail it, export it, verify its chain.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
+    /// Key rotation: rotate, status, retire, rotate-root.
+    #[command(subcommand)]
+    Keys(keys::KeysCommand),
 }
 
 #[derive(Debug, clap::Args)]
@@ -94,6 +98,7 @@ pub fn main() -> ExitCode {
         Command::Validate(args) => runtime.block_on(client::validate(args)),
         Command::Providers(args) => runtime.block_on(client::providers(args)),
         Command::Audit(command) => runtime.block_on(audit::run(command)),
+        Command::Keys(command) => runtime.block_on(keys::run(command)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -11,7 +11,8 @@ use zeroize::Zeroizing;
 use super::{associated_data, open, seal, CryptoError, Key, Sealed};
 
 const KEK_PURPOSE: &str = "credvault/v1/key-encryption-key";
-const FINGERPRINT_KEY_PURPOSE: &str = "credvault/v1/fingerprint-key";
+/// The fingerprint key's purpose among the keys sealed under the root key.
+pub const FINGERPRINT_KEY_PURPOSE: &str = "fingerprint";
 const DATA_KEY_PURPOSE: &str = "credvault/v1/data-key";
 const FINGERPRINT_PURPOSE: &str = "credvault/v1/fingerprint";
 const ROOT_SEALED_PURPOSE: &str = "credvault/v1/root-sealed";
@@ -112,6 +113,26 @@ impl RootKey {
             &associated_data(ROOT_SEALED_PURPOSE, &[purpose.as_bytes()]),
         )
     }
+
+    /// Seals a key-encryption key version.
+    pub fn seal_key_version(
+        &self,
+        rng: &SystemRandom,
+        version: u32,
+        key: &Key,
+    ) -> Result<WrappedKeyVersion, CryptoError> {
+        Ok(WrappedKeyVersion {
+            version,
+            sealed: seal(rng, &self.0, key.expose_secret(), &kek_aad(version))?,
+        })
+    }
+
+    /// Unseals a key-encryption key version.
+    pub fn open_key_version(&self, wrapped: &WrappedKeyVersion) -> Result<Key, CryptoError> {
+        let plain = open(&self.0, &wrapped.sealed, &kek_aad(wrapped.version))?;
+        let mut bytes = plain.expose_secret().to_vec();
+        Key::from_slice(&mut bytes).ok_or(CryptoError::Decrypt)
+    }
 }
 
 impl std::fmt::Debug for RootKey {
@@ -158,15 +179,11 @@ impl Keyring {
         let kek = Key::generate(&rng)?;
         let fingerprint = Key::generate(&rng)?;
         let material = NewKeyMaterial {
-            first_version: WrappedKeyVersion {
-                version: 1,
-                sealed: seal(&rng, &root.0, kek.expose_secret(), &kek_aad(1))?,
-            },
-            fingerprint_key: seal(
+            first_version: root.seal_key_version(&rng, 1, &kek)?,
+            fingerprint_key: root.seal(
                 &rng,
-                &root.0,
+                FINGERPRINT_KEY_PURPOSE,
                 fingerprint.expose_secret(),
-                &associated_data(FINGERPRINT_KEY_PURPOSE, &[]),
             )?,
         };
         let keyring = Self {
@@ -184,20 +201,14 @@ impl Keyring {
         versions: &[WrappedKeyVersion],
         fingerprint_key: &Sealed,
     ) -> Result<Self, CryptoError> {
-        let unwrap_key = |sealed: &Sealed, aad: &[u8]| {
-            let plain = open(&root.0, sealed, aad)?;
-            let mut bytes = plain.expose_secret().to_vec();
-            Key::from_slice(&mut bytes).ok_or(CryptoError::Decrypt)
-        };
         let versions = versions
             .iter()
-            .map(|w| Ok((w.version, unwrap_key(&w.sealed, &kek_aad(w.version))?)))
+            .map(|w| Ok((w.version, root.open_key_version(w)?)))
             .collect::<Result<BTreeMap<_, _>, CryptoError>>()?;
         let primary = *versions.keys().next_back().ok_or(CryptoError::Decrypt)?;
-        let fingerprint = unwrap_key(
-            fingerprint_key,
-            &associated_data(FINGERPRINT_KEY_PURPOSE, &[]),
-        )?;
+        let plain = root.open(FINGERPRINT_KEY_PURPOSE, fingerprint_key)?;
+        let mut bytes = plain.expose_secret().to_vec();
+        let fingerprint = Key::from_slice(&mut bytes).ok_or(CryptoError::Decrypt)?;
         Ok(Self {
             rng: SystemRandom::new(),
             primary,
@@ -208,6 +219,47 @@ impl Keyring {
 
     pub fn primary_version(&self) -> u32 {
         self.primary
+    }
+
+    /// The versions this keyring can unwrap with.
+    pub fn versions(&self) -> impl Iterator<Item = u32> + '_ {
+        self.versions.keys().copied()
+    }
+
+    /// A new key-encryption key for the next version, sealed under `root`:
+    /// persist the sealed form, then [`Keyring::install`] the key.
+    pub fn next_version(&self, root: &RootKey) -> Result<(Key, WrappedKeyVersion), CryptoError> {
+        let version = self.versions.keys().next_back().map_or(1, |v| v + 1);
+        let key = Key::generate(&self.rng)?;
+        let sealed = root.seal_key_version(&self.rng, version, &key)?;
+        Ok((key, sealed))
+    }
+
+    /// Makes `version` primary: new data keys are wrapped by it from now on.
+    pub fn install(&mut self, version: u32, key: Key) {
+        self.versions.insert(version, key);
+        self.primary = self.primary.max(version);
+    }
+
+    /// Forgets a retired version's key (the primary cannot be removed).
+    pub fn remove(&mut self, version: u32) {
+        if version != self.primary {
+            self.versions.remove(&version);
+        }
+    }
+
+    /// Wraps an existing data key under the primary version, for the rewrap job.
+    pub fn rewrap_data_key(
+        &self,
+        owner: &[&[u8]],
+        data_key: &Key,
+    ) -> Result<(u32, Sealed), CryptoError> {
+        let kek = &self.versions[&self.primary];
+        let aad = data_key_aad(owner, self.primary);
+        Ok((
+            self.primary,
+            seal(&self.rng, kek, data_key.expose_secret(), &aad)?,
+        ))
     }
 
     pub fn rng(&self) -> &SystemRandom {

@@ -5,7 +5,9 @@ mod keyring;
 mod secret;
 
 pub use envelope::{associated_data, open, seal, Sealed, NONCE_LEN};
-pub use keyring::{Keyring, NewKeyMaterial, RootKey, RootKeyError, WrappedKeyVersion};
+pub use keyring::{
+    Keyring, NewKeyMaterial, RootKey, RootKeyError, WrappedKeyVersion, FINGERPRINT_KEY_PURPOSE,
+};
 pub use secret::{Key, Plaintext};
 
 /// A decryption or key failure. Deliberately says nothing more than that: which

@@ -5,10 +5,12 @@ mod error;
 mod ids;
 mod input;
 mod redact;
+pub mod rotation;
 mod validate;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::SystemTime;
 
 use secrecy::{ExposeSecret, SecretString};
@@ -130,15 +132,22 @@ pub struct Decrypted {
 /// The vault: the only holder of the unwrapped keyring.
 pub struct Vault {
     store: Arc<dyn Store>,
-    keyring: Keyring,
+    /// Kept to seal new key versions.
+    root: RootKey,
+    keyring: RwLock<Keyring>,
     validator: Validator,
     audit: AuditLog,
+    rotation: tokio::sync::Mutex<()>,
+    rewrap_wake: tokio::sync::Notify,
+    /// Data keys wrapped by the primary version, for the automatic rotation.
+    primary_encryptions: AtomicU64,
+    max_encryptions: u64,
 }
 
 impl std::fmt::Debug for Vault {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Vault")
-            .field("keyring", &self.keyring)
+            .field("keyring", &*self.keyring_read())
             .finish_non_exhaustive()
     }
 }
@@ -148,41 +157,64 @@ impl Vault {
     /// Validation calls go through `outbound` to the configured base URLs.
     pub async fn open(
         store: Arc<dyn Store>,
-        root: &RootKey,
+        root: RootKey,
         outbound: Outbound,
         providers: &ProvidersConfig,
+        max_encryptions: u64,
     ) -> Result<Self, VaultError> {
+        let root_ref = &root;
         let keyring = match store.load_keys().await? {
-            Some(keys) => {
-                Keyring::unwrap(root, &keys.versions, &keys.fingerprint_key).map_err(|_| {
+            Some(keys) => Keyring::unwrap(root_ref, &keys.versions, &keys.fingerprint_key)
+                .map_err(|_| {
                     VaultError::Internal(
                         "the root key does not open this database's key material \
                          (wrong root key, or tampered key tables)"
                             .into(),
                     )
-                })?
-            }
+                })?,
             None => {
-                let (keyring, material) = Keyring::create(root)?;
+                let (keyring, material) = Keyring::create(root_ref)?;
                 store.init_keys(material).await?;
                 keyring
             }
         };
-        let audit = AuditLog::open(Arc::clone(&store), root).await?;
+        let audit = AuditLog::open(Arc::clone(&store), root_ref).await?;
+        let primary = keyring.primary_version();
+        let primary_encryptions = store
+            .key_versions()
+            .await?
+            .iter()
+            .find(|v| v.version == primary)
+            .map_or(0, |v| v.encryptions);
         Ok(Self {
             store,
-            keyring,
+            root,
+            keyring: RwLock::new(keyring),
             validator: Validator::new(outbound, providers),
             audit,
+            rotation: tokio::sync::Mutex::new(()),
+            rewrap_wake: tokio::sync::Notify::new(),
+            primary_encryptions: AtomicU64::new(primary_encryptions),
+            max_encryptions,
         })
+    }
+
+    /// The keyring, for a moment: never held across an `.await`.
+    fn keyring_read(&self) -> RwLockReadGuard<'_, Keyring> {
+        // Writers only insert or remove whole entries; a poisoned lock holds a whole keyring.
+        self.keyring.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn keyring_write(&self) -> RwLockWriteGuard<'_, Keyring> {
+        self.keyring.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn primary_key_version(&self) -> u32 {
+        self.keyring_read().primary_version()
     }
 
     pub fn audit(&self) -> &AuditLog {
         &self.audit
-    }
-
-    pub fn keyring(&self) -> &Keyring {
-        &self.keyring
     }
 
     /// Encrypts and stores a credential, replacing any secrets the connection
@@ -213,25 +245,29 @@ impl Vault {
             None
         };
         let owner = target.owner();
-        let (data_key, key_version, sealed_key) = self.keyring.new_data_key(&owner)?;
-        let secrets = new
-            .secrets
-            .iter()
-            .map(|(field, value)| {
-                let value = value.expose_secret();
-                Ok(SecretRecord {
-                    sealed: crypto::seal(
-                        self.keyring.rng(),
-                        &data_key,
-                        value.as_bytes(),
-                        &secret_aad(target, field),
-                    )?,
-                    hint: hint(value),
-                    fingerprint: self.keyring.fingerprint(value.as_bytes()),
-                    field: field.clone(),
+        let (key_version, sealed_key, secrets) = {
+            let keyring = self.keyring_read();
+            let (data_key, key_version, sealed_key) = keyring.new_data_key(&owner)?;
+            let secrets = new
+                .secrets
+                .iter()
+                .map(|(field, value)| {
+                    let value = value.expose_secret();
+                    Ok(SecretRecord {
+                        sealed: crypto::seal(
+                            keyring.rng(),
+                            &data_key,
+                            value.as_bytes(),
+                            &secret_aad(target, field),
+                        )?,
+                        hint: hint(value),
+                        fingerprint: keyring.fingerprint(value.as_bytes()),
+                        field: field.clone(),
+                    })
                 })
-            })
-            .collect::<Result<Vec<_>, VaultError>>()?;
+                .collect::<Result<Vec<_>, VaultError>>()?;
+            (key_version, sealed_key, secrets)
+        };
         let now = SystemTime::now();
         let record = CredentialRecord {
             workspace_id: target.workspace_id.to_string(),
@@ -260,6 +296,12 @@ impl Vault {
         );
         let (stored, appended) = self.store.put(record, event).await?;
         self.audit.appended(&appended);
+        let encryptions = self.primary_encryptions.fetch_add(1, Ordering::Relaxed) + 1;
+        // A Store that began before a rotation wrapped under the old version:
+        // the rewrap job moves it; the cap check may rotate.
+        if key_version != self.primary_key_version() || encryptions >= self.max_encryptions {
+            self.rewrap_wake.notify_one();
+        }
         Ok(stored.into())
     }
 
@@ -389,7 +431,7 @@ impl Vault {
             )));
         };
         let data_key = self
-            .keyring
+            .keyring_read()
             .open_data_key(&target.owner(), wrapped.key_version, &wrapped.sealed)
             .inspect_err(|_| tamper_warning(target, "data key"))?;
         let secrets = record

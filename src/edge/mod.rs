@@ -3,6 +3,7 @@
 pub mod audit;
 mod credentials;
 mod gate;
+mod keys;
 mod status;
 pub mod tls;
 
@@ -17,9 +18,11 @@ use crate::domain::Vault;
 use crate::policy::SharedPolicy;
 use crate::proto::audit_server::AuditServer;
 use crate::proto::credentials_server::CredentialsServer;
+use crate::proto::key_admin_server::KeyAdminServer;
 use audit::AuditService;
 use credentials::CredentialsService;
 use gate::Gate;
+use keys::KeyAdminService;
 
 /// Serves the vault's gRPC services on `listener` until `shutdown` resolves,
 /// then lets in-flight calls finish.
@@ -33,6 +36,7 @@ pub async fn serve(
 ) -> Result<(), tonic::transport::Error> {
     let gate = Gate::new(policy, Arc::clone(&vault));
     let audit = AuditServer::new(AuditService::new(Arc::clone(&vault), gate.clone()));
+    let keys = KeyAdminServer::new(KeyAdminService::new(Arc::clone(&vault), gate.clone()));
     let credentials = CredentialsServer::new(CredentialsService::new(vault, gate))
         .max_decoding_message_size(limits.max_message_bytes)
         .max_encoding_message_size(limits.max_message_bytes);
@@ -44,6 +48,7 @@ pub async fn serve(
     tonic::transport::Server::builder()
         .add_service(credentials)
         .add_service(audit)
+        .add_service(keys)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }

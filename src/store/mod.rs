@@ -53,6 +53,46 @@ pub struct SecretRecord {
     pub fingerprint: String,
 }
 
+/// A key-encryption key version, as `KeyAdmin.Status` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyVersionRow {
+    pub version: u32,
+    pub retired: bool,
+    pub created_at: SystemTime,
+    /// Data keys it has wrapped, ever.
+    pub encryptions: u64,
+    /// Data keys it wraps now.
+    pub credentials: u64,
+}
+
+/// A data key the rewrap job has to move to the primary version.
+#[derive(Debug, Clone)]
+pub struct StaleDataKey {
+    pub workspace_id: String,
+    pub provider: String,
+    pub key: WrappedDataKey,
+}
+
+/// A data key moved from one version to another. Applied only if the row
+/// still holds `old`, so a concurrent Store always wins.
+#[derive(Debug, Clone)]
+pub struct Rewrapped {
+    pub workspace_id: String,
+    pub provider: String,
+    pub old: WrappedDataKey,
+    pub new: WrappedDataKey,
+}
+
+/// What `retire_key_version` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetireOutcome {
+    Retired,
+    /// Still wraps this many data keys; nothing changed.
+    InUse(u64),
+    Unknown,
+    AlreadyRetired,
+}
+
 /// The key material a keyring is unwrapped from.
 #[derive(Debug)]
 pub struct StoredKeys {
@@ -131,6 +171,31 @@ pub trait Store: Send + Sync + 'static {
     async fn audit_head(&self) -> Result<Option<StoredEvent>, StoreError>;
     async fn add_checkpoint(&self, checkpoint: Checkpoint) -> Result<(), StoreError>;
     async fn checkpoints(&self) -> Result<Vec<Checkpoint>, StoreError>;
+    /// Adds a key-encryption key version; the highest active version is primary.
+    async fn add_key_version(&self, version: WrappedKeyVersion) -> Result<(), StoreError>;
+    /// Every version, retired ones included, with its counts.
+    async fn key_versions(&self) -> Result<Vec<KeyVersionRow>, StoreError>;
+    /// Up to `limit` connected credentials whose data key is not wrapped by `primary`.
+    async fn stale_data_keys(
+        &self,
+        primary: u32,
+        limit: usize,
+    ) -> Result<Vec<StaleDataKey>, StoreError>;
+    /// Applies a batch of rewrapped data keys in one transaction; returns how many applied.
+    async fn rewrap(&self, batch: Vec<Rewrapped>) -> Result<usize, StoreError>;
+    /// Destroys an unused key version's material and marks it retired.
+    async fn retire_key_version(&self, version: u32) -> Result<RetireOutcome, StoreError>;
+    /// Every key sealed under the root key: the active key versions and the
+    /// other material, by purpose.
+    async fn root_sealed(
+        &self,
+    ) -> Result<(Vec<WrappedKeyVersion>, Vec<(String, Sealed)>), StoreError>;
+    /// Replaces all root-sealed material at once (root-key rotation).
+    async fn replace_root_sealed(
+        &self,
+        versions: Vec<WrappedKeyVersion>,
+        material: Vec<(String, Sealed)>,
+    ) -> Result<(), StoreError>;
     /// A key sealed under the root key, by purpose.
     async fn key_material(&self, purpose: &str) -> Result<Option<Sealed>, StoreError>;
     async fn put_key_material(&self, purpose: &str, sealed: Sealed) -> Result<(), StoreError>;

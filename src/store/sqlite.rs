@@ -9,7 +9,8 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row, Transaction};
 
 use super::{
-    CredentialRecord, SecretRecord, Store, StoreError, StoredKeys, StoredStatus, WrappedDataKey,
+    CredentialRecord, KeyVersionRow, RetireOutcome, Rewrapped, SecretRecord, StaleDataKey, Store,
+    StoreError, StoredKeys, StoredStatus, WrappedDataKey,
 };
 use crate::audit::{chain_hash, Checkpoint, Event, StoredEvent, GENESIS, HASH_LEN};
 use crate::crypto::{NewKeyMaterial, Sealed, WrappedKeyVersion, NONCE_LEN};
@@ -76,6 +77,11 @@ CREATE TABLE audit_checkpoints (
     signature  BLOB NOT NULL,
     key_id     TEXT NOT NULL
 ) STRICT;
+"#,
+    r#"
+ALTER TABLE key_versions ADD COLUMN state TEXT NOT NULL DEFAULT 'active'
+    CHECK (state IN ('active', 'retired'));
+ALTER TABLE key_versions ADD COLUMN encryptions INTEGER NOT NULL DEFAULT 0;
 "#,
 ];
 
@@ -388,6 +394,9 @@ fn put_tx(
         key.map(|k| k.sealed.ciphertext.as_slice()),
         record.last_validation,
     ])?;
+    if let Some(k) = key {
+        count_encryptions(&tx, k.key_version, 1)?;
+    }
     delete_secrets(&tx, &record.workspace_id, &record.provider)?;
     {
         let mut insert = tx.prepare_cached(
@@ -410,6 +419,19 @@ fn put_tx(
     let stored = append_in(&tx, event)?;
     tx.commit()?;
     Ok(stored)
+}
+
+fn count_encryptions(tx: &Transaction<'_>, version: u32, n: u64) -> rusqlite::Result<()> {
+    tx.prepare_cached("UPDATE key_versions SET encryptions = encryptions + ?2 WHERE version = ?1")?
+        .execute(params![version, n])?;
+    Ok(())
+}
+
+fn sealed_from(n: Vec<u8>, ciphertext: Vec<u8>) -> Result<Sealed, StoreError> {
+    Ok(Sealed {
+        nonce: nonce(n)?,
+        ciphertext,
+    })
 }
 
 /// Appends `event` to the chain inside `tx`: next sequence, hash over the
@@ -720,6 +742,209 @@ impl Store for SqliteStore {
 
     async fn checkpoints(&self) -> Result<Vec<Checkpoint>, StoreError> {
         self.read(|conn| Ok(read_checkpoints(conn)?)).await
+    }
+
+    async fn add_key_version(&self, v: WrappedKeyVersion) -> Result<(), StoreError> {
+        self.write(move |conn| {
+            conn.execute(
+                "INSERT INTO key_versions (version, nonce, wrapped_key, created_at) VALUES (?1, ?2, ?3, ?4)",
+                params![v.version, v.sealed.nonce.as_slice(), v.sealed.ciphertext, millis(SystemTime::now())],
+            )
+            .map_err(classify)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn key_versions(&self) -> Result<Vec<KeyVersionRow>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT v.version, v.state, v.created_at, v.encryptions, \
+                        (SELECT count(*) FROM credentials c WHERE c.key_version = v.version) \
+                 FROM key_versions v ORDER BY v.version",
+            )?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok(KeyVersionRow {
+                        version: r.get(0)?,
+                        retired: r.get::<_, String>(1)? == "retired",
+                        created_at: time(r.get(2)?),
+                        encryptions: r.get(3)?,
+                        credentials: r.get(4)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn stale_data_keys(
+        &self,
+        primary: u32,
+        limit: usize,
+    ) -> Result<Vec<StaleDataKey>, StoreError> {
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT workspace_id, provider, key_version, dek_nonce, wrapped_dek FROM credentials \
+                 WHERE key_version IS NOT NULL AND key_version != ?1 LIMIT ?2",
+            )?;
+            let rows = stmt
+                .query_map(params![primary, limit as i64], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, u32>(2)?,
+                        r.get::<_, Vec<u8>>(3)?,
+                        r.get::<_, Vec<u8>>(4)?,
+                    ))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            rows.into_iter()
+                .map(|(workspace_id, provider, key_version, n, ciphertext)| {
+                    Ok(StaleDataKey {
+                        workspace_id,
+                        provider,
+                        key: WrappedDataKey {
+                            key_version,
+                            sealed: sealed_from(n, ciphertext)?,
+                        },
+                    })
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn rewrap(&self, batch: Vec<Rewrapped>) -> Result<usize, StoreError> {
+        self.write(move |conn| {
+            let tx = conn.transaction()?;
+            let mut applied = 0;
+            {
+                let mut update = tx.prepare_cached(
+                    "UPDATE credentials SET key_version = ?1, dek_nonce = ?2, wrapped_dek = ?3 \
+                     WHERE workspace_id = ?4 AND provider = ?5 AND key_version = ?6 AND wrapped_dek = ?7",
+                )?;
+                for r in &batch {
+                    applied += update.execute(params![
+                        r.new.key_version,
+                        r.new.sealed.nonce.as_slice(),
+                        r.new.sealed.ciphertext,
+                        r.workspace_id,
+                        r.provider,
+                        r.old.key_version,
+                        r.old.sealed.ciphertext,
+                    ])?;
+                }
+            }
+            if let Some(first) = batch.first() {
+                count_encryptions(&tx, first.new.key_version, applied as u64)?;
+            }
+            tx.commit().map_err(classify)?;
+            Ok(applied)
+        })
+        .await
+    }
+
+    async fn retire_key_version(&self, version: u32) -> Result<RetireOutcome, StoreError> {
+        self.write(move |conn| {
+            let tx = conn.transaction()?;
+            let state: Option<String> = tx
+                .query_row("SELECT state FROM key_versions WHERE version = ?1", [version], |r| r.get(0))
+                .optional()?;
+            match state.as_deref() {
+                None => return Ok(RetireOutcome::Unknown),
+                Some("retired") => return Ok(RetireOutcome::AlreadyRetired),
+                Some(_) => {}
+            }
+            let users: u64 = tx.query_row(
+                "SELECT count(*) FROM credentials WHERE key_version = ?1",
+                [version],
+                |r| r.get(0),
+            )?;
+            if users > 0 {
+                return Ok(RetireOutcome::InUse(users));
+            }
+            // secure_delete zeroes the freed bytes; the checkpoint below moves
+            // the zeroed page into the main file and empties the WAL.
+            tx.execute(
+                "UPDATE key_versions SET state = 'retired', nonce = zeroblob(0), wrapped_key = zeroblob(0) \
+                 WHERE version = ?1",
+                [version],
+            )?;
+            tx.commit().map_err(classify)?;
+            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+            Ok(RetireOutcome::Retired)
+        })
+        .await
+    }
+
+    async fn root_sealed(
+        &self,
+    ) -> Result<(Vec<WrappedKeyVersion>, Vec<(String, Sealed)>), StoreError> {
+        self.read(|conn| {
+            let versions = conn
+                .prepare(
+                    "SELECT version, nonce, wrapped_key FROM key_versions WHERE state = 'active'",
+                )?
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, u32>(0)?,
+                        r.get::<_, Vec<u8>>(1)?,
+                        r.get::<_, Vec<u8>>(2)?,
+                    ))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?
+                .into_iter()
+                .map(|(version, n, c)| {
+                    Ok(WrappedKeyVersion {
+                        version,
+                        sealed: sealed_from(n, c)?,
+                    })
+                })
+                .collect::<Result<Vec<_>, StoreError>>()?;
+            let material = conn
+                .prepare("SELECT purpose, nonce, wrapped_key FROM key_material")?
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, Vec<u8>>(1)?,
+                        r.get::<_, Vec<u8>>(2)?,
+                    ))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?
+                .into_iter()
+                .map(|(purpose, n, c)| Ok((purpose, sealed_from(n, c)?)))
+                .collect::<Result<Vec<_>, StoreError>>()?;
+            Ok((versions, material))
+        })
+        .await
+    }
+
+    async fn replace_root_sealed(
+        &self,
+        versions: Vec<WrappedKeyVersion>,
+        material: Vec<(String, Sealed)>,
+    ) -> Result<(), StoreError> {
+        self.write(move |conn| {
+            let tx = conn.transaction()?;
+            for v in &versions {
+                tx.execute(
+                    "UPDATE key_versions SET nonce = ?2, wrapped_key = ?3 WHERE version = ?1",
+                    params![v.version, v.sealed.nonce.as_slice(), v.sealed.ciphertext],
+                )?;
+            }
+            for (purpose, sealed) in &material {
+                tx.execute(
+                    "UPDATE key_material SET nonce = ?2, wrapped_key = ?3 WHERE purpose = ?1",
+                    params![purpose, sealed.nonce.as_slice(), sealed.ciphertext],
+                )?;
+            }
+            tx.commit().map_err(classify)?;
+            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+            Ok(())
+        })
+        .await
     }
 
     async fn key_material(&self, purpose: &str) -> Result<Option<Sealed>, StoreError> {

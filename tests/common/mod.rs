@@ -68,6 +68,7 @@ impl VaultDir {
             keys: KeysConfig {
                 root_key_file: Some(p.join("root.key")),
                 root_key_env: None,
+                max_encryptions_per_version: 1 << 30,
             },
             limits: Limits::default(),
             // Providers are HTTPS fakes on 127.0.0.1 with certificates from the test CA.

@@ -1,0 +1,147 @@
+//! `credvault keys rotate|status|retire|rotate-root`: key administration for people.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use super::client::{status_error, Connect};
+use crate::config::{Config, ROOT_KEY_ENV};
+use crate::crypto::RootKey;
+use crate::proto::key_admin_client::KeyAdminClient;
+use crate::proto::key_version_info::State;
+use crate::proto::{self, RetireRequest, RotateRequest, StatusRequest};
+use crate::store::SqliteStore;
+
+#[derive(Debug, clap::Subcommand)]
+pub enum KeysCommand {
+    /// Make a new key version primary; the vault then rewraps every data key under it.
+    Rotate(Connected),
+    /// Show key versions, their use, and rewrap progress.
+    Status(Connected),
+    /// Destroy a key version no credential uses any more.
+    Retire {
+        #[command(flatten)]
+        connect: Connect,
+        #[arg(long)]
+        version: u32,
+    },
+    /// Reseal every key under a new root key, with the vault stopped.
+    RotateRoot {
+        /// The vault's configuration (it names the database and the current root key).
+        #[arg(long)]
+        config: PathBuf,
+        /// A file with the new root key: 64 hex characters, mode 0600.
+        #[arg(long)]
+        new_root_key: PathBuf,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct Connected {
+    #[command(flatten)]
+    connect: Connect,
+}
+
+pub async fn run(command: KeysCommand) -> Result<(), String> {
+    match command {
+        KeysCommand::Rotate(c) => {
+            let status = client(&c.connect)
+                .await?
+                .rotate(RotateRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!(
+                "rotated: key version {} is now primary; rewrapping in the background",
+                status.primary_version
+            );
+            print_status(&status);
+        }
+        KeysCommand::Status(c) => {
+            let status = client(&c.connect)
+                .await?
+                .status(StatusRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            print_status(&status);
+        }
+        KeysCommand::Retire { connect, version } => {
+            let status = client(&connect)
+                .await?
+                .retire(RetireRequest { version })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!("key version {version} retired: its key material is destroyed");
+            print_status(&status);
+        }
+        KeysCommand::RotateRoot {
+            config,
+            new_root_key,
+        } => rotate_root(&config, &new_root_key).await?,
+    }
+    Ok(())
+}
+
+async fn client(connect: &Connect) -> Result<KeyAdminClient<tonic::transport::Channel>, String> {
+    connect.channel("admin").await.map(KeyAdminClient::new)
+}
+
+fn print_status(s: &proto::KeyStatus) {
+    let percent = if s.rewrap_total == 0 {
+        100.0
+    } else {
+        s.rewrap_done as f64 * 100.0 / s.rewrap_total as f64
+    };
+    println!(
+        "primary version {}; rewrap {}/{} credentials on it ({percent:.0}%)",
+        s.primary_version, s.rewrap_done, s.rewrap_total
+    );
+    println!(
+        "{:<8} {:<8} {:<26} {:>12} {:>12}",
+        "VERSION", "STATE", "CREATED", "CREDENTIALS", "ENCRYPTIONS"
+    );
+    for v in &s.versions {
+        let state = match State::try_from(v.state).unwrap_or(State::Unspecified) {
+            State::Primary => "primary",
+            State::Active => "active",
+            State::Retired => "retired",
+            State::Unspecified => "?",
+        };
+        let created = v
+            .created_at
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        println!(
+            "{:<8} {:<8} {:<26} {:>12} {:>12}",
+            v.version, state, created, v.credentials, v.encryptions
+        );
+    }
+}
+
+async fn rotate_root(
+    config_path: &std::path::Path,
+    new_root_key: &std::path::Path,
+) -> Result<(), String> {
+    let config = Config::load(config_path).map_err(|e| e.to_string())?;
+    let old = match &config.keys.root_key_file {
+        Some(path) => RootKey::from_file(path),
+        None => RootKey::from_env(config.keys.root_key_env.as_deref().unwrap_or(ROOT_KEY_ENV)),
+    }
+    .map_err(|e| e.to_string())?;
+    let new = RootKey::from_file(new_root_key).map_err(|e| e.to_string())?;
+    let store = SqliteStore::open(&config.storage.path).map_err(|e| e.to_string())?;
+    let count = crate::domain::rotation::rotate_root(Arc::new(store), &old, &new)
+        .await
+        .map_err(|e| e.to_string())?;
+    println!(
+        "resealed {count} keys under the new root key in {}.\n\
+         The old root key no longer opens this database. Point `keys.root_key_file` in {} at {}\n\
+         (or put the new key in place of the old file), keep a backup of it, then start the vault.",
+        config.storage.path.display(),
+        config_path.display(),
+        new_root_key.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,258 @@
+//! Key rotation: new key versions, the rewrap job that moves every data key onto the primary, and retirement.
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use super::{Vault, VaultError};
+use crate::audit::{self, Event};
+use crate::store::{KeyVersionRow, RetireOutcome, Rewrapped, WrappedDataKey};
+
+/// Data keys rewrapped per transaction: a Store waits at most one batch.
+pub const REWRAP_BATCH: usize = 500;
+
+/// Key versions and rewrap progress.
+#[derive(Debug, Clone)]
+pub struct KeyStatus {
+    pub primary: u32,
+    pub versions: Vec<KeyVersionRow>,
+    /// Connected credentials on the primary version.
+    pub rewrap_done: u64,
+    /// All connected credentials.
+    pub rewrap_total: u64,
+}
+
+impl Vault {
+    /// Creates the next key version and makes it primary, then wakes the
+    /// rewrap job. Rotations run one at a time.
+    pub async fn rotate(&self) -> Result<u32, VaultError> {
+        let _one_at_a_time = self.rotation.lock().await;
+        let (key, wrapped) = self.keyring_read().next_version(&self.root)?;
+        let version = wrapped.version;
+        // Persisted first: a data key must never name a version the database lacks.
+        self.store.add_key_version(wrapped).await?;
+        self.keyring_write().install(version, key);
+        self.primary_encryptions.store(0, Ordering::Relaxed);
+        self.rewrap_wake.notify_one();
+        tracing::info!(version, "key rotated: new primary version");
+        Ok(version)
+    }
+
+    pub async fn key_status(&self) -> Result<KeyStatus, VaultError> {
+        let primary = self.keyring_read().primary_version();
+        let versions = self.store.key_versions().await?;
+        let rewrap_total = versions.iter().map(|v| v.credentials).sum();
+        let rewrap_done = versions
+            .iter()
+            .find(|v| v.version == primary)
+            .map_or(0, |v| v.credentials);
+        Ok(KeyStatus {
+            primary,
+            versions,
+            rewrap_done,
+            rewrap_total,
+        })
+    }
+
+    /// Destroys a key version no credential uses. Moves any stragglers onto
+    /// the primary first, so a finished rotation can always be retired.
+    pub async fn retire(&self, version: u32) -> Result<KeyStatus, VaultError> {
+        if version == self.keyring_read().primary_version() {
+            return Err(VaultError::FailedPrecondition(format!(
+                "key version {version} is the primary and cannot be retired; rotate first"
+            )));
+        }
+        self.rewrap_pass().await?;
+        match self.store.retire_key_version(version).await? {
+            RetireOutcome::Retired => {
+                self.keyring_write().remove(version);
+                tracing::info!(version, "key version retired and destroyed");
+            }
+            RetireOutcome::AlreadyRetired => {}
+            RetireOutcome::InUse(n) => {
+                return Err(VaultError::FailedPrecondition(format!(
+                    "key version {version} still wraps {n} credential(s); wait for the rewrap \
+                     to finish (see `credvault keys status`)"
+                )))
+            }
+            RetireOutcome::Unknown => {
+                return Err(VaultError::InvalidArgument(format!(
+                    "there is no key version {version}"
+                )))
+            }
+        }
+        self.key_status().await
+    }
+
+    /// Rewraps every data key not under the primary version, batch by batch,
+    /// each batch its own transaction. Safe to stop at any point: what is
+    /// left is found again next time. Returns how many it moved.
+    pub async fn rewrap_pass(&self) -> Result<u64, VaultError> {
+        let mut moved = 0;
+        let mut unreadable = HashSet::new();
+        loop {
+            let primary = self.keyring_read().primary_version();
+            let stale = self
+                .store
+                .stale_data_keys(primary, REWRAP_BATCH + unreadable.len())
+                .await?;
+            let mut batch = Vec::new();
+            {
+                let keyring = self.keyring_read();
+                for s in stale {
+                    if batch.len() == REWRAP_BATCH {
+                        break;
+                    }
+                    let id = (s.workspace_id.clone(), s.provider.clone());
+                    if unreadable.contains(&id) {
+                        continue;
+                    }
+                    let owner = [s.workspace_id.as_bytes(), s.provider.as_bytes()];
+                    let moved = keyring
+                        .open_data_key(&owner, s.key.key_version, &s.key.sealed)
+                        .and_then(|data_key| keyring.rewrap_data_key(&owner, &data_key));
+                    match moved {
+                        Ok((key_version, sealed)) => batch.push(Rewrapped {
+                            new: WrappedDataKey {
+                                key_version,
+                                sealed,
+                            },
+                            workspace_id: s.workspace_id,
+                            provider: s.provider,
+                            old: s.key,
+                        }),
+                        Err(_) => {
+                            tracing::warn!(
+                                workspace = %s.workspace_id,
+                                provider = %s.provider,
+                                "rewrap: a stored data key failed authentication; left as it is"
+                            );
+                            unreadable.insert(id);
+                        }
+                    }
+                }
+            }
+            if batch.is_empty() {
+                return Ok(moved);
+            }
+            let applied = self.store.rewrap(batch).await?;
+            moved += applied as u64;
+            self.primary_encryptions
+                .fetch_add(applied as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Appends an audit event for a key operation the vault did on its own.
+    pub(super) async fn system_event(&self, method: &str, key_version: u32) {
+        let context = audit::Context {
+            identity: "credvault".into(),
+            method: method.into(),
+            workspace_id: String::new(),
+            provider: String::new(),
+            request_id: format!(
+                "system-{}",
+                SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis())
+            ),
+        };
+        let details = audit::Details {
+            key_version,
+            ..audit::Details::default()
+        };
+        if let Err(e) = self
+            .audit
+            .record(Event::new(&context, audit::OUTCOME_OK, details))
+            .await
+        {
+            tracing::warn!(error = %e, method, "could not audit a key operation");
+        }
+    }
+}
+
+/// The background job: rewraps after every rotation (and once at start-up,
+/// to finish one a crash interrupted), and rotates by itself when the
+/// primary version reaches its encryption cap.
+pub async fn run(vault: Arc<Vault>) {
+    vault.rewrap_wake.notify_one();
+    loop {
+        vault.rewrap_wake.notified().await;
+        if vault.primary_encryptions.load(Ordering::Relaxed) >= vault.max_encryptions {
+            match vault.rotate().await {
+                Ok(version) => {
+                    tracing::info!(
+                        version,
+                        "the primary key version reached its encryption cap: rotated"
+                    );
+                    vault.system_event("KeyAdmin.Rotate", version).await;
+                }
+                Err(e) => tracing::warn!(error = %e, "automatic key rotation failed"),
+            }
+        }
+        match vault.rewrap_pass().await {
+            Ok(0) => {}
+            Ok(moved) => {
+                let primary = vault.keyring_read().primary_version();
+                tracing::info!(moved, primary, "rewrap finished");
+                vault.system_event("KeyAdmin.Rewrap", primary).await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "rewrap interrupted; retrying shortly");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                vault.rewrap_wake.notify_one();
+            }
+        }
+    }
+}
+
+/// Reseals every key held under the root key (the key-encryption key
+/// versions, the fingerprint key, the audit signing key) under `new`, in one
+/// transaction. Run with the vault stopped. Afterwards `old` opens nothing.
+pub async fn rotate_root(
+    store: Arc<dyn crate::store::Store>,
+    old: &crate::crypto::RootKey,
+    new: &crate::crypto::RootKey,
+) -> Result<usize, VaultError> {
+    let rng = ring::rand::SystemRandom::new();
+    let (versions, material) = store.root_sealed().await?;
+    let not_opened = |_| {
+        VaultError::FailedPrecondition(
+            "the current root key does not open this database's keys".into(),
+        )
+    };
+    let versions = versions
+        .iter()
+        .map(|w| {
+            let key = old.open_key_version(w).map_err(not_opened)?;
+            Ok(new.seal_key_version(&rng, w.version, &key)?)
+        })
+        .collect::<Result<Vec<_>, VaultError>>()?;
+    let material = material
+        .iter()
+        .map(|(purpose, sealed)| {
+            let plain = old.open(purpose, sealed).map_err(not_opened)?;
+            Ok((
+                purpose.clone(),
+                new.seal(&rng, purpose, plain.expose_secret())?,
+            ))
+        })
+        .collect::<Result<Vec<_>, VaultError>>()?;
+    let count = versions.len() + material.len();
+    store.replace_root_sealed(versions, material).await?;
+    let context = audit::Context {
+        identity: "credvault keys rotate-root (local)".into(),
+        method: "KeyAdmin.RotateRoot".into(),
+        workspace_id: String::new(),
+        provider: String::new(),
+        request_id: "rotate-root".into(),
+    };
+    store
+        .append_audit(Event::new(
+            &context,
+            audit::OUTCOME_OK,
+            audit::Details::default(),
+        ))
+        .await?;
+    Ok(count)
+}
