@@ -202,6 +202,13 @@ pub struct KeysConfig {
     /// this many data keys (well under AES-GCM's limit for random nonces).
     #[serde(default = "default_max_encryptions")]
     pub max_encryptions_per_version: u64,
+    /// Data keys the rewrap job moves per transaction.
+    #[serde(default = "default_rewrap_batch")]
+    pub rewrap_batch: usize,
+}
+
+fn default_rewrap_batch() -> usize {
+    500
 }
 
 fn default_max_encryptions() -> u64 {

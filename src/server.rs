@@ -73,16 +73,8 @@ pub async fn run(
         watch_sighup(path, policy.clone());
     }
     let outbound = Outbound::new(&config.outbound)?;
-    let vault = Arc::new(
-        Vault::open(
-            store,
-            root,
-            outbound,
-            &config.providers,
-            config.keys.max_encryptions_per_version,
-        )
-        .await?,
-    );
+    let vault =
+        Arc::new(Vault::open(store, root, outbound, &config.providers, &config.keys).await?);
     if let Some(path) = &config.audit.public_key_file {
         let hex = data_encoding::HEXLOWER.encode(vault.audit().public_key());
         std::fs::write(path, format!("{hex}\n")).map_err(|e| ServeError::PublicKey {

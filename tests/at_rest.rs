@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use common::{contains_bytes, map, VaultDir};
 use credvault::audit;
-use credvault::config::{OutboundConfig, ProvidersConfig};
+use credvault::config::{KeysConfig, OutboundConfig, ProvidersConfig};
 use credvault::crypto::RootKey;
 use credvault::domain::{CredentialRef, NewCredential, Vault, VaultError};
 use credvault::outbound::Outbound;
@@ -27,10 +27,14 @@ async fn open_vault(dir: &VaultDir) -> Vault {
         root,
         outbound(),
         &ProvidersConfig::default(),
-        1 << 30,
+        &keys(),
     )
     .await
     .unwrap()
+}
+
+fn keys() -> KeysConfig {
+    VaultDir::new().config().keys
 }
 
 /// No test here calls a provider; the client is only needed to build the vault.
@@ -223,7 +227,7 @@ async fn another_root_key_cannot_open_the_database() {
         wrong,
         outbound(),
         &ProvidersConfig::default(),
-        1 << 30,
+        &keys(),
     )
     .await
     .unwrap_err()

@@ -21,22 +21,10 @@ const BIN: &str = env!("CARGO_BIN_EXE_credvault");
 const CANARY: &str = "Jx4Wq9Lm2Vb7Nc5Rt8Yd3Kf6Gh1Ps0Zu";
 
 async fn auditor(dir: &VaultDir, vault: &TestVault) -> AuditClient<Channel> {
-    let cert = dir
-        .ca
-        .issue(
-            "auditor",
-            Subject::ClientUris(&["spiffe://credvault.local/auditor"]),
-        )
-        .unwrap();
-    let channel = credvault::cli::client::connect_channel(
-        &vault.url(),
-        vault.ca_pem.as_bytes(),
-        cert.cert_pem.as_bytes(),
-        cert.key_pem.as_bytes(),
+    AuditClient::new(
+        dir.channel_as(vault, "spiffe://credvault.local/auditor")
+            .await,
     )
-    .await
-    .unwrap();
-    AuditClient::new(channel)
 }
 
 /// Reads events after `after` until `count` have arrived.

@@ -16,7 +16,7 @@ use std::time::SystemTime;
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::audit::{self, Event};
-use crate::config::ProvidersConfig;
+use crate::config::{KeysConfig, ProvidersConfig};
 use crate::crypto::{self, Keyring, RootKey};
 use crate::outbound::Outbound;
 use crate::providers::validation::{Validation, Verdict};
@@ -142,6 +142,7 @@ pub struct Vault {
     /// Data keys wrapped by the primary version, for the automatic rotation.
     primary_encryptions: AtomicU64,
     max_encryptions: u64,
+    rewrap_batch: usize,
 }
 
 impl std::fmt::Debug for Vault {
@@ -160,7 +161,7 @@ impl Vault {
         root: RootKey,
         outbound: Outbound,
         providers: &ProvidersConfig,
-        max_encryptions: u64,
+        keys: &KeysConfig,
     ) -> Result<Self, VaultError> {
         let root_ref = &root;
         let keyring = match store.load_keys().await? {
@@ -195,7 +196,8 @@ impl Vault {
             rotation: tokio::sync::Mutex::new(()),
             rewrap_wake: tokio::sync::Notify::new(),
             primary_encryptions: AtomicU64::new(primary_encryptions),
-            max_encryptions,
+            max_encryptions: keys.max_encryptions_per_version,
+            rewrap_batch: keys.rewrap_batch.max(1),
         })
     }
 

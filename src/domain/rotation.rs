@@ -9,9 +9,6 @@ use super::{Vault, VaultError};
 use crate::audit::{self, Event};
 use crate::store::{KeyVersionRow, RetireOutcome, Rewrapped, WrappedDataKey};
 
-/// Data keys rewrapped per transaction: a Store waits at most one batch.
-pub const REWRAP_BATCH: usize = 500;
-
 /// Key versions and rewrap progress.
 #[derive(Debug, Clone)]
 pub struct KeyStatus {
@@ -95,13 +92,13 @@ impl Vault {
             let primary = self.keyring_read().primary_version();
             let stale = self
                 .store
-                .stale_data_keys(primary, REWRAP_BATCH + unreadable.len())
+                .stale_data_keys(primary, self.rewrap_batch + unreadable.len())
                 .await?;
             let mut batch = Vec::new();
             {
                 let keyring = self.keyring_read();
                 for s in stale {
-                    if batch.len() == REWRAP_BATCH {
+                    if batch.len() == self.rewrap_batch {
                         break;
                     }
                     let id = (s.workspace_id.clone(), s.provider.clone());

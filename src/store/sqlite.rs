@@ -15,7 +15,7 @@ use super::{
 use crate::audit::{chain_hash, Checkpoint, Event, StoredEvent, GENESIS, HASH_LEN};
 use crate::crypto::{NewKeyMaterial, Sealed, WrappedKeyVersion, NONCE_LEN};
 
-const FINGERPRINT_KEY: &str = "fingerprint";
+const FINGERPRINT_KEY: &str = crate::crypto::FINGERPRINT_KEY_PURPOSE;
 const READERS: usize = 4;
 
 /// Schema versions, applied in order; `PRAGMA user_version` records how many ran.
@@ -553,8 +553,10 @@ impl Store for SqliteStore {
             let Some((n, ciphertext)) = fingerprint_key else {
                 return Ok(None);
             };
-            let mut stmt = conn
-                .prepare("SELECT version, nonce, wrapped_key FROM key_versions ORDER BY version")?;
+            let mut stmt = conn.prepare(
+                "SELECT version, nonce, wrapped_key FROM key_versions \
+                 WHERE state = 'active' ORDER BY version",
+            )?;
             let versions = stmt
                 .query_map([], |r| {
                     Ok((

@@ -69,6 +69,7 @@ impl VaultDir {
                 root_key_file: Some(p.join("root.key")),
                 root_key_env: None,
                 max_encryptions_per_version: 1 << 30,
+                rewrap_batch: 500,
             },
             limits: Limits::default(),
             // Providers are HTTPS fakes on 127.0.0.1 with certificates from the test CA.
@@ -85,6 +86,22 @@ impl VaultDir {
             policy: credvault::policy::dev_rules(),
             source: None,
         }
+    }
+
+    /// A mutual-TLS channel to `vault` presenting a fresh certificate for `uri`.
+    pub async fn channel_as(&self, vault: &TestVault, uri: &str) -> tonic::transport::Channel {
+        let cert = self
+            .ca
+            .issue("client", Subject::ClientUris(&[uri]))
+            .unwrap();
+        credvault::cli::client::connect_channel(
+            &vault.url(),
+            vault.ca_pem.as_bytes(),
+            cert.cert_pem.as_bytes(),
+            cert.key_pem.as_bytes(),
+        )
+        .await
+        .unwrap()
     }
 
     pub async fn start(&self) -> TestVault {

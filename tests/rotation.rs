@@ -1,0 +1,295 @@
+//! Key rotation with no downtime: rotate under load, rewrap, retire, automatic
+//! rotation at the cap, and root-key rotation.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+mod common;
+
+use std::time::Duration;
+
+use common::fake::{FakeProvider, Reply};
+use common::{amplitude, contains_bytes, reference, TestVault, VaultDir};
+use credvault::config::Config;
+use credvault::proto::key_admin_client::KeyAdminClient;
+use credvault::proto::key_version_info::State;
+use credvault::proto::validation::Verdict;
+use credvault::proto::{KeyStatus, RetireRequest, RotateRequest, StatusRequest};
+use rusqlite::Connection;
+use tonic::transport::Channel;
+use tonic::Code;
+
+const SECRET: &str = "Vq8rKw2Lx7Mz4Nc9Pb3Td6Yf1Gh5Js0U";
+const ADMIN: &str = "spiffe://credvault.local/admin";
+const OK_EVENTS: &str = r#"{"data":[{"name":"Signed Up"}]}"#;
+
+async fn admin(dir: &VaultDir, vault: &TestVault) -> KeyAdminClient<Channel> {
+    KeyAdminClient::new(dir.channel_as(vault, ADMIN).await)
+}
+
+async fn status(admin: &mut KeyAdminClient<Channel>) -> KeyStatus {
+    admin.status(StatusRequest {}).await.unwrap().into_inner()
+}
+
+/// Polls until every connected credential is on the primary version.
+async fn rewrap_finished(admin: &mut KeyAdminClient<Channel>) -> KeyStatus {
+    for _ in 0..400 {
+        let s = status(admin).await;
+        if s.rewrap_done == s.rewrap_total {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("the rewrap never finished: {:?}", status(admin).await);
+}
+
+/// A vault whose Amplitude US host is an HTTPS fake that accepts every key.
+async fn with_fake(dir: &VaultDir, tweak: impl FnOnce(&mut Config)) -> (TestVault, FakeProvider) {
+    let fake = FakeProvider::start(&dir.ca, |_| Reply::json(200, OK_EVENTS)).await;
+    let mut config = dir.config();
+    config
+        .providers
+        .amplitude
+        .base_urls
+        .insert("us".into(), fake.url());
+    tweak(&mut config);
+    (dir.start_with(config).await, fake)
+}
+
+#[tokio::test]
+async fn rotate_under_load_fails_no_call_and_every_credential_moves_and_decrypts() {
+    let dir = VaultDir::new();
+    let (vault, _fake) = with_fake(&dir, |c| c.keys.rewrap_batch = 20).await;
+    let mut c = vault.client().await;
+    for i in 0..300 {
+        c.store(amplitude(&format!("ws{i}"), SECRET, SECRET))
+            .await
+            .unwrap();
+    }
+    let mut admin = admin(&dir, &vault).await;
+    let mut load = Vec::new();
+    for worker in 0..4 {
+        let mut c = vault.client().await;
+        load.push(tokio::spawn(async move {
+            for round in 0..40 {
+                let ws = format!("ws{}", (worker * 40 + round) % 300);
+                c.store(amplitude(&ws, SECRET, SECRET)).await.unwrap();
+                c.redact(reference(&ws, "amplitude")).await.unwrap();
+                let v = c
+                    .validate_connection(reference(&ws, "amplitude"))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                assert_eq!(v.verdict, Verdict::Valid as i32, "{v:?}");
+            }
+        }));
+    }
+    let rotated = admin.rotate(RotateRequest {}).await.unwrap().into_inner();
+    assert_eq!(rotated.primary_version, 2);
+    for task in load {
+        task.await.unwrap();
+    }
+    let done = rewrap_finished(&mut admin).await;
+    assert_eq!(done.rewrap_total, 300);
+    let v1 = done.versions.iter().find(|v| v.version == 1).unwrap();
+    assert_eq!((v1.state, v1.credentials), (State::Active as i32, 0));
+    let v2 = done.versions.iter().find(|v| v.version == 2).unwrap();
+    assert_eq!((v2.state, v2.credentials), (State::Primary as i32, 300));
+    for i in (0..300).step_by(7) {
+        let ws = format!("ws{i}");
+        let redacted = c
+            .redact(reference(&ws, "amplitude"))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(redacted.key_version, 2);
+        let v = c
+            .validate_connection(reference(&ws, "amplitude"))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            v.verdict,
+            Verdict::Valid as i32,
+            "decrypts after the rewrap"
+        );
+    }
+}
+
+#[tokio::test]
+async fn retire_is_refused_while_in_use_and_destroys_the_material_after() {
+    let dir = VaultDir::new();
+    let vault = dir.start().await;
+    let mut c = vault.client().await;
+    c.store(amplitude("ws", SECRET, SECRET)).await.unwrap();
+    let mut admin = admin(&dir, &vault).await;
+    let primary = admin
+        .retire(RetireRequest { version: 1 })
+        .await
+        .unwrap_err();
+    assert_eq!(primary.code(), Code::FailedPrecondition);
+    assert!(
+        primary.message().contains("primary"),
+        "{}",
+        primary.message()
+    );
+
+    let db = Connection::open(dir.db()).unwrap();
+    let material: Vec<u8> = db
+        .query_row(
+            "SELECT wrapped_key FROM key_versions WHERE version = 1",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    admin.rotate(RotateRequest {}).await.unwrap();
+    rewrap_finished(&mut admin).await;
+    let retired = admin
+        .retire(RetireRequest { version: 1 })
+        .await
+        .unwrap()
+        .into_inner();
+    let v1 = retired.versions.iter().find(|v| v.version == 1).unwrap();
+    assert_eq!(v1.state, State::Retired as i32);
+    for suffix in ["", "-wal"] {
+        let bytes = std::fs::read(format!("{}{suffix}", dir.db().display())).unwrap_or_default();
+        assert!(
+            !contains_bytes(&bytes, &material),
+            "retired key material still in the file"
+        );
+    }
+    let redacted = c
+        .redact(reference("ws", "amplitude"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(redacted.key_version, 2);
+    let unknown = admin
+        .retire(RetireRequest { version: 9 })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn retire_names_how_many_credentials_still_use_the_version() {
+    let dir = VaultDir::new();
+    let vault = dir.start().await;
+    let mut c = vault.client().await;
+    for i in 0..3 {
+        c.store(amplitude(&format!("ws{i}"), SECRET, SECRET))
+            .await
+            .unwrap();
+    }
+    let mut admin = admin(&dir, &vault).await;
+    admin.rotate(RotateRequest {}).await.unwrap();
+    rewrap_finished(&mut admin).await;
+    admin.rotate(RotateRequest {}).await.unwrap();
+    rewrap_finished(&mut admin).await;
+    // Version 2 is unused now; make it look used by pointing rows at it
+    // behind the vault's back (they no longer decrypt, so the rewrap skips them).
+    let db = Connection::open(dir.db()).unwrap();
+    db.execute(
+        "UPDATE credentials SET key_version = 2 WHERE workspace_id IN ('ws0', 'ws1')",
+        [],
+    )
+    .unwrap();
+    let refused = admin
+        .retire(RetireRequest { version: 2 })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert!(
+        refused.message().contains("still wraps 2 credential"),
+        "{}",
+        refused.message()
+    );
+}
+
+#[tokio::test]
+async fn the_vault_rotates_by_itself_at_the_encryption_cap() {
+    let dir = VaultDir::new();
+    let mut config = dir.config();
+    config.keys.max_encryptions_per_version = 100;
+    let vault = dir.start_with(config).await;
+    let mut c = vault.client().await;
+    for i in 0..150 {
+        c.store(amplitude(&format!("ws{i}"), SECRET, SECRET))
+            .await
+            .unwrap();
+    }
+    let mut admin = admin(&dir, &vault).await;
+    let mut s = status(&mut admin).await;
+    for _ in 0..200 {
+        if s.primary_version >= 2 && s.rewrap_done == s.rewrap_total {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        s = status(&mut admin).await;
+    }
+    assert!(s.primary_version >= 2, "{s:?}");
+    let v1 = s.versions.iter().find(|v| v.version == 1).unwrap();
+    assert!(v1.encryptions >= 100, "{s:?}");
+    let db = Connection::open(dir.db()).unwrap();
+    let automatic: i64 = db
+        .query_row(
+            "SELECT count(*) FROM audit_events WHERE event LIKE '%\"identity\":\"credvault\"%' \
+             AND event LIKE '%KeyAdmin.Rotate%'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(automatic >= 1, "the automatic rotation is audited");
+}
+
+#[tokio::test]
+async fn root_key_rotation_locks_out_the_old_root_key() {
+    let dir = VaultDir::new();
+    let vault = dir.start().await;
+    let mut c = vault.client().await;
+    let stored = c
+        .store(amplitude("ws", SECRET, SECRET))
+        .await
+        .unwrap()
+        .into_inner();
+    drop(c);
+    vault.stop().await;
+
+    let config_path = dir.path().join("credvault.toml");
+    std::fs::write(&config_path, dir.config().to_toml()).unwrap();
+    let new_root = dir.path().join("new-root.key");
+    common::write_private(&new_root, "9f".repeat(32).as_bytes());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_credvault"))
+        .args(["keys", "rotate-root", "--config"])
+        .arg(&config_path)
+        .arg("--new-root-key")
+        .arg(&new_root)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let err = credvault::run(dir.config(), listener, std::future::pending())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("root key does not open"), "{err}");
+
+    let mut config = dir.config();
+    config.keys.root_key_file = Some(new_root);
+    let vault = dir.start_with(config).await;
+    let after = vault
+        .client()
+        .await
+        .redact(reference("ws", "amplitude"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        after.secrets, stored.secrets,
+        "fingerprints survive the root rotation"
+    );
+}
