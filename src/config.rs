@@ -29,6 +29,8 @@ pub struct Config {
     pub providers: ProvidersConfig,
     #[serde(default)]
     pub audit: AuditConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     /// Who may call what; no rule, no call.
     #[serde(default, rename = "policy")]
     pub policy: Vec<Rule>,
@@ -63,6 +65,15 @@ impl Default for OutboundConfig {
             max_response_bytes: 64 * 1024,
         }
     }
+}
+
+/// Prometheus metrics; off unless `listen` is set.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Where `GET /metrics` is served over plain HTTP, e.g. "127.0.0.1:9464".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
 }
 
 /// The audit log's signed checkpoints.
@@ -170,6 +181,17 @@ pub struct TlsConfig {
     pub key_file: PathBuf,
     /// The CA bundle (PEM) client certificates must chain to.
     pub client_ca_file: PathBuf,
+    /// Certificate revocation lists (PEM) for client certificates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crl_file: Option<PathBuf>,
+    /// How often the files above are checked for changes (they are also
+    /// re-read on SIGHUP). New handshakes use new material.
+    #[serde(default = "default_reload_poll_ms")]
+    pub reload_poll_ms: u64,
+}
+
+fn default_reload_poll_ms() -> u64 {
+    2_000
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -224,6 +246,17 @@ pub struct Limits {
     pub handshake_timeout_ms: u64,
     /// In-flight calls get this long to finish after SIGTERM.
     pub shutdown_grace_ms: u64,
+    /// After SIGTERM, how long health reports NOT_SERVING before the
+    /// listener closes, so load balancers stop sending new calls.
+    pub shutdown_drain_ms: u64,
+    /// Calls in flight at once, over all clients; more get RESOURCE_EXHAUSTED.
+    pub max_concurrent_calls: usize,
+    /// Client connections open at once; more are closed on accept.
+    pub max_connections: usize,
+    /// Calls per second each identity may make (token bucket); 0 for no limit.
+    pub rate_per_identity: u32,
+    /// How many calls an identity may make at once above its rate.
+    pub rate_burst: u32,
 }
 
 impl Default for Limits {
@@ -232,6 +265,11 @@ impl Default for Limits {
             max_message_bytes: 64 * 1024,
             handshake_timeout_ms: 10_000,
             shutdown_grace_ms: 10_000,
+            shutdown_drain_ms: 0,
+            max_concurrent_calls: 1024,
+            max_connections: 1024,
+            rate_per_identity: 0,
+            rate_burst: 100,
         }
     }
 }
@@ -291,6 +329,9 @@ impl Config {
         fix(&mut self.tls.cert_file);
         fix(&mut self.tls.key_file);
         fix(&mut self.tls.client_ca_file);
+        if let Some(p) = &mut self.tls.crl_file {
+            fix(p);
+        }
         fix(&mut self.storage.path);
         if let Some(p) = &mut self.keys.root_key_file {
             fix(p);

@@ -25,11 +25,16 @@ pub mod policy;
 pub mod providers;
 pub mod server;
 pub mod store;
+pub mod telemetry;
 
 /// The generated `credvault.v1` messages, server and client.
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
 pub mod proto {
     tonic::include_proto!("credvault.v1");
+
+    /// The encoded descriptors of the wire contract, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/credvault_descriptor.bin"));
 
     /// Prints field names and parameters; secret values never.
     impl std::fmt::Debug for StoreRequest {

@@ -10,10 +10,12 @@ use tokio::net::TcpListener;
 use crate::config::{AuditConfig, Backend, Config, ROOT_KEY_ENV};
 use crate::crypto::{RootKey, RootKeyError};
 use crate::domain::{Vault, VaultError};
-use crate::edge::{self, tls::TlsError};
+use crate::edge::tls::{SharedTls, TlsError};
+use crate::edge::{self};
 use crate::outbound::{Outbound, OutboundError};
 use crate::policy::{Policy, SharedPolicy};
 use crate::store::{SqliteStore, Store, StoreError};
+use crate::telemetry::{self, Metrics};
 
 /// Why the vault did not start, or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +38,8 @@ pub enum ServeError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot listen for metrics: {0}")]
+    Metrics(std::io::Error),
     #[error("policy: {0}")]
     Policy(String),
     #[error("in-flight calls did not finish within {0:?} of shutdown")]
@@ -54,7 +58,7 @@ pub async fn run(
         Some(path) => RootKey::from_file(path)?,
         None => RootKey::from_env(config.keys.root_key_env.as_deref().unwrap_or(ROOT_KEY_ENV))?,
     };
-    let tls = edge::tls::server_config(&config.tls)?;
+    let tls = SharedTls::load(&config.tls)?;
     let store: Arc<dyn Store> = match config.storage.backend {
         Backend::Sqlite => {
             let path = config.storage.path.clone();
@@ -69,9 +73,6 @@ pub async fn run(
     if policy.current().is_empty() {
         tracing::warn!("the configuration has no [[policy]] rules: every call will be denied");
     }
-    if let Some(path) = config.source.clone() {
-        watch_sighup(path, policy.clone());
-    }
     let outbound = Outbound::new(&config.outbound)?;
     let vault =
         Arc::new(Vault::open(store, root, outbound, &config.providers, &config.keys).await?);
@@ -82,8 +83,40 @@ pub async fn run(
             source: e,
         })?;
     }
-    tokio::spawn(checkpoints(Arc::clone(&vault), config.audit.clone()));
-    tokio::spawn(crate::domain::rotation::run(Arc::clone(&vault)));
+    let metrics = Arc::new(Metrics::new());
+    let metrics_listener = telemetry::bind(config.metrics.listen)
+        .await
+        .map_err(ServeError::Metrics)?;
+
+    // Background work, stopped when `run` returns.
+    let mut tasks = vec![
+        tokio::spawn(checkpoints(Arc::clone(&vault), config.audit.clone())),
+        tokio::spawn(crate::domain::rotation::run(Arc::clone(&vault))),
+        tokio::spawn(watch_tls_files(
+            tls.clone(),
+            Duration::from_millis(config.tls.reload_poll_ms.max(100)),
+        )),
+    ];
+    if let Some(path) = config.source.clone() {
+        tasks.extend(watch_sighup(path, policy.clone(), tls.clone()));
+    }
+    if let Some(listener) = metrics_listener {
+        tracing::info!(listen = %listener.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()), "metrics on /metrics");
+        tasks.push(tokio::spawn(telemetry::serve(
+            listener,
+            Arc::clone(&metrics),
+            Arc::clone(&vault),
+        )));
+    }
+    let tasks = AbortOnDrop(tasks);
+
+    // Storage is open and the keys unwrapped: only now is the vault SERVING.
+    let health = tonic_health::server::HealthReporter::new();
+    for service in edge::SERVICES {
+        health
+            .set_service_status(service, tonic_health::ServingStatus::Serving)
+            .await;
+    }
     tracing::info!(
         listen = %listener.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()),
         key_version = vault.primary_key_version(),
@@ -91,7 +124,15 @@ pub async fn run(
     );
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let serve = edge::serve(vault, policy, listener, tls, &config.limits, async {
+    let edge = edge::Edge {
+        vault,
+        policy,
+        tls,
+        limits: config.limits.clone(),
+        metrics,
+        health: health.clone(),
+    };
+    let serve = edge::serve(edge, listener, async {
         let _ = stop_rx.await;
     });
     tokio::pin!(serve);
@@ -99,27 +140,73 @@ pub async fn run(
         result = &mut serve => return Ok(result?),
         () = shutdown => {}
     }
-    tracing::info!("shutting down: no new connections; finishing in-flight calls");
+    tracing::info!("shutting down: NOT_SERVING, no new calls; finishing in-flight calls");
+    for service in std::iter::once("").chain(edge::SERVICES) {
+        health
+            .set_service_status(service, tonic_health::ServingStatus::NotServing)
+            .await;
+    }
+    // Let health watchers see NOT_SERVING before connections close.
+    tokio::time::sleep(Duration::from_millis(config.limits.shutdown_drain_ms)).await;
     let _ = stop_tx.send(());
     let grace = Duration::from_millis(config.limits.shutdown_grace_ms);
-    match tokio::time::timeout(grace, serve).await {
+    let result = match tokio::time::timeout(grace, serve).await {
         Ok(result) => Ok(result?),
         Err(_) => Err(ServeError::ShutdownTimeout(grace)),
+    };
+    drop(tasks);
+    result
+}
+
+/// Aborts background tasks when dropped.
+struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
     }
 }
 
-/// Re-reads the policy from the configuration file on every SIGHUP. A file
-/// that does not load keeps the policy in force, and the log says why.
-fn watch_sighup(path: PathBuf, policy: SharedPolicy) {
+/// Reloads the TLS material whenever one of its files changes. A file that
+/// does not load keeps the material in force, and the log says why.
+async fn watch_tls_files(tls: SharedTls, every: Duration) {
+    let mut seen = tls.files_changed_at();
+    loop {
+        tokio::time::sleep(every).await;
+        let now = tls.files_changed_at();
+        if now != seen {
+            seen = now;
+            reload_tls(&tls, "files changed");
+        }
+    }
+}
+
+fn reload_tls(tls: &SharedTls, why: &str) {
+    match tls.reload() {
+        Ok(()) => tracing::info!(why, "TLS material reloaded: new handshakes use it"),
+        Err(e) => tracing::warn!(why, error = %e, "TLS material not reloaded; the old one stays"),
+    }
+}
+
+/// On every SIGHUP, re-reads the policy from the configuration file and the
+/// TLS material from its files. What does not load stays as it was, and the
+/// log says why.
+fn watch_sighup(
+    path: PathBuf,
+    policy: SharedPolicy,
+    tls: SharedTls,
+) -> Option<tokio::task::JoinHandle<()>> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hangups = match signal(SignalKind::hangup()) {
         Ok(s) => s,
         Err(e) => {
-            tracing::warn!(error = %e, "cannot watch SIGHUP: the policy will not reload");
-            return;
+            tracing::warn!(error = %e, "cannot watch SIGHUP: nothing will reload on it");
+            return None;
         }
     };
-    tokio::spawn(async move {
+    Some(tokio::spawn(async move {
         while hangups.recv().await.is_some() {
             let loaded = Config::load(&path)
                 .map_err(|e| e.to_string())
@@ -131,8 +218,9 @@ fn watch_sighup(path: PathBuf, policy: SharedPolicy) {
                 }
                 Err(why) => tracing::warn!(%why, "SIGHUP: policy not reloaded; the old one stays"),
             }
+            reload_tls(&tls, "SIGHUP");
         }
-    });
+    }))
 }
 
 /// Signs the audit head every `checkpoint_every` events, and every

@@ -1,6 +1,7 @@
 //! The command line: `serve`, `certs init`, and client subcommands for people.
 
 pub mod audit;
+mod check;
 pub mod client;
 mod keys;
 
@@ -49,6 +50,11 @@ enum Command {
     /// Key rotation: rotate, status, retire, rotate-root.
     #[command(subcommand)]
     Keys(keys::KeysCommand),
+    /// Check a configuration and the files it names without serving.
+    CheckConfig {
+        #[arg(long)]
+        config: PathBuf,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -66,6 +72,15 @@ struct ServeArgs {
     /// Listen on this address instead of the configured one.
     #[arg(long)]
     listen: Option<SocketAddr>,
+    /// Log lines for people (text) or for a log shipper (json).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -99,6 +114,7 @@ pub fn main() -> ExitCode {
         Command::Providers(args) => runtime.block_on(client::providers(args)),
         Command::Audit(command) => runtime.block_on(audit::run(command)),
         Command::Keys(command) => runtime.block_on(keys::run(command)),
+        Command::CheckConfig { config } => runtime.block_on(check::run(&config)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -111,18 +127,22 @@ fn fail(message: &str) -> ExitCode {
     ExitCode::FAILURE
 }
 
-fn init_logging() {
+fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => builder.json().with_current_span(true).init(),
+    }
 }
 
 async fn serve(args: ServeArgs) -> Result<(), String> {
-    init_logging();
+    init_logging(args.log_format);
     let config_path = if args.dev {
         let vault = dev::prepare(&args.data_dir).map_err(|e| e.to_string())?;
         if vault.created {

@@ -91,6 +91,8 @@ fn dev_config() -> Config {
             cert_file: certs.server_cert,
             key_file: certs.server_key,
             client_ca_file: certs.ca,
+            crl_file: None,
+            reload_poll_ms: 2_000,
         },
         storage: StorageConfig {
             backend: Backend::Sqlite,
@@ -105,6 +107,7 @@ fn dev_config() -> Config {
         limits: Limits::default(),
         outbound: OutboundConfig::default(),
         providers: ProvidersConfig::default().with_defaults(),
+        metrics: Default::default(),
         audit: AuditConfig {
             public_key_file: Some(AUDIT_PUBLIC_KEY_FILE.into()),
             ..AuditConfig::default()

@@ -104,6 +104,11 @@ impl proto::credentials_server::Credentials for CredentialsService {
                 provider_status = v.provider_status,
                 "verdict"
             );
+            self.gate.metrics().validation(
+                target.provider.name(),
+                v.verdict.name(),
+                f64::from(v.duration_ms) / 1000.0,
+            );
             Ok((encode_validation(v), Audited::Details(details)))
         })
         .await

@@ -1,6 +1,7 @@
 //! Every call passes the gate: caller identity, authorization, one log line with the outcome.
 
 use std::future::Future;
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -9,11 +10,15 @@ use tracing::Instrument;
 
 use super::status::to_status;
 use super::tls::PeerInfo;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
 use crate::audit::{self, Event};
+use crate::config::Limits;
 use crate::domain::{Vault, VaultError, WorkspaceId};
 use crate::policy::{Call, SharedPolicy};
 use crate::proto;
 use crate::providers::Provider;
+use crate::telemetry::Metrics;
 
 /// What a request is about, for the policy: (workspace, provider).
 pub trait Scope {
@@ -65,15 +70,71 @@ pub enum Audited {
     Details(audit::Details),
 }
 
-#[derive(Debug, Clone)]
+type RateLimiter = governor::DefaultKeyedRateLimiter<String>;
+
+#[derive(Clone)]
 pub struct Gate {
     policy: SharedPolicy,
     vault: Arc<Vault>,
+    in_flight: Arc<Semaphore>,
+    max_in_flight: usize,
+    rate: Option<Arc<RateLimiter>>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Gate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gate")
+            .field("max_in_flight", &self.max_in_flight)
+            .field("rate_limited", &self.rate.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Gate {
-    pub fn new(policy: SharedPolicy, vault: Arc<Vault>) -> Self {
-        Self { policy, vault }
+    pub fn new(
+        policy: SharedPolicy,
+        vault: Arc<Vault>,
+        limits: &Limits,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let rate = NonZeroU32::new(limits.rate_per_identity).map(|per_second| {
+            let burst = NonZeroU32::new(limits.rate_burst).unwrap_or(per_second);
+            Arc::new(governor::RateLimiter::keyed(
+                governor::Quota::per_second(per_second).allow_burst(burst),
+            ))
+        });
+        Self {
+            policy,
+            vault,
+            in_flight: Arc::new(Semaphore::new(limits.max_concurrent_calls.max(1))),
+            max_in_flight: limits.max_concurrent_calls.max(1),
+            rate,
+            metrics,
+        }
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Refuses a call over the identity's rate or the vault's concurrency limit.
+    fn admit(&self, identity: &str) -> Result<OwnedSemaphorePermit, Status> {
+        if let Some(rate) = &self.rate {
+            if rate.check_key(&identity.to_owned()).is_err() {
+                return Err(Status::resource_exhausted(format!(
+                    "identity `{identity}` is over its rate limit; retry shortly"
+                )));
+            }
+        }
+        Arc::clone(&self.in_flight)
+            .try_acquire_owned()
+            .map_err(|_| {
+                Status::resource_exhausted(format!(
+                    "the vault is at its limit of {} calls in flight; retry shortly",
+                    self.max_in_flight
+                ))
+            })
     }
 
     /// Runs one call inside a span naming the method and the caller: denies
@@ -96,25 +157,35 @@ impl Gate {
             // Every connection passes through `tls::incoming`, which attaches it.
             return Err(Status::unauthenticated("no client identity"));
         };
-        let request_id = request_id(req.metadata());
-        let span = tracing::info_span!("rpc", method, identity = %peer.identity, %request_id);
+        let (workspace, provider) = req.get_ref().scope();
+        let context = audit::Context {
+            identity: peer.identity.to_string(),
+            method: format!("{service}.{method}"),
+            workspace_id: workspace.map(audited_workspace).unwrap_or_default(),
+            provider: provider.map(audited_provider).unwrap_or_default(),
+            request_id: request_id(req.metadata()),
+        };
+        let span = tracing::info_span!(
+            "rpc",
+            method,
+            identity = %peer.identity,
+            workspace = %context.workspace_id,
+            provider = %context.provider,
+            request_id = %context.request_id,
+        );
         async move {
             let started = Instant::now();
             let (workspace, provider) = req.get_ref().scope();
-            let context = audit::Context {
-                identity: peer.identity.to_string(),
-                method: format!("{service}.{method}"),
-                workspace_id: workspace.map(audited_workspace).unwrap_or_default(),
-                provider: provider.map(audited_provider).unwrap_or_default(),
-                request_id,
-            };
             let call = Call {
                 service,
                 method,
                 workspace,
                 provider,
             };
-            let result = if self.policy.current().allows(peer.identity.as_str(), &call) {
+            let admitted = self.admit(peer.identity.as_str());
+            let result = if let Err(refused) = admitted {
+                Err(refused)
+            } else if self.policy.current().allows(peer.identity.as_str(), &call) {
                 f(req.into_inner(), context.clone())
                     .await
                     .map_err(to_status)
@@ -145,7 +216,14 @@ impl Gate {
                 None => result,
             };
             let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
-            tracing::info!(code = ?code, micros = started.elapsed().as_micros() as u64, "call");
+            let elapsed = started.elapsed();
+            self.metrics
+                .call(&context.method, code_name(code), elapsed.as_secs_f64());
+            tracing::info!(
+                code = code_name(code),
+                micros = elapsed.as_micros() as u64,
+                "call"
+            );
             result.map(|(response, _)| Response::new(response))
         }
         .instrument(span)

@@ -13,28 +13,64 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
+use tonic_health::pb::health_server::HealthServer;
+use tonic_health::server::{HealthReporter, HealthService};
+
 use crate::config::Limits;
 use crate::domain::Vault;
 use crate::policy::SharedPolicy;
 use crate::proto::audit_server::AuditServer;
 use crate::proto::credentials_server::CredentialsServer;
 use crate::proto::key_admin_server::KeyAdminServer;
+use crate::telemetry::Metrics;
 use audit::AuditService;
 use credentials::CredentialsService;
 use gate::Gate;
 use keys::KeyAdminService;
 
-/// Serves the vault's gRPC services on `listener` until `shutdown` resolves,
-/// then lets in-flight calls finish.
+/// The services whose health is reported, by their full gRPC names.
+pub const SERVICES: [&str; 3] = [
+    "credvault.v1.Credentials",
+    "credvault.v1.Audit",
+    "credvault.v1.KeyAdmin",
+];
+
+/// Everything the edge serves with.
+#[derive(Debug)]
+pub struct Edge {
+    pub vault: Arc<Vault>,
+    pub policy: SharedPolicy,
+    pub tls: tls::SharedTls,
+    pub limits: Limits,
+    pub metrics: Arc<Metrics>,
+    pub health: HealthReporter,
+}
+
+/// Serves the vault's gRPC services, health and reflection on `listener`
+/// until `shutdown` resolves, then lets in-flight calls finish.
 pub async fn serve(
-    vault: Arc<Vault>,
-    policy: SharedPolicy,
+    edge: Edge,
     listener: TcpListener,
-    tls: rustls::ServerConfig,
-    limits: &Limits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
-    let gate = Gate::new(policy, Arc::clone(&vault));
+    let Edge {
+        vault,
+        policy,
+        tls,
+        limits,
+        metrics,
+        health,
+    } = edge;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| {
+            tracing::warn!(error = %e, "server reflection is unavailable");
+        })
+        .ok();
+    let health = HealthServer::new(HealthService::from_health_reporter(health));
+    let gate = Gate::new(policy, Arc::clone(&vault), &limits, Arc::clone(&metrics));
     let audit = AuditServer::new(AuditService::new(Arc::clone(&vault), gate.clone()));
     let keys = KeyAdminServer::new(KeyAdminService::new(Arc::clone(&vault), gate.clone()));
     let credentials = CredentialsServer::new(CredentialsService::new(vault, gate))
@@ -42,10 +78,14 @@ pub async fn serve(
         .max_encoding_message_size(limits.max_message_bytes);
     let incoming = tls::incoming(
         listener,
-        Arc::new(tls),
+        tls,
         Duration::from_millis(limits.handshake_timeout_ms),
+        limits.max_connections,
+        metrics,
     );
     tonic::transport::Server::builder()
+        .add_service(health)
+        .add_optional_service(reflection)
         .add_service(credentials)
         .add_service(audit)
         .add_service(keys)

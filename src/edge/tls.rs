@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use futures_util::Stream;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -20,6 +20,7 @@ use tokio_rustls::TlsAcceptor;
 use x509_parser::extensions::GeneralName;
 
 use crate::config::TlsConfig;
+use crate::telemetry::Metrics;
 
 /// Why the TLS material could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -116,8 +117,19 @@ pub fn server_config(tls: &TlsConfig) -> Result<ServerConfig, TlsError> {
     for ca in read_certs("client CA", &tls.client_ca_file)? {
         roots.add(ca)?;
     }
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()?;
+    let mut verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+    if let Some(path) = &tls.crl_file {
+        let crls = CertificateRevocationListDer::pem_file_iter(path)
+            .map_err(|e| file_error("CRL", path, e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| file_error("CRL", path, e))?;
+        if crls.is_empty() {
+            return Err(file_error("CRL", path, "holds no PEM CRL"));
+        }
+        verifier = verifier.with_crls(crls).only_check_end_entity_revocation();
+    }
+    let verifier = verifier.build()?;
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_client_cert_verifier(verifier)
@@ -161,10 +173,78 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     PrivateKeyDer::from_pem_file(path).map_err(|e| file_error("server key", path, e))
 }
 
+/// The server's TLS material, replaceable while serving: new handshakes use
+/// the newest, established connections keep theirs.
+#[derive(Clone)]
+pub struct SharedTls {
+    paths: TlsConfig,
+    current: Arc<std::sync::RwLock<Arc<ServerConfig>>>,
+}
+
+impl std::fmt::Debug for SharedTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedTls")
+            .field("paths", &self.paths)
+            .finish()
+    }
+}
+
+impl SharedTls {
+    pub fn load(paths: &TlsConfig) -> Result<Self, TlsError> {
+        Ok(Self {
+            current: Arc::new(std::sync::RwLock::new(Arc::new(server_config(paths)?))),
+            paths: paths.clone(),
+        })
+    }
+
+    pub fn current(&self) -> Arc<ServerConfig> {
+        // Replaced whole under the lock; a poisoned lock still holds a whole config.
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Re-reads every file. On any error the material in force stays.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let fresh = Arc::new(server_config(&self.paths)?);
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+        Ok(())
+    }
+
+    /// The newest modification time among the files, to notice changes.
+    pub fn files_changed_at(&self) -> Option<std::time::SystemTime> {
+        let p = &self.paths;
+        [
+            Some(&p.cert_file),
+            Some(&p.key_file),
+            Some(&p.client_ca_file),
+            p.crl_file.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .filter_map(|f| std::fs::metadata(f).and_then(|m| m.modified()).ok())
+        .max()
+    }
+}
+
 /// A client connection that completed the handshake and named an identity.
 pub struct TlsConn {
     stream: TlsStream<TcpStream>,
     info: PeerInfo,
+    _slot: ConnectionSlot,
+}
+
+/// Holds one of the `max_connections` places while a connection is open.
+struct ConnectionSlot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.metrics.connection_closed();
+    }
 }
 
 impl tonic::transport::server::Connected for TlsConn {
@@ -217,15 +297,18 @@ impl AsyncWrite for TlsConn {
 
 /// Accepts TCP connections and completes each handshake in its own task, so a
 /// slow or hostile client cannot hold up the others. Yields only connections
-/// whose certificate verified and named an identity. Stops accepting when the
-/// stream is dropped.
+/// whose certificate verified and named an identity; beyond `max_connections`
+/// open at once, new ones are closed at once. Stops accepting when the stream
+/// is dropped.
 pub fn incoming(
     listener: TcpListener,
-    config: Arc<ServerConfig>,
+    tls: SharedTls,
     handshake_timeout: Duration,
+    max_connections: usize,
+    metrics: Arc<Metrics>,
 ) -> impl Stream<Item = io::Result<TlsConn>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
-    let acceptor = TlsAcceptor::from(config);
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections.max(1)));
     tokio::spawn(async move {
         loop {
             let (tcp, remote) = tokio::select! {
@@ -240,15 +323,30 @@ pub fn incoming(
                     }
                 },
             };
+            let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+                tracing::warn!(%remote, max_connections, "connection limit reached: closing a new connection");
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
+            let acceptor = TlsAcceptor::from(tls.current());
             let tx = tx.clone();
+            metrics.connection_opened();
+            let slot = ConnectionSlot {
+                _permit: permit,
+                metrics: Arc::clone(&metrics),
+            };
             tokio::spawn(async move {
                 match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => match peer_identity(&stream) {
                         Ok(identity) => {
                             let info = PeerInfo { identity, remote };
-                            let _ = tx.send(Ok(TlsConn { stream, info })).await;
+                            let _ = tx
+                                .send(Ok(TlsConn {
+                                    stream,
+                                    info,
+                                    _slot: slot,
+                                }))
+                                .await;
                         }
                         Err(e) => tracing::info!(%remote, reason = %e, "refused client"),
                     },

@@ -60,6 +60,8 @@ impl VaultDir {
                 cert_file: p.join("server.pem"),
                 key_file: p.join("server-key.pem"),
                 client_ca_file: p.join("ca.pem"),
+                crl_file: None,
+                reload_poll_ms: 2_000,
             },
             storage: StorageConfig {
                 backend: Backend::Sqlite,
@@ -79,6 +81,7 @@ impl VaultDir {
                 ..OutboundConfig::default()
             },
             providers: ProvidersConfig::default(),
+            metrics: Default::default(),
             audit: credvault::config::AuditConfig {
                 public_key_file: Some(p.join("audit.pub")),
                 ..Default::default()

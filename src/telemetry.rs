@@ -1,0 +1,237 @@
+//! Prometheus metrics, on their own listener. No label ever carries a secret, a hint or a workspace id.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+use crate::domain::Vault;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallLabels {
+    method: String,
+    code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabels {
+    method: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VerdictLabels {
+    provider: String,
+    verdict: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProviderLabels {
+    provider: String,
+}
+
+type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 50 µs to about 1.6 s.
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
+}
+
+/// Every metric the vault exports.
+pub struct Metrics {
+    registry: Registry,
+    calls: Family<CallLabels, Counter>,
+    call_seconds: Histograms<MethodLabels>,
+    verdicts: Family<VerdictLabels, Counter>,
+    provider_seconds: Histograms<ProviderLabels>,
+    open_connections: Gauge,
+    rewrap_pending: Gauge,
+    audit_sequence: Gauge,
+    primary_key_version: Gauge,
+    key_versions_in_use: Gauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("credvault");
+        let calls = Family::<CallLabels, Counter>::default();
+        registry.register("calls", "Calls by method and gRPC code", calls.clone());
+        let call_seconds: Histograms<MethodLabels> =
+            Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "call_duration_seconds",
+            "Call latency by method",
+            call_seconds.clone(),
+        );
+        let verdicts = Family::<VerdictLabels, Counter>::default();
+        registry.register(
+            "validations",
+            "Validation verdicts by provider",
+            verdicts.clone(),
+        );
+        let provider_seconds: Histograms<ProviderLabels> =
+            Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "provider_call_duration_seconds",
+            "Time spent validating with each provider",
+            provider_seconds.clone(),
+        );
+        let open_connections = Gauge::default();
+        registry.register(
+            "open_connections",
+            "Client connections open now",
+            open_connections.clone(),
+        );
+        let rewrap_pending = Gauge::default();
+        registry.register(
+            "rewrap_pending",
+            "Data keys not yet rewrapped under the primary key version",
+            rewrap_pending.clone(),
+        );
+        let audit_sequence = Gauge::default();
+        registry.register(
+            "audit_sequence",
+            "The newest audit event's sequence",
+            audit_sequence.clone(),
+        );
+        let primary_key_version = Gauge::default();
+        registry.register(
+            "primary_key_version",
+            "The primary key version",
+            primary_key_version.clone(),
+        );
+        let key_versions_in_use = Gauge::default();
+        registry.register(
+            "key_versions_in_use",
+            "Key versions that still wrap at least one data key",
+            key_versions_in_use.clone(),
+        );
+        Self {
+            registry,
+            calls,
+            call_seconds,
+            verdicts,
+            provider_seconds,
+            open_connections,
+            rewrap_pending,
+            audit_sequence,
+            primary_key_version,
+            key_versions_in_use,
+        }
+    }
+
+    pub fn call(&self, method: &str, code: &str, seconds: f64) {
+        self.calls
+            .get_or_create(&CallLabels {
+                method: method.to_owned(),
+                code: code.to_owned(),
+            })
+            .inc();
+        self.call_seconds
+            .get_or_create(&MethodLabels {
+                method: method.to_owned(),
+            })
+            .observe(seconds);
+    }
+
+    pub fn validation(&self, provider: &str, verdict: &str, seconds: f64) {
+        self.verdicts
+            .get_or_create(&VerdictLabels {
+                provider: provider.to_owned(),
+                verdict: verdict.to_owned(),
+            })
+            .inc();
+        self.provider_seconds
+            .get_or_create(&ProviderLabels {
+                provider: provider.to_owned(),
+            })
+            .observe(seconds);
+    }
+
+    pub fn connection_opened(&self) {
+        self.open_connections.inc();
+    }
+
+    pub fn connection_closed(&self) {
+        self.open_connections.dec();
+    }
+
+    /// Reads the gauges that describe stored state, then encodes everything.
+    pub async fn render(&self, vault: &Vault) -> String {
+        if let Ok(status) = vault.key_status().await {
+            self.rewrap_pending
+                .set(i64::try_from(status.rewrap_total - status.rewrap_done).unwrap_or(i64::MAX));
+            self.primary_key_version.set(status.primary.into());
+            let in_use = status.versions.iter().filter(|v| v.credentials > 0).count();
+            self.key_versions_in_use
+                .set(i64::try_from(in_use).unwrap_or(i64::MAX));
+        }
+        let head = *vault.audit().watch().borrow();
+        self.audit_sequence
+            .set(i64::try_from(head).unwrap_or(i64::MAX));
+        let mut text = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}
+
+/// Serves `GET /metrics` over plain HTTP on `listener` (bind it to a private
+/// address: the figures are not secret, but the listener has no TLS).
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, vault: Arc<Vault>) {
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
+        let (metrics, vault) = (Arc::clone(&metrics), Arc::clone(&vault));
+        tokio::spawn(async move {
+            let service =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let (metrics, vault) = (Arc::clone(&metrics), Arc::clone(&vault));
+                    async move {
+                        let response = if req.uri().path() == "/metrics" {
+                            hyper::Response::builder()
+                                .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
+                                .body(Full::new(Bytes::from(metrics.render(&vault).await)))
+                        } else {
+                            hyper::Response::builder()
+                                .status(404)
+                                .body(Full::new(Bytes::from_static(b"not found; try /metrics\n")))
+                        };
+                        response
+                    }
+                });
+            let io = hyper_util::rt::TokioIo::new(tcp);
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .await;
+        });
+    }
+}
+
+/// Binds the metrics listener, if configured.
+pub async fn bind(addr: Option<SocketAddr>) -> std::io::Result<Option<TcpListener>> {
+    match addr {
+        Some(addr) => TcpListener::bind(addr).await.map(Some),
+        None => Ok(None),
+    }
+}
