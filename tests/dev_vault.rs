@@ -25,10 +25,15 @@ struct Server {
 /// Starts `credvault serve --dev` on an ephemeral port, logging at the most
 /// verbose level to a file, and waits until it serves.
 fn start(data_dir: &Path, log: &Path) -> Server {
+    start_with(data_dir, log, &[])
+}
+
+fn start_with(data_dir: &Path, log: &Path, args: &[&str]) -> Server {
     let log_file = std::fs::File::create(log).unwrap();
     let mut child = Command::new(BIN)
         .args(["serve", "--dev", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
+        .args(args)
         .env("RUST_LOG", "trace")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -44,9 +49,11 @@ fn start(data_dir: &Path, log: &Path) -> Server {
             "server exited before serving"
         );
         tee.write_all(line.as_bytes()).unwrap();
-        if let Some(rest) = line.split("credvault serving listen=").nth(1) {
-            let addr = rest.split_whitespace().next().unwrap();
-            break addr.rsplit(':').next().unwrap().parse().unwrap();
+        if line.contains("credvault serving") {
+            // `listen=127.0.0.1:PORT` in text, `"listen":"127.0.0.1:PORT"` in JSON.
+            let rest = line.split("127.0.0.1:").nth(1).unwrap();
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            break digits.parse().unwrap();
         }
     };
     // Keep draining stderr into the log file so the server never blocks on it.
@@ -429,4 +436,34 @@ fn rewrap_survives_kill_9_and_the_cli_retires_the_old_key() {
         .query_row("PRAGMA integrity_check", [], |r| r.get(0))
         .unwrap();
     assert_eq!(check, "ok");
+}
+
+#[test]
+fn json_logs_are_one_object_per_line_with_the_call_fields() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("vault");
+    let server = start_with(
+        &data,
+        &tmp.path().join("json.log"),
+        &["--log-format", "json"],
+    );
+    let (ok, _, err) = server.client(&data, &["list", "--workspace", "acme"], "");
+    assert!(ok, "{err}");
+    server.wait_for_log("\"message\":\"call\"", 1);
+    let log = server.log.clone();
+    server.terminate();
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l}")))
+        .collect();
+    let call = lines
+        .iter()
+        .find(|v| v["fields"]["message"] == "call")
+        .unwrap();
+    assert_eq!(call["fields"]["code"], "OK");
+    assert_eq!(call["span"]["method"], "List");
+    assert_eq!(call["span"]["identity"], "spiffe://credvault.local/app");
+    assert_eq!(call["span"]["workspace"], "acme");
 }

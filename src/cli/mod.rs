@@ -146,7 +146,15 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     let config_path = if args.dev {
         let vault = dev::prepare(&args.data_dir).map_err(|e| e.to_string())?;
         if vault.created {
-            announce_dev_vault(&args.data_dir);
+            match args.log_format {
+                LogFormat::Text => announce_dev_vault(&args.data_dir),
+                // A log shipper reads stderr: keep every line JSON.
+                LogFormat::Json => tracing::warn!(
+                    data_dir = %args.data_dir.display(),
+                    "CREATED A NEW DEVELOPMENT VAULT: certificates, root key, configuration and \
+                     database; not for production"
+                ),
+            }
         }
         vault.config_path
     } else {

@@ -3,8 +3,9 @@
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, RevokedCertParams,
+    SanType, SerialNumber,
 };
 
 /// The client identities a development vault is set up with.
@@ -28,6 +29,8 @@ pub enum CertError {
 pub struct IssuedCert {
     pub cert_pem: String,
     pub key_pem: String,
+    /// The certificate's serial number, to revoke it.
+    pub serial: Vec<u8>,
 }
 
 impl std::fmt::Debug for IssuedCert {
@@ -106,12 +109,39 @@ impl DevCa {
                     .push(SanType::DnsName(name.try_into()?));
             }
         }
+        let mut serial = [0u8; 16];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut serial)
+            .map_err(|_| rcgen::Error::RingUnspecified)?;
+        serial[0] &= 0x7f; // positive, as DER integers for serials must be
+        params.serial_number = Some(SerialNumber::from_slice(&serial));
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(IssuedCert {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
+            serial: serial.to_vec(),
         })
+    }
+
+    /// A CRL (PEM) signed by this CA, revoking the certificates with these serials.
+    pub fn crl(&self, revoked: &[&[u8]]) -> Result<String, CertError> {
+        let params = CertificateRevocationListParams {
+            this_update: rcgen::date_time_ymd(2025, 1, 1),
+            next_update: rcgen::date_time_ymd(2099, 1, 1),
+            crl_number: SerialNumber::from_slice(&[1]),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|serial| RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(serial),
+                    revocation_time: rcgen::date_time_ymd(2025, 1, 2),
+                    reason_code: None,
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        Ok(params.signed_by(&self.issuer)?.pem()?)
     }
 }
 

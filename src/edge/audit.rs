@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
@@ -19,11 +19,16 @@ const BUFFER: usize = 256;
 pub struct AuditService {
     vault: Arc<Vault>,
     gate: Gate,
+    stopping: watch::Receiver<bool>,
 }
 
 impl AuditService {
-    pub fn new(vault: Arc<Vault>, gate: Gate) -> Self {
-        Self { vault, gate }
+    pub fn new(vault: Arc<Vault>, gate: Gate, stopping: watch::Receiver<bool>) -> Self {
+        Self {
+            vault,
+            gate,
+            stopping,
+        }
     }
 }
 
@@ -38,7 +43,15 @@ impl proto::audit_server::Audit for AuditService {
         self.gate
             .call("Audit", "Subscribe", req, |r, _| async move {
                 let (tx, rx) = mpsc::channel(BUFFER);
-                tokio::spawn(follow(Arc::clone(&self.vault), r.after_sequence, tx));
+                let vault = Arc::clone(&self.vault);
+                let mut stopping = self.stopping.clone();
+                tokio::spawn(async move {
+                    tokio::select! {
+                        () = follow(vault, r.after_sequence, tx) => {}
+                        // Shutting down: end the stream so the connection can close.
+                        _ = stopping.wait_for(|stop| *stop) => {}
+                    }
+                });
                 Ok((
                     ReceiverStream::new(rx),
                     Audited::Details(audit::Details::default()),

@@ -44,6 +44,8 @@ pub struct Edge {
     pub limits: Limits,
     pub metrics: Arc<Metrics>,
     pub health: HealthReporter,
+    /// Turns true when shutdown begins: open audit streams end.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Serves the vault's gRPC services, health and reflection on `listener`
@@ -60,6 +62,7 @@ pub async fn serve(
         limits,
         metrics,
         health,
+        stopping,
     } = edge;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
@@ -71,7 +74,11 @@ pub async fn serve(
         .ok();
     let health = HealthServer::new(HealthService::from_health_reporter(health));
     let gate = Gate::new(policy, Arc::clone(&vault), &limits, Arc::clone(&metrics));
-    let audit = AuditServer::new(AuditService::new(Arc::clone(&vault), gate.clone()));
+    let audit = AuditServer::new(AuditService::new(
+        Arc::clone(&vault),
+        gate.clone(),
+        stopping,
+    ));
     let keys = KeyAdminServer::new(KeyAdminService::new(Arc::clone(&vault), gate.clone()));
     let credentials = CredentialsServer::new(CredentialsService::new(vault, gate))
         .max_decoding_message_size(limits.max_message_bytes)

@@ -1,0 +1,390 @@
+//! Operating the vault: health, reflection, metrics, certificate and CRL reload,
+//! graceful shutdown with calls in flight, limits, check-config, JSON logs.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+mod common;
+
+use std::time::Duration;
+
+use common::fake::{FakeProvider, Reply};
+use common::{amplitude, reference, VaultDir};
+use credvault::dev::certs::{DevCa, Subject};
+use credvault::proto::ListProvidersRequest;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+const SECRET: &str = "Wd6Fq1Zk8Xm3Bv7Nc2Lp9Rt4Hy5Js0Gu";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test]
+async fn health_is_serving_after_start_and_not_serving_once_shutdown_begins() {
+    let dir = VaultDir::new();
+    let mut config = dir.config();
+    config.limits.shutdown_drain_ms = 500;
+    // The Watch stream below stays open: shutdown cuts it after the grace period.
+    config.limits.shutdown_grace_ms = 500;
+    let vault = dir.start_with(config).await;
+    let mut health = HealthClient::new(dir.channel_as(&vault, common::APP).await);
+    for service in [
+        "",
+        "credvault.v1.Credentials",
+        "credvault.v1.Audit",
+        "credvault.v1.KeyAdmin",
+    ] {
+        let status = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        assert_eq!(status, ServingStatus::Serving as i32, "{service:?}");
+    }
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        watch.message().await.unwrap().unwrap().status,
+        ServingStatus::Serving as i32
+    );
+    let stopping = tokio::spawn(vault.stop());
+    assert_eq!(
+        watch.message().await.unwrap().unwrap().status,
+        ServingStatus::NotServing as i32
+    );
+    stopping.await.unwrap();
+}
+
+#[tokio::test]
+async fn reflection_lists_every_service() {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+
+    let dir = VaultDir::new();
+    let vault = dir.start().await;
+    let mut client = ServerReflectionClient::new(dir.channel_as(&vault, common::APP).await);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = client
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("not a service list: {response:?}");
+    };
+    let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+    for expected in [
+        "credvault.v1.Credentials",
+        "credvault.v1.Audit",
+        "credvault.v1.KeyAdmin",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(names.contains(&expected), "{names:?}");
+    }
+}
+
+#[tokio::test]
+async fn metrics_count_calls_and_never_carry_a_secret() {
+    let dir = VaultDir::new();
+    let port = free_port();
+    let mut config = dir.config();
+    config.metrics.listen = Some(format!("127.0.0.1:{port}").parse().unwrap());
+    let vault = dir.start_with(config).await;
+    let mut c = vault.client().await;
+    c.store(amplitude("ws-metrics", SECRET, SECRET))
+        .await
+        .unwrap();
+    c.redact(reference("ws-metrics", "amplitude"))
+        .await
+        .unwrap();
+    c.redact(reference("ws-metrics", "posthog"))
+        .await
+        .unwrap_err();
+    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        r#"credvault_calls_total{method="Credentials.Store",code="OK"} 1"#,
+        r#"credvault_calls_total{method="Credentials.Redact",code="OK"} 1"#,
+        r#"credvault_calls_total{method="Credentials.Redact",code="NOT_FOUND"} 1"#,
+        "credvault_audit_sequence 3",
+        "credvault_primary_key_version 1",
+        "credvault_open_connections 1",
+    ] {
+        assert!(text.contains(line), "{line} missing from:\n{text}");
+    }
+    assert!(text.contains("credvault_call_duration_seconds_bucket"));
+    for leak in [&SECRET[..8], "ws-metrics", "Wd6F"] {
+        assert!(!text.contains(leak), "{leak} in the metrics");
+    }
+    let missing = reqwest::get(format!("http://127.0.0.1:{port}/other"))
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+}
+
+/// A client that trusts only `ca` and presents the app certificate issued by `issuer`.
+async fn connect(url: &str, ca: &str, cert: &str, key: &str) -> Result<(), String> {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .identity(Identity::from_pem(cert, key));
+    let channel = Endpoint::from_shared(url.to_owned())
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .map_err(|e| e.to_string())?;
+    credvault::proto::credentials_client::CredentialsClient::new(channel)
+        .list_providers(ListProvidersRequest {})
+        .await
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+#[tokio::test]
+async fn server_certificate_rotates_under_a_running_client_with_no_failed_call() {
+    let dir = VaultDir::new();
+    let mut config = dir.config();
+    config.tls.reload_poll_ms = 100;
+    let vault = dir.start_with(config).await;
+    let mut running = vault.client().await;
+    let url = vault.url();
+
+    // A new server certificate from a second CA, which only new clients trust.
+    let next_ca = DevCa::generate("next server CA").unwrap();
+    let next = next_ca
+        .issue("server", Subject::Server(&["localhost", "127.0.0.1"]))
+        .unwrap();
+    let app = (&dir.app.cert_pem, &dir.app.key_pem);
+    assert!(
+        connect(&url, next_ca.cert_pem(), app.0, app.1)
+            .await
+            .is_err(),
+        "not yet"
+    );
+
+    let calls = tokio::spawn(async move {
+        for _ in 0..100 {
+            running
+                .list_providers(ListProvidersRequest {})
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    std::fs::write(dir.path().join("server.pem"), &next.cert_pem).unwrap();
+    common::write_private(&dir.path().join("server-key.pem"), next.key_pem.as_bytes());
+    let mut switched = false;
+    for _ in 0..100 {
+        if connect(&url, next_ca.cert_pem(), app.0, app.1)
+            .await
+            .is_ok()
+        {
+            switched = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(switched, "new handshakes use the new certificate");
+    calls.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_crl_revoking_a_client_certificate_takes_effect_without_restart() {
+    let dir = VaultDir::new();
+    let crl = dir.path().join("clients.crl.pem");
+    std::fs::write(&crl, dir.ca.crl(&[]).unwrap()).unwrap();
+    let mut config = dir.config();
+    config.tls.crl_file = Some(crl.clone());
+    config.tls.reload_poll_ms = 100;
+    let vault = dir.start_with(config).await;
+    let url = vault.url();
+    let other = dir
+        .ca
+        .issue("other", Subject::ClientUris(&[common::APP]))
+        .unwrap();
+    let ca = dir.ca.cert_pem().to_owned();
+    assert!(connect(&url, &ca, &dir.app.cert_pem, &dir.app.key_pem)
+        .await
+        .is_ok());
+
+    std::fs::write(&crl, dir.ca.crl(&[&dir.app.serial]).unwrap()).unwrap();
+    let mut refused = false;
+    for _ in 0..100 {
+        if connect(&url, &ca, &dir.app.cert_pem, &dir.app.key_pem)
+            .await
+            .is_err()
+        {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        refused,
+        "the revoked certificate is refused at the handshake"
+    );
+    assert!(connect(&url, &ca, &other.cert_pem, &other.key_pem)
+        .await
+        .is_ok());
+
+    std::fs::write(&crl, "not a CRL").unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(
+        connect(&url, &ca, &dir.app.cert_pem, &dir.app.key_pem)
+            .await
+            .is_err(),
+        "a broken CRL file keeps the CRL in force"
+    );
+}
+
+#[tokio::test]
+async fn shutdown_lets_calls_in_flight_finish() {
+    let dir = VaultDir::new();
+    let fake = FakeProvider::start(&dir.ca, |_| {
+        Reply::json(200, r#"{"data":[]}"#).after(Duration::from_millis(800))
+    })
+    .await;
+    let mut config = dir.config();
+    config
+        .providers
+        .amplitude
+        .base_urls
+        .insert("us".into(), fake.url());
+    let vault = dir.start_with(config).await;
+    let mut c = vault.client().await;
+    c.store(amplitude("ws", SECRET, SECRET)).await.unwrap();
+    let in_flight = tokio::spawn(async move {
+        c.validate_connection(reference("ws", "amplitude"))
+            .await
+            .map(|r| r.into_inner())
+    });
+    while fake.requests().is_empty() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    vault.stop().await;
+    let v = in_flight.await.unwrap().unwrap();
+    assert_eq!(
+        v.verdict,
+        credvault::proto::validation::Verdict::Valid as i32
+    );
+}
+
+#[tokio::test]
+async fn an_identity_over_its_rate_gets_resource_exhausted() {
+    let dir = VaultDir::new();
+    let mut config = dir.config();
+    config.limits.rate_per_identity = 1;
+    config.limits.rate_burst = 3;
+    let vault = dir.start_with(config).await;
+    let mut c = vault.client().await;
+    let mut codes = Vec::new();
+    for _ in 0..6 {
+        codes.push(
+            c.list_providers(ListProvidersRequest {})
+                .await
+                .err()
+                .map_or(Code::Ok, |s| s.code()),
+        );
+    }
+    assert_eq!(
+        codes.iter().filter(|c| **c == Code::Ok).count(),
+        3,
+        "{codes:?}"
+    );
+    assert!(
+        codes[3..].iter().all(|c| *c == Code::ResourceExhausted),
+        "{codes:?}"
+    );
+    // Another identity has its own bucket.
+    let mut admin = credvault::proto::key_admin_client::KeyAdminClient::new(
+        dir.channel_as(&vault, "spiffe://credvault.local/admin")
+            .await,
+    );
+    admin
+        .status(credvault::proto::StatusRequest {})
+        .await
+        .unwrap();
+}
+
+#[test]
+fn check_config_passes_a_good_configuration_and_names_what_is_wrong() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = VaultDir::new();
+    let path = dir.path().join("credvault.toml");
+    std::fs::write(&path, dir.config().to_toml()).unwrap();
+    let run = || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_credvault"))
+            .args(["check-config", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (ok, out) = run();
+    assert!(ok && out.contains("configuration OK"), "{out}");
+    let key = dir.path().join("root.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (ok, out) = run();
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("✗ root key") && out.contains("root.key") && out.contains("chmod 600"),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn shutdown_ends_open_audit_streams() {
+    let dir = VaultDir::new();
+    let vault = dir.start().await;
+    let mut audit = credvault::proto::audit_client::AuditClient::new(
+        dir.channel_as(&vault, "spiffe://credvault.local/auditor")
+            .await,
+    );
+    let mut stream = audit
+        .subscribe(credvault::proto::SubscribeRequest { after_sequence: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        stream.message().await.unwrap().unwrap().method,
+        "Audit.Subscribe"
+    );
+    let started = std::time::Instant::now();
+    vault.stop().await;
+    assert!(
+        !matches!(stream.message().await, Ok(Some(_))),
+        "the stream ended"
+    );
+    // The default grace is 10 s; an audit stream must not hold shutdown that long.
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
