@@ -7,9 +7,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::fake::{FakeProvider, Reply};
 use common::{amplitude, reference, VaultDir};
 use credvault::dev::certs::{DevCa, Subject};
+use credvault::dev::fake::{FakeProvider, Reply};
 use credvault::proto::ListProvidersRequest;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 use tonic::Code;

@@ -7,9 +7,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::fake::{FakeProvider, Reply};
 use common::{amplitude, contains_bytes, reference, TestVault, VaultDir};
 use credvault::config::Config;
+use credvault::dev::fake::{FakeProvider, Reply};
 use credvault::proto::key_admin_client::KeyAdminClient;
 use credvault::proto::key_version_info::State;
 use credvault::proto::validation::Verdict;

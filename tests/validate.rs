@@ -10,9 +10,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
-use common::fake::{FakeProvider, Recorded, Reply};
 use common::{amplitude, jwt, map, reference, windows, TestVault, VaultDir};
 use credvault::config::Config;
+use credvault::dev::fake::{FakeProvider, Recorded, Reply};
 use credvault::proto::validation::Verdict;
 use credvault::proto::{StoreRequest, Validation};
 use tonic::Code;

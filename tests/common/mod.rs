@@ -3,7 +3,6 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
-pub mod fake;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

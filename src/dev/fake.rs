@@ -1,4 +1,4 @@
-//! HTTPS fakes of the providers on 127.0.0.1: record every request, answer as the test says.
+//! HTTPS fakes of the providers on 127.0.0.1 for tests and benchmarks: record every request, answer as told.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -7,13 +7,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
-use credvault::dev::certs::{DevCa, Subject};
 use http_body_util::Full;
+use hyper::body::Bytes;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+use super::certs::{DevCa, Subject};
 
 /// One request as the fake received it.
 #[derive(Debug, Clone)]
@@ -56,6 +57,11 @@ impl Reply {
 
 type Handler = dyn Fn(&Recorded) -> Reply + Send + Sync;
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Test equipment: a panicking handler must not wedge the fake.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// A provider fake serving HTTPS with a certificate from the test CA.
 pub struct FakeProvider {
     pub addr: SocketAddr,
@@ -66,29 +72,41 @@ pub struct FakeProvider {
 }
 
 impl FakeProvider {
+    /// Serves HTTPS on 127.0.0.1 with a certificate from `ca`, answering
+    /// every request with what `reply` says.
+    ///
+    /// # Panics
+    /// If the loopback listener or the certificate cannot be made: this is test equipment.
     pub async fn start(
         ca: &DevCa,
         reply: impl Fn(&Recorded) -> Reply + Send + Sync + 'static,
     ) -> Self {
-        let cert = ca
-            .issue(
-                "fake provider",
-                Subject::Server(&["127.0.0.1", "localhost"]),
-            )
-            .unwrap();
-        let chain = vec![CertificateDer::from_pem_slice(cert.cert_pem.as_bytes()).unwrap()];
-        let key = PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).unwrap();
-        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        #[allow(clippy::expect_used)] // test equipment: no fake, no test
+        Self::try_start(ca, reply)
+            .await
+            .expect("a fake provider on 127.0.0.1")
+    }
+
+    async fn try_start(
+        ca: &DevCa,
+        reply: impl Fn(&Recorded) -> Reply + Send + Sync + 'static,
+    ) -> Result<Self, Box<dyn std::error::Error>> {
+        let cert = ca.issue(
+            "fake provider",
+            Subject::Server(&["127.0.0.1", "localhost"]),
+        )?;
+        let chain = vec![CertificateDer::from_pem_slice(cert.cert_pem.as_bytes())?];
+        let key = PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes())?;
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
+        .with_safe_default_protocol_versions()?
         .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .unwrap();
+        .with_single_cert(chain, key)?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
         let requests = Arc::new(Mutex::new(Vec::new()));
         let handler: Arc<Mutex<Arc<Handler>>> = Arc::new(Mutex::new(Arc::new(reply)));
         let in_flight = Arc::new(AtomicUsize::new(0));
@@ -128,10 +146,10 @@ impl FakeProvider {
                                     })
                                     .collect(),
                             };
-                            r.lock().unwrap().push(recorded.clone());
+                            lock(&r).push(recorded.clone());
                             let now = n.fetch_add(1, Ordering::SeqCst) + 1;
                             m.fetch_max(now, Ordering::SeqCst);
-                            let handler = h.lock().unwrap().clone();
+                            let handler = lock(&h).clone();
                             let reply = handler(&recorded);
                             tokio::time::sleep(reply.delay).await;
                             n.fetch_sub(1, Ordering::SeqCst);
@@ -139,22 +157,27 @@ impl FakeProvider {
                             for (k, v) in &reply.headers {
                                 response = response.header(k, v);
                             }
-                            Ok::<_, Infallible>(response.body(Full::new(reply.body)).unwrap())
+                            let response = response
+                                .body(Full::new(reply.body.clone()))
+                                .unwrap_or_else(|_| hyper::Response::new(Full::new(reply.body)));
+                            Ok::<_, Infallible>(response)
                         }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tls), service)
-                        .await;
+                    let _ = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
                 });
             }
         });
-        Self {
+        Ok(Self {
             addr,
             requests,
             handler,
             max_in_flight,
             task,
-        }
+        })
     }
 
     pub fn url(&self) -> String {
@@ -162,11 +185,21 @@ impl FakeProvider {
     }
 
     pub fn requests(&self) -> Vec<Recorded> {
-        self.requests.lock().unwrap().clone()
+        lock(&self.requests).clone()
+    }
+
+    /// How many requests arrived, without copying them.
+    pub fn request_count(&self) -> usize {
+        lock(&self.requests).len()
+    }
+
+    /// Forgets the requests recorded so far (long benchmarks).
+    pub fn clear_requests(&self) {
+        lock(&self.requests).clear();
     }
 
     pub fn set_reply(&self, reply: impl Fn(&Recorded) -> Reply + Send + Sync + 'static) {
-        *self.handler.lock().unwrap() = Arc::new(reply);
+        *lock(&self.handler) = Arc::new(reply);
     }
 
     /// The most requests this fake was answering at one time.
