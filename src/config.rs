@@ -208,6 +208,14 @@ pub struct StorageConfig {
     pub backend: Backend,
     /// The SQLite database file; created with mode 0600 if absent.
     pub path: PathBuf,
+    /// Writes that arrive while a commit is in flight share the next
+    /// transaction and its fsync. Off only to measure what it buys.
+    #[serde(default = "default_true")]
+    pub group_commit: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// Where the root key comes from: a file, or else an environment variable.

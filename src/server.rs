@@ -60,8 +60,9 @@ pub async fn run(
     let store: Arc<dyn Store> = match config.storage.backend {
         Backend::Sqlite => {
             let path = config.storage.path.clone();
+            let group_commit = config.storage.group_commit;
             Arc::new(
-                tokio::task::spawn_blocking(move || SqliteStore::open(&path))
+                tokio::task::spawn_blocking(move || SqliteStore::open_with(&path, group_commit))
                     .await
                     .map_err(StoreError::from)??,
             )

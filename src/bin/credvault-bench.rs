@@ -152,8 +152,17 @@ impl Vault {
     }
 }
 
-async fn start_vault(dir: &Path, fake: &FakeProvider, fake_ca: &Path) -> Result<Vault, String> {
-    let data = dir.join("vault");
+async fn start_vault(
+    dir: &Path,
+    fake: &FakeProvider,
+    fake_ca: &Path,
+    group_commit: bool,
+) -> Result<Vault, String> {
+    let data = dir.join(if group_commit {
+        "vault"
+    } else {
+        "vault-no-group-commit"
+    });
     let prepared = credvault::dev::prepare(&data).map_err(|e| e.to_string())?;
     let mut config = Config::load(&prepared.config_path).map_err(|e| e.to_string())?;
     config.listen = "127.0.0.1:0".parse().map_err(|_| "address")?;
@@ -166,6 +175,7 @@ async fn start_vault(dir: &Path, fake: &FakeProvider, fake_ca: &Path) -> Result<
         provider.base_urls.insert(key.into(), fake.url());
     }
     config.limits.max_concurrent_calls = 4096;
+    config.storage.group_commit = group_commit;
     std::fs::write(&prepared.config_path, config.to_toml()).map_err(|e| e.to_string())?;
 
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
@@ -350,7 +360,7 @@ async fn bench(args: &Args) -> Result<(), String> {
         }
     })
     .await;
-    let vault = start_vault(tmp.path(), &fake, &fake_ca_file).await?;
+    let vault = start_vault(tmp.path(), &fake, &fake_ca_file, true).await?;
     let mut report = Report {
         machine: machine(),
         quick: args.quick,
@@ -506,6 +516,32 @@ async fn bench(args: &Args) -> Result<(), String> {
         }
     }
     fake.clear_requests();
+    // The same Store load on a vault with group commit off: one fsync per Store.
+    {
+        let plain = start_vault(tmp.path(), &fake, &fake_ca_file, false).await?;
+        let mut chans = Vec::new();
+        for _ in 0..CONNECTIONS {
+            chans.push(plain.channel("app").await?);
+        }
+        let chans = Arc::new(chans);
+        let n = Arc::new(AtomicU64::new(0));
+        let op: Op = Arc::new(move |w, _| {
+            let mut c = CredentialsClient::new(chans[w % CONNECTIONS].clone());
+            let id = n.fetch_add(1, Ordering::Relaxed);
+            boxed(async move {
+                c.store(amplitude(&format!("new-{id}")))
+                    .await
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            })
+        });
+        let row = measure("store-new-no-group-commit", 32, warmup, duration, op).await;
+        eprintln!(
+            "  {:<26} c=32 {:>9.0}/s  p50 {:>6} µs  p99 {:>6} µs",
+            row.scenario, row.ops_per_sec, row.p50_us, row.p99_us
+        );
+        report.rows.push(row);
+    }
     rewrap(&vault, &channels, stored, &mut report).await?;
     if let Some(peak) = vault.rss_kib("VmHWM:") {
         report.extra.insert(
@@ -693,6 +729,7 @@ fn add_ratios(rows: &mut [Row]) {
         let base = match row.scenario.as_str() {
             "noop" | "direct" => None,
             "redact-during-rewrap" => Some("redact"),
+            "store-new-no-group-commit" => Some("store-new"),
             "validate" => Some("direct"),
             _ => Some("noop"),
         };

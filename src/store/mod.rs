@@ -1,6 +1,7 @@
 //! Storage: the trait the domain writes through, and SQLite behind it.
 
 mod sqlite;
+mod writer;
 
 use std::collections::BTreeMap;
 use std::time::SystemTime;
@@ -118,8 +119,23 @@ pub enum StoreError {
     /// Writing the audit event failed; the change it recorded was not made.
     #[error("the audit log could not be written: {0}")]
     Audit(rusqlite::Error),
+    /// A commit failed, after the write itself succeeded.
+    #[error("commit failed: {0}")]
+    Commit(String),
+    #[error("the database writer has stopped")]
+    WriterGone,
     #[error("storage task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+}
+
+impl StoreError {
+    /// The same failure, reported to another write of the same transaction.
+    pub(crate) fn for_another_write(&self) -> StoreError {
+        match self {
+            StoreError::Full => StoreError::Full,
+            other => StoreError::Commit(other.to_string()),
+        }
+    }
 }
 
 /// Where credentials and key material live. Every write is atomic and durable

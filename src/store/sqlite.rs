@@ -6,8 +6,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row, Transaction};
+use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row};
 
+use super::writer::Writer;
 use super::{
     CredentialRecord, KeyVersionRow, RetireOutcome, Rewrapped, SecretRecord, StaleDataKey, Store,
     StoreError, StoredKeys, StoredStatus, WrappedDataKey,
@@ -93,24 +94,35 @@ pub struct SqliteStore {
 
 struct Inner {
     path: PathBuf,
-    writer: Mutex<Connection>,
+    writer: Writer,
     readers: Vec<Mutex<Connection>>,
     next_reader: AtomicUsize,
 }
 
 impl SqliteStore {
-    /// Opens (creating with mode 0600 if absent) and migrates the database.
+    /// Opens (creating with mode 0600 if absent) and migrates the database,
+    /// with group commit.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_with(path, true)
+    }
+
+    /// As [`SqliteStore::open`]; `group_commit` off makes every write its own
+    /// transaction and fsync.
+    pub fn open_with(path: &Path, group_commit: bool) -> Result<Self, StoreError> {
         create_private(path)?;
         let mut writer = connect(path)?;
         migrate(&mut writer)?;
+        let writer = Writer::start(writer, group_commit).map_err(|source| StoreError::File {
+            path: path.to_owned(),
+            source,
+        })?;
         let readers = (0..READERS)
             .map(|_| connect(path).map(Mutex::new))
             .collect::<Result<_, _>>()?;
         Ok(Self {
             inner: Arc::new(Inner {
                 path: path.to_owned(),
-                writer: Mutex::new(writer),
+                writer,
                 readers,
                 next_reader: AtomicUsize::new(0),
             }),
@@ -121,13 +133,23 @@ impl SqliteStore {
         &self.inner.path
     }
 
+    /// Runs `f` inside the writer's next transaction; returns once it is durable.
     async fn write<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        let inner = Arc::clone(&self.inner);
-        tokio::task::spawn_blocking(move || f(&mut lock(&inner.writer))).await?
+        self.inner.writer.write(false, f).await
+    }
+
+    /// As [`Self::write`], then checkpoints and truncates the WAL: for writes
+    /// that destroy key or secret material.
+    async fn write_destroying<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        self.inner.writer.write(true, f).await
     }
 
     async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
@@ -211,7 +233,7 @@ fn nonce(bytes: Vec<u8>) -> Result<[u8; NONCE_LEN], StoreError> {
 }
 
 /// Maps "disk full" to its own variant so callers can tell it apart.
-fn classify(e: rusqlite::Error) -> StoreError {
+pub(super) fn classify(e: rusqlite::Error) -> StoreError {
     match e.sqlite_error_code() {
         Some(ErrorCode::DiskFull) => StoreError::Full,
         _ => StoreError::Database(e),
@@ -350,22 +372,17 @@ fn load_credential(
 
 /// Deletes a connection's secret rows. `secure_delete` makes SQLite overwrite
 /// the freed bytes with zeros in the same write.
-fn delete_secrets(
-    tx: &Transaction<'_>,
-    workspace_id: &str,
-    provider: &str,
-) -> rusqlite::Result<()> {
+fn delete_secrets(tx: &Connection, workspace_id: &str, provider: &str) -> rusqlite::Result<()> {
     tx.prepare_cached("DELETE FROM credential_secrets WHERE workspace_id = ?1 AND provider = ?2")?
         .execute(params![workspace_id, provider])?;
     Ok(())
 }
 
 fn put_tx(
-    conn: &mut Connection,
+    tx: &Connection,
     record: &CredentialRecord,
     event: Event,
 ) -> Result<StoredEvent, StoreError> {
-    let tx = conn.transaction()?;
     let key = record.data_key.as_ref();
     let params_json = serde_json::to_string(&record.params)
         .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
@@ -395,9 +412,9 @@ fn put_tx(
         record.last_validation,
     ])?;
     if let Some(k) = key {
-        count_encryptions(&tx, k.key_version, 1)?;
+        count_encryptions(tx, k.key_version, 1)?;
     }
-    delete_secrets(&tx, &record.workspace_id, &record.provider)?;
+    delete_secrets(tx, &record.workspace_id, &record.provider)?;
     {
         let mut insert = tx.prepare_cached(
             "INSERT INTO credential_secrets \
@@ -416,12 +433,10 @@ fn put_tx(
             ])?;
         }
     }
-    let stored = append_in(&tx, event)?;
-    tx.commit()?;
-    Ok(stored)
+    append_in(tx, event)
 }
 
-fn count_encryptions(tx: &Transaction<'_>, version: u32, n: u64) -> rusqlite::Result<()> {
+fn count_encryptions(tx: &Connection, version: u32, n: u64) -> rusqlite::Result<()> {
     tx.prepare_cached("UPDATE key_versions SET encryptions = encryptions + ?2 WHERE version = ?1")?
         .execute(params![version, n])?;
     Ok(())
@@ -436,7 +451,7 @@ fn sealed_from(n: Vec<u8>, ciphertext: Vec<u8>) -> Result<Sealed, StoreError> {
 
 /// Appends `event` to the chain inside `tx`: next sequence, hash over the
 /// previous event's hash and this event's canonical text.
-fn append_in(tx: &Transaction<'_>, mut event: Event) -> Result<StoredEvent, StoreError> {
+fn append_in(tx: &Connection, mut event: Event) -> Result<StoredEvent, StoreError> {
     let mut append = || -> rusqlite::Result<StoredEvent> {
         let last = tx
             .prepare_cached(
@@ -511,14 +526,13 @@ fn read_checkpoints(conn: &Connection) -> rusqlite::Result<Vec<Checkpoint>> {
 }
 
 fn zero_tx(
-    conn: &mut Connection,
+    tx: &Connection,
     workspace_id: &str,
     provider: &str,
     at: SystemTime,
     event: Event,
 ) -> Result<Option<StoredEvent>, StoreError> {
-    let tx = conn.transaction()?;
-    delete_secrets(&tx, workspace_id, provider)?;
+    delete_secrets(tx, workspace_id, provider)?;
     let changed = tx
         .prepare_cached(
             "UPDATE credentials SET \
@@ -531,12 +545,7 @@ fn zero_tx(
     if changed == 0 {
         return Ok(None);
     }
-    let stored = append_in(&tx, event)?;
-    tx.commit()?;
-    // Move the zeroed pages into the main file and empty the WAL, so the
-    // old page images holding ciphertext do not linger there.
-    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
-    Ok(Some(stored))
+    append_in(tx, event).map(Some)
 }
 
 #[async_trait]
@@ -590,13 +599,12 @@ impl Store for SqliteStore {
     async fn init_keys(&self, material: NewKeyMaterial) -> Result<(), StoreError> {
         self.write(move |conn| {
             let now = millis(SystemTime::now());
-            let tx = conn.transaction()?;
             let v = &material.first_version;
-            tx.execute(
+            conn.execute(
                 "INSERT INTO key_versions (version, nonce, wrapped_key, created_at) VALUES (?1, ?2, ?3, ?4)",
                 params![v.version, v.sealed.nonce.as_slice(), v.sealed.ciphertext, now],
             )?;
-            tx.execute(
+            conn.execute(
                 "INSERT INTO key_material (purpose, nonce, wrapped_key, created_at) VALUES (?1, ?2, ?3, ?4)",
                 params![
                     FINGERPRINT_KEY,
@@ -605,7 +613,7 @@ impl Store for SqliteStore {
                     now
                 ],
             )?;
-            tx.commit().map_err(classify)
+            Ok(())
         })
         .await
     }
@@ -682,7 +690,7 @@ impl Store for SqliteStore {
         event: Event,
     ) -> Result<Option<(CredentialRecord, StoredEvent)>, StoreError> {
         let (w, p) = (workspace_id.to_owned(), provider.to_owned());
-        self.write(move |conn| {
+        self.write_destroying(move |conn| {
             let Some(stored) = zero_tx(conn, &w, &p, at, event).map_err(classify_store)? else {
                 return Ok(None);
             };
@@ -695,9 +703,7 @@ impl Store for SqliteStore {
 
     async fn append_audit(&self, event: Event) -> Result<StoredEvent, StoreError> {
         self.write(move |conn| {
-            let tx = conn.transaction().map_err(StoreError::Audit)?;
-            let stored = append_in(&tx, event)?;
-            tx.commit().map_err(StoreError::Audit)?;
+            let stored = append_in(conn, event)?;
             Ok(stored)
         })
         .await
@@ -820,10 +826,9 @@ impl Store for SqliteStore {
 
     async fn rewrap(&self, batch: Vec<Rewrapped>) -> Result<usize, StoreError> {
         self.write(move |conn| {
-            let tx = conn.transaction()?;
             let mut applied = 0;
             {
-                let mut update = tx.prepare_cached(
+                let mut update = conn.prepare_cached(
                     "UPDATE credentials SET key_version = ?1, dek_nonce = ?2, wrapped_dek = ?3 \
                      WHERE workspace_id = ?4 AND provider = ?5 AND key_version = ?6 AND wrapped_dek = ?7",
                 )?;
@@ -840,18 +845,16 @@ impl Store for SqliteStore {
                 }
             }
             if let Some(first) = batch.first() {
-                count_encryptions(&tx, first.new.key_version, applied as u64)?;
+                count_encryptions(conn, first.new.key_version, applied as u64)?;
             }
-            tx.commit().map_err(classify)?;
             Ok(applied)
         })
         .await
     }
 
     async fn retire_key_version(&self, version: u32) -> Result<RetireOutcome, StoreError> {
-        self.write(move |conn| {
-            let tx = conn.transaction()?;
-            let state: Option<String> = tx
+        self.write_destroying(move |conn| {
+            let state: Option<String> = conn
                 .query_row("SELECT state FROM key_versions WHERE version = ?1", [version], |r| r.get(0))
                 .optional()?;
             match state.as_deref() {
@@ -859,7 +862,7 @@ impl Store for SqliteStore {
                 Some("retired") => return Ok(RetireOutcome::AlreadyRetired),
                 Some(_) => {}
             }
-            let users: u64 = tx.query_row(
+            let users: u64 = conn.query_row(
                 "SELECT count(*) FROM credentials WHERE key_version = ?1",
                 [version],
                 |r| r.get(0),
@@ -867,15 +870,13 @@ impl Store for SqliteStore {
             if users > 0 {
                 return Ok(RetireOutcome::InUse(users));
             }
-            // secure_delete zeroes the freed bytes; the checkpoint below moves
-            // the zeroed page into the main file and empties the WAL.
-            tx.execute(
+            // secure_delete zeroes the freed bytes; the checkpoint after the
+            // commit moves the zeroed page into the main file and empties the WAL.
+            conn.execute(
                 "UPDATE key_versions SET state = 'retired', nonce = zeroblob(0), wrapped_key = zeroblob(0) \
                  WHERE version = ?1",
                 [version],
             )?;
-            tx.commit().map_err(classify)?;
-            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
             Ok(RetireOutcome::Retired)
         })
         .await
@@ -928,22 +929,19 @@ impl Store for SqliteStore {
         versions: Vec<WrappedKeyVersion>,
         material: Vec<(String, Sealed)>,
     ) -> Result<(), StoreError> {
-        self.write(move |conn| {
-            let tx = conn.transaction()?;
+        self.write_destroying(move |conn| {
             for v in &versions {
-                tx.execute(
+                conn.execute(
                     "UPDATE key_versions SET nonce = ?2, wrapped_key = ?3 WHERE version = ?1",
                     params![v.version, v.sealed.nonce.as_slice(), v.sealed.ciphertext],
                 )?;
             }
             for (purpose, sealed) in &material {
-                tx.execute(
+                conn.execute(
                     "UPDATE key_material SET nonce = ?2, wrapped_key = ?3 WHERE purpose = ?1",
                     params![purpose, sealed.nonce.as_slice(), sealed.ciphertext],
                 )?;
             }
-            tx.commit().map_err(classify)?;
-            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
             Ok(())
         })
         .await

@@ -65,6 +65,7 @@ impl VaultDir {
             storage: StorageConfig {
                 backend: Backend::Sqlite,
                 path: self.db(),
+                group_commit: true,
             },
             keys: KeysConfig {
                 root_key_file: Some(p.join("root.key")),
