@@ -29,6 +29,11 @@ pub enum ServeError {
     Outbound(#[from] OutboundError),
     #[error("storage: {0}")]
     Store(#[from] StoreError),
+    #[error(
+        "the database {0} is corrupt or was altered: its key material cannot be read. \
+         `credvault check-config` shows what fails; restore the database from a backup"
+    )]
+    Corrupt(PathBuf),
     #[error("keyring: {0}")]
     Keyring(#[from] VaultError),
     #[error("transport: {0}")]
@@ -73,8 +78,13 @@ pub async fn run(
         tracing::warn!("the configuration has no [[policy]] rules: every call will be denied");
     }
     let outbound = Outbound::new(&config.outbound)?;
-    let vault =
-        Arc::new(Vault::open(store, root, outbound, &config.providers, &config.keys).await?);
+    let vault = Vault::open(store, root, outbound, &config.providers, &config.keys)
+        .await
+        .map_err(|e| match e {
+            VaultError::DataLoss => ServeError::Corrupt(config.storage.path.clone()),
+            other => ServeError::Keyring(other),
+        })?;
+    let vault = Arc::new(vault);
     if let Some(path) = &config.audit.public_key_file {
         let hex = data_encoding::HEXLOWER.encode(vault.audit().public_key());
         std::fs::write(path, format!("{hex}\n")).map_err(|e| ServeError::PublicKey {

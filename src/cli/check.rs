@@ -75,6 +75,15 @@ async fn open_database(config: &Config, root: &RootKey) -> Result<String, String
         ));
     }
     let store = Arc::new(SqliteStore::open(path).map_err(|e| e.to_string())?);
+    let check: String =
+        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .and_then(|c| c.query_row("PRAGMA integrity_check", [], |r| r.get(0)))
+            .map_err(|e| format!("integrity check failed: {e}"))?;
+    if check != "ok" {
+        return Err(format!(
+            "the database is corrupt ({check}); restore it from a backup"
+        ));
+    }
     let Some(keys) = store.load_keys().await.map_err(|e| e.to_string())? else {
         return Ok(" (no keys yet; serve creates them)".to_owned());
     };

@@ -81,6 +81,17 @@ impl DevCa {
     }
 
     pub fn issue(&self, common_name: &str, subject: Subject<'_>) -> Result<IssuedCert, CertError> {
+        self.issue_with(common_name, subject, |_| {})
+    }
+
+    /// As [`DevCa::issue`], letting `tweak` change the parameters last (validity,
+    /// key usages, CA flag): for tests of certificates that must be refused.
+    pub fn issue_with(
+        &self,
+        common_name: &str,
+        subject: Subject<'_>,
+        tweak: impl FnOnce(&mut CertificateParams),
+    ) -> Result<IssuedCert, CertError> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.distinguished_name = dn(common_name);
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -114,6 +125,7 @@ impl DevCa {
             .map_err(|_| rcgen::Error::RingUnspecified)?;
         serial[0] &= 0x7f; // positive, as DER integers for serials must be
         params.serial_number = Some(SerialNumber::from_slice(&serial));
+        tweak(&mut params);
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(IssuedCert {

@@ -1,0 +1,594 @@
+//! Faults and hostile input: nothing acknowledged is lost, nothing leaks, nothing panics.
+//! CI runs the short mode; `CREDVAULT_FAULT_CYCLES=1000 cargo test --release --test faults`
+//! is the long mode (see RELIABILITY.md).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{amplitude, map, reference, VaultDir};
+use credvault::config::Config;
+use credvault::dev::certs::{DevCa, Subject};
+use credvault::dev::fake::{FakeProvider, Reply};
+use credvault::domain::{CredentialRef, Vault, VaultError};
+use credvault::proto::credentials_client::CredentialsClient;
+use credvault::proto::validation::Verdict;
+use credvault::proto::{ListProvidersRequest, StoreRequest};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tonic::Code;
+
+const BIN: &str = env!("CARGO_BIN_EXE_credvault");
+const SECRET: &str = "Xp4Lm9Qw2Zr7Vb5Nc8Td3Kf6Gh1Js0Yu";
+
+/// A small, seedable generator for kill timings (the seed is printed, to replay a run).
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// A dev vault folder whose Amplitude host is `fake`.
+fn prepare(dir: &Path, fake: &FakeProvider, fake_ca: &DevCa) -> PathBuf {
+    let data = dir.join("vault");
+    let prepared = credvault::dev::prepare(&data).unwrap();
+    let mut config = Config::load(&prepared.config_path).unwrap();
+    let ca = dir.join("provider-ca.pem");
+    std::fs::write(&ca, fake_ca.cert_pem()).unwrap();
+    config.outbound.extra_ca_file = Some(ca);
+    config.outbound.allow_private_addresses = true;
+    config
+        .providers
+        .amplitude
+        .base_urls
+        .insert("us".into(), fake.url());
+    std::fs::write(&prepared.config_path, config.to_toml()).unwrap();
+    prepared.config_path
+}
+
+struct Child {
+    process: tokio::process::Child,
+    url: String,
+}
+
+async fn spawn(config: &Path) -> Child {
+    let mut process = tokio::process::Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "warn,credvault::server=info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(process.stderr.take().unwrap()).lines();
+    let port: u16 = loop {
+        let line = lines
+            .next_line()
+            .await
+            .unwrap()
+            .expect("the vault exited before serving");
+        if line.contains("credvault serving") {
+            let rest = line.split("127.0.0.1:").nth(1).unwrap();
+            break rest
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect::<String>()
+                .parse()
+                .unwrap();
+        }
+    };
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Child {
+        process,
+        url: format!("https://localhost:{port}"),
+    }
+}
+
+async fn app_client(config: &Path, url: &str) -> CredentialsClient<tonic::transport::Channel> {
+    let certs = credvault::dev::certs::DevCertPaths::new(&config.parent().unwrap().join("certs"));
+    credvault::cli::client::connect(
+        url,
+        &std::fs::read(&certs.ca).unwrap(),
+        &std::fs::read(certs.client_cert("app")).unwrap(),
+        &std::fs::read(certs.client_key("app")).unwrap(),
+    )
+    .await
+    .unwrap()
+}
+
+async fn open_vault(config: &Path) -> Result<Vault, VaultError> {
+    let config = Config::load(config).unwrap();
+    let store = Arc::new(
+        credvault::store::SqliteStore::open(&config.storage.path).map_err(VaultError::from)?,
+    );
+    let root =
+        credvault::crypto::RootKey::from_file(config.keys.root_key_file.as_ref().unwrap()).unwrap();
+    let outbound = credvault::outbound::Outbound::new(&config.outbound).unwrap();
+    Vault::open(store, root, outbound, &config.providers, &config.keys).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_store_load_loses_no_acknowledged_credential() {
+    let cycles: usize = std::env::var("CREDVAULT_FAULT_CYCLES")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(50);
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    eprintln!("kill -9 cycles: {cycles}, seed {seed}");
+    let mut rng = XorShift(seed);
+    let tmp = tempfile::tempdir().unwrap();
+    let fake_ca = DevCa::generate("provider CA").unwrap();
+    let fake = FakeProvider::start(&fake_ca, |_| Reply::json(200, r#"{"data":[]}"#)).await;
+    let config = prepare(tmp.path(), &fake, &fake_ca);
+    let acknowledged = Arc::new(Mutex::new(Vec::<String>::new()));
+    let mut attempted = 0usize;
+    for cycle in 0..cycles {
+        let mut child = spawn(&config).await;
+        let mut writers = Vec::new();
+        for w in 0..8 {
+            let mut c = app_client(&config, &child.url).await;
+            let acknowledged = Arc::clone(&acknowledged);
+            writers.push(tokio::spawn(async move {
+                let mut n = 0;
+                for i in 0.. {
+                    let ws = format!("c{cycle}-w{w}-{i}");
+                    n += 1;
+                    if c.store(amplitude(&ws, SECRET, SECRET)).await.is_err() {
+                        break;
+                    }
+                    acknowledged.lock().unwrap().push(ws);
+                }
+                n
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(20 + rng.next() % 130)).await;
+        child.process.start_kill().unwrap();
+        child.process.wait().await.unwrap();
+        for w in writers {
+            attempted += w.await.unwrap();
+        }
+    }
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    eprintln!(
+        "{} Stores attempted, {} acknowledged before a kill -9",
+        attempted,
+        acknowledged.len()
+    );
+    assert!(
+        acknowledged.len() > cycles,
+        "the load did store something each cycle"
+    );
+
+    // Every acknowledged credential is there and decrypts to what was stored.
+    let vault = open_vault(&config).await.unwrap();
+    for ws in &acknowledged {
+        let plain = vault
+            .decrypt(&CredentialRef::parse(ws, "amplitude").unwrap())
+            .await
+            .unwrap();
+        assert_eq!(
+            secrecy::ExposeSecret::expose_secret(&plain.secrets["secret_key"]),
+            SECRET
+        );
+    }
+    drop(vault);
+    let db_path = Config::load(&config).unwrap().storage.path;
+    let db = rusqlite::Connection::open(&db_path).unwrap();
+    let check: String = db
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(check, "ok");
+    let torn: i64 = db
+        .query_row(
+            "SELECT count(*) FROM credentials c WHERE c.status = 'connected' AND \
+             (SELECT count(*) FROM credential_secrets s \
+              WHERE s.workspace_id = c.workspace_id AND s.provider = c.provider) != 2",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(torn, 0, "no torn rows");
+    // And through the server, against the fake provider.
+    let child = spawn(&config).await;
+    let mut c = app_client(&config, &child.url).await;
+    for ws in acknowledged
+        .iter()
+        .step_by((acknowledged.len() / 20).max(1))
+    {
+        let v = c
+            .validate_connection(reference(ws, "amplitude"))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(v.verdict, Verdict::Valid as i32);
+    }
+    let verify = std::process::Command::new(BIN)
+        .args(["audit", "verify", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
+}
+
+/// Stores three credentials and copies the database and its WAL while the vault holds them open.
+async fn snapshot_with_wal(dir: &VaultDir) -> (PathBuf, HashMap<String, String>) {
+    let vault = dir.start().await;
+    let mut c = vault.client().await;
+    let mut stored = HashMap::new();
+    for i in 0..3 {
+        let secret = format!("{SECRET}{i}");
+        c.store(amplitude(&format!("ws{i}"), SECRET, &secret))
+            .await
+            .unwrap();
+        stored.insert(format!("ws{i}"), secret);
+    }
+    let copy = dir.path().join("copy");
+    std::fs::create_dir(&copy).unwrap();
+    for suffix in ["", "-wal"] {
+        let from = format!("{}{suffix}", dir.db().display());
+        std::fs::copy(&from, copy.join(format!("vault.db{suffix}"))).unwrap();
+    }
+    drop(c);
+    vault.stop().await;
+    (copy.join("vault.db"), stored)
+}
+
+/// Opens a (damaged) copy; every credential must decrypt to what was stored, or fail.
+async fn assert_never_wrong_plaintext(
+    dir: &VaultDir,
+    db: &Path,
+    stored: &HashMap<String, String>,
+) -> (usize, usize) {
+    let store = match credvault::store::SqliteStore::open(db) {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            eprintln!("refused to open: {e}");
+            return (0, stored.len());
+        }
+    };
+    let root = credvault::crypto::RootKey::from_file(&dir.path().join("root.key")).unwrap();
+    let outbound = credvault::outbound::Outbound::new(&dir.config().outbound).unwrap();
+    let vault = match Vault::open(
+        store,
+        root,
+        outbound,
+        &dir.config().providers,
+        &dir.config().keys,
+    )
+    .await
+    {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("refused to start: {e}");
+            return (0, stored.len());
+        }
+    };
+    let (mut ok, mut refused) = (0, 0);
+    for (ws, secret) in stored {
+        match vault
+            .decrypt(&CredentialRef::parse(ws, "amplitude").unwrap())
+            .await
+        {
+            Ok(plain) => {
+                assert_eq!(
+                    secrecy::ExposeSecret::expose_secret(&plain.secrets["secret_key"]),
+                    secret.as_str()
+                );
+                ok += 1;
+            }
+            Err(_) => refused += 1,
+        }
+    }
+    (ok, refused)
+}
+
+#[tokio::test]
+async fn truncated_or_garbled_wal_opens_consistently() {
+    for damage in ["truncate-half", "truncate-header", "flip-bytes"] {
+        let dir = VaultDir::new();
+        let (db, stored) = snapshot_with_wal(&dir).await;
+        let wal = PathBuf::from(format!("{}-wal", db.display()));
+        let mut bytes = std::fs::read(&wal).unwrap();
+        assert!(bytes.len() > 4096, "the WAL holds the writes");
+        match damage {
+            "truncate-half" => bytes.truncate(bytes.len() / 2),
+            "truncate-header" => bytes.truncate(20),
+            _ => {
+                for i in (100..bytes.len()).step_by(997) {
+                    bytes[i] ^= 0x5a;
+                }
+            }
+        }
+        std::fs::write(&wal, bytes).unwrap();
+        let (ok, refused) = assert_never_wrong_plaintext(&dir, &db, &stored).await;
+        eprintln!("{damage}: {ok} decrypted correctly, {refused} refused, 0 wrong");
+    }
+}
+
+#[tokio::test]
+async fn corrupted_database_page_never_gives_wrong_plaintext() {
+    let dir = VaultDir::new();
+    let (db, stored) = snapshot_with_wal(&dir).await;
+    // Fold the WAL in so the credentials live in the main file, then damage pages.
+    {
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .unwrap();
+    }
+    let pristine = std::fs::read(&db).unwrap();
+    let pages = pristine.len() / 4096;
+    let mut outcomes = Vec::new();
+    for page in 1..pages {
+        let mut bytes = pristine.clone();
+        for b in &mut bytes[page * 4096 + 8..(page + 1) * 4096 - 8] {
+            *b ^= 0xff;
+        }
+        std::fs::write(&db, &bytes).unwrap();
+        let _ = std::fs::remove_file(format!("{}-wal", db.display()));
+        let _ = std::fs::remove_file(format!("{}-shm", db.display()));
+        outcomes.push(assert_never_wrong_plaintext(&dir, &db, &stored).await);
+    }
+    eprintln!(
+        "damaged each of {} pages in turn: (decrypted, refused) = {outcomes:?}",
+        pages - 1
+    );
+    assert!(
+        outcomes.iter().any(|(_, refused)| *refused > 0),
+        "some damage was detected"
+    );
+}
+
+#[tokio::test]
+async fn bad_client_certificates_are_refused_before_any_handler_runs() {
+    let dir = VaultDir::new();
+    let vault = dir.start().await;
+    let app = common::APP;
+    let twin = DevCa::generate("test CA").unwrap(); // same subject as the real CA, another key
+    let other = DevCa::generate("other CA").unwrap();
+    let past = |p: &mut rcgen::CertificateParams| {
+        p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    };
+    let future = |p: &mut rcgen::CertificateParams| {
+        p.not_before = rcgen::date_time_ymd(2090, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2091, 1, 1);
+    };
+    let variants = [
+        (
+            "expired",
+            dir.ca
+                .issue_with("x", Subject::ClientUris(&[app]), past)
+                .unwrap(),
+        ),
+        (
+            "not yet valid",
+            dir.ca
+                .issue_with("x", Subject::ClientUris(&[app]), future)
+                .unwrap(),
+        ),
+        (
+            "another CA",
+            other.issue("x", Subject::ClientUris(&[app])).unwrap(),
+        ),
+        (
+            "same subject, another CA key",
+            twin.issue("x", Subject::ClientUris(&[app])).unwrap(),
+        ),
+        (
+            "server-only EKU",
+            dir.ca.issue("x", Subject::Server(&["localhost"])).unwrap(),
+        ),
+        (
+            "CA:TRUE leaf",
+            dir.ca
+                .issue_with("x", Subject::ClientUris(&[app]), |p| {
+                    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+                })
+                .unwrap(),
+        ),
+        (
+            "two URI SANs",
+            dir.ca
+                .issue(
+                    "x",
+                    Subject::ClientUris(&[app, "spiffe://credvault.local/admin"]),
+                )
+                .unwrap(),
+        ),
+        (
+            "no SAN at all",
+            dir.ca
+                .issue_with("x", Subject::ClientUris(&[]), |p| {
+                    p.subject_alt_names.clear()
+                })
+                .unwrap(),
+        ),
+    ];
+    for (what, cert) in &variants {
+        let refused = match vault.client_as(&cert.cert_pem, &cert.key_pem).await {
+            Err(_) => true,
+            Ok(mut c) => c.list_providers(ListProvidersRequest {}).await.is_err(),
+        };
+        assert!(refused, "{what} was let in");
+    }
+    // No certificate at all.
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(&vault.ca_pem));
+    let anonymous = tonic::transport::Endpoint::from_shared(vault.url())
+        .unwrap()
+        .tls_config(tls)
+        .unwrap();
+    if let Ok(channel) = anonymous.connect().await {
+        assert!(CredentialsClient::new(channel)
+            .list_providers(ListProvidersRequest {})
+            .await
+            .is_err());
+    }
+    // Not one reached a handler: the audit log, which records every call, is empty.
+    let db = rusqlite::Connection::open(dir.db()).unwrap();
+    let events: i64 = db
+        .query_row("SELECT count(*) FROM audit_events", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(
+        events,
+        0,
+        "{} variants refused before any handler",
+        variants.len() + 1
+    );
+}
+
+#[tokio::test]
+async fn odd_secrets_are_refused_or_stored_byte_exact() {
+    let dir = VaultDir::new();
+    let vault = dir.start().await;
+    let mut c = vault.client().await;
+    let exact_256 = "é".repeat(128); // 256 bytes, 128 characters
+    let over_256 = format!("{exact_256}x");
+    let cases: Vec<(&str, String, bool)> = vec![
+        ("empty", String::new(), false),
+        ("NUL", "abc\u{0}defghijklmnopq".into(), false),
+        ("RTL override", "abc\u{202e}defghijklmnopqr".into(), true),
+        (
+            "combining marks",
+            "e\u{301}e\u{301}e\u{301}e\u{301}e\u{301}e\u{301}e\u{301}e\u{301}".into(),
+            true,
+        ),
+        ("256 bytes", exact_256.clone(), true),
+        ("257 bytes", over_256, false),
+        ("emoji", "🔑🔑🔑🔑🔑🔑🔑🔑🔑🔑🔑🔑🔑🔑🔑🔑".into(), true),
+    ];
+    let mut expected = HashMap::new();
+    for (i, (what, secret, accepted)) in cases.iter().enumerate() {
+        let ws = format!("odd{i}");
+        let request = StoreRequest {
+            workspace_id: ws.clone(),
+            provider: "amplitude".into(),
+            secrets: map(&[("api_key", SECRET), ("secret_key", secret)]),
+            ..StoreRequest::default()
+        };
+        match c.store(request).await {
+            Ok(stored) => {
+                assert!(accepted, "{what} was accepted");
+                let hint = &stored.into_inner().secrets["secret_key"].hint;
+                assert!(
+                    secret.starts_with(hint.trim_end_matches('…')),
+                    "{what}: hint {hint:?} is a prefix"
+                );
+                expected.insert(ws, secret.clone());
+            }
+            Err(status) => {
+                assert!(!accepted, "{what} was refused: {status:?}");
+                assert_eq!(status.code(), Code::InvalidArgument, "{what}");
+            }
+        }
+    }
+    drop(c);
+    vault.stop().await;
+    let config = dir.path().join("credvault.toml");
+    std::fs::write(&config, dir.config().to_toml()).unwrap();
+    let vault = open_vault(&config).await.unwrap();
+    for (ws, secret) in expected {
+        let plain = vault
+            .decrypt(&CredentialRef::parse(&ws, "amplitude").unwrap())
+            .await
+            .unwrap();
+        assert_eq!(
+            secrecy::ExposeSecret::expose_secret(&plain.secrets["secret_key"]),
+            secret,
+            "byte-exact"
+        );
+    }
+}
+
+#[tokio::test]
+async fn disk_full_fails_cleanly_and_recovers_without_restart() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("SKIPPED: mounting a small tmpfs needs root (CI runs as root)");
+        return;
+    }
+    let dir = VaultDir::new();
+    let small = dir.path().join("small");
+    std::fs::create_dir(&small).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=1m",
+            "credvault-test",
+            small.to_str().unwrap(),
+        ])
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mount a 1 MiB tmpfs");
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            // Lazy: the vault's writer thread may still hold the file for a moment.
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(small.clone());
+    let mut config = dir.config();
+    config.storage.path = small.join("vault.db");
+    let vault = dir.start_with(config).await;
+    let mut c = vault.client().await;
+    let mut acknowledged = Vec::new();
+    let mut failure = None;
+    for i in 0..20_000 {
+        let ws = format!("ws{i}");
+        match c.store(amplitude(&ws, SECRET, SECRET)).await {
+            Ok(_) => acknowledged.push(ws),
+            Err(status) => {
+                failure = Some(status);
+                break;
+            }
+        }
+    }
+    let failure = failure.expect("a 1 MiB filesystem fills up");
+    assert!(
+        matches!(failure.code(), Code::ResourceExhausted | Code::Unavailable),
+        "{failure:?}"
+    );
+    eprintln!(
+        "disk full after {} Stores: {:?}",
+        acknowledged.len(),
+        failure.code()
+    );
+    // Space comes back; the same vault, not restarted, stores again.
+    let grown = std::process::Command::new("mount")
+        .args(["-o", "remount,size=64m", small.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(grown.success());
+    c.store(amplitude("after", SECRET, SECRET)).await.unwrap();
+    for ws in acknowledged.iter().step_by(50) {
+        c.redact(reference(ws, "amplitude")).await.unwrap();
+    }
+    let last = acknowledged.last().unwrap();
+    c.redact(reference(last, "amplitude")).await.unwrap();
+    drop(c);
+    vault.stop().await;
+}
