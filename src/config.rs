@@ -434,4 +434,14 @@ mod tests {
         let err = Config::load(&path).unwrap_err().to_string();
         assert!(err.contains("listn"), "{err}");
     }
+
+    proptest::proptest! {
+        #[test]
+        fn any_config_text_loads_or_errors_without_panic(text in "\\PC{0,400}") {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("c.toml");
+            std::fs::write(&path, &text).unwrap();
+            let _ = Config::load(&path);
+        }
+    }
 }

@@ -134,4 +134,35 @@ mod tests {
         );
         assert_ne!(associated_data("p", &[b"x"]), associated_data("q", &[b"x"]));
     }
+
+    proptest::proptest! {
+        #[test]
+        fn seal_then_open_returns_the_input(plain: Vec<u8>, aad: Vec<u8>) {
+            let rng = SystemRandom::new();
+            let k = key();
+            let sealed = seal(&rng, &k, &plain, &aad).unwrap();
+            let opened = open(&k, &sealed, &aad).unwrap();
+            proptest::prop_assert_eq!(opened.expose_secret(), &plain[..]);
+        }
+
+        #[test]
+        fn any_single_bit_change_fails(plain: Vec<u8>, aad: Vec<u8>, bit: usize) {
+            let rng = SystemRandom::new();
+            let k = key();
+            let sealed = seal(&rng, &k, &plain, &aad).unwrap();
+            let total = (sealed.ciphertext.len() + NONCE_LEN + aad.len()) * 8;
+            let bit = bit % total;
+            let (mut bad, mut bad_aad) = (sealed.clone(), aad.clone());
+            if bit < sealed.ciphertext.len() * 8 {
+                bad.ciphertext[bit / 8] ^= 1 << (bit % 8);
+            } else if bit < (sealed.ciphertext.len() + NONCE_LEN) * 8 {
+                let b = bit - sealed.ciphertext.len() * 8;
+                bad.nonce[b / 8] ^= 1 << (b % 8);
+            } else {
+                let b = bit - (sealed.ciphertext.len() + NONCE_LEN) * 8;
+                bad_aad[b / 8] ^= 1 << (b % 8);
+            }
+            proptest::prop_assert!(open(&k, &bad, &bad_aad).is_err());
+        }
+    }
 }

@@ -80,4 +80,16 @@ mod tests {
         let s = "ééééééééééééééééé";
         assert_eq!(hint(s), "éééé…");
     }
+
+    proptest::proptest! {
+        #[test]
+        fn hints_never_reveal_more_than_allowed(secret in "\\PC{0,80}") {
+            let h = hint(&secret);
+            let n = revealed(&secret, &h);
+            let len = secret.chars().count();
+            proptest::prop_assert!(n <= 4);
+            proptest::prop_assert!(n * 4 <= len);
+            proptest::prop_assert!(len >= 16 || n == 0);
+        }
+    }
 }

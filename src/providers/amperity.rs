@@ -217,4 +217,18 @@ mod tests {
             assert!(run(&jwt("{}"), bad).is_err(), "{bad}");
         }
     }
+
+    proptest::proptest! {
+        #[test]
+        fn any_token_text_is_parsed_without_panic(token in "\\PC{0,200}") {
+            let _ = jwt_expiry(&token);
+        }
+
+        #[test]
+        fn any_payload_is_parsed_without_panic(payload: Vec<u8>) {
+            let e = &base64::engine::general_purpose::URL_SAFE_NO_PAD;
+            let token = format!("{}.{}.sig", e.encode(r#"{"alg":"RS256"}"#), e.encode(&payload));
+            let _ = jwt_expiry(&token);
+        }
+    }
 }

@@ -314,4 +314,20 @@ mod tests {
         assert!(v.message.contains(": ab"), "{}", v.message);
         assert!(v.message.chars().count() < 300);
     }
+
+    proptest::proptest! {
+        #[test]
+        fn any_answer_maps_to_a_verdict_without_panic(status in 100u16..600, body: Vec<u8>, retry: Option<u64>, truncated: bool) {
+            let answer = Answer { status, retry_after: retry, body, truncated };
+            let v = classify(&answer, &STRICT, "P", |j| j.get("ok").map(|_| String::new()));
+            proptest::prop_assert_eq!(v.provider_status, status);
+            proptest::prop_assert!(v.message.chars().count() < 400);
+            if v.verdict == Verdict::Valid {
+                proptest::prop_assert!((200..300).contains(&status) && !truncated);
+            }
+            if v.verdict == Verdict::RateLimited {
+                proptest::prop_assert!(v.retry_after_seconds <= 3600);
+            }
+        }
+    }
 }
