@@ -592,3 +592,100 @@ async fn disk_full_fails_cleanly_and_recovers_without_restart() {
     drop(c);
     vault.stop().await;
 }
+
+/// Sends raw bytes as a gRPC message body, whatever they are.
+#[derive(Debug, Clone, Default)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+    fn encoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+    fn decoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        let bytes = bytes::Buf::chunk(src).to_vec();
+        bytes::Buf::advance(src, bytes.len());
+        Ok(Some(bytes))
+    }
+}
+
+#[tokio::test]
+async fn malformed_and_oversized_protobuf_is_refused_without_panic() {
+    let dir = VaultDir::new();
+    let vault = dir.start().await;
+    let channel = dir.channel_as(&vault, common::APP).await;
+    let huge_map = StoreRequest {
+        workspace_id: "ws".into(),
+        provider: "amplitude".into(),
+        secrets: (0..100_000)
+            .map(|i| (format!("k{i}"), "v".to_owned()))
+            .collect(),
+        ..StoreRequest::default()
+    };
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("overlong varint", [vec![0x0a], vec![0xff; 11]].concat()),
+        ("wrong wire type", vec![0x08, 0x01]),
+        ("invalid UTF-8 in a string", vec![0x0a, 0x02, 0xff, 0xfe]),
+        ("length past the end", vec![0x0a, 0x7f, b'a']),
+        ("4 MiB + 1", vec![0x0a; 4 * 1024 * 1024 + 1]),
+        (
+            "a map with 100k entries",
+            prost::Message::encode_to_vec(&huge_map),
+        ),
+    ];
+    for (what, body) in cases {
+        let mut grpc = tonic::client::Grpc::new(channel.clone());
+        grpc.ready().await.unwrap();
+        let path =
+            tonic::codegen::http::uri::PathAndQuery::from_static("/credvault.v1.Credentials/Store");
+        let status = grpc
+            .unary::<Vec<u8>, Vec<u8>, RawCodec>(tonic::Request::new(body), path, RawCodec)
+            .await
+            .unwrap_err();
+        eprintln!("{what}: {:?} {}", status.code(), status.message());
+        assert!(
+            matches!(
+                status.code(),
+                Code::InvalidArgument | Code::ResourceExhausted
+            ),
+            "{what}: {status:?}"
+        );
+    }
+    // Still serving, nothing stored.
+    let mut c = vault.client().await;
+    c.list_providers(ListProvidersRequest {}).await.unwrap();
+    let list = c
+        .list(credvault::proto::ListRequest {
+            workspace_id: "ws".into(),
+        })
+        .await
+        .unwrap();
+    assert!(list.into_inner().credentials.is_empty());
+}

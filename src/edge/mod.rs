@@ -91,6 +91,7 @@ pub async fn serve(
         metrics,
     );
     tonic::transport::Server::builder()
+        .layer(tower::util::MapResponseLayer::new(status::refusal_codes))
         .add_service(health)
         .add_optional_service(reflection)
         .add_service(credentials)

@@ -1,5 +1,6 @@
 //! The one place domain failures become gRPC statuses.
 
+use tonic::codegen::http::{HeaderValue, Response};
 use tonic::{Code, Status};
 
 use crate::domain::VaultError;
@@ -24,4 +25,38 @@ pub fn to_status(e: VaultError) -> Status {
             Status::new(Code::Internal, "unexpected error")
         }
     }
+}
+
+/// tonic refuses a request it cannot decode before any handler runs, as
+/// INTERNAL, and one over the size limit as OUT_OF_RANGE. Both are the
+/// caller's fault: answer INVALID_ARGUMENT and RESOURCE_EXHAUSTED instead.
+pub fn refusal_codes<B>(mut response: Response<B>) -> Response<B> {
+    let headers = response.headers_mut();
+    let code = headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok());
+    let message = headers
+        .get("grpc-message")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let fixed = match code.map(Code::from) {
+        Some(Code::Internal)
+            if message.starts_with("failed%20to%20decode")
+                || message.starts_with("failed to decode") =>
+        {
+            Some(Code::InvalidArgument)
+        }
+        Some(Code::OutOfRange)
+            if message.contains("message%20length%20too%20large")
+                || message.contains("message length too large") =>
+        {
+            Some(Code::ResourceExhausted)
+        }
+        _ => None,
+    };
+    if let Some(code) = fixed {
+        headers.insert("grpc-status", HeaderValue::from(code as i32));
+    }
+    response
 }
