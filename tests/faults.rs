@@ -689,3 +689,72 @@ async fn malformed_and_oversized_protobuf_is_refused_without_panic() {
         .unwrap();
     assert!(list.into_inner().credentials.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_vault_core_image_holds_no_canary() {
+    if std::process::Command::new("gcore")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("SKIPPED: gcore (gdb) is not installed");
+        return;
+    }
+    use base64::Engine;
+    let tmp = tempfile::tempdir().unwrap();
+    let fake_ca = DevCa::generate("provider CA").unwrap();
+    let fake = FakeProvider::start(&fake_ca, |_| Reply::json(200, r#"{"data":[]}"#)).await;
+    let config = prepare(tmp.path(), &fake, &fake_ca);
+    let mut child = spawn(&config).await;
+    let mut c = app_client(&config, &child.url).await;
+    let mut canaries = Vec::new();
+    for i in 0..5 {
+        let mut marker = [0u8; 24];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut marker).unwrap();
+        let canary = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(marker);
+        let ws = format!("core{i}");
+        c.store(amplitude(&ws, SECRET, &canary)).await.unwrap();
+        c.validate_connection(reference(&ws, "amplitude"))
+            .await
+            .unwrap();
+        canaries.push(canary);
+    }
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pid = child.process.id().unwrap();
+    let prefix = tmp.path().join("core");
+    let started = std::time::Instant::now();
+    let dumped = std::process::Command::new("gcore")
+        .arg("-o")
+        .arg(&prefix)
+        .arg(pid.to_string())
+        .output()
+        .unwrap();
+    child.process.start_kill().unwrap();
+    eprintln!("gcore took {:?}", started.elapsed());
+    let core = std::fs::read(format!("{}.{pid}", prefix.display()));
+    let Ok(core) = core else {
+        eprintln!(
+            "SKIPPED: gcore could not dump the process: {}",
+            String::from_utf8_lossy(&dumped.stderr)
+        );
+        return;
+    };
+    let mut hits = 0;
+    for canary in &canaries {
+        let forms = [
+            canary.clone(),
+            data_encoding::HEXLOWER.encode(canary.as_bytes()),
+            base64::engine::general_purpose::STANDARD.encode(canary),
+            url::form_urlencoded::byte_serialize(canary.as_bytes()).collect::<String>(),
+        ];
+        for form in forms {
+            hits += memchr::memmem::find_iter(&core, form.as_bytes()).count();
+        }
+    }
+    eprintln!(
+        "core image of {} MiB: {hits} canary hits",
+        core.len() / (1024 * 1024)
+    );
+    assert_eq!(hits, 0, "plaintext left in the idle process's memory");
+}

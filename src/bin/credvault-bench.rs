@@ -48,6 +48,11 @@ struct Args {
     serve_config: Option<PathBuf>,
 }
 
+/// The same allocator as the `credvault` binary, so the vault child measures what ships.
+#[global_allocator]
+static ALLOCATOR: zeroizing_alloc::ZeroAlloc<std::alloc::System> =
+    zeroizing_alloc::ZeroAlloc(std::alloc::System);
+
 type Op = Arc<
     dyn Fn(usize, u64) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync,
 >;
