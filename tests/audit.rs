@@ -503,3 +503,26 @@ async fn audit_export_then_verify_file() {
     let (ok, text) = verify(&["--file"], &export);
     assert!(!ok && text.contains("event 2 was edited"), "{text}");
 }
+
+#[tokio::test]
+async fn tampered_ciphertext_gives_data_loss_through_the_api_and_is_audited() {
+    let dir = VaultDir::new();
+    let vault = dir.start().await;
+    let mut c = vault.client().await;
+    c.store(amplitude("ws", CANARY, CANARY)).await.unwrap();
+    let db = Connection::open(dir.db()).unwrap();
+    db.execute(
+        "UPDATE credential_secrets SET ciphertext = randomblob(length(ciphertext)) WHERE field = 'secret_key'",
+        [],
+    )
+    .unwrap();
+    let status = c
+        .validate_connection(reference("ws", "amplitude"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::DataLoss);
+    assert_eq!(status.message(), "stored credential could not be decrypted");
+    let events = read(&mut auditor(&dir, &vault).await, 0, 2).await;
+    assert_eq!(events[1].method, "Credentials.ValidateConnection");
+    assert_eq!(events[1].outcome, "DATA_LOSS");
+}
