@@ -2,13 +2,18 @@
 //!
 //! # Layout
 //! - [`proto`]: the wire contract, generated from `proto/credvault/v1/credvault.proto`.
-//! - [`edge`]: mutual TLS, caller identity, gRPC decode/encode, errors to status codes.
-//! - [`domain`]: what Store, Redact, Zero and List mean; input parsing; redaction.
+//! - [`edge`]: mutual TLS, caller identity, the gate (authorize, audit, log, limits), the
+//!   services, and errors to status codes in one place.
+//! - [`domain`]: what Store, Redact, Zero, List, Validate and key rotation mean.
 //! - [`crypto`]: envelope encryption (root key → key-encryption keys → data keys), secret types.
-//! - [`store`]: the storage trait and its SQLite implementation.
-//! - [`providers`]: one module per provider: fields, parameters, checks.
+//! - [`store`]: the storage trait and SQLite behind it, with group commit.
+//! - [`providers`]: one module per provider: fields, checks, validation call, answer mapping.
+//! - [`outbound`]: the HTTP client for provider calls and its address policy.
+//! - [`audit`]: typed events, the hash chain, signatures, verification.
+//! - [`policy`]: who may call what.
+//! - [`telemetry`]: Prometheus metrics.
 //! - [`config`], [`server`]: the configuration file and the `run` entry point.
-//! - [`dev`]: the development vault (certificates, root key, configuration) and [`cli`].
+//! - [`dev`]: the development vault (certificates, root key, provider fakes) and [`cli`].
 
 #![forbid(unsafe_code)]
 
