@@ -294,10 +294,7 @@ impl RawCredential {
         let data_key = match (self.key_version, self.dek_nonce, self.wrapped_dek) {
             (Some(key_version), Some(n), Some(ciphertext)) => Some(WrappedDataKey {
                 key_version,
-                sealed: Sealed {
-                    nonce: nonce(n)?,
-                    ciphertext,
-                },
+                sealed: sealed_from(n, ciphertext)?,
             }),
             (None, None, None) => None,
             _ => return Err(StoreError::Corrupt("partial data key")),
@@ -341,10 +338,7 @@ fn load_secrets(
         let (field, n, ciphertext, hint, fingerprint) = row?;
         Ok(SecretRecord {
             field,
-            sealed: Sealed {
-                nonce: nonce(n)?,
-                ciphertext,
-            },
+            sealed: sealed_from(n, ciphertext)?,
             hint,
             fingerprint,
         })
@@ -447,6 +441,42 @@ fn sealed_from(n: Vec<u8>, ciphertext: Vec<u8>) -> Result<Sealed, StoreError> {
         nonce: nonce(n)?,
         ciphertext,
     })
+}
+
+/// The active key-encryption key versions, oldest first.
+fn active_key_versions(conn: &Connection) -> Result<Vec<WrappedKeyVersion>, StoreError> {
+    let rows = conn
+        .prepare_cached(
+            "SELECT version, nonce, wrapped_key FROM key_versions \
+             WHERE state = 'active' ORDER BY version",
+        )?
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, u32>(0)?,
+                r.get::<_, Vec<u8>>(1)?,
+                r.get::<_, Vec<u8>>(2)?,
+            ))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    rows.into_iter()
+        .map(|(version, n, ciphertext)| {
+            Ok(WrappedKeyVersion {
+                version,
+                sealed: sealed_from(n, ciphertext)?,
+            })
+        })
+        .collect()
+}
+
+/// One key sealed under the root key, by purpose.
+fn sealed_material(conn: &Connection, purpose: &str) -> Result<Option<Sealed>, StoreError> {
+    conn.prepare_cached("SELECT nonce, wrapped_key FROM key_material WHERE purpose = ?1")?
+        .query_row([purpose], |r| {
+            Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?))
+        })
+        .optional()?
+        .map(|(n, ciphertext)| sealed_from(n, ciphertext))
+        .transpose()
 }
 
 /// Appends `event` to the chain inside `tx`: next sequence, hash over the
@@ -552,45 +582,12 @@ fn zero_tx(
 impl Store for SqliteStore {
     async fn load_keys(&self) -> Result<Option<StoredKeys>, StoreError> {
         self.read(|conn| {
-            let fingerprint_key = conn
-                .query_row(
-                    "SELECT nonce, wrapped_key FROM key_material WHERE purpose = ?1",
-                    [FINGERPRINT_KEY],
-                    |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?)),
-                )
-                .optional()?;
-            let Some((n, ciphertext)) = fingerprint_key else {
+            let Some(fingerprint_key) = sealed_material(conn, FINGERPRINT_KEY)? else {
                 return Ok(None);
             };
-            let mut stmt = conn.prepare(
-                "SELECT version, nonce, wrapped_key FROM key_versions \
-                 WHERE state = 'active' ORDER BY version",
-            )?;
-            let versions = stmt
-                .query_map([], |r| {
-                    Ok((
-                        r.get::<_, u32>(0)?,
-                        r.get::<_, Vec<u8>>(1)?,
-                        r.get::<_, Vec<u8>>(2)?,
-                    ))
-                })?
-                .map(|row| {
-                    let (version, n, ciphertext) = row?;
-                    Ok(WrappedKeyVersion {
-                        version,
-                        sealed: Sealed {
-                            nonce: nonce(n)?,
-                            ciphertext,
-                        },
-                    })
-                })
-                .collect::<Result<Vec<_>, StoreError>>()?;
             Ok(Some(StoredKeys {
-                versions,
-                fingerprint_key: Sealed {
-                    nonce: nonce(n)?,
-                    ciphertext,
-                },
+                versions: active_key_versions(conn)?,
+                fingerprint_key,
             }))
         })
         .await
@@ -886,26 +883,7 @@ impl Store for SqliteStore {
         &self,
     ) -> Result<(Vec<WrappedKeyVersion>, Vec<(String, Sealed)>), StoreError> {
         self.read(|conn| {
-            let versions = conn
-                .prepare(
-                    "SELECT version, nonce, wrapped_key FROM key_versions WHERE state = 'active'",
-                )?
-                .query_map([], |r| {
-                    Ok((
-                        r.get::<_, u32>(0)?,
-                        r.get::<_, Vec<u8>>(1)?,
-                        r.get::<_, Vec<u8>>(2)?,
-                    ))
-                })?
-                .collect::<rusqlite::Result<Vec<_>>>()?
-                .into_iter()
-                .map(|(version, n, c)| {
-                    Ok(WrappedKeyVersion {
-                        version,
-                        sealed: sealed_from(n, c)?,
-                    })
-                })
-                .collect::<Result<Vec<_>, StoreError>>()?;
+            let versions = active_key_versions(conn)?;
             let material = conn
                 .prepare("SELECT purpose, nonce, wrapped_key FROM key_material")?
                 .query_map([], |r| {
@@ -949,23 +927,7 @@ impl Store for SqliteStore {
 
     async fn key_material(&self, purpose: &str) -> Result<Option<Sealed>, StoreError> {
         let purpose = purpose.to_owned();
-        self.read(move |conn| {
-            let row = conn
-                .query_row(
-                    "SELECT nonce, wrapped_key FROM key_material WHERE purpose = ?1",
-                    [&purpose],
-                    |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?)),
-                )
-                .optional()?;
-            row.map(|(n, ciphertext)| {
-                Ok(Sealed {
-                    nonce: nonce(n)?,
-                    ciphertext,
-                })
-            })
-            .transpose()
-        })
-        .await
+        self.read(move |conn| sealed_material(conn, &purpose)).await
     }
 
     async fn put_key_material(&self, purpose: &str, sealed: Sealed) -> Result<(), StoreError> {
