@@ -39,12 +39,8 @@ pub enum Status {
     Disconnected,
 }
 
-/// What a caller may see of a secret.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Redacted {
-    pub hint: String,
-    pub fingerprint: String,
-}
+/// What a caller, and the audit log, may see of a secret: its hint and fingerprint.
+pub use audit::SecretSummary as Redacted;
 
 /// A connection as callers see it: metadata and redactions, never secrets.
 #[derive(Debug, Clone)]
@@ -70,17 +66,7 @@ impl Connection {
         audit::Details {
             verdict: String::new(),
             key_version: self.key_version,
-            secrets: self
-                .secrets
-                .iter()
-                .map(|(field, r)| {
-                    let summary = audit::SecretSummary {
-                        hint: r.hint.clone(),
-                        fingerprint: r.fingerprint.clone(),
-                    };
-                    (field.clone(), summary)
-                })
-                .collect(),
+            secrets: self.secrets.clone(),
         }
     }
 }
@@ -94,17 +80,7 @@ impl From<CredentialRecord> for Connection {
         });
         Self {
             last_validation,
-            secrets: r
-                .secrets
-                .into_iter()
-                .map(|s| {
-                    let redacted = Redacted {
-                        hint: s.hint,
-                        fingerprint: s.fingerprint,
-                    };
-                    (s.field, redacted)
-                })
-                .collect(),
+            secrets: summaries(&r.secrets),
             status: match r.status {
                 StoredStatus::Connected => Status::Connected,
                 StoredStatus::Disconnected => Status::Disconnected,

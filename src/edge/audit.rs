@@ -144,13 +144,7 @@ pub fn encode(stored: &StoredEvent) -> Option<proto::AuditEvent> {
         secrets: e
             .secrets
             .into_iter()
-            .map(|(field, s)| {
-                let redacted = proto::RedactedSecret {
-                    hint: s.hint,
-                    fingerprint: s.fingerprint,
-                };
-                (field, redacted)
-            })
+            .map(|(field, s)| (field, s.into()))
             .collect(),
         request_id: e.request_id,
         hash: stored.hash.to_vec(),

@@ -136,13 +136,7 @@ fn encode(c: domain::Connection) -> proto::Credential {
         secrets: c
             .secrets
             .into_iter()
-            .map(|(field, r)| {
-                let redacted = proto::RedactedSecret {
-                    hint: r.hint,
-                    fingerprint: r.fingerprint,
-                };
-                (field, redacted)
-            })
+            .map(|(field, r)| (field, r.into()))
             .collect(),
         status: match c.status {
             domain::Status::Connected => proto::Status::Connected,

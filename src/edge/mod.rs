@@ -28,6 +28,16 @@ use credentials::CredentialsService;
 use gate::Gate;
 use keys::KeyAdminService;
 
+/// A secret as the wire shows it, in a Credential and in an AuditEvent alike.
+impl From<crate::audit::SecretSummary> for crate::proto::RedactedSecret {
+    fn from(s: crate::audit::SecretSummary) -> Self {
+        Self {
+            hint: s.hint,
+            fingerprint: s.fingerprint,
+        }
+    }
+}
+
 /// The services whose health is reported, by their full gRPC names.
 pub const SERVICES: [&str; 3] = [
     "credvault.v1.Credentials",
