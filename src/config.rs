@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::policy::{Policy, Rule};
-use crate::providers::Provider;
+use crate::providers::{Provider, Route};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
 pub const ROOT_KEY_ENV: &str = "CREDVAULT_ROOT_KEY";
@@ -114,6 +114,19 @@ pub struct ProvidersConfig {
 pub struct ProviderConfig {
     /// Overrides the provider's default base URL for a region or host key.
     pub base_urls: BTreeMap<String, String>,
+    /// Narrows the provider's proxy allowlist to these `METHOD /template`
+    /// routes (each must be on the provider's own list). Unset: all of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy: Option<Vec<String>>,
+}
+
+impl ProviderConfig {
+    /// Whether the configuration lets Proxy use `route`.
+    pub fn proxies(&self, route: &Route) -> bool {
+        self.proxy
+            .as_ref()
+            .is_none_or(|list| list.iter().any(|r| *r == route.to_string()))
+    }
 }
 
 impl ProvidersConfig {
@@ -129,6 +142,7 @@ impl ProvidersConfig {
     /// overridden by whatever is configured.
     pub fn with_defaults(&self) -> Self {
         let fill = |p: Provider| ProviderConfig {
+            proxy: self.get(p).proxy.clone(),
             base_urls: p
                 .spec()
                 .validation
@@ -166,6 +180,17 @@ impl ProvidersConfig {
                 }
                 crate::outbound::parse_base_url(url, "tenant")
                     .map_err(|why| format!("providers.{p}.base_urls.{key}: {why}"))?;
+            }
+            for route in self.get(p).proxy.iter().flatten() {
+                if p.spec().route(route).is_none() {
+                    let known: Vec<_> = p.spec().routes.iter().map(Route::to_string).collect();
+                    return Err(format!(
+                        "providers.{p}.proxy: `{route}` is not on {}'s proxy allowlist, and the \
+                         configuration can only narrow it; choose from: {}",
+                        p.spec().display_name,
+                        known.join(", ")
+                    ));
+                }
             }
         }
         Ok(())
@@ -248,7 +273,8 @@ fn default_max_encryptions() -> u64 {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
-    /// Requests larger than this are refused before decoding.
+    /// Requests larger than this are refused, except Proxy requests, which
+    /// may carry a body of up to 1 MiB.
     pub max_message_bytes: usize,
     /// A TLS handshake that takes longer is dropped.
     pub handshake_timeout_ms: u64,

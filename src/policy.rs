@@ -16,6 +16,7 @@ pub const METHODS: &[(&str, &[&str])] = &[
             "List",
             "ListProviders",
             "ValidateConnection",
+            "Proxy",
         ],
     ),
     ("KeyAdmin", &["Rotate", "Status", "Retire"]),
@@ -36,6 +37,10 @@ pub struct Rule {
     /// Workspace id globs (`*`, `?`); `*` (the default) for all.
     #[serde(default = "everything")]
     pub workspaces: Vec<String>,
+    /// Narrows `Proxy` under this rule to these `METHOD /template` routes
+    /// (from the providers' allowlists). Unset: every allowlisted route.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy: Option<Vec<String>>,
 }
 
 fn everything() -> Vec<String> {
@@ -51,6 +56,8 @@ pub struct Call<'a> {
     pub workspace: Option<&'a str>,
     /// For calls on one provider's connection.
     pub provider: Option<&'a str>,
+    /// For Proxy: the allowlisted route the request fits, as `METHOD /template`.
+    pub route: Option<&'a str>,
 }
 
 /// Rules compiled for matching.
@@ -68,6 +75,8 @@ struct Compiled {
     /// `None` for all providers.
     providers: Option<Vec<String>>,
     workspaces: Vec<WildMatch>,
+    /// `None` for every allowlisted route.
+    proxy: Option<Vec<String>>,
 }
 
 impl Policy {
@@ -103,7 +112,13 @@ impl Policy {
             let workspace_ok = call
                 .workspace
                 .is_none_or(|w| rule.workspaces.iter().any(|g| g.matches(w)));
-            identity_ok && method_ok && provider_ok && workspace_ok
+            let route_ok = match &rule.proxy {
+                Some(routes) if call.service == "Credentials" && call.method == "Proxy" => {
+                    call.route.is_some_and(|r| routes.iter().any(|x| x == r))
+                }
+                _ => true,
+            };
+            identity_ok && method_ok && provider_ok && workspace_ok && route_ok
         })
     }
 }
@@ -135,12 +150,27 @@ fn compile_rule(rule: &Rule) -> Result<Compiled, String> {
         }
         Some(rule.providers.clone())
     };
+    for route in rule.proxy.iter().flatten() {
+        let named = |p: &crate::providers::Provider| {
+            let listed = providers
+                .as_ref()
+                .is_none_or(|list| list.iter().any(|x| x == p.name()));
+            listed && p.spec().route(route).is_some()
+        };
+        if !crate::providers::Provider::ALL.iter().any(named) {
+            return Err(format!(
+                "`proxy` entry `{route}` is not an allowlisted route (`METHOD /template`) of \
+                 the rule's providers"
+            ));
+        }
+    }
     Ok(Compiled {
         identity,
         identity_is_prefix,
         methods,
         providers,
         workspaces: rule.workspaces.iter().map(|g| WildMatch::new(g)).collect(),
+        proxy: rule.proxy.clone(),
     })
 }
 
@@ -184,6 +214,7 @@ pub fn dev_rules() -> Vec<Rule> {
         allow: allow.iter().map(|s| (*s).to_owned()).collect(),
         providers: everything(),
         workspaces: everything(),
+        proxy: None,
     };
     vec![
         rule(
@@ -195,6 +226,7 @@ pub fn dev_rules() -> Vec<Rule> {
                 "List",
                 "ListProviders",
                 "ValidateConnection",
+                "Proxy",
             ],
         ),
         rule("admin", &["KeyAdmin.*"]),
@@ -217,6 +249,7 @@ mod tests {
             method,
             workspace: ws,
             provider: p,
+            route: None,
         }
     }
 
@@ -253,6 +286,7 @@ mod tests {
             allow: vec!["Redact".into(), "Credentials.List".into()],
             providers: vec!["posthog".into()],
             workspaces: vec!["team-a-*".into()],
+            proxy: None,
         }])
         .unwrap();
         let who = "spiffe://corp/team-a/billing";
@@ -284,6 +318,29 @@ mod tests {
     }
 
     #[test]
+    fn a_proxy_list_narrows_proxy_only() {
+        let policy = Policy::compile(&[Rule {
+            identity: APP.into(),
+            allow: vec!["Proxy".into(), "Redact".into()],
+            providers: everything(),
+            workspaces: everything(),
+            proxy: Some(vec!["GET /api/3/cohorts".into()]),
+        }])
+        .unwrap();
+        let proxy = |route| Call {
+            route,
+            ..call("Credentials", "Proxy", Some("ws"), Some("amplitude"))
+        };
+        assert!(policy.allows(APP, &proxy(Some("GET /api/3/cohorts"))));
+        assert!(!policy.allows(APP, &proxy(Some("POST /api/3/annotations"))));
+        assert!(!policy.allows(APP, &proxy(None)));
+        assert!(policy.allows(
+            APP,
+            &call("Credentials", "Redact", Some("ws"), Some("amplitude"))
+        ));
+    }
+
+    #[test]
     fn empty_policy_denies_everything() {
         let policy = Policy::compile(&[]).unwrap();
         assert!(!policy.allows(APP, &call("Credentials", "ListProviders", None, None)));
@@ -296,6 +353,7 @@ mod tests {
             allow: vec!["Store".into()],
             providers: everything(),
             workspaces: everything(),
+            proxy: None,
         };
         for (rule, expected) in [
             (
@@ -332,6 +390,15 @@ mod tests {
                     ..base.clone()
                 },
                 "unknown provider",
+            ),
+            (
+                Rule {
+                    allow: vec!["Proxy".into()],
+                    providers: vec!["posthog".into()],
+                    proxy: Some(vec!["GET /api/3/cohorts".into()]),
+                    ..base.clone()
+                },
+                "not an allowlisted route",
             ),
         ] {
             let err = Policy::compile(&[rule]).unwrap_err();

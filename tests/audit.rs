@@ -456,37 +456,7 @@ async fn audit_export_then_verify_file() {
             .await
             .unwrap();
     }
-    let auditor = dir
-        .ca
-        .issue(
-            "auditor",
-            Subject::ClientUris(&["spiffe://credvault.local/auditor"]),
-        )
-        .unwrap();
-    common::write_private(&dir.path().join("auditor.pem"), auditor.cert_pem.as_bytes());
-    common::write_private(
-        &dir.path().join("auditor-key.pem"),
-        auditor.key_pem.as_bytes(),
-    );
-    let export = dir.path().join("audit.jsonl");
-    let out = tokio::process::Command::new(BIN)
-        .args(["audit", "export", "--addr", &vault.url()])
-        .arg("--ca")
-        .arg(dir.path().join("ca.pem"))
-        .arg("--cert")
-        .arg(dir.path().join("auditor.pem"))
-        .arg("--key")
-        .arg(dir.path().join("auditor-key.pem"))
-        .arg("--to")
-        .arg(&export)
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let export = common::export_audit(&dir, &vault).await;
     let pinned = dir.path().join("audit.pub");
     let (ok, text) = verify(
         &["--public-key", pinned.to_str().unwrap(), "--file"],

@@ -111,6 +111,7 @@ async fn rules_scope_identities_to_workspaces_and_providers() {
         allow: vec!["Store".into(), "Redact".into()],
         providers: vec!["amplitude".into()],
         workspaces: vec!["team-a-*".into()],
+        proxy: None,
     });
     let vault = dir.start_with(config).await;
     let cert = dir
@@ -153,6 +154,7 @@ async fn client_named_by_dns_san_is_authorized_by_that_name() {
         allow: vec!["ListProviders".into()],
         providers: vec!["*".into()],
         workspaces: vec!["*".into()],
+        proxy: None,
     });
     let vault = dir.start_with(config).await;
     let cert = dir

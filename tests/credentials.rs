@@ -455,7 +455,7 @@ async fn rejects_bad_input_naming_the_field_without_echoing_values() {
 }
 
 #[tokio::test]
-async fn rejects_oversized_messages_before_decoding() {
+async fn rejects_oversized_messages() {
     let dir = VaultDir::new();
     let vault = dir.start().await;
     let mut c = vault.client().await;

@@ -50,6 +50,27 @@ pub struct Event {
     pub key_version: u32,
     pub secrets: BTreeMap<String, SecretSummary>,
     pub request_id: String,
+    /// For Proxy calls. Absent from every other event, so events written
+    /// before Proxy existed keep their canonical encoding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy: Option<Proxied>,
+}
+
+/// What a proxied call did: never a raw path, query or body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Proxied {
+    pub method: String,
+    /// The allowlisted path template the call matched, e.g. `/api/3/cohorts`.
+    pub route: String,
+    /// The provider's HTTP status.
+    pub status: u16,
+    pub request_bytes: u64,
+    /// As passed to the caller, after redaction and the size cap.
+    pub response_bytes: u64,
+    /// Occurrences of the connection's secrets replaced in the response.
+    pub redactions: u32,
+    pub answered_by_vault: bool,
 }
 
 /// What the call itself adds to its event.
@@ -58,6 +79,7 @@ pub struct Details {
     pub verdict: String,
     pub key_version: u32,
     pub secrets: BTreeMap<String, SecretSummary>,
+    pub proxy: Option<Proxied>,
 }
 
 impl Event {
@@ -78,6 +100,7 @@ impl Event {
             key_version: details.key_version,
             secrets: details.secrets,
             request_id: context.request_id.clone(),
+            proxy: details.proxy,
         }
     }
 

@@ -597,12 +597,12 @@ fn direct(ca: &Path, url: &str) -> Result<Op, String> {
             Arc::clone(&params),
         );
         boxed(async move {
-            let spec = &provider.spec().validation;
+            let spec = provider.spec();
             let answer = outbound
-                .call(provider, &base, (spec.probe)(&secrets, &params))
+                .call(provider, &base, spec.probe(&secrets, &params))
                 .await
                 .map_err(|e| e.0)?;
-            let v = (spec.interpret)(&answer, &params);
+            let v = (spec.validation.interpret)(&answer, &params);
             if v.verdict == credvault::providers::validation::Verdict::Valid {
                 Ok(())
             } else {

@@ -49,7 +49,7 @@ pub enum AuditCommand {
 #[serde(untagged)]
 enum Line {
     Event {
-        event: Event,
+        event: Box<Event>,
         #[serde(with = "audit::hex")]
         previous_hash: Vec<u8>,
         #[serde(with = "audit::hex")]
@@ -145,7 +145,7 @@ fn json(line: &Line) -> String {
 
 fn to_line(e: &proto::AuditEvent) -> String {
     json(&Line::Event {
-        event: event_from_proto(e),
+        event: Box::new(event_from_proto(e)),
         previous_hash: e.previous_hash.clone(),
         hash: e.hash.clone(),
     })
@@ -179,6 +179,16 @@ fn event_from_proto(e: &proto::AuditEvent) -> Event {
             })
             .collect::<BTreeMap<_, _>>(),
         request_id: e.request_id.clone(),
+        proxy: e.proxy.as_ref().map(|p| audit::Proxied {
+            method: p.method.clone(),
+            route: p.route.clone(),
+            // Written from a u16, so it fits unless forged; a forged value fails the chain.
+            status: u16::try_from(p.status).unwrap_or(u16::MAX),
+            request_bytes: p.request_bytes,
+            response_bytes: p.response_bytes,
+            redactions: p.redactions,
+            answered_by_vault: p.answered_by_vault,
+        }),
     }
 }
 

@@ -71,6 +71,24 @@ pub struct RefArgs {
 }
 
 #[derive(Debug, clap::Args)]
+pub struct CallArgs {
+    #[command(flatten)]
+    connect: Connect,
+    #[arg(long)]
+    workspace: String,
+    #[arg(long)]
+    provider: String,
+    /// A request header, as `NAME: VALUE` (accept, content-type,
+    /// accept-encoding: identity); repeat for more.
+    #[arg(short = 'H', long = "header", value_name = "NAME: VALUE")]
+    headers: Vec<String>,
+    /// GET or POST.
+    method: String,
+    /// The path and query, such as /api/3/cohorts.
+    path: String,
+}
+
+#[derive(Debug, clap::Args)]
 pub struct ListArgs {
     #[command(flatten)]
     connect: Connect,
@@ -93,7 +111,12 @@ pub async fn connect(
 ) -> Result<CredentialsClient<Channel>, String> {
     connect_channel(addr, ca_pem, cert_pem, key_pem)
         .await
-        .map(CredentialsClient::new)
+        .map(credentials_client)
+}
+
+/// A Credentials client that accepts the largest Proxy answer (4 MiB of body).
+pub fn credentials_client(channel: Channel) -> CredentialsClient<Channel> {
+    CredentialsClient::new(channel).max_decoding_message_size(crate::edge::PROXY_RESPONSE_MESSAGE)
 }
 
 /// A mutual-TLS channel to the vault, for any of its services.
@@ -128,7 +151,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 impl Connect {
     async fn client(&self) -> Result<CredentialsClient<Channel>, String> {
-        self.channel("app").await.map(CredentialsClient::new)
+        self.channel("app").await.map(credentials_client)
     }
 
     /// A channel presenting the chosen certificate; `default_identity` picks
@@ -440,6 +463,71 @@ fn print_credential(c: &Credential) {
             v.message
         );
     }
+}
+
+pub async fn call(args: CallArgs) -> Result<(), String> {
+    use std::io::Write;
+
+    let mut headers = HashMap::new();
+    for h in &args.headers {
+        let (name, value) = h
+            .split_once(':')
+            .ok_or_else(|| format!("--header {h:?} is not `NAME: VALUE`"))?;
+        headers.insert(name.trim().to_owned(), value.trim().to_owned());
+    }
+    let mut body = Vec::new();
+    if !args.method.eq_ignore_ascii_case("GET") && !std::io::stdin().is_terminal() {
+        std::io::stdin()
+            .read_to_end(&mut body)
+            .map_err(|e| format!("cannot read the request body from stdin: {e}"))?;
+    }
+    if !body.is_empty()
+        && !headers
+            .keys()
+            .any(|k| k.eq_ignore_ascii_case("content-type"))
+    {
+        headers.insert("content-type".to_owned(), "application/json".to_owned());
+    }
+    let mut client = args.connect.client().await?;
+    let answer = client
+        .proxy(proto::ProxyRequest {
+            workspace_id: args.workspace,
+            provider: args.provider,
+            method: args.method,
+            path: args.path,
+            headers,
+            body,
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let mut notes = format!("HTTP {}\n", answer.status);
+    let mut names: Vec<_> = answer.headers.iter().collect();
+    names.sort();
+    for (name, value) in names {
+        notes.push_str(&format!("{name}: {value}\n"));
+    }
+    if answer.answered_by_vault {
+        notes.push_str("(answered by the vault: this connection is cooling down after a 429)\n");
+    }
+    if answer.redactions > 0 {
+        notes.push_str(&format!(
+            "({} echoed secret value(s) replaced with their hints)\n",
+            answer.redactions
+        ));
+    }
+    if answer.truncated {
+        notes.push_str("(the body was cut at 4 MiB)\n");
+    }
+    eprint!("{notes}");
+    let mut out = std::io::stdout().lock();
+    out.write_all(&answer.body)
+        .and_then(|()| out.flush())
+        .map_err(|e| format!("cannot write the body: {e}"))?;
+    if answer.status >= 400 {
+        return Err(format!("the provider answered {}", answer.status));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -44,6 +44,10 @@ enum Command {
     Validate(client::RefArgs),
     /// List the providers the vault knows and the fields each needs.
     Providers(client::ProvidersArgs),
+    /// Call a provider's API through the vault, which adds the credentials.
+    /// Prints the status and headers to stderr and the body to stdout; a POST
+    /// body is read from stdin. Exit status 1 for a 4xx or 5xx answer.
+    Call(client::CallArgs),
     /// The audit log: tail it, export it, verify its chain.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
@@ -112,6 +116,7 @@ pub fn main() -> ExitCode {
         Command::List(args) => runtime.block_on(client::list(args)),
         Command::Validate(args) => runtime.block_on(client::validate(args)),
         Command::Providers(args) => runtime.block_on(client::providers(args)),
+        Command::Call(args) => runtime.block_on(client::call(args)),
         Command::Audit(command) => runtime.block_on(audit::run(command)),
         Command::Keys(command) => runtime.block_on(keys::run(command)),
         Command::CheckConfig { config } => runtime.block_on(check::run(&config)),

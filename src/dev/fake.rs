@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
@@ -23,6 +23,9 @@ pub struct Recorded {
     pub path_and_query: String,
     /// Lower-case names.
     pub headers: HashMap<String, String>,
+    /// The host the request named (HTTP/2 `:authority` or `Host`).
+    pub authority: String,
+    pub body: Bytes,
 }
 
 /// What the fake answers.
@@ -131,20 +134,33 @@ impl FakeProvider {
                     let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                         let (r, h, n, m) = (r.clone(), h.clone(), n.clone(), m.clone());
                         async move {
+                            let (parts, body) = req.into_parts();
+                            let headers: HashMap<String, String> = parts
+                                .headers
+                                .iter()
+                                .map(|(k, v)| {
+                                    (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned())
+                                })
+                                .collect();
+                            let authority = parts.uri.authority().map_or_else(
+                                || headers.get("host").cloned().unwrap_or_default(),
+                                ToString::to_string,
+                            );
+                            let body = body
+                                .collect()
+                                .await
+                                .map(http_body_util::Collected::to_bytes)
+                                .unwrap_or_default();
                             let recorded = Recorded {
-                                method: req.method().to_string(),
-                                path_and_query: req
-                                    .uri()
+                                method: parts.method.to_string(),
+                                path_and_query: parts
+                                    .uri
                                     .path_and_query()
                                     .map(ToString::to_string)
                                     .unwrap_or_default(),
-                                headers: req
-                                    .headers()
-                                    .iter()
-                                    .map(|(k, v)| {
-                                        (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned())
-                                    })
-                                    .collect(),
+                                headers,
+                                authority,
+                                body,
                             };
                             lock(&r).push(recorded.clone());
                             let now = n.fetch_add(1, Ordering::SeqCst) + 1;

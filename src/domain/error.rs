@@ -12,6 +12,12 @@ pub enum VaultError {
     InvalidArgument(String),
     #[error("{0}")]
     FailedPrecondition(String),
+    /// Well-formed, but outside what the vault lets through.
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// The provider could not be reached or answered unusably; no secret in the text.
+    #[error("{0}")]
+    ProviderUnavailable(String),
     #[error("no {provider} connection in workspace `{workspace_id}`")]
     NotFound {
         workspace_id: String,

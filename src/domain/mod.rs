@@ -4,6 +4,7 @@ mod audit_log;
 mod error;
 mod ids;
 mod input;
+pub mod proxy;
 mod redact;
 pub mod rotation;
 mod validate;
@@ -64,9 +65,9 @@ impl Connection {
     /// hint and fingerprint of each secret.
     pub fn audit_details(&self) -> audit::Details {
         audit::Details {
-            verdict: String::new(),
             key_version: self.key_version,
             secrets: self.secrets.clone(),
+            ..audit::Details::default()
         }
     }
 }
@@ -267,9 +268,9 @@ impl Vault {
             context,
             audit::OUTCOME_OK,
             audit::Details {
-                verdict: String::new(),
                 key_version,
                 secrets: summaries(&record.secrets),
+                ..audit::Details::default()
             },
         );
         let (stored, appended) = self.store.put(record, event).await?;
@@ -325,9 +326,9 @@ impl Vault {
     ) -> Result<(Validation, audit::Details), VaultError> {
         let record = self.record(target).await?;
         let mut details = audit::Details {
-            verdict: String::new(),
             key_version: record.data_key.as_ref().map_or(0, |k| k.key_version),
             secrets: summaries(&record.secrets),
+            ..audit::Details::default()
         };
         let v = self.check_record(target, record).await?;
         details.verdict = v.verdict.name().to_owned();

@@ -9,15 +9,12 @@ use tokio::sync::OnceCell;
 
 use super::CredentialRef;
 use crate::config::ProvidersConfig;
-use crate::outbound::{parse_base_url, Outbound, Unreachable};
+use crate::outbound::{parse_base_url, scrub, Outbound, Scrubber, Unreachable};
 use crate::providers::validation::{Validation, Verdict};
 use crate::providers::{Params, Provider, Secrets};
 
-/// Secrets shorter than this are not searched for in provider text: too many
-/// false hits, and no provider key is that short.
-const MIN_SCRUB_LEN: usize = 6;
-
-/// Provider calls, shared between concurrent validations, with rate-limit memory.
+/// Provider calls, for validation and proxy alike, with the per-connection
+/// rate-limit memory both share.
 pub(super) struct Validator {
     outbound: Outbound,
     base_urls: ProvidersConfig,
@@ -56,8 +53,17 @@ impl Validator {
         }
     }
 
-    /// RATE_LIMITED without a provider call while a 429's Retry-After lasts.
-    pub(super) fn rate_limited(&self, target: &CredentialRef) -> Option<Validation> {
+    pub(super) fn outbound(&self) -> &Outbound {
+        &self.outbound
+    }
+
+    /// What the configuration says about `provider`, defaults filled in.
+    pub(super) fn configured(&self, provider: Provider) -> &crate::config::ProviderConfig {
+        self.base_urls.get(provider)
+    }
+
+    /// Seconds left of the cool-down a 429 started for `target`, if any.
+    pub(super) fn cooling_down(&self, target: &CredentialRef) -> Option<u32> {
         let mut map = lock(&self.rate_limited_until);
         let until = *map.get(target)?;
         let now = Instant::now();
@@ -65,7 +71,48 @@ impl Validator {
             map.remove(target);
             return None;
         }
-        let secs = u32::try_from((until - now).as_secs().max(1)).unwrap_or(u32::MAX);
+        Some(u32::try_from((until - now).as_secs().max(1)).unwrap_or(u32::MAX))
+    }
+
+    /// After a 429: no call with these credentials for `seconds`.
+    pub(super) fn cool_down(&self, target: &CredentialRef, seconds: u32) {
+        let until = Instant::now() + Duration::from_secs(seconds.into());
+        lock(&self.rate_limited_until).insert(target.clone(), until);
+    }
+
+    /// The configured base URL for the connection's region or host.
+    pub(super) fn base_url(&self, provider: Provider, params: &Params) -> Result<url::Url, String> {
+        let key = params
+            .get(provider.spec().validation.base_url_param)
+            .map_or("", String::as_str);
+        self.base_url_for(provider, key, params)
+    }
+
+    fn base_url_for(
+        &self,
+        provider: Provider,
+        key: &str,
+        params: &Params,
+    ) -> Result<url::Url, String> {
+        // `with_defaults` wrote out every key the provider declares.
+        let template = self
+            .base_urls
+            .get(provider)
+            .base_urls
+            .get(key)
+            .map_or("", String::as_str);
+        let tenant = params.get("tenant_id").map_or("", String::as_str);
+        parse_base_url(template, tenant).map_err(|why| {
+            format!(
+                "the configured {} base URL for `{key}` is unusable: {why}",
+                provider.spec().display_name
+            )
+        })
+    }
+
+    /// RATE_LIMITED without a provider call while a 429's Retry-After lasts.
+    pub(super) fn rate_limited(&self, target: &CredentialRef) -> Option<Validation> {
+        let secs = self.cooling_down(target)?;
         Some(Validation {
             retry_after_seconds: secs,
             ..Validation::new(
@@ -115,8 +162,7 @@ impl Validator {
             }
         }
         if v.verdict == Verdict::RateLimited {
-            let until = Instant::now() + Duration::from_secs(v.retry_after_seconds.into());
-            lock(&self.rate_limited_until).insert(target.clone(), until);
+            self.cool_down(target, v.retry_after_seconds);
         }
         v.checked_at = SystemTime::now();
         v.duration_ms = u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX);
@@ -131,31 +177,18 @@ impl Validator {
         secrets: &Secrets,
         params: &Params,
     ) -> Validation {
-        let spec = &provider.spec().validation;
-        let name = provider.spec().display_name;
-        // `with_defaults` wrote out every key the provider declares.
-        let template = self
-            .base_urls
-            .get(provider)
-            .base_urls
-            .get(key)
-            .map_or("", String::as_str);
-        let tenant = params.get("tenant_id").map_or("", String::as_str);
-        let base = match parse_base_url(template, tenant) {
+        let spec = provider.spec();
+        let name = spec.display_name;
+        let base = match self.base_url_for(provider, key, params) {
             Ok(url) => url,
-            Err(why) => {
-                return Validation::new(
-                    Verdict::Unreachable,
-                    format!("the configured {name} base URL for `{key}` is unusable: {why}"),
-                )
-            }
+            Err(why) => return Validation::new(Verdict::Unreachable, why),
         };
         match self
             .outbound
-            .call(provider, &base, (spec.probe)(secrets, params))
+            .call(provider, &base, spec.probe(secrets, params))
             .await
         {
-            Ok(answer) => (spec.interpret)(&answer, params),
+            Ok(answer) => (spec.validation.interpret)(&answer, params),
             Err(Unreachable(why)) => Validation::new(
                 Verdict::Unreachable,
                 format!("couldn't reach {name}: {why}"),
@@ -166,17 +199,12 @@ impl Validator {
 
 /// Removes any secret value a provider echoed into text the caller will see.
 fn scrub(v: &mut Validation, secrets: &Secrets) {
+    let mut scrubber = Scrubber::new();
     for secret in secrets.values() {
-        let secret = secret.expose_secret();
-        if secret.len() < MIN_SCRUB_LEN {
-            continue;
-        }
-        for text in [&mut v.message, &mut v.display_name] {
-            if text.contains(secret) {
-                *text = text.replace(secret, "[redacted]");
-            }
-        }
+        scrubber.secret(secret.expose_secret().as_bytes(), scrub::MASK);
     }
+    scrubber.scrub_str(&mut v.message);
+    scrubber.scrub_str(&mut v.display_name);
 }
 
 #[cfg(test)]

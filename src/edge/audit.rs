@@ -147,6 +147,15 @@ pub fn encode(stored: &StoredEvent) -> Option<proto::AuditEvent> {
             .map(|(field, s)| (field, s.into()))
             .collect(),
         request_id: e.request_id,
+        proxy: e.proxy.map(|p| proto::ProxiedCall {
+            method: p.method,
+            route: p.route,
+            status: p.status.into(),
+            request_bytes: p.request_bytes,
+            response_bytes: p.response_bytes,
+            redactions: p.redactions,
+            answered_by_vault: p.answered_by_vault,
+        }),
         hash: stored.hash.to_vec(),
         previous_hash: stored.previous_hash.to_vec(),
     })

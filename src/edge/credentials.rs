@@ -8,6 +8,7 @@ use tonic::{Request, Response, Status};
 
 use super::gate::{Audited, Gate, Scope};
 use crate::audit;
+use crate::domain::proxy::ProxyCall;
 use crate::domain::{self, CredentialRef, NewCredential, Vault, VaultError, WorkspaceId};
 use crate::proto;
 use crate::providers::validation::{Validation, Verdict};
@@ -110,6 +111,39 @@ impl proto::credentials_server::Credentials for CredentialsService {
                 f64::from(v.duration_ms) / 1000.0,
             );
             Ok((encode_validation(v), Audited::Details(details)))
+        })
+        .await
+    }
+
+    async fn proxy(
+        &self,
+        req: Request<proto::ProxyRequest>,
+    ) -> Result<Response<proto::ProxyResponse>, Status> {
+        self.call("Proxy", req, |r, _| async move {
+            let call = ProxyCall::parse(
+                &r.workspace_id,
+                &r.provider,
+                &r.method,
+                &r.path,
+                r.headers,
+                r.body,
+            )?;
+            let (answer, details) = self.vault.proxy(call).await?;
+            tracing::info!(
+                provider_status = answer.status,
+                redactions = answer.redactions,
+                answered_by_vault = answer.answered_by_vault,
+                "proxied"
+            );
+            let response = proto::ProxyResponse {
+                status: answer.status.into(),
+                headers: answer.headers.into_iter().collect(),
+                body: answer.body,
+                truncated: answer.truncated,
+                redactions: answer.redactions,
+                answered_by_vault: answer.answered_by_vault,
+            };
+            Ok((response, Audited::Details(details)))
         })
         .await
     }

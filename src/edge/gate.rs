@@ -21,8 +21,23 @@ use crate::providers::Provider;
 use crate::telemetry::Metrics;
 
 /// What a request is about, for the policy: (workspace, provider).
-pub trait Scope {
+pub trait Scope: prost::Message {
     fn scope(&self) -> (Option<&str>, Option<&str>);
+
+    /// For Proxy: the allowlisted route the request fits, for the policy.
+    fn route(&self) -> Option<String> {
+        None
+    }
+}
+
+impl Scope for proto::ProxyRequest {
+    fn scope(&self) -> (Option<&str>, Option<&str>) {
+        (Some(&self.workspace_id), Some(&self.provider))
+    }
+
+    fn route(&self) -> Option<String> {
+        crate::domain::proxy::route_name(&self.provider, &self.method, &self.path)
+    }
 }
 
 impl Scope for proto::StoreRequest {
@@ -78,6 +93,8 @@ pub struct Gate {
     vault: Arc<Vault>,
     in_flight: Arc<Semaphore>,
     max_in_flight: usize,
+    /// For every call but Proxy, whose body has its own cap.
+    max_message_bytes: usize,
     rate: Option<Arc<RateLimiter>>,
     metrics: Arc<Metrics>,
 }
@@ -109,6 +126,7 @@ impl Gate {
             vault,
             in_flight: Arc::new(Semaphore::new(limits.max_concurrent_calls.max(1))),
             max_in_flight: limits.max_concurrent_calls.max(1),
+            max_message_bytes: limits.max_message_bytes,
             rate,
             metrics,
         }
@@ -176,15 +194,25 @@ impl Gate {
         async move {
             let started = Instant::now();
             let (workspace, provider) = req.get_ref().scope();
+            let route = req.get_ref().route();
             let call = Call {
                 service,
                 method,
                 workspace,
                 provider,
+                route: route.as_deref(),
             };
             let admitted = self.admit(peer.identity.as_str());
+            let size = req.get_ref().encoded_len();
             let result = if let Err(refused) = admitted {
                 Err(refused)
+            } else if method != "Proxy" && size > self.max_message_bytes {
+                // The transport admits Proxy-sized messages to every Credentials method.
+                Err(Status::resource_exhausted(format!(
+                    "the request is {size} bytes; `{method}` accepts at most {} \
+                     (limits.max_message_bytes)",
+                    self.max_message_bytes
+                )))
             } else if self.policy.current().allows(peer.identity.as_str(), &call) {
                 f(req.into_inner(), context.clone())
                     .await

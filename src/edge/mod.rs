@@ -17,6 +17,7 @@ use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::{HealthReporter, HealthService};
 
 use crate::config::Limits;
+use crate::domain::proxy::{MAX_PATH_BYTES, MAX_REQUEST_BODY, MAX_RESPONSE_BODY};
 use crate::domain::Vault;
 use crate::policy::SharedPolicy;
 use crate::proto::audit_server::AuditServer;
@@ -39,6 +40,12 @@ impl From<crate::audit::SecretSummary> for crate::proto::RedactedSecret {
 }
 
 /// The services whose health is reported, by their full gRPC names.
+/// Room for a Proxy request's fields around its largest body, so that a body
+/// just over the cap reaches the handler and is refused by name.
+const PROXY_REQUEST_MESSAGE: usize = MAX_REQUEST_BODY + MAX_PATH_BYTES + 64 * 1024;
+/// The largest Proxy answer; clients must accept messages this large.
+pub const PROXY_RESPONSE_MESSAGE: usize = MAX_RESPONSE_BODY + 64 * 1024;
+
 pub const SERVICES: [&str; 3] = [
     "credvault.v1.Credentials",
     "credvault.v1.Audit",
@@ -90,9 +97,10 @@ pub async fn serve(
         stopping,
     ));
     let keys = KeyAdminServer::new(KeyAdminService::new(Arc::clone(&vault), gate.clone()));
+    // Proxy carries bodies of up to 1 MiB out and 4 MiB back, plus framing.
     let credentials = CredentialsServer::new(CredentialsService::new(vault, gate))
-        .max_decoding_message_size(limits.max_message_bytes)
-        .max_encoding_message_size(limits.max_message_bytes);
+        .max_decoding_message_size(limits.max_message_bytes.max(PROXY_REQUEST_MESSAGE))
+        .max_encoding_message_size(limits.max_message_bytes.max(PROXY_RESPONSE_MESSAGE));
     let incoming = tls::incoming(
         listener,
         tls,

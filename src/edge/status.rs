@@ -11,6 +11,8 @@ pub fn to_status(e: VaultError) -> Status {
     match e {
         VaultError::InvalidArgument(m) => Status::invalid_argument(m),
         VaultError::FailedPrecondition(m) => Status::failed_precondition(m),
+        VaultError::PermissionDenied(m) => Status::permission_denied(m),
+        VaultError::ProviderUnavailable(m) => Status::unavailable(m),
         e @ VaultError::NotFound { .. } => Status::not_found(e.to_string()),
         VaultError::DataLoss => Status::data_loss("stored credential could not be decrypted"),
         VaultError::StorageFull => {

@@ -1,6 +1,7 @@
 //! Calls to providers: HTTPS to configured hosts only, no redirects, bounded time and body, public addresses only.
 
 mod address;
+pub mod scrub;
 
 use std::collections::BTreeMap;
 use std::error::Error as _;
@@ -15,12 +16,12 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use tokio::sync::Semaphore;
 use url::Url;
-use zeroize::Zeroizing;
 
 use crate::config::OutboundConfig;
-use crate::providers::validation::{Answer, Probe};
+use crate::providers::validation::{Answer, Probe, ProbeHeader};
 use crate::providers::Provider;
 pub use address::is_public;
+pub use scrub::Scrubber;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -54,7 +55,47 @@ pub fn parse_base_url(template: &str, tenant_id: &str) -> Result<Url, String> {
     Ok(url)
 }
 
-/// The HTTP client validation calls go through.
+/// One request to a provider, on a configured base URL.
+#[derive(Debug)]
+pub struct Outgoing {
+    pub method: reqwest::Method,
+    /// Origin-form path and query, already checked.
+    pub path_and_query: String,
+    pub headers: Vec<ProbeHeader>,
+    pub body: Vec<u8>,
+    /// The response body is cut at this many bytes.
+    pub max_response: usize,
+}
+
+/// A provider's answer: its body read up to the cap and scrubbed.
+#[derive(Debug)]
+pub struct Incoming {
+    pub status: u16,
+    /// Every header whose value is text, names in lower case.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    /// The body was longer than the cap and was cut.
+    pub truncated: bool,
+    /// Occurrences of secrets the scrubber replaced.
+    pub scrubbed: usize,
+}
+
+impl Incoming {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Retry-After in seconds, when sent as a number.
+    pub fn retry_after(&self) -> Option<u64> {
+        self.header("retry-after")
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    }
+}
+
+/// The HTTP client validation and proxy calls go through.
 pub struct Outbound {
     client: reqwest::Client,
     allow_private: bool,
@@ -131,40 +172,62 @@ impl Outbound {
         })
     }
 
-    /// Sends `probe` as a GET to `base`, waiting for one of the provider's
-    /// concurrency permits first. The probe, and the plaintext in it, is
-    /// dropped as soon as the request is built.
+    /// Sends `probe` as a GET to `base`. The probe, and the plaintext in it,
+    /// is dropped as soon as the request is built; any sensitive header value
+    /// the provider echoes is masked.
     pub async fn call(
         &self,
         provider: Provider,
         base: &Url,
         probe: Probe,
     ) -> Result<Answer, Unreachable> {
+        let mut scrubber = Scrubber::new();
+        for h in &probe.headers {
+            scrubber.header(h);
+        }
+        let outgoing = Outgoing {
+            method: reqwest::Method::GET,
+            path_and_query: probe.path_and_query,
+            headers: probe.headers,
+            body: Vec::new(),
+            max_response: self.max_body,
+        };
+        let incoming = self.send(provider, base, outgoing, &scrubber).await?;
+        Ok(Answer {
+            status: incoming.status,
+            retry_after: incoming.retry_after(),
+            body: incoming.body,
+            truncated: incoming.truncated,
+        })
+    }
+
+    /// Sends `outgoing` to `base`, waiting for one of the provider's
+    /// concurrency permits first (validation and proxy calls share them).
+    /// The request, and the plaintext in its headers, is dropped as soon as
+    /// it is built. The answer's body is scrubbed, then cut at the cap.
+    pub async fn send(
+        &self,
+        provider: Provider,
+        base: &Url,
+        outgoing: Outgoing,
+        scrubber: &Scrubber,
+    ) -> Result<Incoming, Unreachable> {
         let url = format!(
             "{}{}",
             base.as_str().trim_end_matches('/'),
-            probe.path_and_query
+            outgoing.path_and_query
         );
         let url =
             Url::parse(&url).map_err(|_| Unreachable("the provider URL is malformed".into()))?;
+        if url.host() != base.host() || url.port_or_known_default() != base.port_or_known_default()
+        {
+            return Err(Unreachable(
+                "the request would leave the configured host".into(),
+            ));
+        }
         self.check_literal_address(&url)?;
         let mut headers = HeaderMap::new();
-        // What a hostile or careless provider might echo back: each sensitive
-        // value, and its credential part after an auth scheme.
-        let needles: Vec<Zeroizing<Vec<u8>>> = probe
-            .headers
-            .iter()
-            .filter(|h| h.sensitive)
-            .flat_map(|h| {
-                let whole = h.value.as_bytes();
-                let credential = h.value.split_once(' ').map_or(whole, |(_, c)| c.as_bytes());
-                [
-                    Zeroizing::new(whole.to_vec()),
-                    Zeroizing::new(credential.to_vec()),
-                ]
-            })
-            .collect();
-        for h in &probe.headers {
+        for h in &outgoing.headers {
             let mut value = HeaderValue::from_bytes(h.value.as_bytes()).map_err(|_| {
                 Unreachable(format!(
                     "a stored value cannot be sent in the `{}` header",
@@ -174,8 +237,12 @@ impl Outbound {
             value.set_sensitive(h.sensitive);
             headers.insert(HeaderName::from_static(h.name), value);
         }
-        drop(probe);
-        let request = self.client.get(url).headers(headers);
+        let max_response = outgoing.max_response;
+        let mut request = self.client.request(outgoing.method, url).headers(headers);
+        if !outgoing.body.is_empty() {
+            request = request.body(outgoing.body);
+        }
+        drop(outgoing.headers);
 
         let permits = self.permits.get(&provider).cloned();
         let _permit = match &permits {
@@ -189,29 +256,37 @@ impl Outbound {
         };
         let mut response = request.send().await.map_err(|e| self.describe(&e))?;
         let status = response.status().as_u16();
-        let retry_after = response
+        let headers = response
             .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok());
+            .iter()
+            .filter_map(|(name, value)| {
+                let value = value.to_str().ok()?;
+                Some((name.as_str().to_owned(), value.to_owned()))
+            })
+            .collect();
+        // Read a little past the cap, so that a secret straddling it is
+        // still seen whole and replaced before the cut.
+        let read_limit = max_response.saturating_add(scrubber.longest());
         let mut body = Vec::new();
-        let mut truncated = false;
+        let mut more = false;
         while let Some(chunk) = response.chunk().await.map_err(|e| self.describe(&e))? {
-            if body.len() + chunk.len() > self.max_body {
-                // Stop reading; dropping the response closes the connection.
-                truncated = true;
+            let room = read_limit - body.len();
+            if chunk.len() > room {
+                body.extend_from_slice(&chunk[..room]);
+                // Stop reading; dropping the response closes the stream.
+                more = true;
                 break;
             }
             body.extend_from_slice(&chunk);
         }
-        for needle in &needles {
-            redact_bytes(&mut body, needle);
-        }
-        Ok(Answer {
+        let scrubbed = scrubber.scrub(&mut body);
+        let truncated = scrubber.truncate(&mut body, max_response) || more;
+        Ok(Incoming {
             status,
-            retry_after,
+            headers,
             body,
             truncated,
+            scrubbed,
         })
     }
 
@@ -264,33 +339,9 @@ impl Outbound {
     }
 }
 
-/// Replaces every occurrence of `needle` in `haystack` with `[redacted]`.
-fn redact_bytes(haystack: &mut Vec<u8>, needle: &[u8]) {
-    const MASK: &[u8] = b"[redacted]";
-    if needle.len() < 6 {
-        return;
-    }
-    let mut i = 0;
-    while i + needle.len() <= haystack.len() {
-        if &haystack[i..i + needle.len()] == needle {
-            haystack.splice(i..i + needle.len(), MASK.iter().copied());
-            i += MASK.len();
-        } else {
-            i += 1;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn redacts_every_occurrence() {
-        let mut body = b"a TOKEN123 b TOKEN123".to_vec();
-        redact_bytes(&mut body, b"TOKEN123");
-        assert_eq!(body, b"a [redacted] b [redacted]");
-    }
 
     #[test]
     fn base_urls_must_be_plain_https_origins() {

@@ -7,8 +7,8 @@ use secrecy::ExposeSecret;
 
 use zeroize::Zeroizing;
 
-use super::validation::{classify, Answer, Probe, ProbeHeader, Reading, Validation};
-use super::{Checked, FieldSpec, Params, ProviderSpec, Rejection, Secrets, ValidationSpec};
+use super::validation::{classify, Answer, ProbeHeader, Reading, Validation};
+use super::{Checked, FieldSpec, Params, ProviderSpec, Rejection, Route, Secrets, ValidationSpec};
 
 /// The API version every request must name.
 const API_VERSION: &str = "2024-04-01";
@@ -31,6 +31,7 @@ pub static SPEC: ProviderSpec = ProviderSpec {
         ),
     ],
     check,
+    auth,
     validation: ValidationSpec {
         base_urls: &[
             ("app", "https://app.amperity.com"),
@@ -41,38 +42,41 @@ pub static SPEC: ProviderSpec = ProviderSpec {
         wrong_region_on: &[],
         // Amperity allows 10 requests/s per tenant.
         max_concurrent: 8,
-        probe,
+        path,
         interpret,
     },
+    routes: &[Route::get("/api/segments"), Route::get("/api/campaigns")],
 };
 
-fn probe(secrets: &Secrets, params: &Params) -> Probe {
+/// All three headers Amperity requires on every call.
+fn auth(secrets: &Secrets, params: &Params) -> Vec<ProbeHeader> {
     let token = secrets
         .get("access_token")
         .map(|s| s.expose_secret())
         .unwrap_or_default();
     let tenant = params.get("tenant_id").cloned().unwrap_or_default();
-    Probe {
-        // Never with_total=true: it is expensive on Amperity's side.
-        path_and_query: "/api/segments?limit=1".to_owned(),
-        headers: vec![
-            ProbeHeader {
-                name: "authorization",
-                value: Zeroizing::new(format!("Bearer {token}")),
-                sensitive: true,
-            },
-            ProbeHeader {
-                name: "amperity-tenant",
-                value: Zeroizing::new(tenant),
-                sensitive: false,
-            },
-            ProbeHeader {
-                name: "api-version",
-                value: Zeroizing::new(API_VERSION.to_owned()),
-                sensitive: false,
-            },
-        ],
-    }
+    vec![
+        ProbeHeader {
+            name: "authorization",
+            value: Zeroizing::new(format!("Bearer {token}")),
+            sensitive: true,
+        },
+        ProbeHeader {
+            name: "amperity-tenant",
+            value: Zeroizing::new(tenant),
+            sensitive: false,
+        },
+        ProbeHeader {
+            name: "api-version",
+            value: Zeroizing::new(API_VERSION.to_owned()),
+            sensitive: false,
+        },
+    ]
+}
+
+fn path(_params: &Params) -> String {
+    // Never with_total=true: it is expensive on Amperity's side.
+    "/api/segments?limit=1".to_owned()
 }
 
 fn interpret(answer: &Answer, params: &Params) -> Validation {

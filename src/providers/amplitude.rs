@@ -4,8 +4,8 @@ use base64::Engine;
 use secrecy::ExposeSecret;
 use zeroize::Zeroizing;
 
-use super::validation::{classify, Answer, Probe, ProbeHeader, Reading, Validation};
-use super::{Checked, FieldSpec, Params, ProviderSpec, Rejection, Secrets, ValidationSpec};
+use super::validation::{classify, Answer, ProbeHeader, Reading, Validation};
+use super::{Checked, FieldSpec, Params, ProviderSpec, Rejection, Route, Secrets, ValidationSpec};
 
 pub static SPEC: ProviderSpec = ProviderSpec {
     name: "amplitude",
@@ -24,6 +24,7 @@ pub static SPEC: ProviderSpec = ProviderSpec {
         ),
     ],
     check,
+    auth,
     validation: ValidationSpec {
         base_urls: &[
             ("us", "https://amplitude.com"),
@@ -34,16 +35,29 @@ pub static SPEC: ProviderSpec = ProviderSpec {
         wrong_region_on: &[401, 403],
         // At most 5 concurrent REST requests per project; leave one for the product.
         max_concurrent: 4,
-        probe,
+        path,
         interpret,
     },
+    routes: &[
+        Route::get("/api/2/events/list"),
+        Route::get("/api/2/annotations"),
+        Route::post("/api/2/annotations"),
+        Route::get("/api/3/annotations"),
+        Route::post("/api/3/annotations"),
+        Route::get("/api/3/annotation-categories"),
+        Route::post("/api/3/annotation-categories"),
+        Route::get("/api/3/cohorts"),
+        Route::get("/api/2/taxonomy/*"),
+        Route::get("/api/2/events/segmentation"),
+    ],
 };
 
 fn uses_taxonomy(params: &Params) -> bool {
     params.get("validation").is_some_and(|v| v == "taxonomy")
 }
 
-fn probe(secrets: &Secrets, params: &Params) -> Probe {
+/// Basic auth with the key pair, on every REST call.
+fn auth(secrets: &Secrets, _params: &Params) -> Vec<ProbeHeader> {
     let secret = |name: &str| {
         secrets
             .get(name)
@@ -55,18 +69,18 @@ fn probe(secrets: &Secrets, params: &Params) -> Probe {
     pair.push(':');
     pair.push_str(secret("secret_key"));
     let encoded = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(pair.as_bytes()));
-    let path = if uses_taxonomy(params) {
-        "/api/2/taxonomy/category"
+    vec![ProbeHeader {
+        name: "authorization",
+        value: Zeroizing::new(format!("Basic {}", encoded.as_str())),
+        sensitive: true,
+    }]
+}
+
+fn path(params: &Params) -> String {
+    if uses_taxonomy(params) {
+        "/api/2/taxonomy/category".to_owned()
     } else {
-        "/api/2/events/list"
-    };
-    Probe {
-        path_and_query: path.to_owned(),
-        headers: vec![ProbeHeader {
-            name: "authorization",
-            value: Zeroizing::new(format!("Basic {}", encoded.as_str())),
-            sensitive: true,
-        }],
+        "/api/2/events/list".to_owned()
     }
 }
 

@@ -3,6 +3,7 @@
 mod amperity;
 mod amplitude;
 mod posthog;
+pub mod routes;
 pub mod validation;
 
 use std::collections::BTreeMap;
@@ -11,7 +12,8 @@ use std::time::SystemTime;
 
 use secrecy::SecretString;
 
-use validation::{Answer, Probe, Validation};
+pub use routes::Route;
+use validation::{Answer, Probe, ProbeHeader, Validation};
 
 /// A provider the vault can hold credentials for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -56,7 +58,26 @@ pub struct ProviderSpec {
     pub params: &'static [FieldSpec],
     /// Provider-specific checks, run after every field passed the generic ones.
     pub check: fn(&Secrets, &Params) -> Result<Checked, Rejection>,
+    /// The headers that carry the credential on every call to the provider.
+    pub auth: fn(&Secrets, &Params) -> Vec<ProbeHeader>,
     pub validation: ValidationSpec,
+    /// The calls Proxy may make; the configuration may narrow this, never widen it.
+    pub routes: &'static [Route],
+}
+
+impl ProviderSpec {
+    /// The request that validates a credential.
+    pub fn probe(&self, secrets: &Secrets, params: &Params) -> Probe {
+        Probe {
+            path_and_query: (self.validation.path)(params),
+            headers: (self.auth)(secrets, params),
+        }
+    }
+
+    /// The allowlisted route named `METHOD /template`, if there is one.
+    pub fn route(&self, name: &str) -> Option<&'static Route> {
+        self.routes.iter().find(|r| r.to_string() == name)
+    }
 }
 
 /// How the vault checks a credential with the provider itself.
@@ -71,8 +92,8 @@ pub struct ValidationSpec {
     pub wrong_region_on: &'static [u16],
     /// Validation calls in flight to this provider at once, at most.
     pub max_concurrent: usize,
-    /// The request that validates a credential.
-    pub probe: fn(&Secrets, &Params) -> Probe,
+    /// The path and query of the GET that validates a credential.
+    pub path: fn(&Params) -> String,
     /// What the provider's answer means.
     pub interpret: fn(&Answer, &Params) -> Validation,
 }

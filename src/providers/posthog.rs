@@ -4,8 +4,8 @@ use secrecy::ExposeSecret;
 
 use zeroize::Zeroizing;
 
-use super::validation::{classify, printable, Answer, Probe, ProbeHeader, Reading, Validation};
-use super::{Checked, FieldSpec, Params, ProviderSpec, Rejection, Secrets, ValidationSpec};
+use super::validation::{classify, printable, Answer, ProbeHeader, Reading, Validation};
+use super::{Checked, FieldSpec, Params, ProviderSpec, Rejection, Route, Secrets, ValidationSpec};
 
 pub static SPEC: ProviderSpec = ProviderSpec {
     name: "posthog",
@@ -20,6 +20,7 @@ pub static SPEC: ProviderSpec = ProviderSpec {
         FieldSpec::choice("region", "the PostHog cloud", &["us", "eu"], "us"),
     ],
     check,
+    auth,
     validation: ValidationSpec {
         base_urls: &[
             ("us", "https://us.posthog.com"),
@@ -29,28 +30,36 @@ pub static SPEC: ProviderSpec = ProviderSpec {
         // A key sent to the other region's host gets the same 401 as a bad key.
         wrong_region_on: &[401],
         max_concurrent: 8,
-        probe,
+        path,
         interpret,
     },
+    // `{project_id}` must be the connection's own project.
+    routes: &[
+        Route::get("/api/projects/{project_id}/annotations/"),
+        Route::post("/api/projects/{project_id}/annotations/"),
+        Route::get("/api/projects/{project_id}/cohorts/"),
+        Route::post("/api/projects/{project_id}/query/"),
+    ],
 };
 
-fn probe(secrets: &Secrets, params: &Params) -> Probe {
+fn auth(secrets: &Secrets, _params: &Params) -> Vec<ProbeHeader> {
     let key = secrets
         .get("personal_api_key")
         .map(|s| s.expose_secret())
         .unwrap_or_default();
+    vec![ProbeHeader {
+        name: "authorization",
+        value: Zeroizing::new(format!("Bearer {key}")),
+        sensitive: true,
+    }]
+}
+
+fn path(params: &Params) -> String {
     let project = params
         .get("project_id")
         .map(String::as_str)
         .unwrap_or_default();
-    Probe {
-        path_and_query: format!("/api/projects/{project}/"),
-        headers: vec![ProbeHeader {
-            name: "authorization",
-            value: Zeroizing::new(format!("Bearer {key}")),
-            sensitive: true,
-        }],
-    }
+    format!("/api/projects/{project}/")
 }
 
 fn interpret(answer: &Answer, _params: &Params) -> Validation {

@@ -135,6 +135,15 @@ impl Answer {
     }
 }
 
+/// How long to leave a connection alone after a 429 that said `retry_after`.
+pub fn cool_down_seconds(retry_after: Option<u64>) -> u32 {
+    retry_after
+        .map_or(DEFAULT_RETRY_AFTER_SECS, |s| {
+            u32::try_from(s).unwrap_or(MAX_RETRY_AFTER_SECS)
+        })
+        .min(MAX_RETRY_AFTER_SECS)
+}
+
 /// Text from outside, safe to show: no control characters, bounded length.
 pub fn printable(text: &str) -> String {
     let cleaned: String = text
@@ -210,12 +219,7 @@ pub fn classify(
         ),
         404 if reading.not_found_is_permission => permission(answer, provider),
         429 => {
-            let secs = answer
-                .retry_after
-                .map_or(DEFAULT_RETRY_AFTER_SECS, |s| {
-                    u32::try_from(s).unwrap_or(MAX_RETRY_AFTER_SECS)
-                })
-                .min(MAX_RETRY_AFTER_SECS);
+            let secs = cool_down_seconds(answer.retry_after);
             Validation {
                 retry_after_seconds: secs,
                 ..Validation::answered(

@@ -235,3 +235,39 @@ pub fn windows(s: &str, len: usize) -> Vec<String> {
 pub fn contains_bytes(haystack: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
 }
+
+/// Runs `credvault audit export` against `vault` as the auditor; returns the file.
+pub async fn export_audit(dir: &VaultDir, vault: &TestVault) -> PathBuf {
+    let auditor = dir
+        .ca
+        .issue(
+            "auditor",
+            Subject::ClientUris(&["spiffe://credvault.local/auditor"]),
+        )
+        .unwrap();
+    write_private(&dir.path().join("auditor.pem"), auditor.cert_pem.as_bytes());
+    write_private(
+        &dir.path().join("auditor-key.pem"),
+        auditor.key_pem.as_bytes(),
+    );
+    let export = dir.path().join("audit.jsonl");
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_credvault"))
+        .args(["audit", "export", "--addr", &vault.url()])
+        .arg("--ca")
+        .arg(dir.path().join("ca.pem"))
+        .arg("--cert")
+        .arg(dir.path().join("auditor.pem"))
+        .arg("--key")
+        .arg(dir.path().join("auditor-key.pem"))
+        .arg("--to")
+        .arg(&export)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    export
+}
