@@ -4,11 +4,12 @@
 //! - [`proto`]: the wire contract, generated from `proto/credvault/v1/credvault.proto`.
 //! - [`edge`]: mutual TLS, caller identity, the gate (authorize, audit, log, limits), the
 //!   services, and errors to status codes in one place.
-//! - [`domain`]: what Store, Redact, Zero, List, Validate and key rotation mean.
+//! - [`domain`]: what Store, Redact, Zero, List, Validate, Proxy and key rotation mean.
 //! - [`crypto`]: envelope encryption (root key → key-encryption keys → data keys), secret types.
 //! - [`store`]: the storage trait and SQLite behind it, with group commit.
-//! - [`providers`]: one module per provider: fields, checks, validation call, answer mapping.
-//! - [`outbound`]: the HTTP client for provider calls and its address policy.
+//! - [`providers`]: one module per provider: fields, checks, auth headers, validation call,
+//!   answer mapping, Proxy routes.
+//! - [`outbound`]: the HTTP client for provider calls, its address policy, the echo scrubber.
 //! - [`audit`]: typed events, the hash chain, signatures, verification.
 //! - [`policy`]: who may call what.
 //! - [`telemetry`]: Prometheus metrics.

@@ -21,7 +21,9 @@ use credvault::dev::certs::DevCertPaths;
 use credvault::dev::fake::{FakeProvider, Reply};
 use credvault::proto::credentials_client::CredentialsClient;
 use credvault::proto::key_admin_client::KeyAdminClient;
-use credvault::proto::{CredentialRef, ListRequest, RotateRequest, StatusRequest, StoreRequest};
+use credvault::proto::{
+    CredentialRef, ListRequest, ProxyRequest, RotateRequest, StatusRequest, StoreRequest,
+};
 use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tonic::transport::Channel;
@@ -257,15 +259,14 @@ fn amplitude(workspace: &str) -> StoreRequest {
     }
 }
 
+/// The bench's PostHog key: a made-up value the fake accepts.
+const PHX: &str = "phx_Rk3Vw9Qm2Lx8Tz5Nc1Bd7Yf4Gh6Js0";
+
 fn posthog(workspace: &str) -> StoreRequest {
     StoreRequest {
         workspace_id: workspace.to_owned(),
         provider: "posthog".into(),
-        secrets: [(
-            "personal_api_key".to_owned(),
-            "phx_Rk3Vw9Qm2Lx8Tz5Nc1Bd7Yf4Gh6Js0".to_owned(),
-        )]
-        .into(),
+        secrets: [("personal_api_key".to_owned(), PHX.to_owned())].into(),
         params: [("project_id".to_owned(), "42".to_owned())].into(),
         ..StoreRequest::default()
     }
@@ -357,8 +358,11 @@ async fn bench(args: &Args) -> Result<(), String> {
         credvault::dev::certs::DevCa::generate("bench provider CA").map_err(|e| e.to_string())?;
     let fake_ca_file = tmp.path().join("provider-ca.pem");
     std::fs::write(&fake_ca_file, fake_ca.cert_pem()).map_err(|e| e.to_string())?;
-    let fake = FakeProvider::start(&fake_ca, |r| {
-        if r.path_and_query.starts_with("/api/projects/") {
+    let cohorts = cohorts_body();
+    let fake = FakeProvider::start(&fake_ca, move |r| {
+        if r.path_and_query.ends_with("/cohorts/") {
+            Reply::json(200, &cohorts)
+        } else if r.path_and_query.starts_with("/api/projects/") {
             Reply::json(200, r#"{"id":42,"name":"bench"}"#)
         } else {
             Reply::json(200, r#"{"data":[{"name":"Signed Up"}]}"#)
@@ -506,6 +510,32 @@ async fn bench(args: &Args) -> Result<(), String> {
             })
         }),
         ("direct", direct(&fake_ca_file, &fake.url())?),
+        ("proxy", {
+            let ch = Arc::clone(&channels);
+            Arc::new(move |w, i| {
+                let mut c = creds(&ch, w);
+                let ws = format!("val-{}", (w as u64 * 2 + i % 2) % 64);
+                boxed(async move {
+                    let answer = c
+                        .proxy(ProxyRequest {
+                            workspace_id: ws,
+                            provider: "posthog".into(),
+                            method: "GET".into(),
+                            path: PROXY_PATH.into(),
+                            ..ProxyRequest::default()
+                        })
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .into_inner();
+                    if answer.status == 200 && answer.body.len() == PROXY_BODY_BYTES {
+                        Ok(())
+                    } else {
+                        Err(format!("status {}", answer.status))
+                    }
+                })
+            })
+        }),
+        ("proxy-direct", proxy_direct(&fake_ca_file, &fake.url())?),
     ];
     for (name, op) in &scenarios {
         for concurrency in CONCURRENCY {
@@ -578,16 +608,7 @@ fn direct(ca: &Path, url: &str) -> Result<Op, String> {
         Arc::new(credvault::outbound::Outbound::new(&config).map_err(|e| e.to_string())?);
     let base = url::Url::parse(url).map_err(|e| e.to_string())?;
     let provider = credvault::providers::Provider::Posthog;
-    let secrets: credvault::providers::Secrets = [(
-        "personal_api_key".to_owned(),
-        "phx_Rk3Vw9Qm2Lx8Tz5Nc1Bd7Yf4Gh6Js0".into(),
-    )]
-    .into();
-    let params: credvault::providers::Params = [
-        ("project_id".to_owned(), "42".to_owned()),
-        ("region".to_owned(), "us".to_owned()),
-    ]
-    .into();
+    let (secrets, params) = posthog_credentials();
     let (secrets, params) = (Arc::new(secrets), Arc::new(params));
     Ok(Arc::new(move |_, _| {
         let (outbound, base, secrets, params) = (
@@ -610,6 +631,75 @@ fn direct(ca: &Path, url: &str) -> Result<Op, String> {
             }
         })
     }))
+}
+
+/// The proxied GET, and the size of the fake's answer to it.
+const PROXY_PATH: &str = "/api/projects/42/cohorts/";
+const PROXY_BODY_BYTES: usize = 2048;
+
+/// A cohort list of exactly [`PROXY_BODY_BYTES`].
+fn cohorts_body() -> String {
+    let mut body = String::from(r#"{"results":[{"id":1,"name":"bench","description":""#);
+    let tail = r#""}]}"#;
+    while body.len() + tail.len() < PROXY_BODY_BYTES {
+        body.push('x');
+    }
+    body.push_str(tail);
+    body
+}
+
+/// The proxied call alone: the same GET with the vault's outbound client,
+/// its settings and the credential headers, straight from the bench.
+fn proxy_direct(ca: &Path, url: &str) -> Result<Op, String> {
+    use credvault::outbound::{Outgoing, Scrubber};
+    let config = credvault::config::OutboundConfig {
+        extra_ca_file: Some(ca.to_owned()),
+        allow_private_addresses: true,
+        ..Default::default()
+    };
+    let outbound =
+        Arc::new(credvault::outbound::Outbound::new(&config).map_err(|e| e.to_string())?);
+    let base = url::Url::parse(url).map_err(|e| e.to_string())?;
+    let provider = credvault::providers::Provider::Posthog;
+    let (secrets, params) = posthog_credentials();
+    let (secrets, params) = (Arc::new(secrets), Arc::new(params));
+    Ok(Arc::new(move |_, _| {
+        let (outbound, base, secrets, params) = (
+            Arc::clone(&outbound),
+            base.clone(),
+            Arc::clone(&secrets),
+            Arc::clone(&params),
+        );
+        boxed(async move {
+            let outgoing = Outgoing {
+                method: reqwest::Method::GET,
+                path_and_query: PROXY_PATH.to_owned(),
+                headers: (provider.spec().auth)(&secrets, &params),
+                body: Vec::new(),
+                max_response: 4 << 20,
+            };
+            let answer = outbound
+                .send(provider, &base, outgoing, &Scrubber::new())
+                .await
+                .map_err(|e| e.0)?;
+            if answer.status == 200 && answer.body.len() == PROXY_BODY_BYTES {
+                Ok(())
+            } else {
+                Err(format!("status {}", answer.status))
+            }
+        })
+    }))
+}
+
+/// The PostHog credentials every bench connection holds.
+fn posthog_credentials() -> (credvault::providers::Secrets, credvault::providers::Params) {
+    let secrets = [("personal_api_key".to_owned(), PHX.into())].into();
+    let params = [
+        ("project_id".to_owned(), "42".to_owned()),
+        ("region".to_owned(), "us".to_owned()),
+    ]
+    .into();
+    (secrets, params)
 }
 
 /// Stores `count` credentials, rotates, and times the rewrap while `redact`
@@ -732,7 +822,8 @@ fn add_ratios(rows: &mut [Row]) {
     let snapshot = rows.to_vec();
     for row in rows.iter_mut() {
         let base = match row.scenario.as_str() {
-            "noop" | "direct" => None,
+            "noop" | "direct" | "proxy-direct" => None,
+            "proxy" => Some("proxy-direct"),
             "redact-during-rewrap" => Some("redact"),
             "store-new-no-group-commit" => Some("store-new"),
             "validate" => Some("direct"),
