@@ -224,6 +224,8 @@ fn default_reload_poll_ms() -> u64 {
 pub enum Backend {
     #[default]
     Sqlite,
+    /// One PostgreSQL database shared by any number of vault replicas.
+    Postgres,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -231,12 +233,53 @@ pub enum Backend {
 pub struct StorageConfig {
     #[serde(default)]
     pub backend: Backend,
-    /// The SQLite database file; created with mode 0600 if absent.
+    /// SQLite: the database file; created with mode 0600 if absent.
+    #[serde(default = "default_db_path")]
     pub path: PathBuf,
-    /// Writes that arrive while a commit is in flight share the next
+    /// SQLite: writes that arrive while a commit is in flight share the next
     /// transaction and its fsync. Off only to measure what it buys.
     #[serde(default = "default_true")]
     pub group_commit: bool,
+    /// PostgreSQL: `postgres://user@host:port/database[?sslmode=require]`.
+    /// Leave the password out; give it in `password_file` or `password_env`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// PostgreSQL: a file holding the password (mode 0600 or stricter).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// PostgreSQL: the environment variable holding the password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_env: Option<String>,
+    /// PostgreSQL: connections in this replica's pool.
+    #[serde(default = "default_pool_size")]
+    pub pool_size: usize,
+    /// PostgreSQL: CA certificates (PEM) trusted for TLS to the database,
+    /// beside the system roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            backend: Backend::Sqlite,
+            path: default_db_path(),
+            group_commit: true,
+            url: None,
+            password_file: None,
+            password_env: None,
+            pool_size: default_pool_size(),
+            ca_file: None,
+        }
+    }
+}
+
+fn default_db_path() -> PathBuf {
+    PathBuf::from("credvault.db")
+}
+
+fn default_pool_size() -> usize {
+    16
 }
 
 fn default_true() -> bool {
@@ -367,6 +410,12 @@ impl Config {
             fix(p);
         }
         fix(&mut self.storage.path);
+        if let Some(p) = &mut self.storage.password_file {
+            fix(p);
+        }
+        if let Some(p) = &mut self.storage.ca_file {
+            fix(p);
+        }
         if let Some(p) = &mut self.keys.root_key_file {
             fix(p);
         }

@@ -18,6 +18,14 @@ pub fn disable_core_dumps() {
     }
 }
 
+/// The file's permission bits if group or others may access it: key
+/// material must be readable by its owner only.
+pub fn shared_mode(path: &std::path::Path) -> std::io::Result<Option<u32>> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)?.permissions().mode();
+    Ok((mode & 0o077 != 0).then_some(mode & 0o777))
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -14,7 +14,7 @@ use crate::edge::tls::{SharedTls, TlsError};
 use crate::edge::{self};
 use crate::outbound::{Outbound, OutboundError};
 use crate::policy::{Policy, SharedPolicy};
-use crate::store::{SqliteStore, Store, StoreError};
+use crate::store::StoreError;
 use crate::telemetry::{self, Metrics};
 
 /// Why the vault did not start, or stopped with an error.
@@ -62,17 +62,7 @@ pub async fn run(
         None => RootKey::from_env(config.keys.root_key_env.as_deref().unwrap_or(ROOT_KEY_ENV))?,
     };
     let tls = SharedTls::load(&config.tls)?;
-    let store: Arc<dyn Store> = match config.storage.backend {
-        Backend::Sqlite => {
-            let path = config.storage.path.clone();
-            let group_commit = config.storage.group_commit;
-            Arc::new(
-                tokio::task::spawn_blocking(move || SqliteStore::open_with(&path, group_commit))
-                    .await
-                    .map_err(StoreError::from)??,
-            )
-        }
-    };
+    let store = crate::store::open(&config.storage).await?;
     let policy = SharedPolicy::new(Policy::compile(&config.policy).map_err(ServeError::Policy)?);
     if policy.current().is_empty() {
         tracing::warn!("the configuration has no [[policy]] rules: every call will be denied");
@@ -108,6 +98,9 @@ pub async fn run(
     ];
     if let Some(path) = config.source.clone() {
         tasks.extend(watch_sighup(path, policy.clone(), tls.clone()));
+    }
+    if config.storage.backend == Backend::Postgres {
+        tasks.push(tokio::spawn(follow_other_replicas(Arc::clone(&vault))));
     }
     if let Some(listener) = metrics_listener {
         tracing::info!(listen = %listener.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()), "metrics on /metrics");
@@ -264,6 +257,27 @@ async fn checkpoints(vault: Arc<Vault>, config: AuditConfig) {
             Ok(Some(sequence)) => last = sequence,
             Ok(None) => {}
             Err(e) => tracing::warn!(error = %e, "could not sign an audit checkpoint"),
+        }
+    }
+}
+
+/// With a shared database, other replicas append audit events and rotate
+/// keys: follow both, so that this replica's audit streams carry every
+/// replica's events and its keyring has every key version.
+async fn follow_other_replicas(vault: Arc<Vault>) {
+    const AUDIT_POLL: Duration = Duration::from_millis(200);
+    const KEYS_EVERY: u32 = 5;
+    let mut ticks = 0u32;
+    loop {
+        tokio::time::sleep(AUDIT_POLL).await;
+        if let Err(e) = vault.audit().refresh_head().await {
+            tracing::warn!(error = %e, "cannot read the audit head from the database");
+        }
+        ticks = ticks.wrapping_add(1);
+        if ticks.is_multiple_of(KEYS_EVERY) {
+            if let Err(e) = vault.sync_keyring().await {
+                tracing::warn!(error = %e, "cannot reload the key versions from the database");
+            }
         }
     }
 }

@@ -13,7 +13,6 @@ use credvault::proto::audit_client::AuditClient;
 use credvault::proto::{
     AuditEvent, HeadRequest, ListProvidersRequest, ListRequest, SubscribeRequest,
 };
-use rusqlite::Connection;
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -161,14 +160,7 @@ async fn a_canary_secret_is_in_no_event() {
     c.store(bad).await.unwrap_err();
     c.redact(reference("ws", "amplitude")).await.unwrap();
     let events = read(&mut auditor(&dir, &vault).await, 0, 3).await;
-    let db = Connection::open(dir.db()).unwrap();
-    let mut rows: Vec<String> = db
-        .prepare("SELECT event FROM audit_events")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
+    let mut rows = dir.texts("SELECT event FROM audit_events");
     rows.push(format!("{events:?}"));
     for piece in windows(CANARY, 5) {
         for row in &rows {
@@ -187,11 +179,22 @@ async fn a_failing_audit_write_fails_the_call_and_changes_nothing() {
         .await
         .unwrap()
         .into_inner();
-    let db = Connection::open(dir.db()).unwrap();
-    db.execute_batch(
-        "CREATE TRIGGER audit_down BEFORE INSERT ON audit_events BEGIN SELECT RAISE(ABORT, 'disk gone'); END;",
-    )
-    .unwrap();
+    let (down, up) = if common::on_sqlite() {
+        (
+            "CREATE TRIGGER audit_down BEFORE INSERT ON audit_events \
+             BEGIN SELECT RAISE(ABORT, 'disk gone'); END;",
+            "DROP TRIGGER audit_down",
+        )
+    } else {
+        (
+            "CREATE FUNCTION audit_down() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN RAISE EXCEPTION 'disk gone'; END $$; \
+             CREATE TRIGGER audit_down BEFORE INSERT ON audit_events \
+             FOR EACH ROW EXECUTE FUNCTION audit_down();",
+            "DROP TRIGGER audit_down ON audit_events",
+        )
+    };
+    dir.execute_batch(down);
     let store = c
         .store(amplitude("ws", CANARY, "Another0secret1value2xyzXYZ34567"))
         .await
@@ -212,7 +215,7 @@ async fn a_failing_audit_write_fails_the_call_and_changes_nothing() {
             .code(),
         Code::Unavailable
     );
-    db.execute_batch("DROP TRIGGER audit_down").unwrap();
+    dir.execute_batch(up);
     let after = c
         .redact(reference("ws", "amplitude"))
         .await
@@ -365,44 +368,32 @@ async fn audit_verify_catches_edited_deleted_and_reordered_events() {
     assert!(ok, "{text}");
     assert!(text.contains("audit log intact: 6 events"), "{text}");
 
-    let db = Connection::open(dir.db()).unwrap();
-    let original: Vec<String> = db
-        .prepare("SELECT event FROM audit_events ORDER BY sequence")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
-    db.execute(
+    let original = dir.texts("SELECT event FROM audit_events ORDER BY sequence");
+    dir.execute(
         "UPDATE audit_events SET event = replace(event, '\"ws2\"', '\"ws9\"') WHERE sequence = 3",
-        [],
-    )
-    .unwrap();
+        &[],
+    );
     let (ok, text) = verify(&["--config"], &config);
     assert!(!ok && text.contains("event 3 was edited"), "{text}");
-    db.execute(
-        "UPDATE audit_events SET event = ?1 WHERE sequence = 3",
-        [&original[2]],
-    )
-    .unwrap();
+    dir.execute(
+        "UPDATE audit_events SET event = $1 WHERE sequence = 3",
+        &[&original[2]],
+    );
     assert!(verify(&["--config"], &config).0, "restored");
 
-    db.execute(
-        "UPDATE audit_events SET event = CASE sequence WHEN 4 THEN ?1 WHEN 5 THEN ?2 END WHERE sequence IN (4, 5)",
-        [&original[4], &original[3]],
-    )
-    .unwrap();
+    dir.execute(
+        "UPDATE audit_events SET event = CASE sequence WHEN 4 THEN $1 WHEN 5 THEN $2 END WHERE sequence IN (4, 5)",
+        &[&original[4], &original[3]],
+    );
     let (ok, text) = verify(&["--config"], &config);
     assert!(!ok && text.contains("event 4"), "{text}");
-    db.execute(
-        "UPDATE audit_events SET event = CASE sequence WHEN 4 THEN ?1 WHEN 5 THEN ?2 END WHERE sequence IN (4, 5)",
-        [&original[3], &original[4]],
-    )
-    .unwrap();
+    dir.execute(
+        "UPDATE audit_events SET event = CASE sequence WHEN 4 THEN $1 WHEN 5 THEN $2 END WHERE sequence IN (4, 5)",
+        &[&original[3], &original[4]],
+    );
     assert!(verify(&["--config"], &config).0, "restored");
 
-    db.execute("DELETE FROM audit_events WHERE sequence = 2", [])
-        .unwrap();
+    dir.execute("DELETE FROM audit_events WHERE sequence = 2", &[]);
     let (ok, text) = verify(&["--config"], &config);
     assert!(!ok && text.contains("event 2 is missing"), "{text}");
 }
@@ -421,27 +412,21 @@ async fn audit_verify_catches_deleted_trailing_events_through_a_checkpoint() {
     }
     drop(c);
     // Wait for the checkpoint task to sign a head at or past event 3.
-    let db = Connection::open(dir.db()).unwrap();
     for _ in 0..100 {
-        let n: i64 = db
-            .query_row("SELECT count(*) FROM audit_checkpoints", [], |r| r.get(0))
-            .unwrap();
-        if n > 0 {
+        if dir.number("SELECT count(*) FROM audit_checkpoints") > 0 {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     vault.stop().await;
-    let top: u64 = db
-        .query_row("SELECT max(sequence) FROM audit_checkpoints", [], |r| {
-            r.get(0)
-        })
-        .unwrap();
+    let top = dir.number("SELECT max(sequence) FROM audit_checkpoints");
     assert!(top >= 3);
     let config = config_file(&dir);
     assert!(verify(&["--config"], &config).0);
-    db.execute("DELETE FROM audit_events WHERE sequence >= ?1", [top])
-        .unwrap();
+    dir.execute(
+        &format!("DELETE FROM audit_events WHERE sequence >= {top}"),
+        &[],
+    );
     let (ok, text) = verify(&["--config"], &config);
     assert!(!ok && text.contains("past the end of the log"), "{text}");
 }
@@ -480,12 +465,11 @@ async fn tampered_ciphertext_gives_data_loss_through_the_api_and_is_audited() {
     let vault = dir.start().await;
     let mut c = vault.client().await;
     c.store(amplitude("ws", CANARY, CANARY)).await.unwrap();
-    let db = Connection::open(dir.db()).unwrap();
-    db.execute(
-        "UPDATE credential_secrets SET ciphertext = randomblob(length(ciphertext)) WHERE field = 'secret_key'",
-        [],
-    )
-    .unwrap();
+    // The nonce in place of the ciphertext: bytes of the wrong length and content.
+    dir.execute(
+        "UPDATE credential_secrets SET ciphertext = nonce WHERE field = 'secret_key'",
+        &[],
+    );
     let status = c
         .validate_connection(reference("ws", "amplitude"))
         .await

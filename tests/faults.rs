@@ -8,7 +8,6 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,7 +19,6 @@ use credvault::domain::{CredentialRef, Vault, VaultError};
 use credvault::proto::credentials_client::CredentialsClient;
 use credvault::proto::validation::Verdict;
 use credvault::proto::{ListProvidersRequest, StoreRequest};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tonic::Code;
 
 const BIN: &str = env!("CARGO_BIN_EXE_credvault");
@@ -54,45 +52,6 @@ fn prepare(dir: &Path, fake: &FakeProvider, fake_ca: &DevCa) -> PathBuf {
         .insert("us".into(), fake.url());
     std::fs::write(&prepared.config_path, config.to_toml()).unwrap();
     prepared.config_path
-}
-
-struct Child {
-    process: tokio::process::Child,
-    url: String,
-}
-
-async fn spawn(config: &Path) -> Child {
-    let mut process = tokio::process::Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "warn,credvault::server=info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(process.stderr.take().unwrap()).lines();
-    let port: u16 = loop {
-        let line = lines
-            .next_line()
-            .await
-            .unwrap()
-            .expect("the vault exited before serving");
-        if line.contains("credvault serving") {
-            let rest = line.split("127.0.0.1:").nth(1).unwrap();
-            break rest
-                .chars()
-                .take_while(char::is_ascii_digit)
-                .collect::<String>()
-                .parse()
-                .unwrap();
-        }
-    };
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Child {
-        process,
-        url: format!("https://localhost:{port}"),
-    }
 }
 
 async fn app_client(config: &Path, url: &str) -> CredentialsClient<tonic::transport::Channel> {
@@ -138,7 +97,7 @@ async fn kill_9_during_store_load_loses_no_acknowledged_credential() {
     let acknowledged = Arc::new(Mutex::new(Vec::<String>::new()));
     let mut attempted = 0usize;
     for cycle in 0..cycles {
-        let mut child = spawn(&config).await;
+        let mut child = common::spawn_server(&config).await;
         let mut writers = Vec::new();
         for w in 0..8 {
             let mut c = app_client(&config, &child.url).await;
@@ -204,7 +163,7 @@ async fn kill_9_during_store_load_loses_no_acknowledged_credential() {
         .unwrap();
     assert_eq!(torn, 0, "no torn rows");
     // And through the server, against the fake provider.
-    let child = spawn(&config).await;
+    let child = common::spawn_server(&config).await;
     let mut c = app_client(&config, &child.url).await;
     for ws in acknowledged
         .iter()
@@ -705,7 +664,7 @@ async fn an_idle_vault_core_image_holds_no_canary() {
     let fake_ca = DevCa::generate("provider CA").unwrap();
     let fake = FakeProvider::start(&fake_ca, |_| Reply::json(200, r#"{"data":[]}"#)).await;
     let config = prepare(tmp.path(), &fake, &fake_ca);
-    let mut child = spawn(&config).await;
+    let mut child = common::spawn_server(&config).await;
     let mut c = app_client(&config, &child.url).await;
     let mut canaries = Vec::new();
     for i in 0..5 {

@@ -519,9 +519,13 @@ async fn audit_events_record_the_route_and_sizes_never_the_query_or_body() {
     assert!(!text.contains("BODYCANARY88"));
     assert!(!text.contains(SECRET));
 
-    let db = std::fs::read(w.dir.db()).unwrap();
-    assert!(!common::contains_bytes(&db, b"QUERYCANARY77"));
-    assert!(!common::contains_bytes(&db, b"BODYCANARY88"));
+    let stored = w.dir.texts("SELECT event FROM audit_events").join("\n");
+    assert!(!stored.contains("QUERYCANARY77") && !stored.contains("BODYCANARY88"));
+    if common::on_sqlite() {
+        let db = std::fs::read(w.dir.db()).unwrap();
+        assert!(!common::contains_bytes(&db, b"QUERYCANARY77"));
+        assert!(!common::contains_bytes(&db, b"BODYCANARY88"));
+    }
 
     // The chain, Proxy events and all, verifies from the database and from
     // an export read over the Audit API.

@@ -70,7 +70,7 @@ pub async fn run(command: AuditCommand) -> Result<(), String> {
             config,
             file,
             public_key,
-        } => verify(config.as_deref(), file.as_deref(), public_key.as_deref()),
+        } => verify(config.as_deref(), file.as_deref(), public_key.as_deref()).await,
     }
 }
 
@@ -205,7 +205,7 @@ fn hash(bytes: &[u8], line: usize) -> Result<[u8; HASH_LEN], String> {
         .map_err(|_| format!("line {line}: a hash is not {HASH_LEN} bytes"))
 }
 
-fn verify(
+async fn verify(
     config: Option<&Path>,
     file: Option<&Path>,
     public_key: Option<&Path>,
@@ -213,8 +213,9 @@ fn verify(
     let pinned = public_key.map(read_public_key).transpose()?;
     let (events, checkpoints, key, source) = if let Some(path) = config {
         let config = Config::load(path).map_err(|e| e.to_string())?;
-        let (events, checkpoints) =
-            crate::store::read_audit_log(&config.storage.path).map_err(|e| e.to_string())?;
+        let (events, checkpoints) = crate::store::read_audit_log_of(&config.storage)
+            .await
+            .map_err(|e| e.to_string())?;
         let key = match (pinned, &config.audit.public_key_file) {
             (Some(k), _) => Some(k),
             (None, Some(p)) => Some(read_public_key(p)?),
@@ -224,7 +225,7 @@ fn verify(
             events,
             checkpoints,
             key,
-            config.storage.path.display().to_string(),
+            crate::store::describe(&config.storage),
         )
     } else {
         // clap requires --config or --file.

@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::config::{Config, ROOT_KEY_ENV};
+use crate::config::{Backend, Config, ROOT_KEY_ENV};
 use crate::crypto::{Keyring, RootKey};
 use crate::edge::tls;
 use crate::policy::Policy;
@@ -67,12 +67,34 @@ pub async fn run(path: &Path) -> Result<(), String> {
 }
 
 async fn open_database(config: &Config, root: &RootKey) -> Result<String, String> {
-    let path = &config.storage.path;
+    let store = if config.storage.backend == Backend::Postgres {
+        crate::store::open(&config.storage)
+            .await
+            .map_err(|e| e.to_string())?
+    } else {
+        let Some(store) = open_sqlite(&config.storage.path)? else {
+            return Ok(format!(
+                " ({} does not exist yet; serve creates it)",
+                config.storage.path.display()
+            ));
+        };
+        store
+    };
+    let Some(keys) = store.load_keys().await.map_err(|e| e.to_string())? else {
+        return Ok(" (no keys yet; serve creates them)".to_owned());
+    };
+    let keyring = Keyring::unwrap(root, &keys.versions, &keys.fingerprint_key)
+        .map_err(|_| "the root key does not open this database's key material".to_owned())?;
+    Ok(format!(
+        " (primary key version {})",
+        keyring.primary_version()
+    ))
+}
+
+/// Opens the SQLite file after its integrity check; a missing file is fine.
+fn open_sqlite(path: &std::path::Path) -> Result<Option<Arc<dyn Store>>, String> {
     if !path.exists() {
-        return Ok(format!(
-            " ({} does not exist yet; serve creates it)",
-            path.display()
-        ));
+        return Ok(None);
     }
     let store = Arc::new(SqliteStore::open(path).map_err(|e| e.to_string())?);
     let check: String =
@@ -84,13 +106,5 @@ async fn open_database(config: &Config, root: &RootKey) -> Result<String, String
             "the database is corrupt ({check}); restore it from a backup"
         ));
     }
-    let Some(keys) = store.load_keys().await.map_err(|e| e.to_string())? else {
-        return Ok(" (no keys yet; serve creates them)".to_owned());
-    };
-    let keyring = Keyring::unwrap(root, &keys.versions, &keys.fingerprint_key)
-        .map_err(|_| "the root key does not open this database's key material".to_owned())?;
-    Ok(format!(
-        " (primary key version {})",
-        keyring.primary_version()
-    ))
+    Ok(Some(store))
 }

@@ -1,7 +1,6 @@
 //! `credvault keys rotate|status|retire|rotate-root`: key administration for people.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use super::client::{status_error, Connect};
 use crate::config::{Config, ROOT_KEY_ENV};
@@ -9,7 +8,6 @@ use crate::crypto::RootKey;
 use crate::proto::key_admin_client::KeyAdminClient;
 use crate::proto::key_version_info::State;
 use crate::proto::{self, RetireRequest, RotateRequest, StatusRequest};
-use crate::store::SqliteStore;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum KeysCommand {
@@ -131,15 +129,17 @@ async fn rotate_root(
     }
     .map_err(|e| e.to_string())?;
     let new = RootKey::from_file(new_root_key).map_err(|e| e.to_string())?;
-    let store = SqliteStore::open(&config.storage.path).map_err(|e| e.to_string())?;
-    let count = crate::domain::rotation::rotate_root(Arc::new(store), &old, &new)
+    let store = crate::store::open(&config.storage)
+        .await
+        .map_err(|e| e.to_string())?;
+    let count = crate::domain::rotation::rotate_root(store, &old, &new)
         .await
         .map_err(|e| e.to_string())?;
     println!(
         "resealed {count} keys under the new root key in {}.\n\
          The old root key no longer opens this database. Point `keys.root_key_file` in {} at {}\n\
          (or put the new key in place of the old file), keep a backup of it, then start the vault.",
-        config.storage.path.display(),
+        crate::store::describe(&config.storage),
         config_path.display(),
         new_root_key.display()
     );

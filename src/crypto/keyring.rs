@@ -42,19 +42,14 @@ pub struct RootKey(Key);
 impl RootKey {
     /// Reads 64 hex characters from a file that only its owner may read.
     pub fn from_file(path: &Path) -> Result<Self, RootKeyError> {
-        use std::os::unix::fs::PermissionsExt;
         let read_err = |source| RootKeyError::Read {
             path: path.to_owned(),
             source,
         };
-        let mode = std::fs::metadata(path)
-            .map_err(read_err)?
-            .permissions()
-            .mode();
-        if mode & 0o077 != 0 {
+        if let Some(mode) = crate::hardening::shared_mode(path).map_err(read_err)? {
             return Err(RootKeyError::Unsafe {
                 path: path.to_owned(),
-                mode: mode & 0o777,
+                mode,
             });
         }
         let text = Zeroizing::new(std::fs::read(path).map_err(read_err)?);

@@ -98,7 +98,7 @@ fn dev_config() -> Config {
         storage: StorageConfig {
             backend: Backend::Sqlite,
             path: DATABASE_FILE.into(),
-            group_commit: true,
+            ..StorageConfig::default()
         },
         keys: KeysConfig {
             root_key_file: Some(ROOT_KEY_FILE.into()),

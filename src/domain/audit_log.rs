@@ -43,7 +43,13 @@ impl AuditLog {
                 store
                     .put_key_material(SIGNING_KEY, root.seal(&rng, SIGNING_KEY, &pkcs8)?)
                     .await?;
-                Signer::from_pkcs8(&pkcs8).ok_or(VaultError::DataLoss)?
+                // Another replica starting at the same moment may have stored its key first.
+                let sealed = store
+                    .key_material(SIGNING_KEY)
+                    .await?
+                    .ok_or(VaultError::DataLoss)?;
+                let pkcs8 = root.open(SIGNING_KEY, &sealed)?;
+                Signer::from_pkcs8(pkcs8.expose_secret()).ok_or(VaultError::DataLoss)?
             }
         };
         let head = store.audit_head().await?.map_or(0, |e| e.sequence);
@@ -62,6 +68,14 @@ impl AuditLog {
             VaultError::AuditUnavailable
         })?;
         self.appended(&stored);
+        Ok(())
+    }
+
+    /// Catches up with events other replicas appended to the shared database.
+    pub async fn refresh_head(&self) -> Result<(), VaultError> {
+        if let Some(head) = self.store.audit_head().await? {
+            self.appended(&head);
+        }
         Ok(())
     }
 

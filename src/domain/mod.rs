@@ -32,6 +32,8 @@ pub use input::NewCredential;
 pub use redact::hint;
 
 const SECRET_PURPOSE: &str = "credvault/v1/secret";
+const WRONG_ROOT_KEY: &str =
+    "the root key does not open this database's key material (wrong root key, or tampered key tables)";
 
 /// Whether a connection currently holds secrets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -143,17 +145,18 @@ impl Vault {
         let root_ref = &root;
         let keyring = match store.load_keys().await? {
             Some(keys) => Keyring::unwrap(root_ref, &keys.versions, &keys.fingerprint_key)
-                .map_err(|_| {
-                    VaultError::Internal(
-                        "the root key does not open this database's key material \
-                         (wrong root key, or tampered key tables)"
-                            .into(),
-                    )
-                })?,
+                .map_err(|_| VaultError::Internal(WRONG_ROOT_KEY.into()))?,
             None => {
                 let (keyring, material) = Keyring::create(root_ref)?;
-                store.init_keys(material).await?;
-                keyring
+                match store.init_keys(material).await {
+                    Ok(()) => keyring,
+                    // Another replica starting at the same moment created them first.
+                    Err(first) => {
+                        let keys = store.load_keys().await?.ok_or(first)?;
+                        Keyring::unwrap(root_ref, &keys.versions, &keys.fingerprint_key)
+                            .map_err(|_| VaultError::Internal(WRONG_ROOT_KEY.into()))?
+                    }
+                }
             }
         };
         let audit = AuditLog::open(Arc::clone(&store), root_ref).await?;
@@ -357,6 +360,7 @@ impl Vault {
         if let Some(limited) = self.validator.rate_limited(target) {
             return Ok(limited);
         }
+        self.know_key_version(&record).await?;
         let slot = self.validator.join(target);
         let result = slot
             .get_or_try_init(|| async {
@@ -395,7 +399,19 @@ impl Vault {
     /// never wrong plaintext.
     pub async fn decrypt(&self, target: &CredentialRef) -> Result<Decrypted, VaultError> {
         let record = self.record(target).await?;
+        self.know_key_version(&record).await?;
         self.open_record(target, record)
+    }
+
+    /// With replicas, a data key may name a version another replica created
+    /// a moment ago: reload the keyring before calling that data loss.
+    async fn know_key_version(&self, record: &CredentialRecord) -> Result<(), VaultError> {
+        if let Some(k) = &record.data_key {
+            if !self.keyring_read().versions().any(|v| v == k.key_version) {
+                self.sync_keyring().await?;
+            }
+        }
+        Ok(())
     }
 
     fn open_record(

@@ -357,6 +357,7 @@ impl Vault {
             .iter()
             .map(|s| (s.field.clone(), s.hint.clone()))
             .collect();
+        self.know_key_version(&record).await?;
         let decrypted = self.open_record(&call.target, record)?;
         let base = self
             .validator

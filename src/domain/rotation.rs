@@ -1,6 +1,6 @@
 //! Key rotation: new key versions, the rewrap job that moves every data key onto the primary, and retirement.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -34,6 +34,43 @@ impl Vault {
         self.rewrap_wake.notify_one();
         tracing::info!(version, "key rotated: new primary version");
         Ok(version)
+    }
+
+    /// Picks up key versions that another replica added or retired, so
+    /// that every replica wraps new data keys under the newest primary and
+    /// can open whatever the database holds. Returns whether anything changed.
+    pub async fn sync_keyring(&self) -> Result<bool, VaultError> {
+        let Some(keys) = self.store.load_keys().await? else {
+            return Ok(false);
+        };
+        let stored: BTreeSet<u32> = keys.versions.iter().map(|v| v.version).collect();
+        let held: BTreeSet<u32> = self.keyring_read().versions().collect();
+        if stored == held {
+            return Ok(false);
+        }
+        for wrapped in keys.versions.iter().filter(|v| !held.contains(&v.version)) {
+            let key = self.root.open_key_version(wrapped)?;
+            self.keyring_write().install(wrapped.version, key);
+        }
+        for retired in held.difference(&stored) {
+            self.keyring_write().remove(*retired);
+        }
+        let primary = self.primary_key_version();
+        let encryptions = self
+            .store
+            .key_versions()
+            .await?
+            .iter()
+            .find(|v| v.version == primary)
+            .map_or(0, |v| v.encryptions);
+        self.primary_encryptions
+            .store(encryptions, Ordering::Relaxed);
+        tracing::info!(
+            primary,
+            "key versions changed in the database: keyring reloaded"
+        );
+        self.rewrap_wake.notify_one();
+        Ok(true)
     }
 
     pub async fn key_status(&self) -> Result<KeyStatus, VaultError> {
@@ -85,7 +122,11 @@ impl Vault {
     /// Rewraps every data key not under the primary version, batch by batch,
     /// each batch its own transaction. Safe to stop at any point: what is
     /// left is found again next time. Returns how many it moved.
+    /// Only one replica rewraps at a time; the others return 0 at once.
     pub async fn rewrap_pass(&self) -> Result<u64, VaultError> {
+        let Some(_only_runner) = self.store.rewrap_lock().await? else {
+            return Ok(0);
+        };
         let mut moved = 0;
         let mut unreadable = HashSet::new();
         loop {

@@ -158,15 +158,12 @@ fn read_certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'sta
 }
 
 fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(path)
-        .map_err(|e| file_error("server key", path, e))?
-        .permissions()
-        .mode();
-    if mode & 0o077 != 0 {
+    if let Some(mode) =
+        crate::hardening::shared_mode(path).map_err(|e| file_error("server key", path, e))?
+    {
         return Err(TlsError::UnsafeKey {
             path: path.to_owned(),
-            mode: mode & 0o777,
+            mode,
         });
     }
     // The parse error says only what was wrong with the PEM, not its bytes.

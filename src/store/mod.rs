@@ -1,5 +1,6 @@
-//! Storage: the trait the domain writes through, and SQLite behind it.
+//! Storage: the trait the domain writes through, with SQLite (embedded) and PostgreSQL (replicas) behind it.
 
+mod postgres;
 mod sqlite;
 mod writer;
 
@@ -11,7 +12,103 @@ use async_trait::async_trait;
 use crate::audit::{Checkpoint, Event, StoredEvent};
 use crate::crypto::{NewKeyMaterial, Sealed, WrappedKeyVersion};
 
+pub use postgres::{redact_url, PostgresSettings, PostgresStore};
+
+use std::sync::Arc;
+
+use zeroize::Zeroizing;
+
+use crate::config::{Backend, StorageConfig};
 pub use sqlite::{read_audit_log, SqliteStore};
+
+/// Opens the configured backend: the SQLite file, or a pool on the
+/// PostgreSQL database (migrating either schema if needed).
+pub async fn open(storage: &StorageConfig) -> Result<Arc<dyn Store>, StoreError> {
+    match storage.backend {
+        Backend::Sqlite => {
+            let path = storage.path.clone();
+            let group_commit = storage.group_commit;
+            let store =
+                tokio::task::spawn_blocking(move || SqliteStore::open_with(&path, group_commit))
+                    .await??;
+            Ok(Arc::new(store))
+        }
+        Backend::Postgres => {
+            let store = PostgresStore::connect(&postgres_settings(storage)?).await?;
+            Ok(Arc::new(store))
+        }
+    }
+}
+
+/// Every audit event in sequence order, and every checkpoint, for `audit
+/// verify`: a SQLite file is opened read-only.
+pub async fn read_audit_log_of(
+    storage: &StorageConfig,
+) -> Result<(Vec<StoredEvent>, Vec<Checkpoint>), StoreError> {
+    match storage.backend {
+        Backend::Sqlite => {
+            let path = storage.path.clone();
+            tokio::task::spawn_blocking(move || read_audit_log(&path)).await?
+        }
+        Backend::Postgres => {
+            let store = PostgresStore::connect(&postgres_settings(storage)?).await?;
+            let mut events: Vec<StoredEvent> = Vec::new();
+            loop {
+                let after = events.last().map_or(0, |e| e.sequence);
+                let page = store.audit_after(after, 10_000).await?;
+                if page.is_empty() {
+                    break;
+                }
+                events.extend(page);
+            }
+            Ok((events, store.checkpoints().await?))
+        }
+    }
+}
+
+/// The database, in words for a message: the file, or the URL without its password.
+pub fn describe(storage: &StorageConfig) -> String {
+    match storage.backend {
+        Backend::Sqlite => storage.path.display().to_string(),
+        Backend::Postgres => storage.url.as_deref().map_or_else(String::new, redact_url),
+    }
+}
+
+/// `[storage]`'s PostgreSQL settings, with the password read from its file or variable.
+pub fn postgres_settings(storage: &StorageConfig) -> Result<PostgresSettings, StoreError> {
+    let url = storage.url.clone().ok_or_else(|| {
+        StoreError::Connect("backend = \"postgres\" needs storage.url".to_owned())
+    })?;
+    let password = match (&storage.password_file, &storage.password_env) {
+        (Some(path), _) => {
+            let file_err = |source| StoreError::File {
+                path: path.clone(),
+                source,
+            };
+            if let Some(mode) = crate::hardening::shared_mode(path).map_err(file_err)? {
+                return Err(StoreError::Connect(format!(
+                    "storage.password_file {} has mode {mode:o}; it must be readable by its \
+                     owner only (chmod 600)",
+                    path.display()
+                )));
+            }
+            let text = Zeroizing::new(std::fs::read_to_string(path).map_err(file_err)?);
+            Some(Zeroizing::new(
+                text.trim_end_matches(['\n', '\r']).to_owned(),
+            ))
+        }
+        (None, Some(var)) => Some(Zeroizing::new(std::env::var(var).map_err(|_| {
+            StoreError::Connect(format!("storage.password_env: ${var} is not set"))
+        })?)),
+        (None, None) => None,
+    };
+    Ok(PostgresSettings {
+        url,
+        password,
+        pool_size: storage.pool_size,
+        ca_file: storage.ca_file.clone(),
+    })
+}
 
 /// Whether a connection holds secrets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,6 +208,10 @@ pub enum StoreError {
     Corrupt(&'static str),
     #[error("database error: {0}")]
     Database(#[from] rusqlite::Error),
+    #[error("PostgreSQL error: {0}")]
+    Postgres(tokio_postgres::Error),
+    #[error("cannot connect to the database: {0}")]
+    Connect(String),
     #[error("database file {path}: {source}")]
     File {
         path: std::path::PathBuf,
@@ -118,7 +219,7 @@ pub enum StoreError {
     },
     /// Writing the audit event failed; the change it recorded was not made.
     #[error("the audit log could not be written: {0}")]
-    Audit(rusqlite::Error),
+    Audit(String),
     /// A commit failed, after the write itself succeeded.
     #[error("commit failed: {0}")]
     Commit(String),
@@ -214,5 +315,12 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<(), StoreError>;
     /// A key sealed under the root key, by purpose.
     async fn key_material(&self, purpose: &str) -> Result<Option<Sealed>, StoreError>;
+    /// Stores a key sealed under the root key, unless one for `purpose`
+    /// exists already (another replica made it first): read it back after.
     async fn put_key_material(&self, purpose: &str, sealed: Sealed) -> Result<(), StoreError>;
+    /// The right to run the rewrap job, held until the returned guard is
+    /// dropped; `None` while another replica holds it.
+    async fn rewrap_lock(&self) -> Result<Option<Box<dyn std::any::Any + Send>>, StoreError> {
+        Ok(Some(Box::new(())))
+    }
 }

@@ -507,7 +507,7 @@ fn append_in(tx: &Connection, mut event: Event) -> Result<StoredEvent, StoreErro
             hash,
         })
     };
-    append().map_err(StoreError::Audit)
+    append().map_err(|e| StoreError::Audit(e.to_string()))
 }
 
 fn hash_array(bytes: Vec<u8>) -> rusqlite::Result<[u8; HASH_LEN]> {
@@ -934,7 +934,8 @@ impl Store for SqliteStore {
         let purpose = purpose.to_owned();
         self.write(move |conn| {
             conn.execute(
-                "INSERT INTO key_material (purpose, nonce, wrapped_key, created_at) VALUES (?1, ?2, ?3, ?4)",
+                "INSERT INTO key_material (purpose, nonce, wrapped_key, created_at) VALUES (?1, ?2, ?3, ?4) \
+                 ON CONFLICT (purpose) DO NOTHING",
                 params![purpose, sealed.nonce.as_slice(), sealed.ciphertext, millis(SystemTime::now())],
             )
             .map_err(classify)?;

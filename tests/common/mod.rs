@@ -25,6 +25,77 @@ pub struct VaultDir {
     pub dir: tempfile::TempDir,
     pub ca: DevCa,
     pub app: IssuedCert,
+    /// With `CREDVAULT_TEST_POSTGRES` set: this vault's own database there.
+    pub postgres: Option<TestDatabase>,
+}
+
+/// `CREDVAULT_TEST_POSTGRES`: the URL of a PostgreSQL server and a user that
+/// may create databases. When set, each [`VaultDir`] gets a fresh database
+/// there instead of a SQLite file, so the same tests run on both backends.
+pub fn postgres_server() -> Option<String> {
+    std::env::var("CREDVAULT_TEST_POSTGRES")
+        .ok()
+        .filter(|url| !url.is_empty())
+}
+
+/// Whether this run is on SQLite. Tests that read or damage the SQLite file
+/// itself return early on PostgreSQL.
+pub fn on_sqlite() -> bool {
+    postgres_server().is_none()
+}
+
+/// A throwaway database, dropped with the value.
+pub struct TestDatabase {
+    pub url: String,
+    server: String,
+    name: String,
+}
+
+impl TestDatabase {
+    pub fn create(server: &str) -> Self {
+        let name = format!("credvault_test_{}", random_hex(8));
+        let mut url = url::Url::parse(server).unwrap();
+        url.set_path(&name);
+        let db = Self {
+            url: url.to_string(),
+            server: server.to_owned(),
+            name,
+        };
+        db.admin(&format!("CREATE DATABASE {}", db.name));
+        db
+    }
+
+    /// Runs one statement on the server's own database, from a thread with
+    /// its own runtime (callers are often inside a test's runtime).
+    fn admin(&self, sql: &str) {
+        let sql = sql.to_owned();
+        on_postgres(self.server.clone(), move |client| async move {
+            client.batch_execute(&sql).await.unwrap();
+        });
+    }
+}
+
+impl Drop for TestDatabase {
+    /// Best effort, on a detached thread: the test's own runtime still owns
+    /// the vault's connections, and DROP DATABASE can wait for them to be
+    /// told to go. A database left behind by an interrupted run is harmless.
+    fn drop(&mut self) {
+        let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+        let server = self.server.clone();
+        std::thread::spawn(move || {
+            let _ = std::panic::catch_unwind(|| {
+                on_postgres(server, move |client| async move {
+                    let _ = client.batch_execute(&sql).await;
+                });
+            });
+        });
+    }
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut buf).unwrap();
+    buf.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl VaultDir {
@@ -40,7 +111,30 @@ impl VaultDir {
         std::fs::write(p.join("server.pem"), &server.cert_pem).unwrap();
         write_private(&p.join("server-key.pem"), server.key_pem.as_bytes());
         write_private(&p.join("root.key"), "ab".repeat(32).as_bytes());
-        Self { dir, ca, app }
+        let postgres = postgres_server().map(|server| TestDatabase::create(&server));
+        Self {
+            dir,
+            ca,
+            app,
+            postgres,
+        }
+    }
+
+    /// The storage section every vault of this folder uses.
+    pub fn storage(&self) -> StorageConfig {
+        match &self.postgres {
+            Some(db) => StorageConfig {
+                backend: Backend::Postgres,
+                url: Some(db.url.clone()),
+                pool_size: 8,
+                ..StorageConfig::default()
+            },
+            None => StorageConfig {
+                backend: Backend::Sqlite,
+                path: self.db(),
+                ..StorageConfig::default()
+            },
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -62,11 +156,7 @@ impl VaultDir {
                 crl_file: None,
                 reload_poll_ms: 2_000,
             },
-            storage: StorageConfig {
-                backend: Backend::Sqlite,
-                path: self.db(),
-                group_commit: true,
-            },
+            storage: self.storage(),
             keys: KeysConfig {
                 root_key_file: Some(p.join("root.key")),
                 root_key_env: None,
@@ -270,4 +360,155 @@ pub async fn export_audit(dir: &VaultDir, vault: &TestVault) -> PathBuf {
         String::from_utf8_lossy(&out.stderr)
     );
     export
+}
+
+/// Raw SQL on a vault's database, whichever the backend, for tests that
+/// look behind the vault's back or tamper with what it stored. Statements
+/// use `$1`-style placeholders, which both backends accept; values are text.
+impl VaultDir {
+    pub fn execute(&self, sql: &str, params: &[&str]) -> usize {
+        match &self.postgres {
+            None => {
+                let db = rusqlite::Connection::open(self.db()).unwrap();
+                db.execute(sql, rusqlite::params_from_iter(params.iter()))
+                    .unwrap()
+            }
+            Some(pg) => {
+                let (url, sql) = (pg.url.clone(), sql.to_owned());
+                let params: Vec<String> = params.iter().map(|p| (*p).to_owned()).collect();
+                on_postgres(url, move |client| async move {
+                    let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
+                        .iter()
+                        .map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync))
+                        .collect();
+                    usize::try_from(client.execute(sql.as_str(), &refs).await.unwrap()).unwrap()
+                })
+            }
+        }
+    }
+
+    /// Several statements, no parameters.
+    pub fn execute_batch(&self, sql: &str) {
+        match &self.postgres {
+            None => rusqlite::Connection::open(self.db())
+                .unwrap()
+                .execute_batch(sql)
+                .unwrap(),
+            Some(pg) => {
+                let sql = sql.to_owned();
+                on_postgres(pg.url.clone(), move |client| async move {
+                    client.batch_execute(&sql).await.unwrap();
+                });
+            }
+        }
+    }
+
+    /// The first column of every row, as text (cast it in the query if need be).
+    pub fn texts(&self, sql: &str) -> Vec<String> {
+        match &self.postgres {
+            None => {
+                let db = rusqlite::Connection::open(self.db()).unwrap();
+                let mut stmt = db.prepare(sql).unwrap();
+                stmt.query_map([], |r| r.get::<_, String>(0))
+                    .unwrap()
+                    .collect::<Result<_, _>>()
+                    .unwrap()
+            }
+            Some(pg) => {
+                let sql = sql.to_owned();
+                on_postgres(pg.url.clone(), move |client| async move {
+                    client
+                        .query(sql.as_str(), &[])
+                        .await
+                        .unwrap()
+                        .iter()
+                        .map(|r| r.get::<_, String>(0))
+                        .collect()
+                })
+            }
+        }
+    }
+
+    /// A single number (`count(*)`, `max(...)`), cast to bigint in the query.
+    pub fn number(&self, sql: &str) -> i64 {
+        match &self.postgres {
+            None => rusqlite::Connection::open(self.db())
+                .unwrap()
+                .query_row(sql, [], |r| r.get(0))
+                .unwrap(),
+            Some(pg) => {
+                let sql = sql.to_owned();
+                on_postgres(pg.url.clone(), move |client| async move {
+                    client.query_one(sql.as_str(), &[]).await.unwrap().get(0)
+                })
+            }
+        }
+    }
+}
+
+/// Runs `f` with a client on `url`, from a thread with its own runtime.
+fn on_postgres<T, F, Fut>(url: String, f: F) -> T
+where
+    T: Send + 'static,
+    F: FnOnce(tokio_postgres::Client) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = T>,
+{
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async move {
+                let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                    .await
+                    .unwrap();
+                tokio::spawn(connection);
+                f(client).await
+            })
+    })
+    .join()
+    .unwrap()
+}
+
+/// `credvault serve --config` as its own process, on a port of its choosing.
+pub struct ServerProcess {
+    pub process: tokio::process::Child,
+    pub url: String,
+}
+
+/// Starts `credvault serve --listen 127.0.0.1:0 --config FILE` and waits
+/// until it logs that it serves, reading the port from that line.
+pub async fn spawn_server(config: &Path) -> ServerProcess {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut process = tokio::process::Command::new(env!("CARGO_BIN_EXE_credvault"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "warn,credvault::server=info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(process.stderr.take().unwrap()).lines();
+    let port: u16 = loop {
+        let line = lines
+            .next_line()
+            .await
+            .unwrap()
+            .expect("the vault exited before serving");
+        if line.contains("credvault serving") {
+            let rest = line.split("127.0.0.1:").nth(1).unwrap();
+            break rest
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect::<String>()
+                .parse()
+                .unwrap();
+        }
+    };
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    ServerProcess {
+        process,
+        url: format!("https://localhost:{port}"),
+    }
 }

@@ -1,0 +1,283 @@
+//! Several vault replicas, each its own process, over one PostgreSQL database:
+//! one audit chain, every write visible everywhere, rotation seen by all.
+//! Runs when `CREDVAULT_TEST_POSTGRES` names a server (`.ci/run` sets it).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{reference, ServerProcess, VaultDir};
+use credvault::dev::certs::Subject;
+use credvault::dev::fake::{FakeProvider, Reply};
+use credvault::proto::audit_client::AuditClient;
+use credvault::proto::credentials_client::CredentialsClient;
+use credvault::proto::key_admin_client::KeyAdminClient;
+use credvault::proto::validation::Verdict;
+use credvault::proto::{ListRequest, RotateRequest, StatusRequest, StoreRequest, SubscribeRequest};
+use tonic::transport::Channel;
+
+const PHX: &str = "phx_Rk3Vw9Qm2Lx8Tz5Nc1Bd7Yf4Gh6Js0";
+
+/// A vault folder on PostgreSQL with its configuration written to a file;
+/// `None` (and a note) when no server is configured.
+fn shared_vault(fake: Option<&FakeProvider>) -> Option<(VaultDir, PathBuf)> {
+    if common::on_sqlite() {
+        eprintln!("skipped: set CREDVAULT_TEST_POSTGRES to run the replica tests");
+        return None;
+    }
+    let dir = VaultDir::new();
+    let mut config = dir.config();
+    if let Some(fake) = fake {
+        config.providers.posthog.base_urls = [("us".to_owned(), fake.url())].into();
+    }
+    let path = dir.path().join("credvault.toml");
+    std::fs::write(&path, config.to_toml()).unwrap();
+    Some((dir, path))
+}
+
+async fn channel(dir: &VaultDir, replica: &ServerProcess, identity: &str) -> Channel {
+    let cert = dir
+        .ca
+        .issue("client", Subject::ClientUris(&[identity]))
+        .unwrap();
+    credvault::cli::client::connect_channel(
+        &replica.url,
+        dir.ca.cert_pem().as_bytes(),
+        cert.cert_pem.as_bytes(),
+        cert.key_pem.as_bytes(),
+    )
+    .await
+    .unwrap()
+}
+
+async fn app(dir: &VaultDir, replica: &ServerProcess) -> CredentialsClient<Channel> {
+    CredentialsClient::new(channel(dir, replica, common::APP).await)
+}
+
+fn posthog(workspace: &str) -> StoreRequest {
+    StoreRequest {
+        workspace_id: workspace.to_owned(),
+        provider: "posthog".into(),
+        secrets: common::map(&[("personal_api_key", PHX)]),
+        params: common::map(&[("project_id", "42")]),
+        ..StoreRequest::default()
+    }
+}
+
+fn audit_verify(config: &std::path::Path) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_credvault"))
+        .args(["audit", "verify", "--config"])
+        .arg(config)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_every_connection() {
+    let Some((dir, config)) = shared_vault(None) else {
+        return;
+    };
+    let (a, b) = (
+        common::spawn_server(&config).await,
+        common::spawn_server(&config).await,
+    );
+    let stored = app(&dir, &a)
+        .await
+        .store(posthog("ws"))
+        .await
+        .unwrap()
+        .into_inner();
+    let seen = app(&dir, &b)
+        .await
+        .redact(reference("ws", "posthog"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(seen.secrets, stored.secrets);
+    app(&dir, &b)
+        .await
+        .zero(reference("ws", "posthog"))
+        .await
+        .unwrap();
+    let after = app(&dir, &a)
+        .await
+        .redact(reference("ws", "posthog"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        after.secrets.is_empty(),
+        "Zero on one replica is seen on the other"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_under_load_one_killed_lose_nothing_and_keep_one_chain() {
+    let Some((dir, config)) = shared_vault(None) else {
+        return;
+    };
+    let mut replicas = Vec::new();
+    for _ in 0..3 {
+        replicas.push(common::spawn_server(&config).await);
+    }
+    let acknowledged = Arc::new(Mutex::new(Vec::<String>::new()));
+    let mut writers = Vec::new();
+    for (r, replica) in replicas.iter().enumerate() {
+        for w in 0..4 {
+            let mut c = app(&dir, replica).await;
+            let acknowledged = Arc::clone(&acknowledged);
+            writers.push(tokio::spawn(async move {
+                // The killed replica's writers stop at their first failure.
+                for i in 0..60 {
+                    let ws = format!("r{r}-w{w}-{i}");
+                    if c.store(posthog(&ws)).await.is_err() {
+                        break;
+                    }
+                    acknowledged.lock().unwrap().push(ws);
+                }
+            }));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut victim = replicas.pop().unwrap();
+    victim.process.start_kill().unwrap(); // SIGKILL
+    victim.process.wait().await.unwrap();
+    for w in writers {
+        w.await.unwrap();
+    }
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    assert!(
+        acknowledged.iter().any(|ws| ws.starts_with("r2-")),
+        "the killed replica acknowledged writes before it died"
+    );
+    assert!(
+        acknowledged.len() >= 2 * 4 * 60,
+        "the survivors finished their load"
+    );
+
+    // Every acknowledged write is there, read through either survivor.
+    for (i, ws) in acknowledged.iter().enumerate() {
+        let mut c = app(&dir, &replicas[i % 2]).await;
+        let listed = c
+            .list(ListRequest {
+                workspace_id: ws.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(listed.credentials.len(), 1, "{ws} is missing");
+    }
+
+    // One chain: verify accepts it, and a subscriber on one replica reads
+    // every replica's events in order with no gaps.
+    let report = audit_verify(&config);
+    assert!(report.contains("audit log intact"), "{report}");
+    let mut auditor =
+        AuditClient::new(channel(&dir, &replicas[0], "spiffe://credvault.local/auditor").await);
+    let head = auditor
+        .head(credvault::proto::HeadRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .sequence;
+    assert!(head >= acknowledged.len() as u64);
+    let mut stream = auditor
+        .subscribe(SubscribeRequest { after_sequence: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    for expected in 1..=head {
+        let event = stream.message().await.unwrap().unwrap();
+        assert_eq!(event.sequence, expected);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_on_one_replica_is_rewrapped_once_and_decrypts_everywhere() {
+    let dir_ca = credvault::dev::certs::DevCa::generate("provider CA").unwrap();
+    let fake = FakeProvider::start(&dir_ca, |_| {
+        Reply::json(200, r#"{"id":42,"name":"shared"}"#)
+    })
+    .await;
+    let Some((dir, config)) = shared_vault(Some(&fake)) else {
+        return;
+    };
+    // The fake's certificate comes from its own CA: trust it too.
+    let mut loaded = credvault::config::Config::load(&config).unwrap();
+    let ca = dir.path().join("provider-ca.pem");
+    std::fs::write(&ca, dir_ca.cert_pem()).unwrap();
+    loaded.outbound.extra_ca_file = Some(ca);
+    std::fs::write(&config, loaded.to_toml()).unwrap();
+
+    let (a, b) = (
+        common::spawn_server(&config).await,
+        common::spawn_server(&config).await,
+    );
+    let mut c = app(&dir, &a).await;
+    for i in 0..120 {
+        c.store(posthog(&format!("ws{i}"))).await.unwrap();
+    }
+    let mut admin = KeyAdminClient::new(channel(&dir, &b, "spiffe://credvault.local/admin").await);
+    admin.rotate(RotateRequest {}).await.unwrap();
+    let mut status = admin.status(StatusRequest {}).await.unwrap().into_inner();
+    for _ in 0..200 {
+        if status.rewrap_done == status.rewrap_total && status.primary_version == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        status = admin.status(StatusRequest {}).await.unwrap().into_inner();
+    }
+    assert_eq!(status.primary_version, 2, "{status:?}");
+    assert_eq!(status.rewrap_done, 120, "{status:?}");
+
+    // Replica a never saw the Rotate call: within its keyring poll it has
+    // version 2, wraps new credentials under it, and opens every credential.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let fresh = c.store(posthog("after")).await.unwrap().into_inner();
+    assert_eq!(fresh.key_version, 2);
+    for replica in [&a, &b] {
+        let mut c = app(&dir, replica).await;
+        for i in (0..120).step_by(7) {
+            let v = c
+                .validate_connection(reference(&format!("ws{i}"), "posthog"))
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(v.verdict, Verdict::Valid as i32, "{v:?}");
+        }
+    }
+    let rewraps = dir.number(
+        "SELECT count(*) FROM audit_events WHERE event LIKE '%\"method\":\"KeyAdmin.Rewrap\"%'",
+    );
+    assert_eq!(rewraps, 1, "exactly one replica ran the rewrap, once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_with_the_wrong_root_key_refuses_to_serve() {
+    let Some((dir, config)) = shared_vault(None) else {
+        return;
+    };
+    let first = common::spawn_server(&config).await;
+    app(&dir, &first).await.store(posthog("ws")).await.unwrap();
+    let wrong = dir.path().join("wrong-root.key");
+    common::write_private(&wrong, "cd".repeat(32).as_bytes());
+    let mut other = dir.config();
+    other.keys.root_key_file = Some(wrong);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let err = credvault::run(other, listener, std::future::pending())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("root key does not open"), "{err}");
+}
