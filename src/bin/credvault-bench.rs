@@ -45,6 +45,10 @@ struct Args {
     /// Credentials stored for the rewrap and memory figures (default 100000, 5000 with --quick).
     #[arg(long)]
     credentials: Option<usize>,
+    /// Also measure Redact and Store on PostgreSQL with 1, 2 and 3 replicas:
+    /// a server URL whose user may create databases (one is made per run).
+    #[arg(long, value_name = "URL")]
+    postgres: Option<String>,
     /// Internal: run the vault from this configuration (the benchmark's own child process).
     #[arg(long, hide = true)]
     serve_config: Option<PathBuf>,
@@ -165,11 +169,27 @@ async fn start_vault(
     fake_ca: &Path,
     group_commit: bool,
 ) -> Result<Vault, String> {
-    let data = dir.join(if group_commit {
+    let name = if group_commit {
         "vault"
     } else {
         "vault-no-group-commit"
-    });
+    };
+    let (config, data) = prepare_vault(dir, name, fake, fake_ca, |c| {
+        c.storage.group_commit = group_commit;
+    })?;
+    spawn_vault(&config, &data).await
+}
+
+/// A dev vault folder `dir/name` whose providers are the fake; `tweak` edits
+/// its configuration. Returns the configuration file and the folder.
+fn prepare_vault(
+    dir: &Path,
+    name: &str,
+    fake: &FakeProvider,
+    fake_ca: &Path,
+    tweak: impl FnOnce(&mut Config),
+) -> Result<(PathBuf, PathBuf), String> {
+    let data = dir.join(name);
     let prepared = credvault::dev::prepare(&data).map_err(|e| e.to_string())?;
     let mut config = Config::load(&prepared.config_path).map_err(|e| e.to_string())?;
     config.listen = "127.0.0.1:0".parse().map_err(|_| "address")?;
@@ -182,14 +202,18 @@ async fn start_vault(
         provider.base_urls.insert(key.into(), fake.url());
     }
     config.limits.max_concurrent_calls = 4096;
-    config.storage.group_commit = group_commit;
+    tweak(&mut config);
     std::fs::write(&prepared.config_path, config.to_toml()).map_err(|e| e.to_string())?;
+    Ok((prepared.config_path, data))
+}
 
+/// Runs the vault of `config` as a child process and waits until it is SERVING.
+async fn spawn_vault(config: &Path, data: &Path) -> Result<Vault, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let started = Instant::now();
     let mut child = tokio::process::Command::new(exe)
         .arg("--serve-config")
-        .arg(&prepared.config_path)
+        .arg(config)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -577,6 +601,17 @@ async fn bench(args: &Args) -> Result<(), String> {
         );
         report.rows.push(row);
     }
+    if let Some(server) = &args.postgres {
+        replicas(
+            server,
+            tmp.path(),
+            &fake,
+            &fake_ca_file,
+            (warmup, duration),
+            &mut report,
+        )
+        .await?;
+    }
     rewrap(&vault, &channels, stored, &mut report).await?;
     if let Some(peak) = vault.rss_kib("VmHWM:") {
         report.extra.insert(
@@ -631,6 +666,100 @@ fn direct(ca: &Path, url: &str) -> Result<Op, String> {
             }
         })
     }))
+}
+
+/// Redact and Store at concurrency 32 on 1, 2 and 3 replicas over one
+/// PostgreSQL database (a fresh one per replica count), with the clients'
+/// connections spread evenly over the replicas.
+async fn replicas(
+    server: &str,
+    dir: &Path,
+    fake: &FakeProvider,
+    fake_ca: &Path,
+    (warmup, duration): (Duration, Duration),
+    report: &mut Report,
+) -> Result<(), String> {
+    for count in 1..=3usize {
+        let database = create_database(server).await?;
+        let (config, data) = prepare_vault(dir, &format!("pg-{count}"), fake, fake_ca, |c| {
+            c.storage.backend = credvault::config::Backend::Postgres;
+            c.storage.url = Some(database.clone());
+        })?;
+        let mut vaults = Vec::new();
+        for _ in 0..count {
+            vaults.push(spawn_vault(&config, &data).await?);
+        }
+        let mut channels = Vec::new();
+        for vault in &vaults {
+            for _ in 0..2 {
+                channels.push(vault.channel("app").await?);
+            }
+        }
+        let channels = Arc::new(channels);
+        let mut setup = CredentialsClient::new(channels[0].clone());
+        for i in 0..10 {
+            setup
+                .store(amplitude(&format!("hot-{i}")))
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        let ch = Arc::clone(&channels);
+        let redact: Op = Arc::new(move |w, i| {
+            let mut c = CredentialsClient::new(ch[w % ch.len()].clone());
+            boxed(async move {
+                c.redact(reference(
+                    &format!("hot-{}", (w as u64 + i) % 10),
+                    "amplitude",
+                ))
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string())
+            })
+        });
+        let ch = Arc::clone(&channels);
+        let n = Arc::new(AtomicU64::new(0));
+        let store: Op = Arc::new(move |w, _| {
+            let mut c = CredentialsClient::new(ch[w % ch.len()].clone());
+            let id = n.fetch_add(1, Ordering::Relaxed);
+            boxed(async move {
+                c.store(amplitude(&format!("new-{id}")))
+                    .await
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            })
+        });
+        for (scenario, op) in [("redact", redact), ("store-new", store)] {
+            let name = format!("{scenario}-postgres-{count}r");
+            let row = measure(&name, 32, warmup, duration, op).await;
+            eprintln!(
+                "  {name:<26} c=32 {:>9.0}/s  p50 {:>6} µs  p99 {:>6} µs  errors {}",
+                row.ops_per_sec, row.p50_us, row.p99_us, row.errors
+            );
+            report.rows.push(row);
+        }
+    }
+    Ok(())
+}
+
+/// A fresh database on `server`, returned as a URL.
+async fn create_database(server: &str) -> Result<String, String> {
+    let (client, connection) = tokio_postgres::connect(server, tokio_postgres::NoTls)
+        .await
+        .map_err(|e| format!("--postgres: {e}"))?;
+    tokio::spawn(connection);
+    let name = format!(
+        "credvault_bench_{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros())
+    );
+    client
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .map_err(|e| format!("--postgres: {e}"))?;
+    let mut url = url::Url::parse(server).map_err(|e| format!("--postgres: {e}"))?;
+    url.set_path(&name);
+    Ok(url.to_string())
 }
 
 /// The proxied GET, and the size of the fake's answer to it.
@@ -824,6 +953,8 @@ fn add_ratios(rows: &mut [Row]) {
         let base = match row.scenario.as_str() {
             "noop" | "direct" | "proxy-direct" => None,
             "proxy" => Some("proxy-direct"),
+            name if name.starts_with("redact-postgres") => Some("redact"),
+            name if name.starts_with("store-new-postgres") => Some("store-new"),
             "redact-during-rewrap" => Some("redact"),
             "store-new-no-group-commit" => Some("store-new"),
             "validate" => Some("direct"),

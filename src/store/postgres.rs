@@ -17,7 +17,7 @@ use super::{
     CredentialRecord, KeyVersionRow, RetireOutcome, Rewrapped, SecretRecord, StaleDataKey, Store,
     StoreError, StoredKeys, StoredStatus, WrappedDataKey,
 };
-use crate::audit::{chain_hash, Checkpoint, Event, StoredEvent, GENESIS, HASH_LEN};
+use crate::audit::{chain_hash, Checkpoint, Event, StoredEvent, HASH_LEN};
 use crate::crypto::{NewKeyMaterial, Sealed, WrappedKeyVersion, NONCE_LEN};
 
 const FINGERPRINT_KEY: &str = crate::crypto::FINGERPRINT_KEY_PURPOSE;
@@ -26,7 +26,8 @@ const MIGRATION_LOCK: i64 = 0x6372_6564_7661_756c;
 const REWRAP_LOCK: i64 = MIGRATION_LOCK + 1;
 
 /// Schema versions, applied in order; `credvault_schema` holds one row per version applied.
-const MIGRATIONS: &[&str] = &[r"
+const MIGRATIONS: &[&str] = &[
+    r"
 CREATE TABLE key_versions (
     version     INTEGER PRIMARY KEY,
     nonce       BYTEA NOT NULL,
@@ -88,7 +89,34 @@ CREATE TABLE audit_checkpoints (
     signature BYTEA NOT NULL,
     key_id    TEXT NOT NULL
 );
-"];
+",
+    r#"
+-- One round trip per append, so the head's row lock is held for as short a
+-- time as possible: lock the head, hash, insert, move the head. `tail` is the
+-- event's canonical JSON after its sequence number.
+CREATE FUNCTION credvault_append_audit(tail TEXT)
+RETURNS TABLE (out_sequence BIGINT, out_previous_hash BYTEA, out_hash BYTEA)
+LANGUAGE plpgsql AS $$
+DECLARE
+    head_sequence BIGINT;
+    head_hash     BYTEA;
+    next_sequence BIGINT;
+    next_event    TEXT;
+    next_hash     BYTEA;
+BEGIN
+    SELECT h.sequence, h.hash INTO head_sequence, head_hash
+        FROM audit_head h WHERE h.one FOR UPDATE;
+    next_sequence := head_sequence + 1;
+    next_event := '{"sequence":' || next_sequence || tail;
+    next_hash := sha256(head_hash || convert_to(next_event, 'UTF8'));
+    INSERT INTO audit_events (sequence, event, previous_hash, hash)
+        VALUES (next_sequence, next_event, head_hash, next_hash);
+    UPDATE audit_head SET sequence = next_sequence, hash = next_hash WHERE one;
+    RETURN QUERY SELECT next_sequence, head_hash, next_hash;
+END
+$$;
+"#,
+];
 
 /// Where the database is and how to log in.
 pub struct PostgresSettings {
@@ -377,40 +405,31 @@ async fn load_credential(
     credential_from(&row, secrets).map(Some)
 }
 
-/// Appends `event` to the chain inside `tx`, holding the head's row lock
-/// until the transaction ends: the next sequence, and the hash over the
-/// previous event's hash and this event's canonical text.
-async fn append_in(
-    tx: &deadpool_postgres::Transaction<'_>,
-    mut event: Event,
-) -> Result<StoredEvent, StoreError> {
+/// Appends `event` to the chain in one statement (see the migration's
+/// `credvault_append_audit`): inside `c`'s transaction, the head's row lock is
+/// then held until that transaction ends; on a plain connection, the
+/// statement is its own transaction. The database hashes exactly the text
+/// that is stored; the hash is checked here against [`chain_hash`].
+async fn append_in(c: &impl GenericClient, mut event: Event) -> Result<StoredEvent, StoreError> {
+    const PREFIX: &str = "{\"sequence\":0";
+    event.sequence = 0;
+    let with_zero = event.canonical();
+    let tail = with_zero.strip_prefix(PREFIX).ok_or_else(|| {
+        StoreError::Audit("an event's encoding does not start with its sequence".into())
+    })?;
     let append = async {
-        let head = tx
-            .query_one(
-                "SELECT sequence, hash FROM audit_head WHERE one FOR UPDATE",
-                &[],
-            )
+        let row = c
+            .query_one("SELECT * FROM credvault_append_audit($1)", &[&tail])
             .await?;
-        let last: i64 = head.try_get(0)?;
-        let previous_hash = if last == 0 {
-            GENESIS
-        } else {
-            hash_array(head.try_get(1)?)?
-        };
-        let sequence = seq_u64(last)? + 1;
-        event.sequence = sequence;
-        let canonical = event.canonical();
-        let hash = chain_hash(&previous_hash, &canonical);
-        tx.execute(
-            "INSERT INTO audit_events (sequence, event, previous_hash, hash) VALUES ($1, $2, $3, $4)",
-            &[&seq_i64(sequence), &canonical, &previous_hash.as_slice(), &hash.as_slice()],
-        )
-        .await?;
-        tx.execute(
-            "UPDATE audit_head SET sequence = $1, hash = $2 WHERE one",
-            &[&seq_i64(sequence), &hash.as_slice()],
-        )
-        .await?;
+        let sequence = seq_u64(row.try_get(0)?)?;
+        let previous_hash = hash_array(row.try_get(1)?)?;
+        let hash = hash_array(row.try_get(2)?)?;
+        let canonical = format!("{{\"sequence\":{sequence}{tail}");
+        if chain_hash(&previous_hash, &canonical) != hash {
+            return Err(StoreError::Corrupt(
+                "the database computed another audit hash",
+            ));
+        }
         Ok::<_, StoreError>(StoredEvent {
             sequence,
             canonical,
@@ -551,9 +570,6 @@ impl Store for PostgresStore {
             ],
         )
         .await?;
-        if let Some(k) = key {
-            count_encryptions(&tx, k.key_version, 1).await?;
-        }
         tx.execute(
             "DELETE FROM credential_secrets WHERE workspace_id = $1 AND provider = $2",
             &[&record.workspace_id, &record.provider],
@@ -581,10 +597,15 @@ impl Store for PostgresStore {
             )
             .await?;
         }
-        let stored = append_in(&tx, event).await?;
         let row = load_credential(&tx, &record.workspace_id, &record.provider)
             .await?
             .ok_or(StoreError::Corrupt("row vanished after write"))?;
+        // Last, the two rows every Store shares (the key version's counter and
+        // the audit head), so their locks are held only until the commit.
+        if let Some(k) = key {
+            count_encryptions(&tx, k.key_version, 1).await?;
+        }
+        let stored = append_in(&tx, event).await?;
         tx.commit()
             .await
             .map_err(|e| StoreError::Commit(e.to_string()))?;
@@ -687,10 +708,10 @@ impl Store for PostgresStore {
             tx.rollback().await?;
             return Ok(None);
         }
-        let stored = append_in(&tx, event).await?;
         let row = load_credential(&tx, workspace_id, provider)
             .await?
             .ok_or(StoreError::Corrupt("row vanished after write"))?;
+        let stored = append_in(&tx, event).await?;
         tx.commit()
             .await
             .map_err(|e| StoreError::Commit(e.to_string()))?;
@@ -701,13 +722,8 @@ impl Store for PostgresStore {
     }
 
     async fn append_audit(&self, event: Event) -> Result<StoredEvent, StoreError> {
-        let mut c = self.client().await?;
-        let tx = c.transaction().await?;
-        let stored = append_in(&tx, event).await?;
-        tx.commit()
-            .await
-            .map_err(|e| StoreError::Audit(e.to_string()))?;
-        Ok(stored)
+        let c = self.client().await?;
+        append_in(&c, event).await
     }
 
     async fn audit_after(&self, after: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
