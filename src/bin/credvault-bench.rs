@@ -634,24 +634,15 @@ async fn bench(args: &Args) -> Result<(), String> {
 
 /// The provider call alone, with the vault's own outbound client and settings.
 fn direct(ca: &Path, url: &str) -> Result<Op, String> {
-    let config = credvault::config::OutboundConfig {
-        extra_ca_file: Some(ca.to_owned()),
-        allow_private_addresses: true,
-        ..Default::default()
-    };
-    let outbound =
-        Arc::new(credvault::outbound::Outbound::new(&config).map_err(|e| e.to_string())?);
-    let base = url::Url::parse(url).map_err(|e| e.to_string())?;
-    let provider = credvault::providers::Provider::Posthog;
-    let (secrets, params) = posthog_credentials();
-    let (secrets, params) = (Arc::new(secrets), Arc::new(params));
+    let direct = Direct::new(ca, url)?;
     Ok(Arc::new(move |_, _| {
-        let (outbound, base, secrets, params) = (
-            Arc::clone(&outbound),
-            base.clone(),
-            Arc::clone(&secrets),
-            Arc::clone(&params),
-        );
+        let Direct {
+            outbound,
+            base,
+            provider,
+            secrets,
+            params,
+        } = direct.clone();
         boxed(async move {
             let spec = provider.spec();
             let answer = outbound
@@ -781,24 +772,15 @@ fn cohorts_body() -> String {
 /// its settings and the credential headers, straight from the bench.
 fn proxy_direct(ca: &Path, url: &str) -> Result<Op, String> {
     use credvault::outbound::{Outgoing, Scrubber};
-    let config = credvault::config::OutboundConfig {
-        extra_ca_file: Some(ca.to_owned()),
-        allow_private_addresses: true,
-        ..Default::default()
-    };
-    let outbound =
-        Arc::new(credvault::outbound::Outbound::new(&config).map_err(|e| e.to_string())?);
-    let base = url::Url::parse(url).map_err(|e| e.to_string())?;
-    let provider = credvault::providers::Provider::Posthog;
-    let (secrets, params) = posthog_credentials();
-    let (secrets, params) = (Arc::new(secrets), Arc::new(params));
+    let direct = Direct::new(ca, url)?;
     Ok(Arc::new(move |_, _| {
-        let (outbound, base, secrets, params) = (
-            Arc::clone(&outbound),
-            base.clone(),
-            Arc::clone(&secrets),
-            Arc::clone(&params),
-        );
+        let Direct {
+            outbound,
+            base,
+            provider,
+            secrets,
+            params,
+        } = direct.clone();
         boxed(async move {
             let outgoing = Outgoing {
                 method: reqwest::Method::GET,
@@ -818,6 +800,36 @@ fn proxy_direct(ca: &Path, url: &str) -> Result<Op, String> {
             }
         })
     }))
+}
+
+/// What a call straight from the bench needs: the vault's own outbound
+/// client and settings, the fake's URL, and PostHog credentials.
+#[derive(Clone)]
+struct Direct {
+    outbound: Arc<credvault::outbound::Outbound>,
+    base: url::Url,
+    provider: credvault::providers::Provider,
+    secrets: Arc<credvault::providers::Secrets>,
+    params: Arc<credvault::providers::Params>,
+}
+
+impl Direct {
+    fn new(ca: &Path, url: &str) -> Result<Self, String> {
+        let config = credvault::config::OutboundConfig {
+            extra_ca_file: Some(ca.to_owned()),
+            allow_private_addresses: true,
+            ..Default::default()
+        };
+        let outbound = credvault::outbound::Outbound::new(&config).map_err(|e| e.to_string())?;
+        let (secrets, params) = posthog_credentials();
+        Ok(Self {
+            outbound: Arc::new(outbound),
+            base: url::Url::parse(url).map_err(|e| e.to_string())?,
+            provider: credvault::providers::Provider::Posthog,
+            secrets: Arc::new(secrets),
+            params: Arc::new(params),
+        })
+    }
 }
 
 /// The PostHog credentials every bench connection holds.

@@ -5,12 +5,12 @@ mod sqlite;
 mod writer;
 
 use std::collections::BTreeMap;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 
 use crate::audit::{Checkpoint, Event, StoredEvent};
-use crate::crypto::{NewKeyMaterial, Sealed, WrappedKeyVersion};
+use crate::crypto::{NewKeyMaterial, Sealed, WrappedKeyVersion, NONCE_LEN};
 
 pub use postgres::{redact_url, PostgresSettings, PostgresStore};
 
@@ -20,6 +20,26 @@ use zeroize::Zeroizing;
 
 use crate::config::{Backend, StorageConfig};
 pub use sqlite::{read_audit_log, SqliteStore};
+
+/// Milliseconds since the epoch, as both backends store times.
+fn millis(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn time(ms: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms.max(0).unsigned_abs())
+}
+
+/// A nonce and ciphertext read back from a row.
+fn sealed_from(nonce: Vec<u8>, ciphertext: Vec<u8>) -> Result<Sealed, StoreError> {
+    Ok(Sealed {
+        nonce: <[u8; NONCE_LEN]>::try_from(nonce)
+            .map_err(|_| StoreError::Corrupt("nonce has the wrong length"))?,
+        ciphertext,
+    })
+}
 
 /// Opens the configured backend: the SQLite file, or a pool on the
 /// PostgreSQL database (migrating either schema if needed).

@@ -5,7 +5,7 @@
 //! gaps and no forks. Migrations run under a transaction-scoped advisory
 //! lock, so replicas starting together migrate once.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod};
@@ -14,11 +14,11 @@ use tokio_postgres::Row;
 use zeroize::Zeroizing;
 
 use super::{
-    CredentialRecord, KeyVersionRow, RetireOutcome, Rewrapped, SecretRecord, StaleDataKey, Store,
-    StoreError, StoredKeys, StoredStatus, WrappedDataKey,
+    millis, sealed_from, time, CredentialRecord, KeyVersionRow, RetireOutcome, Rewrapped,
+    SecretRecord, StaleDataKey, Store, StoreError, StoredKeys, StoredStatus, WrappedDataKey,
 };
 use crate::audit::{chain_hash, Checkpoint, Event, StoredEvent, HASH_LEN};
-use crate::crypto::{NewKeyMaterial, Sealed, WrappedKeyVersion, NONCE_LEN};
+use crate::crypto::{NewKeyMaterial, Sealed, WrappedKeyVersion};
 
 const FINGERPRINT_KEY: &str = crate::crypto::FINGERPRINT_KEY_PURPOSE;
 /// Advisory lock keys: "credvaul" and the next value.
@@ -282,24 +282,6 @@ impl From<tokio_postgres::Error> for StoreError {
     fn from(e: tokio_postgres::Error) -> Self {
         classify(e)
     }
-}
-
-fn millis(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
-
-fn time(ms: i64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_millis(ms.max(0).unsigned_abs())
-}
-
-fn sealed_from(nonce: Vec<u8>, ciphertext: Vec<u8>) -> Result<Sealed, StoreError> {
-    Ok(Sealed {
-        nonce: <[u8; NONCE_LEN]>::try_from(nonce)
-            .map_err(|_| StoreError::Corrupt("nonce has the wrong length"))?,
-        ciphertext,
-    })
 }
 
 fn version_u32(v: i32) -> Result<u32, StoreError> {

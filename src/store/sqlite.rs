@@ -3,18 +3,18 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row};
 
 use super::writer::Writer;
 use super::{
-    CredentialRecord, KeyVersionRow, RetireOutcome, Rewrapped, SecretRecord, StaleDataKey, Store,
-    StoreError, StoredKeys, StoredStatus, WrappedDataKey,
+    millis, sealed_from, time, CredentialRecord, KeyVersionRow, RetireOutcome, Rewrapped,
+    SecretRecord, StaleDataKey, Store, StoreError, StoredKeys, StoredStatus, WrappedDataKey,
 };
 use crate::audit::{chain_hash, Checkpoint, Event, StoredEvent, GENESIS, HASH_LEN};
-use crate::crypto::{NewKeyMaterial, Sealed, WrappedKeyVersion, NONCE_LEN};
+use crate::crypto::{NewKeyMaterial, Sealed, WrappedKeyVersion};
 
 const FINGERPRINT_KEY: &str = crate::crypto::FINGERPRINT_KEY_PURPOSE;
 const READERS: usize = 4;
@@ -214,22 +214,6 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         tx.commit()?;
     }
     Ok(())
-}
-
-fn millis(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
-
-fn time(ms: i64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_millis(ms.max(0).unsigned_abs())
-}
-
-fn nonce(bytes: Vec<u8>) -> Result<[u8; NONCE_LEN], StoreError> {
-    bytes
-        .try_into()
-        .map_err(|_| StoreError::Corrupt("nonce has the wrong length"))
 }
 
 /// Maps "disk full" to its own variant so callers can tell it apart.
@@ -434,13 +418,6 @@ fn count_encryptions(tx: &Connection, version: u32, n: u64) -> rusqlite::Result<
     tx.prepare_cached("UPDATE key_versions SET encryptions = encryptions + ?2 WHERE version = ?1")?
         .execute(params![version, n])?;
     Ok(())
-}
-
-fn sealed_from(n: Vec<u8>, ciphertext: Vec<u8>) -> Result<Sealed, StoreError> {
-    Ok(Sealed {
-        nonce: nonce(n)?,
-        ciphertext,
-    })
 }
 
 /// The active key-encryption key versions, oldest first.
