@@ -137,10 +137,14 @@ async fn three_replicas_under_load_one_killed_lose_nothing_and_keep_one_chain() 
     let Some((dir, config)) = shared_vault(None) else {
         return;
     };
-    let mut replicas = Vec::new();
-    for _ in 0..3 {
-        replicas.push(common::spawn_server(&config).await);
-    }
+    // Started at once on an empty database: they race to migrate, to create
+    // the keyring and the audit signing key, and must agree on all three.
+    let (a, b, c) = tokio::join!(
+        common::spawn_server(&config),
+        common::spawn_server(&config),
+        common::spawn_server(&config)
+    );
+    let mut replicas = vec![a, b, c];
     let acknowledged = Arc::new(Mutex::new(Vec::<String>::new()));
     let mut writers = Vec::new();
     for (r, replica) in replicas.iter().enumerate() {
