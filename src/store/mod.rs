@@ -312,7 +312,9 @@ pub trait Store: Send + Sync + 'static {
     async fn add_key_version(&self, version: WrappedKeyVersion) -> Result<(), StoreError>;
     /// Every version, retired ones included, with its counts.
     async fn key_versions(&self) -> Result<Vec<KeyVersionRow>, StoreError>;
-    /// Up to `limit` connected credentials whose data key is not wrapped by `primary`.
+    /// Up to `limit` connected credentials whose data key is wrapped by a
+    /// version older than `primary` (versions only grow: nothing newer is
+    /// stale, and a range lets the key-version index skip the rows already done).
     async fn stale_data_keys(
         &self,
         primary: u32,

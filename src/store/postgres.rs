@@ -810,7 +810,7 @@ impl Store for PostgresStore {
         let c = self.client().await?;
         c.query(
             "SELECT workspace_id, provider, key_version, dek_nonce, wrapped_dek FROM credentials \
-             WHERE key_version IS NOT NULL AND key_version <> $1 LIMIT $2",
+             WHERE key_version < $1 LIMIT $2",
             &[
                 &version_i32(primary),
                 &i64::try_from(limit).unwrap_or(i64::MAX),

@@ -769,7 +769,7 @@ impl Store for SqliteStore {
         self.read(move |conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT workspace_id, provider, key_version, dek_nonce, wrapped_dek FROM credentials \
-                 WHERE key_version IS NOT NULL AND key_version != ?1 LIMIT ?2",
+                 WHERE key_version < ?1 LIMIT ?2",
             )?;
             let rows = stmt
                 .query_map(params![primary, limit as i64], |r| {
