@@ -268,11 +268,12 @@ async fn amperity_forbidden_is_insufficient_permission_without_echoing_the_token
 #[tokio::test]
 async fn amperity_token_past_its_exp_is_expired_without_a_call() {
     let w = world(|_| Reply::json(200, r#"{"data":[]}"#)).await;
+    // Whole seconds: at least 2 s left for the Store, even on a loaded machine.
     let exp = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs()
-        + 1;
+        + 3;
     w.store(amperity(&jwt(&format!(r#"{{"exp":{exp}}}"#))))
         .await
         .unwrap();
