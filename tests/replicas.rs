@@ -255,11 +255,20 @@ async fn a_rotation_on_one_replica_is_rewrapped_once_and_decrypts_everywhere() {
     assert_eq!(status.primary_version, 2, "{status:?}");
     assert_eq!(status.rewrap_done, 120, "{status:?}");
 
-    // Replica a never saw the Rotate call: within its keyring poll it has
-    // version 2, wraps new credentials under it, and opens every credential.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Replica a never saw the Rotate call: within its keyring poll (1 s) it
+    // has version 2 (its Status reports its own keyring), wraps new
+    // credentials under it, and opens every credential.
+    let mut admin_a =
+        KeyAdminClient::new(channel(&dir, &a, "spiffe://credvault.local/admin").await);
+    for _ in 0..100 {
+        let seen = admin_a.status(StatusRequest {}).await.unwrap().into_inner();
+        if seen.primary_version == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let fresh = c.store(posthog("after")).await.unwrap().into_inner();
-    assert_eq!(fresh.key_version, 2);
+    assert_eq!(fresh.key_version, 2, "replica a picked up the new primary");
     for replica in [&a, &b] {
         let mut c = app(&dir, replica).await;
         for i in (0..120).step_by(7) {
