@@ -455,24 +455,9 @@ async fn bench(args: &Args) -> Result<(), String> {
     let creds = |channels: &Arc<Vec<Channel>>, w: usize| {
         CredentialsClient::new(channels[w % CONNECTIONS].clone())
     };
-    let new_counter = Arc::new(AtomicU64::new(0));
     let scenarios: Vec<(&str, Op)> = vec![
         ("noop", health(Arc::clone(&channels))),
-        ("redact", {
-            let ch = Arc::clone(&channels);
-            Arc::new(move |w, i| {
-                let mut c = creds(&ch, w);
-                boxed(async move {
-                    c.redact(reference(
-                        &format!("hot-{}", (w as u64 + i) % 10),
-                        "amplitude",
-                    ))
-                    .await
-                    .map(drop)
-                    .map_err(|e| e.to_string())
-                })
-            })
-        }),
+        ("redact", redact_op(Arc::clone(&channels))),
         ("list", {
             let ch = Arc::clone(&channels);
             Arc::new(move |w, _| {
@@ -487,20 +472,7 @@ async fn bench(args: &Args) -> Result<(), String> {
                 })
             })
         }),
-        ("store-new", {
-            let ch = Arc::clone(&channels);
-            let n = Arc::clone(&new_counter);
-            Arc::new(move |w, _| {
-                let mut c = creds(&ch, w);
-                let id = n.fetch_add(1, Ordering::Relaxed);
-                boxed(async move {
-                    c.store(amplitude(&format!("new-{id}")))
-                        .await
-                        .map(drop)
-                        .map_err(|e| e.to_string())
-                })
-            })
-        }),
+        ("store-new", store_new_op(Arc::clone(&channels))),
         ("store-replace", {
             let ch = Arc::clone(&channels);
             Arc::new(move |w, i| {
@@ -582,18 +554,7 @@ async fn bench(args: &Args) -> Result<(), String> {
         for _ in 0..CONNECTIONS {
             chans.push(plain.channel("app").await?);
         }
-        let chans = Arc::new(chans);
-        let n = Arc::new(AtomicU64::new(0));
-        let op: Op = Arc::new(move |w, _| {
-            let mut c = CredentialsClient::new(chans[w % CONNECTIONS].clone());
-            let id = n.fetch_add(1, Ordering::Relaxed);
-            boxed(async move {
-                c.store(amplitude(&format!("new-{id}")))
-                    .await
-                    .map(drop)
-                    .map_err(|e| e.to_string())
-            })
-        });
+        let op = store_new_op(Arc::new(chans));
         let row = measure("store-new-no-group-commit", 32, warmup, duration, op).await;
         eprintln!(
             "  {:<26} c=32 {:>9.0}/s  p50 {:>6} µs  p99 {:>6} µs",
@@ -694,31 +655,8 @@ async fn replicas(
                 .await
                 .map_err(|e| e.to_string())?;
         }
-        let ch = Arc::clone(&channels);
-        let redact: Op = Arc::new(move |w, i| {
-            let mut c = CredentialsClient::new(ch[w % ch.len()].clone());
-            boxed(async move {
-                c.redact(reference(
-                    &format!("hot-{}", (w as u64 + i) % 10),
-                    "amplitude",
-                ))
-                .await
-                .map(drop)
-                .map_err(|e| e.to_string())
-            })
-        });
-        let ch = Arc::clone(&channels);
-        let n = Arc::new(AtomicU64::new(0));
-        let store: Op = Arc::new(move |w, _| {
-            let mut c = CredentialsClient::new(ch[w % ch.len()].clone());
-            let id = n.fetch_add(1, Ordering::Relaxed);
-            boxed(async move {
-                c.store(amplitude(&format!("new-{id}")))
-                    .await
-                    .map(drop)
-                    .map_err(|e| e.to_string())
-            })
-        });
+        let redact = redact_op(Arc::clone(&channels));
+        let store = store_new_op(channels);
         for (scenario, op) in [("redact", redact), ("store-new", store)] {
             let name = format!("{scenario}-postgres-{count}r");
             let row = measure(&name, 32, warmup, duration, op).await;
@@ -730,6 +668,37 @@ async fn replicas(
         }
     }
     Ok(())
+}
+
+/// Redact of one of the ten `hot-*` connections, over worker `w`'s channel.
+fn redact_op(channels: Arc<Vec<Channel>>) -> Op {
+    Arc::new(move |w, i| {
+        let mut c = CredentialsClient::new(channels[w % channels.len()].clone());
+        boxed(async move {
+            c.redact(reference(
+                &format!("hot-{}", (w as u64 + i) % 10),
+                "amplitude",
+            ))
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string())
+        })
+    })
+}
+
+/// Store of a connection no one has stored before, over worker `w`'s channel.
+fn store_new_op(channels: Arc<Vec<Channel>>) -> Op {
+    let next = Arc::new(AtomicU64::new(0));
+    Arc::new(move |w, _| {
+        let mut c = CredentialsClient::new(channels[w % channels.len()].clone());
+        let id = next.fetch_add(1, Ordering::Relaxed);
+        boxed(async move {
+            c.store(amplitude(&format!("new-{id}")))
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string())
+        })
+    })
 }
 
 /// A fresh database on `server`, returned as a URL.
