@@ -343,6 +343,18 @@ fn credential_from(row: &Row, secrets: Vec<SecretRecord>) -> Result<CredentialRe
     })
 }
 
+/// A read-only transaction on one snapshot: a row and its secrets read
+/// together, never half before and half after a concurrent write.
+async fn snapshot(
+    c: &mut deadpool_postgres::Object,
+) -> Result<deadpool_postgres::Transaction<'_>, StoreError> {
+    Ok(c.build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await?)
+}
+
 async fn load_secrets(
     c: &impl GenericClient,
     workspace_id: &str,
@@ -600,13 +612,7 @@ impl Store for PostgresStore {
         provider: &str,
     ) -> Result<Option<CredentialRecord>, StoreError> {
         let mut c = self.client().await?;
-        // One snapshot for the row and its secrets.
-        let tx = c
-            .build_transaction()
-            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .await?;
+        let tx = snapshot(&mut c).await?;
         let record = load_credential(&tx, workspace_id, provider).await?;
         tx.commit().await?;
         Ok(record)
@@ -614,12 +620,7 @@ impl Store for PostgresStore {
 
     async fn list(&self, workspace_id: &str) -> Result<Vec<CredentialRecord>, StoreError> {
         let mut c = self.client().await?;
-        let tx = c
-            .build_transaction()
-            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .await?;
+        let tx = snapshot(&mut c).await?;
         let rows = tx
             .query(
                 &format!(
