@@ -49,6 +49,14 @@ struct Args {
     /// a server URL whose user may create databases (one is made per run).
     #[arg(long, value_name = "URL")]
     postgres: Option<String>,
+    /// Run only these scenarios (comma-separated names from the table, e.g.
+    /// `noop,redact`; `store-new-no-group-commit` and `rewrap` count as scenarios).
+    #[arg(long, value_delimiter = ',', value_name = "NAMES")]
+    only: Vec<String>,
+    /// The vault's `keys.rewrap_batch` (default: the dev configuration's), to
+    /// measure how it trades the rewrap's speed against calls during it.
+    #[arg(long, value_name = "N")]
+    rewrap_batch: Option<usize>,
     /// Internal: run the vault from this configuration (the benchmark's own child process).
     #[arg(long, hide = true)]
     serve_config: Option<PathBuf>,
@@ -72,6 +80,8 @@ struct Row {
     p99_us: u64,
     p999_us: u64,
     errors: u64,
+    /// The vault process's CPU time (user and system, all threads) per call, in µs.
+    server_cpu_us: Option<f64>,
     /// Throughput relative to this scenario's limit at the same concurrency.
     ratio: Option<f64>,
     ratio_to: Option<String>,
@@ -163,11 +173,22 @@ impl Vault {
     }
 }
 
+/// CPU time process `pid` has used so far (user and system, all threads), in ticks.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the parenthesised name start at the 3rd; utime and stime are the 14th and 15th.
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
 async fn start_vault(
     dir: &Path,
     fake: &FakeProvider,
     fake_ca: &Path,
     group_commit: bool,
+    rewrap_batch: Option<usize>,
 ) -> Result<Vault, String> {
     let name = if group_commit {
         "vault"
@@ -176,6 +197,9 @@ async fn start_vault(
     };
     let (config, data) = prepare_vault(dir, name, fake, fake_ca, |c| {
         c.storage.group_commit = group_commit;
+        if let Some(batch) = rewrap_batch {
+            c.keys.rewrap_batch = batch;
+        }
     })?;
     spawn_vault(&config, &data).await
 }
@@ -310,11 +334,22 @@ async fn measure(
     warmup: Duration,
     duration: Duration,
     op: Op,
+    server: Option<&Vault>,
 ) -> Row {
     let errors = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let measuring_from = start + warmup;
     let end = measuring_from + duration;
+    let cpu = server.map(|vault| {
+        let pid = vault.child.id();
+        tokio::spawn(async move {
+            let ticks = || pid.and_then(cpu_ticks);
+            tokio::time::sleep_until(measuring_from.into()).await;
+            let before = ticks();
+            tokio::time::sleep_until(end.into()).await;
+            Some(ticks()? - before?)
+        })
+    });
     let mut workers = Vec::new();
     for worker in 0..concurrency {
         let (op, errors) = (Arc::clone(&op), Arc::clone(&errors));
@@ -344,6 +379,14 @@ async fn measure(
         all.extend(w.await.unwrap_or_default());
     }
     all.sort_unstable();
+    let server_cpu_us = match cpu {
+        Some(task) => task
+            .await
+            .ok()
+            .flatten()
+            .map(|ticks| ticks as f64 * 1e6 / TICKS_PER_SECOND / all.len().max(1) as f64),
+        None => None,
+    };
     let pct = |p: f64| {
         all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
             .copied()
@@ -357,10 +400,15 @@ async fn measure(
         p99_us: pct(0.99),
         p999_us: pct(0.999),
         errors: errors.load(Ordering::Relaxed),
+        server_cpu_us,
         ratio: None,
         ratio_to: None,
     }
 }
+
+/// The unit of `/proc/PID/stat` CPU times: USER_HZ, which Linux fixes at 100
+/// for user space on every architecture this builds for.
+const TICKS_PER_SECOND: f64 = 100.0;
 
 fn boxed<F: Future<Output = Result<(), String>> + Send + 'static>(
     f: F,
@@ -393,7 +441,7 @@ async fn bench(args: &Args) -> Result<(), String> {
         }
     })
     .await;
-    let vault = start_vault(tmp.path(), &fake, &fake_ca_file, true).await?;
+    let vault = start_vault(tmp.path(), &fake, &fake_ca_file, true, args.rewrap_batch).await?;
     let mut report = Report {
         machine: machine(),
         quick: args.quick,
@@ -533,14 +581,17 @@ async fn bench(args: &Args) -> Result<(), String> {
         }),
         ("proxy-direct", proxy_direct(&fake_ca_file, &fake.url())?),
     ];
-    for (name, op) in &scenarios {
+    let wanted = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
+    for (name, op) in scenarios.iter().filter(|(name, _)| wanted(name)) {
         for concurrency in CONCURRENCY {
             let rss_before = vault.rss_kib("VmRSS:");
-            let row = measure(name, concurrency, warmup, duration, Arc::clone(op)).await;
+            // The direct rows never reach the vault: nothing of its to measure.
+            let server = (!name.ends_with("direct")).then_some(&vault);
+            let row = measure(name, concurrency, warmup, duration, Arc::clone(op), server).await;
             let rss_after = vault.rss_kib("VmRSS:");
             eprintln!(
-                "  {name:<14} c={concurrency:<3} {:>9.0}/s  p50 {:>6} µs  p99 {:>6} µs  errors {}  server RSS {} → {} KiB",
-                row.ops_per_sec, row.p50_us, row.p99_us, row.errors,
+                "  {name:<14} c={concurrency:<3} {:>9.0}/s  p50 {:>6} µs  p99 {:>6} µs  errors {}  vault CPU {:>5.1} µs/call  server RSS {} → {} KiB",
+                row.ops_per_sec, row.p50_us, row.p99_us, row.errors, row.server_cpu_us.unwrap_or(0.0),
                 rss_before.unwrap_or(0), rss_after.unwrap_or(0)
             );
             report.rows.push(row);
@@ -548,14 +599,22 @@ async fn bench(args: &Args) -> Result<(), String> {
     }
     fake.clear_requests();
     // The same Store load on a vault with group commit off: one fsync per Store.
-    {
-        let plain = start_vault(tmp.path(), &fake, &fake_ca_file, false).await?;
+    if wanted("store-new-no-group-commit") {
+        let plain = start_vault(tmp.path(), &fake, &fake_ca_file, false, args.rewrap_batch).await?;
         let mut chans = Vec::new();
         for _ in 0..CONNECTIONS {
             chans.push(plain.channel("app").await?);
         }
         let op = store_new_op(Arc::new(chans));
-        let row = measure("store-new-no-group-commit", 32, warmup, duration, op).await;
+        let row = measure(
+            "store-new-no-group-commit",
+            32,
+            warmup,
+            duration,
+            op,
+            Some(&plain),
+        )
+        .await;
         eprintln!(
             "  {:<26} c=32 {:>9.0}/s  p50 {:>6} µs  p99 {:>6} µs",
             row.scenario, row.ops_per_sec, row.p50_us, row.p99_us
@@ -573,7 +632,9 @@ async fn bench(args: &Args) -> Result<(), String> {
         )
         .await?;
     }
-    rewrap(&vault, &channels, stored, &mut report).await?;
+    if wanted("rewrap") {
+        rewrap(&vault, &channels, stored, &mut report).await?;
+    }
     if let Some(peak) = vault.rss_kib("VmHWM:") {
         report.extra.insert(
             format!("server_peak_rss_mib_with_{stored}_credentials"),
@@ -659,7 +720,7 @@ async fn replicas(
         let store = store_new_op(channels);
         for (scenario, op) in [("redact", redact), ("store-new", store)] {
             let name = format!("{scenario}-postgres-{count}r");
-            let row = measure(&name, 32, warmup, duration, op).await;
+            let row = measure(&name, 32, warmup, duration, op, None).await;
             eprintln!(
                 "  {name:<26} c=32 {:>9.0}/s  p50 {:>6} µs  p99 {:>6} µs  errors {}",
                 row.ops_per_sec, row.p50_us, row.p99_us, row.errors
@@ -917,6 +978,7 @@ async fn rewrap(
         p99_us: 0,
         p999_us: 0,
         errors: 0,
+        server_cpu_us: None,
         ratio: None,
         ratio_to: None,
     });
@@ -953,16 +1015,19 @@ fn add_ratios(rows: &mut [Row]) {
 fn print_table(report: &Report) {
     println!("\n{}", report.machine);
     println!(
-        "{:<22} {:>4} {:>11} {:>9} {:>9} {:>9}  ratio",
-        "scenario", "conc", "ops/s", "p50 µs", "p99 µs", "p99.9 µs"
+        "{:<22} {:>4} {:>11} {:>9} {:>9} {:>9} {:>11}  ratio",
+        "scenario", "conc", "ops/s", "p50 µs", "p99 µs", "p99.9 µs", "CPU µs/call"
     );
     for r in &report.rows {
         let ratio = match (&r.ratio, &r.ratio_to) {
             (Some(x), Some(to)) => format!("{x:.2} of {to}"),
             _ => String::new(),
         };
+        let cpu = r
+            .server_cpu_us
+            .map_or(String::new(), |us| format!("{us:.1}"));
         println!(
-            "{:<22} {:>4} {:>11.0} {:>9} {:>9} {:>9}  {ratio}",
+            "{:<22} {:>4} {:>11.0} {:>9} {:>9} {:>9} {cpu:>11}  {ratio}",
             r.scenario, r.concurrency, r.ops_per_sec, r.p50_us, r.p99_us, r.p999_us
         );
     }
