@@ -70,6 +70,11 @@ impl Writer {
     }
 }
 
+/// Runs one of the writer's own fixed statements, prepared once.
+fn statement(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(drop)
+}
+
 fn run(conn: &Connection, queue: &mpsc::Receiver<Job>, max_batch: usize) {
     while let Ok(first) = queue.recv() {
         let mut batch = vec![first];
@@ -91,10 +96,10 @@ fn run(conn: &Connection, queue: &mpsc::Receiver<Job>, max_batch: usize) {
         let mut finishers = Vec::with_capacity(batch.len());
         for job in batch {
             // A savepoint per write: one write's failure undoes only itself.
-            let savepoint = conn.execute_batch("SAVEPOINT job");
+            let savepoint = statement(conn, "SAVEPOINT job");
             let (finish, ok) = (job.run)(conn);
             let closed = if ok && savepoint.is_ok() {
-                conn.execute_batch("RELEASE job")
+                statement(conn, "RELEASE job")
             } else {
                 conn.execute_batch("ROLLBACK TO job; RELEASE job")
             };
