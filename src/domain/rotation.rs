@@ -9,6 +9,13 @@ use super::{Vault, VaultError};
 use crate::audit::{self, Event};
 use crate::store::{KeyVersionRow, RetireOutcome, Rewrapped, WrappedDataKey};
 
+/// A stored connection, by workspace id and provider name.
+type ConnectionId = (String, String);
+
+fn id_of(r: &Rewrapped) -> ConnectionId {
+    (r.workspace_id.clone(), r.provider.clone())
+}
+
 /// Key versions and rewrap progress.
 #[derive(Debug, Clone)]
 pub struct KeyStatus {
@@ -123,65 +130,93 @@ impl Vault {
     /// each batch its own transaction. Safe to stop at any point: what is
     /// left is found again next time. Returns how many it moved.
     /// Only one replica rewraps at a time; the others return 0 at once.
+    ///
+    /// Pipelined: the next batch is read and rewrapped while the previous one
+    /// commits, and at most one batch is ever waiting on the writer, so calls'
+    /// own writes are never queued behind more than one batch.
     pub async fn rewrap_pass(&self) -> Result<u64, VaultError> {
         let Some(_only_runner) = self.store.rewrap_lock().await? else {
             return Ok(0);
         };
         let mut moved = 0;
         let mut unreadable = HashSet::new();
+        let mut pending: Vec<Rewrapped> = Vec::new();
         loop {
-            let primary = self.keyring_read().primary_version();
-            let stale = self
-                .store
-                .stale_data_keys(primary, self.rewrap_batch + unreadable.len())
-                .await?;
-            let mut batch = Vec::new();
-            {
-                let keyring = self.keyring_read();
-                for s in stale {
-                    if batch.len() == self.rewrap_batch {
-                        break;
-                    }
-                    let id = (s.workspace_id.clone(), s.provider.clone());
-                    if unreadable.contains(&id) {
-                        continue;
-                    }
-                    let owner = [s.workspace_id.as_bytes(), s.provider.as_bytes()];
-                    let moved = keyring
-                        .open_data_key(&owner, s.key.key_version, &s.key.sealed)
-                        .and_then(|data_key| keyring.rewrap_data_key(&owner, &data_key));
-                    match moved {
-                        Ok((key_version, sealed)) => batch.push(Rewrapped {
-                            new: WrappedDataKey {
-                                key_version,
-                                sealed,
-                            },
-                            workspace_id: s.workspace_id,
-                            provider: s.provider,
-                            old: s.key,
-                        }),
-                        Err(_) => {
-                            tracing::warn!(
-                                workspace = %s.workspace_id,
-                                provider = %s.provider,
-                                "rewrap: a stored data key failed authentication; left as it is"
-                            );
-                            unreadable.insert(id);
-                        }
-                    }
+            let writing: HashSet<ConnectionId> = pending.iter().map(id_of).collect();
+            let batch = std::mem::take(&mut pending);
+            let write = async {
+                if batch.is_empty() {
+                    Ok(0)
+                } else {
+                    self.store.rewrap(batch).await
                 }
-            }
-            if batch.is_empty() {
+            };
+            let prepare = self.rewrap_batch_after(&writing, &mut unreadable);
+            let (written, next) = tokio::join!(write, prepare);
+            let written = written?;
+            moved += written as u64;
+            self.primary_encryptions
+                .fetch_add(written as u64, Ordering::Relaxed);
+            pending = next?;
+            if pending.is_empty() && writing.is_empty() {
                 return Ok(moved);
             }
-            let applied = self.store.rewrap(batch).await?;
-            moved += applied as u64;
-            self.primary_encryptions
-                .fetch_add(applied as u64, Ordering::Relaxed);
         }
     }
 
-    /// Appends an audit event for a key operation the vault did on its own.
+    /// The next batch of stale data keys, rewrapped under the primary version
+    /// in memory, skipping those in `writing` (the batch being committed) and
+    /// those that failed authentication (remembered in `unreadable`).
+    async fn rewrap_batch_after(
+        &self,
+        writing: &HashSet<ConnectionId>,
+        unreadable: &mut HashSet<ConnectionId>,
+    ) -> Result<Vec<Rewrapped>, VaultError> {
+        let primary = self.keyring_read().primary_version();
+        let stale = self
+            .store
+            .stale_data_keys(
+                primary,
+                self.rewrap_batch + writing.len() + unreadable.len(),
+            )
+            .await?;
+        let keyring = self.keyring_read();
+        let mut batch = Vec::new();
+        for s in stale {
+            if batch.len() == self.rewrap_batch {
+                break;
+            }
+            let id = (s.workspace_id.clone(), s.provider.clone());
+            if writing.contains(&id) || unreadable.contains(&id) {
+                continue;
+            }
+            let owner = [s.workspace_id.as_bytes(), s.provider.as_bytes()];
+            let moved = keyring
+                .open_data_key(&owner, s.key.key_version, &s.key.sealed)
+                .and_then(|data_key| keyring.rewrap_data_key(&owner, &data_key));
+            match moved {
+                Ok((key_version, sealed)) => batch.push(Rewrapped {
+                    new: WrappedDataKey {
+                        key_version,
+                        sealed,
+                    },
+                    workspace_id: s.workspace_id,
+                    provider: s.provider,
+                    old: s.key,
+                }),
+                Err(_) => {
+                    tracing::warn!(
+                        workspace = %s.workspace_id,
+                        provider = %s.provider,
+                        "rewrap: a stored data key failed authentication; left as it is"
+                    );
+                    unreadable.insert(id);
+                }
+            }
+        }
+        Ok(batch)
+    }
+
     pub(super) async fn system_event(&self, method: &str, key_version: u32) {
         let context = audit::Context {
             identity: "credvault".into(),
