@@ -104,7 +104,7 @@ fn dev_config() -> Config {
             root_key_file: Some(ROOT_KEY_FILE.into()),
             root_key_env: None,
             max_encryptions_per_version: 1 << 30,
-            rewrap_batch: 500,
+            rewrap_batch: crate::config::DEFAULT_REWRAP_BATCH,
         },
         limits: Limits::default(),
         outbound: OutboundConfig::default(),
