@@ -298,3 +298,56 @@ async fn root_key_rotation_locks_out_the_old_root_key() {
         "fingerprints survive the root rotation"
     );
 }
+
+#[tokio::test]
+async fn the_rewrap_skips_an_unreadable_data_key_moves_the_rest_and_finishes() {
+    let dir = VaultDir::new();
+    // Batches of 3 over 12 credentials: the pass pipelines several batches.
+    let (vault, _fake) = with_fake(&dir, |c| c.keys.rewrap_batch = 3).await;
+    let mut c = vault.client().await;
+    for i in 0..12 {
+        c.store(amplitude(&format!("ws{i}"), SECRET, SECRET))
+            .await
+            .unwrap();
+    }
+    // Another connection's wrapped data key: bound to its owner, it fails
+    // authentication for these two.
+    dir.execute(
+        "UPDATE credentials SET wrapped_dek = \
+           (SELECT wrapped_dek FROM credentials WHERE workspace_id = 'ws11') \
+         WHERE workspace_id IN ('ws3', 'ws7')",
+        &[],
+    );
+    let mut admin = admin(&dir, &vault).await;
+    admin.rotate(RotateRequest {}).await.unwrap();
+    let mut moved = status(&mut admin).await;
+    for _ in 0..400 {
+        if moved.rewrap_done == 10 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        moved = status(&mut admin).await;
+    }
+    assert_eq!((moved.rewrap_done, moved.rewrap_total), (10, 12));
+    for i in 0..12 {
+        let redacted = c
+            .redact(reference(&format!("ws{i}"), "amplitude"))
+            .await
+            .unwrap()
+            .into_inner();
+        let expected = if i == 3 || i == 7 { 1 } else { 2 };
+        assert_eq!(redacted.key_version, expected, "ws{i}");
+    }
+    // The pass ended rather than retrying the two forever: Retire runs its own
+    // pass, which skips them too, and then counts them.
+    let refused = admin
+        .retire(RetireRequest { version: 1 })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert!(
+        refused.message().contains("still wraps 2 credential"),
+        "{}",
+        refused.message()
+    );
+}
