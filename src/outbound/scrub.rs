@@ -71,7 +71,18 @@ impl Scrubber {
         }
     }
 
+    /// Adds `needle`, and each other form a JSON encoder may give it inside
+    /// a string.
     fn add(&mut self, needle: &[u8], replacement: &str) {
+        self.add_exact(needle, replacement);
+        if let Ok(text) = std::str::from_utf8(needle) {
+            for form in json_forms(text) {
+                self.add_exact(form.as_bytes(), replacement);
+            }
+        }
+    }
+
+    fn add_exact(&mut self, needle: &[u8], replacement: &str) {
         if self.needles.iter().any(|(n, _)| n.as_slice() == needle) {
             return;
         }
@@ -144,6 +155,49 @@ impl Scrubber {
         text.truncate(text.len() - partial);
         true
     }
+}
+
+/// The ways JSON encoders write `text` inside a string: `"`, `\` and control
+/// characters escaped (all of them), `/` as `\/` (PHP's and some Java
+/// encoders), and non-ASCII characters as `\uXXXX` in lower or upper case
+/// (Python's default, Java's). Identical forms are dropped by the caller.
+fn json_forms(text: &str) -> Vec<Zeroizing<String>> {
+    use std::fmt::Write;
+    let mut forms = Vec::new();
+    for escape_slash in [false, true] {
+        for unicode in [None, Some(false), Some(true)] {
+            // Room for the longest form, so the buffer never moves and leaves a copy.
+            let mut out = Zeroizing::new(String::with_capacity(text.len() * 6));
+            for c in text.chars() {
+                let _ = match c {
+                    '"' => out.write_str("\\\""),
+                    '\\' => out.write_str("\\\\"),
+                    '/' if escape_slash => out.write_str("\\/"),
+                    '\n' => out.write_str("\\n"),
+                    '\r' => out.write_str("\\r"),
+                    '\t' => out.write_str("\\t"),
+                    '\u{8}' => out.write_str("\\b"),
+                    '\u{c}' => out.write_str("\\f"),
+                    c if c < ' ' => write!(out, "\\u{:04x}", u32::from(c)),
+                    c if !c.is_ascii() && unicode.is_some() => {
+                        let mut units = [0u16; 2];
+                        c.encode_utf16(&mut units).iter().try_for_each(|unit| {
+                            if unicode == Some(true) {
+                                write!(out, "\\u{unit:04X}")
+                            } else {
+                                write!(out, "\\u{unit:04x}")
+                            }
+                        })
+                    }
+                    c => out.write_char(c),
+                };
+            }
+            if out.as_str() != text {
+                forms.push(out);
+            }
+        }
+    }
+    forms
 }
 
 /// The characters of `secret`'s base64 encoding that depend on its bytes
@@ -230,7 +284,51 @@ mod tests {
         assert!(!s.truncate(&mut short, 20));
     }
 
+    #[test]
+    fn finds_base64_with_its_slashes_escaped() {
+        // PHP's json_encode writes every `/` as `\/`, and base64 is full of them.
+        let mut s = Scrubber::new();
+        s.header(&ProbeHeader {
+            name: "authorization",
+            value: Zeroizing::new("Basic a2V5Pz8/OnNlY3JldD8/Pw==".into()),
+            sensitive: true,
+        });
+        let mut text = r#"{"echo":"Basic a2V5Pz8\/OnNlY3JldD8\/Pw=="}"#.to_owned();
+        assert_eq!(s.scrub_str(&mut text), 1);
+        assert_eq!(text, r#"{"echo":"[redacted]"}"#);
+    }
+
+    #[test]
+    fn finds_secrets_json_escaped() {
+        let secret = "s3cr\"et\\p\u{e4}ss/\u{1f511}";
+        let mut s = Scrubber::new();
+        s.secret(secret.as_bytes(), "[hint]");
+        let echoes = [
+            // serde_json, Go: quote and backslash escaped.
+            serde_json::to_string(secret).unwrap(),
+            // Python's json.dumps: also non-ASCII as \uXXXX (a surrogate pair here).
+            r#""s3cr\"et\\p\u00e4ss/\ud83d\udd11""#.to_owned(),
+            // Java encoders: upper-case hex, and `/` escaped.
+            r#""s3cr\"et\\p\u00E4ss\/\uD83D\uDD11""#.to_owned(),
+        ];
+        for echo in echoes {
+            let mut text = echo.clone();
+            assert_eq!(s.scrub_str(&mut text), 1, "{echo}");
+            assert_eq!(text, r#""[hint]""#, "{echo}");
+        }
+    }
+
     proptest! {
+        /// Any text secret, once JSON-encoded, is found.
+        #[test]
+        fn json_encoding_never_hides_a_secret(secret in "\\PC{6,40}") {
+            let mut s = Scrubber::new();
+            s.secret(secret.as_bytes(), "[hint]");
+            let mut text = serde_json::to_string(&secret).unwrap();
+            prop_assert_eq!(s.scrub_str(&mut text), 1);
+            prop_assert_eq!(text, r#""[hint]""#);
+        }
+
         /// Wherever a secret sits in a text, once that text is base64-encoded
         /// (either alphabet) and scrubbed, no 8-character run of the secret's
         /// own encodings is left.
