@@ -217,6 +217,7 @@ impl Vault {
         Ok(batch)
     }
 
+    /// Appends an audit event for a key operation the vault did on its own.
     pub(super) async fn system_event(&self, method: &str, key_version: u32) {
         let context = audit::Context {
             identity: "credvault".into(),
