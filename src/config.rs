@@ -259,6 +259,37 @@ pub struct StorageConfig {
     pub ca_file: Option<PathBuf>,
 }
 
+impl StorageConfig {
+    /// Refuses a password inside `url`: the whole configuration is logged at
+    /// start-up and shown by `check-config`, so it may hold no secret.
+    pub fn check(&self) -> Result<(), String> {
+        let Some(url) = &self.url else {
+            return Ok(());
+        };
+        let parsed: Result<tokio_postgres::Config, _> = url.parse();
+        let has_password = match parsed {
+            Ok(config) => config.get_password().is_some(),
+            // Unparsable: look for `user:password@` by hand, so that even a
+            // malformed URL is never echoed with a password in it.
+            Err(_) => {
+                url.split_once("://")
+                    .and_then(|(_, rest)| rest.split_once('@'))
+                    .is_some_and(|(userinfo, _)| userinfo.contains(':'))
+                    || url.contains("password=")
+            }
+        };
+        if has_password {
+            return Err(
+                "storage.url holds a password; remove it from the URL and give it in \
+                        storage.password_file (a file of mode 0600) or storage.password_env \
+                        (an environment variable)"
+                    .to_owned(),
+            );
+        }
+        Ok(())
+    }
+}
+
 impl Default for StorageConfig {
     fn default() -> Self {
         Self {
@@ -389,6 +420,7 @@ impl Config {
         config
             .providers
             .check()
+            .and_then(|()| config.storage.check())
             .and_then(|()| Policy::compile(&config.policy).map(drop))
             .map_err(|message| ConfigError::Parse {
                 path: path.to_owned(),
@@ -503,6 +535,34 @@ mod tests {
             let err = Config::load(&path).unwrap_err().to_string();
             assert!(err.contains(expected), "{err}");
         }
+    }
+
+    #[test]
+    fn a_password_in_the_database_url_is_refused_without_echoing_it() {
+        const TLS: &str = "[tls]\ncert_file = \"s.pem\"\nkey_file = \"k.pem\"\nclient_ca_file = \"ca.pem\"\n[keys]\nroot_key_file = \"root.key\"\n";
+        let dir = tempfile::tempdir().unwrap();
+        for url in [
+            "postgres://credvault:hunter2-canary@db.internal:5432/credvault",
+            "host=db.internal user=credvault password=hunter2-canary",
+            "postgres://credvault:hunter2-canary@[malformed",
+        ] {
+            let path = dir.path().join("c.toml");
+            std::fs::write(
+                &path,
+                format!("{TLS}[storage]\nbackend = \"postgres\"\nurl = \"{url}\"\n"),
+            )
+            .unwrap();
+            let err = Config::load(&path).unwrap_err().to_string();
+            assert!(err.contains("password_file"), "{url}: {err}");
+            assert!(!err.contains("hunter2"), "{err}");
+        }
+        let path = dir.path().join("ok.toml");
+        std::fs::write(
+            &path,
+            format!("{TLS}[storage]\nbackend = \"postgres\"\nurl = \"postgres://credvault@db:5432/cv\"\n"),
+        )
+        .unwrap();
+        assert!(Config::load(&path).is_ok());
     }
 
     #[test]

@@ -53,6 +53,7 @@ pub struct Metrics {
     provider_seconds: Histograms<ProviderLabels>,
     open_connections: Gauge,
     rewrap_pending: Gauge,
+    shreds_pending: Gauge,
     audit_sequence: Gauge,
     primary_key_version: Gauge,
     key_versions_in_use: Gauge,
@@ -107,6 +108,13 @@ impl Metrics {
             "Data keys not yet rewrapped under the primary key version",
             rewrap_pending.clone(),
         );
+        let shreds_pending = Gauge::default();
+        registry.register(
+            "shreds_pending",
+            "Writes that destroyed secrets or keys whose old bytes the database files still \
+             hold, waiting for a reader to let go",
+            shreds_pending.clone(),
+        );
         let audit_sequence = Gauge::default();
         registry.register(
             "audit_sequence",
@@ -133,6 +141,7 @@ impl Metrics {
             provider_seconds,
             open_connections,
             rewrap_pending,
+            shreds_pending,
             audit_sequence,
             primary_key_version,
             key_versions_in_use,
@@ -185,6 +194,8 @@ impl Metrics {
             self.key_versions_in_use
                 .set(i64::try_from(in_use).unwrap_or(i64::MAX));
         }
+        self.shreds_pending
+            .set(i64::try_from(vault.shreds_pending()).unwrap_or(i64::MAX));
         let head = *vault.audit().watch().borrow();
         self.audit_sequence
             .set(i64::try_from(head).unwrap_or(i64::MAX));

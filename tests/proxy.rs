@@ -385,6 +385,56 @@ async fn bodies_are_capped_both_ways() {
     assert_eq!(got.body.len(), 4 << 20);
 }
 
+/// The length attack: PostHog's query route echoes what the caller sends. The
+/// caller makes the echo end just before the 4 MiB cap and reads the
+/// answer's length, `truncated` and `redactions`, hoping they differ when
+/// its guess is a true prefix of a stored secret, of an encoding of it, or of
+/// the auth header.
+#[tokio::test]
+async fn an_answer_cut_at_the_cap_says_nothing_about_a_guess() {
+    const CAP: usize = 4 << 20;
+    let w = world(|r| {
+        let mut body = vec![b'.'; CAP - r.body.len()];
+        body.extend_from_slice(&r.body);
+        body.extend_from_slice(&[b'.'; 300]);
+        Reply {
+            body: body.into(),
+            ..Reply::json(200, "")
+        }
+    })
+    .await;
+    let bearer = format!("Bearer {PHX}");
+    // The characters of the key's base64 that depend on the key alone: any
+    // longer prefix of its encoding holds the whole key.
+    let encoded = base64::engine::general_purpose::STANDARD.encode(PHX);
+    let encoded = &encoded[..PHX.len() * 8 / 6];
+    let escaped: String = PHX
+        .chars()
+        .map(|c| format!("\\u{:04x}", u32::from(c)))
+        .collect();
+    let mut answers = Vec::new();
+    for needle in [bearer.as_str(), PHX, encoded, escaped.as_str()] {
+        for len in [6, 11, 20, needle.len() - 1] {
+            let truth = &needle[..len];
+            // The same length, the last byte wrong.
+            let mut wrong = truth.as_bytes().to_vec();
+            let last = wrong.len() - 1;
+            wrong[last] = if wrong[last] == b'Z' { b'Y' } else { b'Z' };
+            for guess in [truth.as_bytes().to_vec(), wrong] {
+                let mut query = request("posthog", "POST", "/api/projects/42/query/");
+                query.body = guess;
+                let got = w.proxy(query).await.unwrap();
+                answers.push((got.body.len(), got.truncated, got.redactions, got.status));
+            }
+        }
+    }
+    assert_eq!(answers.len(), 32);
+    assert!(
+        answers.iter().all(|a| *a == (CAP, true, 0, 200)),
+        "answers differ: {answers:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_429_passes_through_and_starts_the_shared_cool_down() {
     let w =
@@ -453,6 +503,67 @@ async fn a_compressed_answer_is_refused_not_passed_on() {
         .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     assert!(err.message().contains("content-encoding"));
+}
+
+/// Only the first `content-encoding` header used to be read: `identity`
+/// followed by `gzip` let an unscrubbable body through. Validation reads
+/// answers the same way.
+#[tokio::test]
+async fn an_answer_with_any_encoding_but_identity_is_refused() {
+    let w = world(|_| {
+        Reply::json(200, "\u{1f}\u{8b}binary")
+            .header("content-encoding", "identity")
+            .header("content-encoding", "gzip")
+    })
+    .await;
+    let err = w
+        .proxy(request("amplitude", "GET", "/api/3/cohorts"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("`gzip`"), "{}", err.message());
+    let v = w
+        .vault
+        .client()
+        .await
+        .validate_connection(reference("ws", "posthog"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        credvault::proto::validation::Verdict::try_from(v.verdict).unwrap(),
+        credvault::proto::validation::Verdict::Unreachable
+    );
+    assert!(v.message.contains("content-encoding"), "{}", v.message);
+}
+
+/// An echoing provider may escape any character of a key in a JSON string
+/// (`\u0070` for `p`) or percent-encode it: each form is found.
+#[tokio::test]
+async fn escaped_and_percent_encoded_echoes_are_scrubbed() {
+    let w = world(|_| {
+        let escaped: String = PHX
+            .chars()
+            .map(|c| format!("\\u{:04x}", u32::from(c)))
+            .collect();
+        let mixed = format!("\\u0070hx_{}", &PHX[4..]);
+        let percent: String = PHX.bytes().map(|b| format!("%{b:02X}")).collect();
+        let query = format!("q={}", PHX.replace('_', "%5f"));
+        Reply::json(
+            200,
+            &format!(r#"{{"a":"{escaped}","b":"{mixed}","c":"{percent}","d":"{query}"}}"#),
+        )
+    })
+    .await;
+    let got = w
+        .proxy(request("posthog", "GET", "/api/projects/42/cohorts/"))
+        .await
+        .unwrap();
+    let body = String::from_utf8(got.body.clone()).unwrap();
+    assert_eq!(got.redactions, 4, "{body}");
+    for canary in ["Rk3Vw9Qm", "u0052\\u006b", "%52%6B"] {
+        assert!(!body.contains(canary), "{canary} left in {body}");
+    }
 }
 
 #[tokio::test]

@@ -83,8 +83,13 @@ async fn open_database(config: &Config, root: &RootKey) -> Result<String, String
     let Some(keys) = store.load_keys().await.map_err(|e| e.to_string())? else {
         return Ok(" (no keys yet; serve creates them)".to_owned());
     };
-    let keyring = Keyring::unwrap(root, &keys.versions, &keys.fingerprint_key)
-        .map_err(|_| "the root key does not open this database's key material".to_owned())?;
+    let keyring = Keyring::unwrap(
+        root,
+        &keys.versions,
+        &keys.fingerprint_key,
+        keys.fingerprint_purpose,
+    )
+    .map_err(|_| "the root key does not open this database's key material".to_owned())?;
     Ok(format!(
         " (primary key version {})",
         keyring.primary_version()

@@ -99,6 +99,7 @@ enum CertsCommand {
 
 /// Parses the command line and runs the subcommand.
 pub fn main() -> ExitCode {
+    withhold_panic_messages();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -179,6 +180,21 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     tracing::info!("credvault stopped");
     Ok(())
+}
+
+/// A panic's message may quote a value it was handed (an `unwrap` prints the
+/// error, an index the bytes): report where it happened, never what it said.
+fn withhold_panic_messages() {
+    std::panic::set_hook(Box::new(|info| {
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        let thread = std::thread::current();
+        let thread = thread.name().unwrap_or("unnamed");
+        tracing::error!(%location, thread, "panicked; the message is withheld");
+        eprintln!("credvault: thread `{thread}` panicked at {location}; the message is withheld");
+    }));
 }
 
 fn announce_dev_vault(dir: &Path) {

@@ -60,6 +60,21 @@ pub fn open(key: &Key, sealed: &Sealed, aad: &[u8]) -> Result<Plaintext, CryptoE
         .map_err(|_| CryptoError::Decrypt)
 }
 
+/// An HMAC-SHA256 tag of `fields` under `key`, for binding plaintext values
+/// (a connection's parameters) to key material only the vault can open.
+pub fn bind(key: &Key, purpose: &str, fields: &[&[u8]]) -> Vec<u8> {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key.expose_secret());
+    ring::hmac::sign(&key, &associated_data(purpose, fields))
+        .as_ref()
+        .to_vec()
+}
+
+/// Whether `tag` is [`bind`]'s tag of `fields`, compared in constant time.
+pub fn verify_binding(key: &Key, purpose: &str, fields: &[&[u8]], tag: &[u8]) -> bool {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key.expose_secret());
+    ring::hmac::verify(&key, &associated_data(purpose, fields), tag).is_ok()
+}
+
 /// Builds associated data from a purpose label and fields, each length-prefixed
 /// so that no two different field lists encode alike (`"ab","c"` vs `"a","bc"`).
 pub fn associated_data(purpose: &str, fields: &[&[u8]]) -> Vec<u8> {

@@ -11,8 +11,14 @@ use zeroize::Zeroizing;
 use super::{associated_data, open, seal, CryptoError, Key, Sealed};
 
 const KEK_PURPOSE: &str = "credvault/v1/key-encryption-key";
-/// The fingerprint key's purpose among the keys sealed under the root key.
-pub const FINGERPRINT_KEY_PURPOSE: &str = "fingerprint";
+/// The fingerprint key's purpose among the keys sealed under the root key,
+/// in a database whose every connection has its parameters bound to its data
+/// key. Sealed under this name (and so under this associated data), it marks
+/// that binding as done: an attacker without the root key can only replace it
+/// with a copy from before the upgrade that introduced binding.
+pub const FINGERPRINT_KEY_PURPOSE: &str = "fingerprint+bound-params";
+/// The same key in a database written before parameters were bound.
+pub const LEGACY_FINGERPRINT_KEY_PURPOSE: &str = "fingerprint";
 const DATA_KEY_PURPOSE: &str = "credvault/v1/data-key";
 const FINGERPRINT_PURPOSE: &str = "credvault/v1/fingerprint";
 const ROOT_SEALED_PURPOSE: &str = "credvault/v1/root-sealed";
@@ -56,11 +62,19 @@ impl RootKey {
         Self::from_hex(&text, &path.display().to_string())
     }
 
-    /// Reads 64 hex characters from an environment variable.
+    /// Reads 64 hex characters from an environment variable, then removes it
+    /// from the process environment, so that no later reader of the
+    /// environment (a library, a child process, a crash reporter) gets it.
+    /// `/proc/PID/environ` still shows the environment the process started
+    /// with, to its own user and root: prefer `root_key_file`.
     pub fn from_env(name: &str) -> Result<Self, RootKeyError> {
         let value = Zeroizing::new(
             std::env::var(name).map_err(|_| RootKeyError::MissingEnv(name.to_owned()))?,
         );
+        // Not thread-safe in general: this runs once, at start-up, before the
+        // vault starts any thread that reads the environment.
+        #[allow(clippy::disallowed_methods)]
+        std::env::remove_var(name);
         Self::from_hex(value.as_bytes(), &format!("environment variable {name}"))
     }
 
@@ -190,18 +204,20 @@ impl Keyring {
         Ok((keyring, material))
     }
 
-    /// Unwraps stored key material. The highest version is primary.
+    /// Unwraps stored key material. The highest version is primary. The
+    /// fingerprint key was sealed for `fingerprint_purpose`.
     pub fn unwrap(
         root: &RootKey,
         versions: &[WrappedKeyVersion],
         fingerprint_key: &Sealed,
+        fingerprint_purpose: &str,
     ) -> Result<Self, CryptoError> {
         let versions = versions
             .iter()
             .map(|w| Ok((w.version, root.open_key_version(w)?)))
             .collect::<Result<BTreeMap<_, _>, CryptoError>>()?;
         let primary = *versions.keys().next_back().ok_or(CryptoError::Decrypt)?;
-        let plain = root.open(FINGERPRINT_KEY_PURPOSE, fingerprint_key)?;
+        let plain = root.open(fingerprint_purpose, fingerprint_key)?;
         let mut bytes = plain.expose_secret().to_vec();
         let fingerprint = Key::from_slice(&mut bytes).ok_or(CryptoError::Decrypt)?;
         Ok(Self {
@@ -210,6 +226,15 @@ impl Keyring {
             versions,
             fingerprint,
         })
+    }
+
+    /// The fingerprint key sealed anew under `root` for `purpose`.
+    pub fn seal_fingerprint_key(
+        &self,
+        root: &RootKey,
+        purpose: &str,
+    ) -> Result<Sealed, CryptoError> {
+        root.seal(&self.rng, purpose, self.fingerprint.expose_secret())
     }
 
     pub fn primary_version(&self) -> u32 {
@@ -323,6 +348,7 @@ mod tests {
             &root,
             std::slice::from_ref(&material.first_version),
             &material.fingerprint_key,
+            FINGERPRINT_KEY_PURPOSE,
         )
         .unwrap();
         assert_eq!(again.primary_version(), 1);
@@ -340,7 +366,8 @@ mod tests {
         assert!(Keyring::unwrap(
             &root(),
             &[material.first_version],
-            &material.fingerprint_key
+            &material.fingerprint_key,
+            FINGERPRINT_KEY_PURPOSE,
         )
         .is_err());
     }

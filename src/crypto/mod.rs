@@ -4,9 +4,10 @@ mod envelope;
 mod keyring;
 mod secret;
 
-pub use envelope::{associated_data, open, seal, Sealed, NONCE_LEN};
+pub use envelope::{associated_data, bind, open, seal, verify_binding, Sealed, NONCE_LEN};
 pub use keyring::{
     Keyring, NewKeyMaterial, RootKey, RootKeyError, WrappedKeyVersion, FINGERPRINT_KEY_PURPOSE,
+    LEGACY_FINGERPRINT_KEY_PURPOSE,
 };
 pub use secret::{Key, Plaintext};
 

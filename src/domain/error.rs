@@ -31,8 +31,21 @@ pub enum VaultError {
     /// The audit event could not be written, so the call was not carried out.
     #[error("the audit log could not be written")]
     AuditUnavailable,
+    /// Material was destroyed and the change committed (with its audit event,
+    /// in the same transaction), but its old bytes are still in the
+    /// database's files until a reader lets go.
+    #[error("{0}")]
+    ShredPending(String),
     #[error("internal: {0}")]
     Internal(String),
+}
+
+impl VaultError {
+    /// Whether the call's audit event was already written with the change,
+    /// so the gate must not write another.
+    pub fn audited_in_transaction(&self) -> bool {
+        matches!(self, VaultError::ShredPending(_))
+    }
 }
 
 impl From<StoreError> for VaultError {

@@ -41,6 +41,18 @@ impl NewCredential {
     }
 }
 
+/// Runs every check a Store runs on values read back from the database,
+/// which someone with write access to it may have edited. `false` if any
+/// fails (an expired token is not a failure here: it was fine when stored).
+pub(super) fn still_valid(provider: Provider, secrets: &Secrets, params: &Params) -> bool {
+    let given: HashMap<String, String> = params.clone().into_iter().collect();
+    let same = parse_params(provider, given).is_ok_and(|parsed| parsed == *params);
+    same && !matches!(
+        (provider.spec().check)(secrets, params),
+        Err(Rejection::Invalid(_))
+    )
+}
+
 #[derive(Clone, Copy)]
 enum Kind {
     Secret,

@@ -32,6 +32,7 @@ pub use input::NewCredential;
 pub use redact::hint;
 
 const SECRET_PURPOSE: &str = "credvault/v1/secret";
+const PARAMS_PURPOSE: &str = "credvault/v1/params-binding";
 const WRONG_ROOT_KEY: &str =
     "the root key does not open this database's key material (wrong root key, or tampered key tables)";
 
@@ -144,8 +145,19 @@ impl Vault {
     ) -> Result<Self, VaultError> {
         let root_ref = &root;
         let keyring = match store.load_keys().await? {
-            Some(keys) => Keyring::unwrap(root_ref, &keys.versions, &keys.fingerprint_key)
-                .map_err(|_| VaultError::Internal(WRONG_ROOT_KEY.into()))?,
+            Some(keys) => {
+                let keyring = Keyring::unwrap(
+                    root_ref,
+                    &keys.versions,
+                    &keys.fingerprint_key,
+                    keys.fingerprint_purpose,
+                )
+                .map_err(|_| VaultError::Internal(WRONG_ROOT_KEY.into()))?;
+                if keys.fingerprint_purpose == crypto::LEGACY_FINGERPRINT_KEY_PURPOSE {
+                    bind_legacy_params(&store, root_ref, &keyring).await?;
+                }
+                keyring
+            }
             None => {
                 let (keyring, material) = Keyring::create(root_ref)?;
                 match store.init_keys(material).await {
@@ -153,8 +165,13 @@ impl Vault {
                     // Another replica starting at the same moment created them first.
                     Err(first) => {
                         let keys = store.load_keys().await?.ok_or(first)?;
-                        Keyring::unwrap(root_ref, &keys.versions, &keys.fingerprint_key)
-                            .map_err(|_| VaultError::Internal(WRONG_ROOT_KEY.into()))?
+                        Keyring::unwrap(
+                            root_ref,
+                            &keys.versions,
+                            &keys.fingerprint_key,
+                            keys.fingerprint_purpose,
+                        )
+                        .map_err(|_| VaultError::Internal(WRONG_ROOT_KEY.into()))?
                     }
                 }
             }
@@ -195,6 +212,11 @@ impl Vault {
         self.keyring_read().primary_version()
     }
 
+    /// Destroying writes whose old bytes the database files still hold.
+    pub fn shreds_pending(&self) -> u64 {
+        self.store.shreds_pending()
+    }
+
     pub fn audit(&self) -> &AuditLog {
         &self.audit
     }
@@ -227,9 +249,10 @@ impl Vault {
             None
         };
         let owner = target.owner();
-        let (key_version, sealed_key, secrets) = {
+        let (key_version, sealed_key, secrets, binding) = {
             let keyring = self.keyring_read();
             let (data_key, key_version, sealed_key) = keyring.new_data_key(&owner)?;
+            let binding = params_binding(&data_key, target, &new.params);
             let secrets = new
                 .secrets
                 .iter()
@@ -248,7 +271,7 @@ impl Vault {
                     })
                 })
                 .collect::<Result<Vec<_>, VaultError>>()?;
-            (key_version, sealed_key, secrets)
+            (key_version, sealed_key, secrets, binding)
         };
         let now = SystemTime::now();
         let record = CredentialRecord {
@@ -266,6 +289,7 @@ impl Vault {
             }),
             secrets,
             last_validation,
+            binding: Some(binding),
         };
         let event = Event::new(
             context,
@@ -311,7 +335,25 @@ impl Vault {
             .await?
             .ok_or_else(|| target.not_found())?;
         self.audit.appended(&appended);
+        self.shredded(&format!(
+            "the {} connection of workspace `{}` is disconnected and its secrets deleted",
+            target.provider, target.workspace_id
+        ))?;
         Ok(record.into())
+    }
+
+    /// Fails with [`VaultError::ShredPending`] while destroyed material is
+    /// still in the database's files: an OK must mean it is gone.
+    fn shredded(&self, done: &str) -> Result<(), VaultError> {
+        match self.store.shreds_pending() {
+            0 => Ok(()),
+            n => Err(VaultError::ShredPending(format!(
+                "{done}, but their old bytes are still in the database's write-ahead log: \
+                 a reader (a backup, a long `audit verify`) holds an old snapshot. The vault \
+                 removes them as soon as it lets go ({n} pending; see the shreds_pending \
+                 metric); call again to confirm"
+            ))),
+        }
     }
 
     /// Every connection of a workspace, by provider name.
@@ -429,6 +471,20 @@ impl Vault {
             .keyring_read()
             .open_data_key(&target.owner(), wrapped.key_version, &wrapped.sealed)
             .inspect_err(|_| tamper_warning(target, "data key"))?;
+        // Where, how and to whom the secrets are sent is steered by the
+        // params: they must be the ones stored with this data key.
+        let bound = record.binding.as_deref().is_some_and(|tag| {
+            crypto::verify_binding(
+                &data_key,
+                PARAMS_PURPOSE,
+                &binding_fields(target, &record.params),
+                tag,
+            )
+        });
+        if !bound || record.status != StoredStatus::Connected {
+            tamper_warning(target, "parameter binding");
+            return Err(VaultError::DataLoss);
+        }
         let secrets = record
             .secrets
             .iter()
@@ -446,6 +502,12 @@ impl Vault {
             && declared.iter().all(|f| secrets.contains_key(f.name));
         if !complete {
             tamper_warning(target, "secret field set");
+            return Err(VaultError::DataLoss);
+        }
+        // Params steer where and how the secrets are sent: a value no Store
+        // would have accepted was written around the vault.
+        if !input::still_valid(target.provider, &secrets, &record.params) {
+            tamper_warning(target, "parameter");
             return Err(VaultError::DataLoss);
         }
         Ok(Decrypted {
@@ -478,6 +540,64 @@ fn summaries(secrets: &[SecretRecord]) -> BTreeMap<String, audit::SecretSummary>
 
 fn encode_validation(v: &Validation) -> Result<String, VaultError> {
     serde_json::to_string(v).map_err(|e| VaultError::Internal(format!("encoding a verdict: {e}")))
+}
+
+/// The tag that binds a connection's params to its data key: only the vault
+/// can compute it, so an edited param is caught before anything is sent.
+fn params_binding(data_key: &crypto::Key, target: &CredentialRef, params: &Params) -> Vec<u8> {
+    crypto::bind(data_key, PARAMS_PURPOSE, &binding_fields(target, params))
+}
+
+/// The owner, then each param's name and value in order (a `BTreeMap`), each
+/// length-prefixed by `associated_data`.
+fn binding_fields<'a>(target: &'a CredentialRef, params: &'a Params) -> Vec<&'a [u8]> {
+    let mut fields = target.owner().to_vec();
+    for (name, value) in params {
+        fields.push(name.as_bytes());
+        fields.push(value.as_bytes());
+    }
+    fields
+}
+
+/// Once, for a database written before params were bound: binds every
+/// connected credential's params as they are now, then re-seals the
+/// fingerprint key under its bound purpose, which marks the work as done.
+async fn bind_legacy_params(
+    store: &Arc<dyn Store>,
+    root: &RootKey,
+    keyring: &Keyring,
+) -> Result<(), VaultError> {
+    let records = store.connected_credentials().await?;
+    let mut bindings = Vec::with_capacity(records.len());
+    for r in records {
+        let (Ok(target), Some(wrapped)) = (
+            CredentialRef::parse(&r.workspace_id, &r.provider),
+            r.data_key.as_ref(),
+        ) else {
+            continue;
+        };
+        // Unreadable data keys stay unbound, and so DATA_LOSS, as before.
+        let Ok(data_key) =
+            keyring.open_data_key(&target.owner(), wrapped.key_version, &wrapped.sealed)
+        else {
+            tamper_warning(&target, "data key");
+            continue;
+        };
+        bindings.push(crate::store::ParamsBinding {
+            tag: params_binding(&data_key, &target, &r.params),
+            workspace_id: r.workspace_id,
+            provider: r.provider,
+            wrapped_dek: wrapped.sealed.ciphertext.clone(),
+        });
+    }
+    let count = bindings.len();
+    let sealed = keyring.seal_fingerprint_key(root, crypto::FINGERPRINT_KEY_PURPOSE)?;
+    store.bind_params(bindings, sealed).await?;
+    tracing::info!(
+        connections = count,
+        "bound every connection's params to its data key (once, after the upgrade)"
+    );
+    Ok(())
 }
 
 fn secret_aad(target: &CredentialRef, field: &str) -> Vec<u8> {

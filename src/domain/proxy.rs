@@ -405,17 +405,6 @@ impl Vault {
                     spec.display_name
                 ))
             })?;
-        if let Some(encoding) = incoming
-            .header("content-encoding")
-            .filter(|e| !e.trim().eq_ignore_ascii_case("identity"))
-        {
-            return Err(VaultError::ProviderUnavailable(format!(
-                "{} answered with content-encoding `{}`, which the vault does not pass on: it \
-                 must read every answer to remove secrets",
-                spec.display_name,
-                crate::providers::validation::printable(encoding)
-            )));
-        }
         if incoming.status == 429 {
             self.validator
                 .cool_down(&call.target, cool_down_seconds(incoming.retry_after()));

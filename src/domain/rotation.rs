@@ -109,8 +109,11 @@ impl Vault {
             RetireOutcome::Retired => {
                 self.keyring_write().remove(version);
                 tracing::info!(version, "key version retired and destroyed");
+                self.shredded(&format!("key version {version} is retired and destroyed"))?;
             }
-            RetireOutcome::AlreadyRetired => {}
+            RetireOutcome::AlreadyRetired => {
+                self.shredded(&format!("key version {version} is retired"))?;
+            }
             RetireOutcome::InUse(n) => {
                 return Err(VaultError::FailedPrecondition(format!(
                     "key version {version} still wraps {n} credential(s); wait for the rewrap \

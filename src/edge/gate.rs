@@ -2,9 +2,11 @@
 
 use std::future::Future;
 use std::num::NonZeroU32;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Instant;
 
+use futures_util::FutureExt;
 use tonic::{Code, Request, Response, Status};
 use tracing::Instrument;
 
@@ -202,6 +204,7 @@ impl Gate {
                 provider,
                 route: route.as_deref(),
             };
+            let mut audited_in_transaction = false;
             let admitted = self.admit(peer.identity.as_str());
             let size = req.get_ref().encoded_len();
             let result = if let Err(refused) = admitted {
@@ -214,9 +217,21 @@ impl Gate {
                     self.max_message_bytes
                 )))
             } else if self.policy.current().allows(peer.identity.as_str(), &call) {
-                f(req.into_inner(), context.clone())
+                // A bug that panics in a handler is still one call with one
+                // audit event: INTERNAL, like any unexpected failure.
+                match AssertUnwindSafe(f(req.into_inner(), context.clone()))
+                    .catch_unwind()
                     .await
-                    .map_err(to_status)
+                {
+                    Ok(result) => result.map_err(|e| {
+                        audited_in_transaction = e.audited_in_transaction();
+                        to_status(e)
+                    }),
+                    Err(_) => {
+                        tracing::error!("the handler panicked; answered INTERNAL");
+                        Err(Status::internal("unexpected error"))
+                    }
+                }
             } else {
                 // The same answer whether or not the target exists.
                 Err(Status::permission_denied(format!(
@@ -229,6 +244,7 @@ impl Gate {
                 Ok((_, Audited::Details(details))) => {
                     Some(Event::new(&context, audit::OUTCOME_OK, details.clone()))
                 }
+                Err(_) if audited_in_transaction => None,
                 Err(status) => Some(Event::new(
                     &context,
                     code_name(status.code()),

@@ -22,6 +22,7 @@ pub fn to_status(e: VaultError) -> Status {
         VaultError::AuditUnavailable => Status::unavailable(
             "the audit log could not be written, so the call was not carried out",
         ),
+        VaultError::ShredPending(m) => Status::unavailable(m),
         VaultError::Internal(detail) => {
             tracing::warn!(%detail, "internal error");
             Status::new(Code::Internal, "unexpected error")

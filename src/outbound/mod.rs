@@ -40,7 +40,14 @@ pub struct Unreachable(pub String);
 
 /// Parses a configured base URL, filling in `{tenant_id}`: an https origin
 /// with no credentials, query or fragment.
+///
+/// The tenant id must be one DNS label, so that the filled-in URL keeps the
+/// template's registrable domain, port and path whatever the stored value
+/// (which a database writer may have edited).
 pub fn parse_base_url(template: &str, tenant_id: &str) -> Result<Url, String> {
+    if template.contains("{tenant_id}") && !is_host_label(tenant_id) {
+        return Err("the stored tenant_id is not a host name label".into());
+    }
     let url = Url::parse(&template.replace("{tenant_id}", tenant_id))
         .map_err(|e| format!("not a URL ({e})"))?;
     if url.scheme() != "https" {
@@ -53,6 +60,16 @@ pub fn parse_base_url(template: &str, tenant_id: &str) -> Result<Url, String> {
         return Err("must be scheme://host[:port][/path] with no query or fragment".into());
     }
     Ok(url)
+}
+
+/// Lowercase letters, digits and inner hyphens, 1 to 63 of them.
+fn is_host_label(label: &str) -> bool {
+    (1..=63).contains(&label.len())
+        && label
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !label.starts_with('-')
+        && !label.ends_with('-')
 }
 
 /// One request to a provider, on a configured base URL.
@@ -256,6 +273,12 @@ impl Outbound {
         };
         let mut response = request.send().await.map_err(|e| self.describe(&e))?;
         let status = response.status().as_u16();
+        if let Some(encoding) = unreadable_encoding(response.headers()) {
+            return Err(Unreachable(format!(
+                "the answer has content-encoding `{encoding}`, which the vault does not pass on: \
+                 it must read every answer to remove secrets"
+            )));
+        }
         let headers = response
             .headers()
             .iter()
@@ -279,8 +302,7 @@ impl Outbound {
             }
             body.extend_from_slice(&chunk);
         }
-        let scrubbed = scrubber.scrub(&mut body);
-        let truncated = scrubber.truncate(&mut body, max_response) || more;
+        let (scrubbed, truncated) = scrubber.scrub_and_cut(&mut body, max_response, more);
         Ok(Incoming {
             status,
             headers,
@@ -339,6 +361,22 @@ impl Outbound {
     }
 }
 
+/// The first content coding other than `identity` among all of an answer's
+/// `content-encoding` headers and their comma-separated lists, if any.
+fn unreadable_encoding(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(reqwest::header::CONTENT_ENCODING)
+        .iter()
+        .find_map(|value| match value.to_str() {
+            Ok(list) => list
+                .split(',')
+                .map(str::trim)
+                .find(|coding| !coding.is_empty() && !coding.eq_ignore_ascii_case("identity"))
+                .map(crate::providers::validation::printable),
+            Err(_) => Some("(not text)".to_owned()),
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -361,5 +399,39 @@ mod tests {
         ] {
             assert!(parse_base_url(bad, "t").is_err(), "{bad}");
         }
+        for tenant in [
+            "evil.example/",
+            "evil.example#",
+            "evil.example?",
+            "a@evil.example",
+            "acme.evil",
+            "acme:444",
+            "",
+            "-acme",
+            "ACME",
+        ] {
+            assert!(
+                parse_base_url("https://{tenant_id}.amperity.com", tenant).is_err(),
+                "{tenant}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_content_encoding_must_be_identity() {
+        let encodings = |values: &[&str]| {
+            let mut map = HeaderMap::new();
+            for v in values {
+                map.append(
+                    reqwest::header::CONTENT_ENCODING,
+                    HeaderValue::from_str(v).unwrap(),
+                );
+            }
+            unreadable_encoding(&map)
+        };
+        assert_eq!(encodings(&[]), None);
+        assert_eq!(encodings(&["identity", "Identity"]), None);
+        assert_eq!(encodings(&["identity", "gzip"]).as_deref(), Some("gzip"));
+        assert_eq!(encodings(&["identity, br"]).as_deref(), Some("br"));
     }
 }

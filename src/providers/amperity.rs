@@ -115,9 +115,18 @@ fn check(secrets: &Secrets, params: &Params) -> Result<Checked, Rejection> {
         .get("access_token")
         .map(|s| s.expose_secret())
         .unwrap_or_default();
-    let expires_at = jwt_expiry(token).ok_or_else(|| {
-        Rejection::Invalid("field `access_token` is not a JWT (header.payload.signature)".into())
-    })?;
+    let expires_at = jwt_expiry(token)
+        .ok_or_else(|| {
+            Rejection::Invalid(
+                "field `access_token` is not a JWT (header.payload.signature)".into(),
+            )
+        })?
+        .map_err(|OutOfRange| {
+            Rejection::Invalid(format!(
+                "field `access_token` has an `exp` claim past the year 9999 (at most \
+                 {MAX_EXP}); create a token with a real expiry"
+            ))
+        })?;
     if let Some(at) = expires_at {
         if at <= SystemTime::now() {
             return Err(Rejection::Precondition(
@@ -129,10 +138,18 @@ fn check(secrets: &Secrets, params: &Params) -> Result<Checked, Rejection> {
     Ok(Checked { expires_at })
 }
 
+/// The latest `exp` accepted: 9999-12-31T23:59:59Z. Anything later is no
+/// real expiry, and would overflow time arithmetic further on.
+const MAX_EXP: u64 = 253_402_300_799;
+
+/// An `exp` past [`MAX_EXP`].
+#[derive(Debug, PartialEq, Eq)]
+struct OutOfRange;
+
 /// The `exp` claim of a JWT, read without checking the signature: the vault is
-/// not the token's audience. `None` if this is not a JWT; `Some(None)` if it
-/// carries no (numeric) `exp`.
-fn jwt_expiry(token: &str) -> Option<Option<SystemTime>> {
+/// not the token's audience. `None` if this is not a JWT; `Some(Ok(None))` if
+/// it carries no (numeric) `exp`.
+fn jwt_expiry(token: &str) -> Option<Result<Option<SystemTime>, OutOfRange>> {
     let mut parts = token.split('.');
     let (Some(header), Some(payload), Some(signature), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
@@ -147,11 +164,25 @@ fn jwt_expiry(token: &str) -> Option<Option<SystemTime>> {
     header.as_object()?;
     // The payload may carry personal data; it is parsed and dropped, never logged.
     let claims: serde_json::Value = serde_json::from_slice(&engine.decode(payload).ok()?).ok()?;
-    let exp = claims
-        .as_object()?
-        .get("exp")
-        .and_then(serde_json::Value::as_u64);
-    Some(exp.map(|secs| UNIX_EPOCH + Duration::from_secs(secs)))
+    let Some(exp) = claims.as_object()?.get("exp") else {
+        return Some(Ok(None));
+    };
+    if !exp.is_number() {
+        return Some(Ok(None));
+    }
+    // A number that is not a u64 (negative, fractional, huge) is out of range
+    // unless it is a small non-negative fraction.
+    let secs = match exp.as_u64() {
+        Some(secs) => secs,
+        None => match exp.as_f64() {
+            Some(f) if (0.0..=MAX_EXP as f64).contains(&f) => f as u64,
+            _ => return Some(Err(OutOfRange)),
+        },
+    };
+    if secs > MAX_EXP {
+        return Some(Err(OutOfRange));
+    }
+    Some(Ok(Some(UNIX_EPOCH + Duration::from_secs(secs))))
 }
 
 #[cfg(test)]
@@ -181,6 +212,25 @@ mod tests {
             checked.expires_at,
             Some(UNIX_EPOCH + Duration::from_secs(4_102_444_800))
         );
+    }
+
+    #[test]
+    fn an_exp_out_of_range_is_invalid_not_a_panic() {
+        for exp in [
+            "9223372036854775808",
+            "18446744073709551615",
+            "1e300",
+            "-1",
+            "253402300800",
+        ] {
+            assert!(
+                matches!(
+                    run(&jwt(&format!(r#"{{"exp":{exp}}}"#)), "acme"),
+                    Err(Rejection::Invalid(_))
+                ),
+                "{exp}"
+            );
+        }
     }
 
     #[test]

@@ -99,6 +99,7 @@ pub fn postgres_settings(storage: &StorageConfig) -> Result<PostgresSettings, St
     let url = storage.url.clone().ok_or_else(|| {
         StoreError::Connect("backend = \"postgres\" needs storage.url".to_owned())
     })?;
+    storage.check().map_err(StoreError::Connect)?;
     let password = match (&storage.password_file, &storage.password_env) {
         (Some(path), _) => {
             let file_err = |source| StoreError::File {
@@ -153,6 +154,19 @@ pub struct CredentialRecord {
     pub secrets: Vec<SecretRecord>,
     /// The latest validation verdict, as the domain serialized it (non-secret).
     pub last_validation: Option<String>,
+    /// A tag binding `params` to the data key (see `domain::params_binding`);
+    /// `None` once disconnected.
+    pub binding: Option<Vec<u8>>,
+}
+
+/// A connection's params binding, written once for a database from before
+/// bindings, keyed by the wrapped data key it was computed under.
+#[derive(Debug, Clone)]
+pub struct ParamsBinding {
+    pub workspace_id: String,
+    pub provider: String,
+    pub wrapped_dek: Vec<u8>,
+    pub tag: Vec<u8>,
 }
 
 /// A data key sealed under a key-encryption key version.
@@ -216,6 +230,9 @@ pub enum RetireOutcome {
 pub struct StoredKeys {
     pub versions: Vec<WrappedKeyVersion>,
     pub fingerprint_key: Sealed,
+    /// What the fingerprint key is stored (and sealed) as: whether every
+    /// connection's parameters are bound to its data key.
+    pub fingerprint_purpose: &'static str,
 }
 
 /// A storage failure. Messages carry no row contents.
@@ -300,6 +317,23 @@ pub trait Store: Send + Sync + 'static {
         at: SystemTime,
         event: Event,
     ) -> Result<Option<(CredentialRecord, StoredEvent)>, StoreError>;
+    /// Writes that destroyed key or secret material (Zero, Retire, a Store
+    /// that replaced secrets) whose old bytes the database's files still
+    /// hold, because a reader's snapshot needs them; 0 once none do.
+    fn shreds_pending(&self) -> u64 {
+        0
+    }
+    /// Every connected credential, without its secrets: for binding the
+    /// params of a database from before bindings.
+    async fn connected_credentials(&self) -> Result<Vec<CredentialRecord>, StoreError>;
+    /// Writes `bindings` (each only if the row still has that data key) and
+    /// stores the fingerprint key under its bound purpose in place of the
+    /// legacy one, in one transaction.
+    async fn bind_params(
+        &self,
+        bindings: Vec<ParamsBinding>,
+        fingerprint_key: Sealed,
+    ) -> Result<(), StoreError>;
     /// Appends an event for a call that changed nothing.
     async fn append_audit(&self, event: Event) -> Result<StoredEvent, StoreError>;
     /// Up to `limit` events after `after`, in order.

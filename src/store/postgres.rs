@@ -14,13 +14,15 @@ use tokio_postgres::Row;
 use zeroize::Zeroizing;
 
 use super::{
-    millis, sealed_from, time, CredentialRecord, KeyVersionRow, RetireOutcome, Rewrapped,
-    SecretRecord, StaleDataKey, Store, StoreError, StoredKeys, StoredStatus, WrappedDataKey,
+    millis, sealed_from, time, CredentialRecord, KeyVersionRow, ParamsBinding, RetireOutcome,
+    Rewrapped, SecretRecord, StaleDataKey, Store, StoreError, StoredKeys, StoredStatus,
+    WrappedDataKey,
 };
 use crate::audit::{chain_hash, Checkpoint, Event, StoredEvent, HASH_LEN};
 use crate::crypto::{NewKeyMaterial, Sealed, WrappedKeyVersion};
 
 const FINGERPRINT_KEY: &str = crate::crypto::FINGERPRINT_KEY_PURPOSE;
+const LEGACY_FINGERPRINT_KEY: &str = crate::crypto::LEGACY_FINGERPRINT_KEY_PURPOSE;
 /// Advisory lock keys: "credvaul" and the next value.
 const MIGRATION_LOCK: i64 = 0x6372_6564_7661_756c;
 const REWRAP_LOCK: i64 = MIGRATION_LOCK + 1;
@@ -116,6 +118,9 @@ BEGIN
 END
 $$;
 "#,
+    r"
+ALTER TABLE credentials ADD COLUMN binding BYTEA;
+",
 ];
 
 /// Where the database is and how to log in.
@@ -308,7 +313,7 @@ fn hash_array(bytes: Vec<u8>) -> Result<[u8; HASH_LEN], StoreError> {
 }
 
 const CREDENTIAL_COLUMNS: &str = "workspace_id, provider, status, params, created_at, updated_at, \
-     disconnected_at, expires_at, key_version, dek_nonce, wrapped_dek, last_validation";
+     disconnected_at, expires_at, key_version, dek_nonce, wrapped_dek, last_validation, binding";
 
 fn credential_from(row: &Row, secrets: Vec<SecretRecord>) -> Result<CredentialRecord, StoreError> {
     let status = match row.try_get::<_, &str>(2)? {
@@ -340,6 +345,7 @@ fn credential_from(row: &Row, secrets: Vec<SecretRecord>) -> Result<CredentialRe
         data_key,
         secrets,
         last_validation: row.try_get(11)?,
+        binding: row.try_get(12)?,
     })
 }
 
@@ -496,12 +502,20 @@ fn status_text(status: StoredStatus) -> &'static str {
 impl Store for PostgresStore {
     async fn load_keys(&self) -> Result<Option<StoredKeys>, StoreError> {
         let c = self.client().await?;
-        let Some(fingerprint_key) = sealed_material(&c, FINGERPRINT_KEY).await? else {
+        let mut found = None;
+        for purpose in [FINGERPRINT_KEY, LEGACY_FINGERPRINT_KEY] {
+            if let Some(sealed) = sealed_material(&c, purpose).await? {
+                found = Some((sealed, purpose));
+                break;
+            }
+        }
+        let Some((fingerprint_key, fingerprint_purpose)) = found else {
             return Ok(None);
         };
         Ok(Some(StoredKeys {
             versions: active_key_versions(&c).await?,
             fingerprint_key,
+            fingerprint_purpose,
         }))
     }
 
@@ -542,14 +556,14 @@ impl Store for PostgresStore {
         tx.execute(
             "INSERT INTO credentials (workspace_id, provider, status, params, created_at, \
                  updated_at, disconnected_at, expires_at, key_version, dek_nonce, wrapped_dek, \
-                 last_validation) \
-             VALUES ($1, $2, $3, $4, $5, $5, NULL, $6, $7, $8, $9, $10) \
+                 last_validation, binding) \
+             VALUES ($1, $2, $3, $4, $5, $5, NULL, $6, $7, $8, $9, $10, $11) \
              ON CONFLICT (workspace_id, provider) DO UPDATE SET \
                  status = EXCLUDED.status, params = EXCLUDED.params, \
                  updated_at = EXCLUDED.updated_at, disconnected_at = NULL, \
                  expires_at = EXCLUDED.expires_at, key_version = EXCLUDED.key_version, \
                  dek_nonce = EXCLUDED.dek_nonce, wrapped_dek = EXCLUDED.wrapped_dek, \
-                 last_validation = EXCLUDED.last_validation",
+                 last_validation = EXCLUDED.last_validation, binding = EXCLUDED.binding",
             &[
                 &record.workspace_id,
                 &record.provider,
@@ -561,6 +575,7 @@ impl Store for PostgresStore {
                 &key.map(|k| k.sealed.nonce.as_slice()),
                 &key.map(|k| k.sealed.ciphertext.as_slice()),
                 &record.last_validation,
+                &record.binding,
             ],
         )
         .await?;
@@ -682,7 +697,8 @@ impl Store for PostgresStore {
                 "UPDATE credentials SET \
                      updated_at = CASE WHEN status = 'connected' THEN $3 ELSE updated_at END, \
                      disconnected_at = COALESCE(disconnected_at, $3), status = 'disconnected', \
-                     expires_at = NULL, key_version = NULL, dek_nonce = NULL, wrapped_dek = NULL \
+                     expires_at = NULL, key_version = NULL, dek_nonce = NULL, wrapped_dek = NULL, \
+                     binding = NULL \
                  WHERE workspace_id = $1 AND provider = $2",
                 &[&workspace_id, &provider, &millis(at)],
             )
@@ -702,6 +718,57 @@ impl Store for PostgresStore {
         // The old row versions are dead tuples until VACUUM frees them.
         self.vacuum("credential_secrets, credentials").await;
         Ok(Some((row, stored)))
+    }
+
+    async fn connected_credentials(&self) -> Result<Vec<CredentialRecord>, StoreError> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                &format!("SELECT {CREDENTIAL_COLUMNS} FROM credentials WHERE status = 'connected'"),
+                &[],
+            )
+            .await?;
+        // Secrets are not needed to bind params: the data key is.
+        rows.iter()
+            .map(|row| credential_from(row, Vec::new()))
+            .collect()
+    }
+
+    async fn bind_params(
+        &self,
+        bindings: Vec<ParamsBinding>,
+        fingerprint_key: Sealed,
+    ) -> Result<(), StoreError> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await?;
+        for b in &bindings {
+            tx.execute(
+                "UPDATE credentials SET binding = $1 \
+                 WHERE workspace_id = $2 AND provider = $3 AND wrapped_dek = $4",
+                &[&b.tag, &b.workspace_id, &b.provider, &b.wrapped_dek],
+            )
+            .await?;
+        }
+        // Another replica starting at the same moment may have done it first:
+        // its tags are the same, and either sealing of the key opens.
+        tx.execute(
+            "INSERT INTO key_material (purpose, nonce, wrapped_key, created_at) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT (purpose) DO NOTHING",
+            &[
+                &FINGERPRINT_KEY,
+                &fingerprint_key.nonce.as_slice(),
+                &fingerprint_key.ciphertext,
+                &millis(SystemTime::now()),
+            ],
+        )
+        .await?;
+        tx.execute(
+            "DELETE FROM key_material WHERE purpose = $1",
+            &[&LEGACY_FINGERPRINT_KEY],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     async fn append_audit(&self, event: Event) -> Result<StoredEvent, StoreError> {

@@ -3,20 +3,22 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row};
 
 use super::writer::Writer;
 use super::{
-    millis, sealed_from, time, CredentialRecord, KeyVersionRow, RetireOutcome, Rewrapped,
-    SecretRecord, StaleDataKey, Store, StoreError, StoredKeys, StoredStatus, WrappedDataKey,
+    millis, sealed_from, time, CredentialRecord, KeyVersionRow, ParamsBinding, RetireOutcome,
+    Rewrapped, SecretRecord, StaleDataKey, Store, StoreError, StoredKeys, StoredStatus,
+    WrappedDataKey,
 };
 use crate::audit::{chain_hash, Checkpoint, Event, StoredEvent, GENESIS, HASH_LEN};
 use crate::crypto::{NewKeyMaterial, Sealed, WrappedKeyVersion};
 
 const FINGERPRINT_KEY: &str = crate::crypto::FINGERPRINT_KEY_PURPOSE;
+const LEGACY_FINGERPRINT_KEY: &str = crate::crypto::LEGACY_FINGERPRINT_KEY_PURPOSE;
 const READERS: usize = 4;
 
 /// Schema versions, applied in order; `PRAGMA user_version` records how many ran.
@@ -84,6 +86,9 @@ ALTER TABLE key_versions ADD COLUMN state TEXT NOT NULL DEFAULT 'active'
     CHECK (state IN ('active', 'retired'));
 ALTER TABLE key_versions ADD COLUMN encryptions INTEGER NOT NULL DEFAULT 0;
 "#,
+    r#"
+ALTER TABLE credentials ADD COLUMN binding BLOB;
+"#,
 ];
 
 /// SQLite behind [`Store`]. Blocking calls run on tokio's blocking pool.
@@ -139,17 +144,21 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        self.inner.writer.write(false, f).await
+        let (value, _) = self.inner.writer.write(f, |_| false).await?;
+        Ok(value)
     }
 
     /// As [`Self::write`], then checkpoints and truncates the WAL: for writes
-    /// that destroy key or secret material.
+    /// that destroy key or secret material. If a reader holds that up, the
+    /// write has still happened: [`Store::shreds_pending`] counts it until
+    /// the writer, retrying, finishes.
     async fn write_destroying<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        self.inner.writer.write(true, f).await
+        let (value, _) = self.inner.writer.write(f, |_| true).await?;
+        Ok(value)
     }
 
     /// Runs a short point read (an indexed lookup of a few rows) right here on
@@ -216,7 +225,7 @@ fn create_private(path: &Path) -> Result<(), StoreError> {
 
 fn connect(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open(path)?;
-    conn.busy_timeout(Duration::from_secs(5))?;
+    conn.busy_timeout(super::writer::BUSY_TIMEOUT)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "secure_delete", "ON")?;
@@ -255,7 +264,7 @@ fn classify_store(e: StoreError) -> StoreError {
 }
 
 const CREDENTIAL_COLUMNS: &str = "workspace_id, provider, status, params, created_at, updated_at, \
-     disconnected_at, expires_at, key_version, dek_nonce, wrapped_dek, last_validation";
+     disconnected_at, expires_at, key_version, dek_nonce, wrapped_dek, last_validation, binding";
 
 /// Reads a `credentials` row selected with [`CREDENTIAL_COLUMNS`]; secrets come separately.
 fn credential_row(row: &Row<'_>) -> rusqlite::Result<RawCredential> {
@@ -272,6 +281,7 @@ fn credential_row(row: &Row<'_>) -> rusqlite::Result<RawCredential> {
         dek_nonce: row.get(9)?,
         wrapped_dek: row.get(10)?,
         last_validation: row.get(11)?,
+        binding: row.get(12)?,
     })
 }
 
@@ -288,6 +298,7 @@ struct RawCredential {
     dek_nonce: Option<Vec<u8>>,
     wrapped_dek: Option<Vec<u8>>,
     last_validation: Option<String>,
+    binding: Option<Vec<u8>>,
 }
 
 impl RawCredential {
@@ -318,6 +329,7 @@ impl RawCredential {
             data_key,
             secrets,
             last_validation: self.last_validation,
+            binding: self.binding,
         })
     }
 }
@@ -372,29 +384,31 @@ fn load_credential(
 
 /// Deletes a connection's secret rows. `secure_delete` makes SQLite overwrite
 /// the freed bytes with zeros in the same write.
-fn delete_secrets(tx: &Connection, workspace_id: &str, provider: &str) -> rusqlite::Result<()> {
+/// Returns how many there were.
+fn delete_secrets(tx: &Connection, workspace_id: &str, provider: &str) -> rusqlite::Result<usize> {
     tx.prepare_cached("DELETE FROM credential_secrets WHERE workspace_id = ?1 AND provider = ?2")?
-        .execute(params![workspace_id, provider])?;
-    Ok(())
+        .execute(params![workspace_id, provider])
 }
 
 fn put_tx(
     tx: &Connection,
     record: &CredentialRecord,
     event: Event,
-) -> Result<StoredEvent, StoreError> {
+) -> Result<(StoredEvent, bool), StoreError> {
     let key = record.data_key.as_ref();
     let params_json = serde_json::to_string(&record.params)
         .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
     tx.prepare_cached(
         "INSERT INTO credentials (workspace_id, provider, status, params, created_at, updated_at, \
-             disconnected_at, expires_at, key_version, dek_nonce, wrapped_dek, last_validation) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?5, NULL, ?6, ?7, ?8, ?9, ?10) \
+             disconnected_at, expires_at, key_version, dek_nonce, wrapped_dek, last_validation, \
+             binding) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?5, NULL, ?6, ?7, ?8, ?9, ?10, ?11) \
          ON CONFLICT (workspace_id, provider) DO UPDATE SET \
              status = excluded.status, params = excluded.params, updated_at = excluded.updated_at, \
              disconnected_at = NULL, expires_at = excluded.expires_at, \
              key_version = excluded.key_version, dek_nonce = excluded.dek_nonce, \
-             wrapped_dek = excluded.wrapped_dek, last_validation = excluded.last_validation",
+             wrapped_dek = excluded.wrapped_dek, last_validation = excluded.last_validation, \
+             binding = excluded.binding",
     )?
     .execute(params![
         record.workspace_id,
@@ -410,11 +424,12 @@ fn put_tx(
         key.map(|k| k.sealed.nonce.as_slice()),
         key.map(|k| k.sealed.ciphertext.as_slice()),
         record.last_validation,
+        record.binding,
     ])?;
     if let Some(k) = key {
         count_encryptions(tx, k.key_version, 1)?;
     }
-    delete_secrets(tx, &record.workspace_id, &record.provider)?;
+    let replaced = delete_secrets(tx, &record.workspace_id, &record.provider)? > 0;
     {
         let mut insert = tx.prepare_cached(
             "INSERT INTO credential_secrets \
@@ -433,7 +448,7 @@ fn put_tx(
             ])?;
         }
     }
-    append_in(tx, event)
+    append_in(tx, event).map(|stored| (stored, replaced))
 }
 
 fn count_encryptions(tx: &Connection, version: u32, n: u64) -> rusqlite::Result<()> {
@@ -567,7 +582,8 @@ fn zero_tx(
             "UPDATE credentials SET \
                  updated_at = CASE WHEN status = 'connected' THEN ?3 ELSE updated_at END, \
                  disconnected_at = COALESCE(disconnected_at, ?3), status = 'disconnected', \
-                 expires_at = NULL, key_version = NULL, dek_nonce = NULL, wrapped_dek = NULL \
+                 expires_at = NULL, key_version = NULL, dek_nonce = NULL, wrapped_dek = NULL, \
+                 binding = NULL \
              WHERE workspace_id = ?1 AND provider = ?2",
         )?
         .execute(params![workspace_id, provider, millis(at)])?;
@@ -581,12 +597,20 @@ fn zero_tx(
 impl Store for SqliteStore {
     async fn load_keys(&self) -> Result<Option<StoredKeys>, StoreError> {
         self.read(|conn| {
-            let Some(fingerprint_key) = sealed_material(conn, FINGERPRINT_KEY)? else {
+            let mut found = None;
+            for purpose in [FINGERPRINT_KEY, LEGACY_FINGERPRINT_KEY] {
+                if let Some(sealed) = sealed_material(conn, purpose)? {
+                    found = Some((sealed, purpose));
+                    break;
+                }
+            }
+            let Some((fingerprint_key, fingerprint_purpose)) = found else {
                 return Ok(None);
             };
             Ok(Some(StoredKeys {
                 versions: active_key_versions(conn)?,
                 fingerprint_key,
+                fingerprint_purpose,
             }))
         })
         .await
@@ -619,13 +643,25 @@ impl Store for SqliteStore {
         record: CredentialRecord,
         event: Event,
     ) -> Result<(CredentialRecord, StoredEvent), StoreError> {
-        self.write(move |conn| {
-            let stored = put_tx(conn, &record, event).map_err(classify_store)?;
-            let row = load_credential(conn, &record.workspace_id, &record.provider)?
-                .ok_or(StoreError::Corrupt("row vanished after write"))?;
-            Ok((row, stored))
-        })
-        .await
+        // Replaced secrets and their data key are destroyed material: the WAL
+        // is emptied after the commit, as after a Zero. If a reader holds it
+        // up, the Store has still happened; the writer finishes the shred in
+        // the background and counts it as pending.
+        let ((row, stored, _), _) = self
+            .inner
+            .writer
+            .write(
+                move |conn| {
+                    let (stored, replaced) =
+                        put_tx(conn, &record, event).map_err(classify_store)?;
+                    let row = load_credential(conn, &record.workspace_id, &record.provider)?
+                        .ok_or(StoreError::Corrupt("row vanished after write"))?;
+                    Ok((row, stored, replaced))
+                },
+                |(_, _, replaced)| *replaced,
+            )
+            .await?;
+        Ok((row, stored))
     }
 
     async fn get(
@@ -694,6 +730,54 @@ impl Store for SqliteStore {
             let row = load_credential(conn, &w, &p)?
                 .ok_or(StoreError::Corrupt("row vanished after write"))?;
             Ok(Some((row, stored)))
+        })
+        .await
+    }
+
+    async fn connected_credentials(&self) -> Result<Vec<CredentialRecord>, StoreError> {
+        self.read(move |conn| {
+            let mut stmt = conn.prepare(&format!(
+                "SELECT {CREDENTIAL_COLUMNS} FROM credentials WHERE status = 'connected'"
+            ))?;
+            let raws = stmt
+                .query_map([], credential_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            // Secrets are not needed to bind params: the data key is.
+            raws.into_iter()
+                .map(|raw| raw.into_record(Vec::new()))
+                .collect()
+        })
+        .await
+    }
+
+    async fn bind_params(
+        &self,
+        bindings: Vec<ParamsBinding>,
+        fingerprint_key: Sealed,
+    ) -> Result<(), StoreError> {
+        self.write_destroying(move |conn| {
+            let mut update = conn.prepare_cached(
+                "UPDATE credentials SET binding = ?1 \
+                 WHERE workspace_id = ?2 AND provider = ?3 AND wrapped_dek = ?4",
+            )?;
+            for b in &bindings {
+                update.execute(params![b.tag, b.workspace_id, b.provider, b.wrapped_dek])?;
+            }
+            conn.execute(
+                "INSERT OR REPLACE INTO key_material (purpose, nonce, wrapped_key, created_at) \
+                 VALUES (?1, ?2, ?3, ?4)",
+                params![
+                    FINGERPRINT_KEY,
+                    fingerprint_key.nonce.as_slice(),
+                    fingerprint_key.ciphertext,
+                    millis(SystemTime::now())
+                ],
+            )?;
+            conn.execute(
+                "DELETE FROM key_material WHERE purpose = ?1",
+                [LEGACY_FINGERPRINT_KEY],
+            )?;
+            Ok(())
         })
         .await
     }
@@ -923,6 +1007,10 @@ impl Store for SqliteStore {
             Ok(())
         })
         .await
+    }
+
+    fn shreds_pending(&self) -> u64 {
+        self.inner.writer.pending_shreds()
     }
 
     async fn key_material(&self, purpose: &str) -> Result<Option<Sealed>, StoreError> {

@@ -1,7 +1,9 @@
 //! Group commit: one thread owns SQLite's write connection; writes that arrive while
 //! a commit is in flight join the next transaction, so they share one fsync.
 
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
 
 use rusqlite::Connection;
 use tokio::sync::oneshot;
@@ -10,24 +12,52 @@ use super::StoreError;
 
 /// Most writes one transaction takes.
 const MAX_BATCH: usize = 256;
+/// How often a shred that readers held up is tried again.
+const SHRED_RETRY: Duration = Duration::from_millis(250);
+/// How long a destroying write waits for readers to let go of old pages
+/// before it answers that shredding is pending (every other write waits too).
+const SHRED_WAIT: Duration = Duration::from_secs(1);
+/// SQLite's busy timeout for everything else (as set when connecting).
+pub(super) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// What a write reports once its transaction is settled.
-type Finish = Box<dyn FnOnce(Result<(), &StoreError>) + Send>;
+/// Whether material a write destroyed has left the database file and its WAL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shred {
+    /// Nothing of it remains (or the write destroyed nothing).
+    Done,
+    /// A reader's snapshot still needs old pages: the WAL keeps them until
+    /// the writer, retrying in the background, can checkpoint it.
+    Pending,
+}
 
-/// Runs a write; returns how to report it and whether it succeeded.
-type Run = Box<dyn FnOnce(&Connection) -> (Finish, bool) + Send>;
+/// What a write reports once its transaction is settled: the commit's
+/// outcome, and whether the WAL was emptied after it.
+type Finish = Box<dyn FnOnce(Result<Shred, &StoreError>) + Send>;
+
+/// Runs a write on the transaction's connection, or (given `None`, when the
+/// transaction could not begin) only reports, without running it. Returns
+/// how to report it, whether it succeeded, and whether it destroyed key or
+/// secret material (so the WAL must be checkpointed and truncated after the
+/// commit).
+type Run = Box<dyn FnOnce(Option<&Connection>) -> Ran + Send>;
+
+struct Ran {
+    finish: Finish,
+    ok: bool,
+    destroyed: bool,
+}
 
 /// One write: runs inside the batch's transaction, in its own savepoint.
 struct Job {
     run: Run,
-    /// Checkpoint and truncate the WAL after the commit (writes that destroy material).
-    checkpoint: bool,
 }
 
 /// The sending side: hand a write to the writer thread and await its durable result.
 #[derive(Debug, Clone)]
 pub struct Writer {
     jobs: mpsc::Sender<Job>,
+    /// Destroying writes committed whose material the WAL still holds.
+    pending_shreds: Arc<AtomicU64>,
 }
 
 impl Writer {
@@ -36,35 +66,59 @@ impl Writer {
     pub fn start(conn: Connection, group_commit: bool) -> std::io::Result<Self> {
         let (jobs, queue) = mpsc::channel::<Job>();
         let max_batch = if group_commit { MAX_BATCH } else { 1 };
+        let pending_shreds = Arc::new(AtomicU64::new(0));
+        let pending = Arc::clone(&pending_shreds);
         std::thread::Builder::new()
             .name("credvault-sqlite-writer".into())
-            .spawn(move || run(&conn, &queue, max_batch))?;
-        Ok(Self { jobs })
+            .spawn(move || run(&conn, &queue, max_batch, &pending))?;
+        Ok(Self {
+            jobs,
+            pending_shreds,
+        })
+    }
+
+    /// Destroying writes whose material is still in the WAL, waiting for readers.
+    pub fn pending_shreds(&self) -> u64 {
+        self.pending_shreds.load(Ordering::Relaxed)
     }
 
     /// Runs `f` in the next transaction and returns its result once that
-    /// transaction is committed (so the result is durable), or its error.
-    pub async fn write<T, F>(&self, checkpoint: bool, f: F) -> Result<T, StoreError>
+    /// transaction is committed (so the result is durable), or its error. A
+    /// write reported as failed changed nothing. When `destroyed` says of the
+    /// result that the write destroyed material, the WAL is emptied after the
+    /// commit, and the answer says whether that finished.
+    pub async fn write<T, F, D>(&self, f: F, destroyed: D) -> Result<(T, Shred), StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+        D: FnOnce(&T) -> bool + Send + 'static,
     {
         let (done, result) = oneshot::channel();
-        let run = Box::new(move |conn: &Connection| {
-            let outcome = f(conn);
-            let ok = outcome.is_ok();
+        let run = Box::new(move |conn: Option<&Connection>| {
+            let outcome = conn.map(f);
+            let ok = matches!(outcome, Some(Ok(_)));
+            let destroyed = match &outcome {
+                Some(Ok(value)) => destroyed(value),
+                _ => false,
+            };
             let finish: Finish = Box::new(move |commit| {
                 let settled = match (outcome, commit) {
-                    (Err(e), _) => Err(e),
-                    (Ok(value), Ok(())) => Ok(value),
-                    (Ok(_), Err(e)) => Err(e.for_another_write()),
+                    (Some(Err(e)), _) => Err(e),
+                    (Some(Ok(value)), Ok(shred)) => Ok((value, shred)),
+                    (_, Err(e)) => Err(e.for_another_write()),
+                    // Never run means the transaction never began: `commit` is that error.
+                    (None, Ok(_)) => Err(StoreError::Commit("the write did not run".into())),
                 };
                 let _ = done.send(settled);
             });
-            (finish, ok)
+            Ran {
+                finish,
+                ok,
+                destroyed,
+            }
         });
         self.jobs
-            .send(Job { run, checkpoint })
+            .send(Job { run })
             .map_err(|_| StoreError::WriterGone)?;
         result.await.map_err(|_| StoreError::WriterGone)?
     }
@@ -75,8 +129,23 @@ fn statement(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
     conn.prepare_cached(sql)?.execute([]).map(drop)
 }
 
-fn run(conn: &Connection, queue: &mpsc::Receiver<Job>, max_batch: usize) {
-    while let Ok(first) = queue.recv() {
+fn run(conn: &Connection, queue: &mpsc::Receiver<Job>, max_batch: usize, pending: &AtomicU64) {
+    loop {
+        let first = if pending.load(Ordering::Relaxed) > 0 {
+            match queue.recv_timeout(SHRED_RETRY) {
+                Ok(job) => job,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    retry_shred(conn, pending);
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+        } else {
+            match queue.recv() {
+                Ok(job) => job,
+                Err(_) => return,
+            }
+        };
         let mut batch = vec![first];
         while batch.len() < max_batch {
             match queue.try_recv() {
@@ -84,44 +153,98 @@ fn run(conn: &Connection, queue: &mpsc::Receiver<Job>, max_batch: usize) {
                 Err(_) => break,
             }
         }
-        let checkpoint = batch.iter().any(|j| j.checkpoint);
         if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+            // Without a transaction a write would commit on its own, in
+            // autocommit mode, and then be reported as failed: run none.
             let e = super::sqlite::classify(e);
             for job in batch {
-                let (finish, _) = (job.run)(conn);
-                finish(Err(&e));
+                ((job.run)(None).finish)(Err(&e));
             }
             continue;
         }
+        let mut checkpoint = false;
         let mut finishers = Vec::with_capacity(batch.len());
         for job in batch {
             // A savepoint per write: one write's failure undoes only itself.
             let savepoint = statement(conn, "SAVEPOINT job");
-            let (finish, ok) = (job.run)(conn);
-            let closed = if ok && savepoint.is_ok() {
-                statement(conn, "RELEASE job")
+            let (finish, ok) = if savepoint.is_ok() {
+                let ran = (job.run)(Some(conn));
+                checkpoint |= ran.ok && ran.destroyed;
+                (ran.finish, ran.ok)
             } else {
+                ((job.run)(None).finish, false)
+            };
+            let closed = if ok {
+                statement(conn, "RELEASE job")
+            } else if savepoint.is_ok() {
                 conn.execute_batch("ROLLBACK TO job; RELEASE job")
+            } else {
+                Ok(())
             };
             if let Err(e) = closed {
                 tracing::warn!(error = %e, "closing a write's savepoint failed");
             }
-            finishers.push(finish);
+            finishers.push((finish, ok));
         }
         let committed = conn
             .execute_batch("COMMIT")
             .map_err(super::sqlite::classify);
+        let mut shred = Shred::Done;
         if committed.is_err() {
             let _ = conn.execute_batch("ROLLBACK");
         } else if checkpoint {
-            // Move zeroed pages into the main file and empty the WAL, so old
-            // page images holding destroyed material do not linger there.
-            if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
-                tracing::warn!(error = %e, "WAL checkpoint after a destroying write failed");
+            shred = shred_wal(conn, SHRED_WAIT);
+            if shred == Shred::Done {
+                // An empty WAL holds nothing an earlier shred left behind either.
+                pending.store(0, Ordering::Relaxed);
+            } else {
+                let now = pending.fetch_add(1, Ordering::Relaxed) + 1;
+                tracing::warn!(
+                    pending_shreds = now,
+                    "destroyed material is still in the WAL: a reader holds an old snapshot; \
+                     retrying every {} ms",
+                    SHRED_RETRY.as_millis()
+                );
             }
         }
-        for finish in finishers {
-            finish(committed.as_ref().map(|_| ()));
+        for (finish, ran) in finishers {
+            match (&committed, ran) {
+                (Ok(()), true) => finish(Ok(shred)),
+                (Ok(()), false) => finish(Err(&StoreError::Commit(
+                    "the write's savepoint could not be opened".into(),
+                ))),
+                (Err(e), _) => finish(Err(e)),
+            }
         }
+    }
+}
+
+/// Moves every page into the main file and empties the WAL, so old page
+/// images holding destroyed material (zeroed in the new pages by
+/// `secure_delete`) do not linger there. `Pending` when a reader's snapshot
+/// kept SQLite from finishing within `wait`.
+fn shred_wal(conn: &Connection, wait: Duration) -> Shred {
+    let _ = conn.busy_timeout(wait);
+    let busy = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| {
+        row.get::<_, i64>(0)
+    });
+    let _ = conn.busy_timeout(BUSY_TIMEOUT);
+    match busy {
+        Ok(0) => Shred::Done,
+        Ok(_) => Shred::Pending,
+        Err(e) => {
+            tracing::warn!(error = %e, "WAL checkpoint after a destroying write failed");
+            Shred::Pending
+        }
+    }
+}
+
+fn retry_shred(conn: &Connection, pending: &AtomicU64) {
+    if shred_wal(conn, Duration::ZERO) == Shred::Done {
+        let done = pending.swap(0, Ordering::Relaxed);
+        tracing::info!(
+            shreds = done,
+            "pending shreds finished: destroyed material has left the WAL"
+        );
     }
 }
