@@ -1,5 +1,6 @@
 //! Encryption at rest: tampered or moved ciphertexts give DATA_LOSS, never wrong
-//! plaintext, and Zero leaves no ciphertext behind in the database or its WAL.
+//! plaintext, and Zero leaves no ciphertext behind in the database or its WAL,
+//! nor answers OK while a reader keeps it there.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
@@ -7,8 +8,9 @@ mod common;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use common::{contains_bytes, map, VaultDir};
+use common::{amplitude, contains_bytes, map, reference, VaultDir};
 use credvault::audit;
 use credvault::config::{KeysConfig, OutboundConfig, ProvidersConfig};
 use credvault::crypto::RootKey;
@@ -16,8 +18,10 @@ use credvault::domain::{CredentialRef, NewCredential, Vault, VaultError};
 use credvault::outbound::Outbound;
 use credvault::store::SqliteStore;
 use rusqlite::Connection;
+use tonic::Code;
 
 const SECRET: &str = "s3cr3tKEYvalue0123456789abcdefXY";
+const API_KEY: &str = "a1b2c3d4e5f6a7b8c9d0e1f2a3b4c5d6";
 
 async fn open_vault(dir: &VaultDir) -> Vault {
     let store = Arc::new(SqliteStore::open(&dir.db()).unwrap());
@@ -95,6 +99,118 @@ async fn assert_tampering_detected_by(tamper: impl FnOnce(&Connection)) {
         Err(VaultError::DataLoss) => {}
         other => panic!("expected DataLoss, got {other:?}"),
     }
+}
+
+#[tokio::test]
+async fn an_edited_param_is_data_loss() {
+    assert_tampering_detected(
+        "UPDATE credentials SET params = '{\"region\":\"eu\",\"validation\":\"events\"}' \
+         WHERE workspace_id = 'ws1'",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn params_copied_with_their_binding_from_another_connection_are_data_loss() {
+    assert_tampering_detected(
+        "UPDATE credentials SET params = (SELECT params FROM credentials WHERE workspace_id = 'ws2'), \
+         binding = (SELECT binding FROM credentials WHERE workspace_id = 'ws2') \
+         WHERE workspace_id = 'ws1'",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_removed_binding_is_data_loss() {
+    assert_tampering_detected("UPDATE credentials SET binding = NULL WHERE workspace_id = 'ws1'")
+        .await;
+}
+
+/// A database written before params were bound: its fingerprint key sealed
+/// under the old purpose, no bindings. The first start binds every
+/// connection's params as they are; from then on an unbound row is
+/// DATA_LOSS, and going back needs a copy of the old sealed key.
+#[tokio::test]
+async fn a_database_from_before_bindings_is_bound_once_at_start() {
+    let dir = VaultDir::new();
+    store(&open_vault(&dir).await, "ws1").await;
+    make_legacy(&dir);
+    let db = Connection::open(dir.db()).unwrap();
+    let unbound: i64 = db
+        .query_row(
+            "SELECT count(*) FROM credentials WHERE binding IS NULL",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(unbound, 1);
+
+    let vault = open_vault(&dir).await;
+    vault.decrypt(&target("ws1")).await.unwrap();
+    let unbound: i64 = db
+        .query_row(
+            "SELECT count(*) FROM credentials WHERE binding IS NULL",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(unbound, 0, "the start-up bound the legacy row");
+    let purposes: Vec<String> = db
+        .prepare("SELECT purpose FROM key_material WHERE purpose LIKE 'fingerprint%'")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(purposes, [credvault::crypto::FINGERPRINT_KEY_PURPOSE]);
+
+    db.execute_batch("UPDATE credentials SET binding = NULL WHERE workspace_id = 'ws1'")
+        .unwrap();
+    drop(vault);
+    let vault = open_vault(&dir).await;
+    assert!(matches!(
+        vault.decrypt(&target("ws1")).await,
+        Err(VaultError::DataLoss)
+    ));
+}
+
+/// Rewrites a database into the shape the previous release left: no params
+/// bindings, and the fingerprint key sealed under its old purpose.
+fn make_legacy(dir: &VaultDir) {
+    use credvault::crypto::{FINGERPRINT_KEY_PURPOSE, LEGACY_FINGERPRINT_KEY_PURPOSE, NONCE_LEN};
+    let root = RootKey::from_file(&dir.path().join("root.key")).unwrap();
+    let db = Connection::open(dir.db()).unwrap();
+    let (nonce, ciphertext): (Vec<u8>, Vec<u8>) = db
+        .query_row(
+            "SELECT nonce, wrapped_key FROM key_material WHERE purpose = ?1",
+            [FINGERPRINT_KEY_PURPOSE],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    let sealed = credvault::crypto::Sealed {
+        nonce: <[u8; NONCE_LEN]>::try_from(nonce.as_slice()).unwrap(),
+        ciphertext,
+    };
+    let key = root.open(FINGERPRINT_KEY_PURPOSE, &sealed).unwrap();
+    let legacy = root
+        .seal(
+            &ring::rand::SystemRandom::new(),
+            LEGACY_FINGERPRINT_KEY_PURPOSE,
+            key.expose_secret(),
+        )
+        .unwrap();
+    db.execute(
+        "UPDATE key_material SET purpose = ?1, nonce = ?2, wrapped_key = ?3 WHERE purpose = ?4",
+        rusqlite::params![
+            LEGACY_FINGERPRINT_KEY_PURPOSE,
+            legacy.nonce.as_slice(),
+            legacy.ciphertext,
+            FINGERPRINT_KEY_PURPOSE
+        ],
+    )
+    .unwrap();
+    db.execute_batch("UPDATE credentials SET binding = NULL")
+        .unwrap();
 }
 
 #[tokio::test]
@@ -233,4 +349,127 @@ async fn another_root_key_cannot_open_the_database() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("root key does not open"), "{err}");
+}
+
+/// A reader (a backup tool, a long `audit verify`) holds a snapshot, so the
+/// WAL cannot be emptied after a Zero. Zero must not answer OK while the
+/// destroyed ciphertext is still in the files; once the reader lets go, the
+/// vault finishes the shred by itself.
+#[tokio::test]
+async fn zero_is_not_ok_while_a_reader_keeps_the_secret_on_disk() {
+    let dir = VaultDir::new();
+    let vault = dir.start().await;
+    let mut c = vault.client().await;
+    c.store(amplitude("ws", API_KEY, SECRET)).await.unwrap();
+    let material = stored_material(&dir);
+
+    let reader = hold_snapshot(&dir);
+    let err = c.zero(reference("ws", "amplitude")).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("disconnected"), "{}", err.message());
+    assert!(
+        err.message().contains("write-ahead log"),
+        "{}",
+        err.message()
+    );
+    let redacted = c
+        .redact(reference("ws", "amplitude"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        redacted.secrets.is_empty(),
+        "the connection is already disconnected"
+    );
+    assert_eq!(
+        dir.number("SELECT count(*) FROM audit_events"),
+        3,
+        "Store, Zero (written with the change, not again), Redact"
+    );
+    assert!(
+        left_behind(&dir, &material) > 0,
+        "the reader kept the old pages"
+    );
+
+    drop(reader);
+    wait_until(|| left_behind(&dir, &material) == 0).await;
+    c.zero(reference("ws", "amplitude")).await.unwrap();
+}
+
+/// The same for a Store that replaces a connection's secrets: the old
+/// ciphertext and data key leave the files once the reader lets go, without
+/// another call.
+#[tokio::test]
+async fn replaced_secrets_leave_the_files_once_the_reader_lets_go() {
+    let dir = VaultDir::new();
+    let vault = dir.start().await;
+    let mut c = vault.client().await;
+    c.store(amplitude("ws", API_KEY, SECRET)).await.unwrap();
+    let material = stored_material(&dir);
+
+    let reader = hold_snapshot(&dir);
+    c.store(amplitude(
+        "ws",
+        "f0e1d2c3b4a5968778695a4b3c2d1e0f",
+        "Zz9yXx8wWw7vVv6uUu5tTt4sSs3rRr2q",
+    ))
+    .await
+    .unwrap();
+    assert!(
+        left_behind(&dir, &material) > 0,
+        "the reader kept the old pages"
+    );
+    drop(reader);
+    wait_until(|| left_behind(&dir, &material) == 0).await;
+}
+
+/// The stored ciphertexts and wrapped data key of every connection.
+fn stored_material(dir: &VaultDir) -> Vec<Vec<u8>> {
+    let db = rusqlite::Connection::open(dir.db()).unwrap();
+    let mut material: Vec<Vec<u8>> = db
+        .prepare("SELECT ciphertext FROM credential_secrets")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    material.extend(
+        db.prepare("SELECT wrapped_dek FROM credentials")
+            .unwrap()
+            .query_map([], |r| r.get::<_, Vec<u8>>(0))
+            .unwrap()
+            .map(Result::unwrap),
+    );
+    assert!(!material.is_empty());
+    material
+}
+
+/// How many of `material` are still in the database file or its WAL.
+fn left_behind(dir: &VaultDir, material: &[Vec<u8>]) -> usize {
+    let files: Vec<Vec<u8>> = ["", "-wal"]
+        .iter()
+        .map(|suffix| std::fs::read(format!("{}{suffix}", dir.db().display())).unwrap_or_default())
+        .collect();
+    material
+        .iter()
+        .filter(|m| files.iter().any(|f| contains_bytes(f, m)))
+        .count()
+}
+
+/// A connection holding a read transaction open, as a backup tool would.
+fn hold_snapshot(dir: &VaultDir) -> rusqlite::Connection {
+    let db = rusqlite::Connection::open(dir.db()).unwrap();
+    db.execute_batch("BEGIN").unwrap();
+    let _: i64 = db
+        .query_row("SELECT count(*) FROM credential_secrets", [], |r| r.get(0))
+        .unwrap();
+    db
+}
+
+async fn wait_until(mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !done() {
+        assert!(Instant::now() < deadline, "not done within 20 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -1,16 +1,14 @@
 //! Attacks on the promise that only the vault can decrypt a provider key, each
 //! tried the way an attacker would: through the gRPC API, or by writing to the
-//! database behind the vault's back. RELIABILITY.md ("Attacks tried") lists
-//! them with their figures. SQLite only: they hold SQLite's locks and read its
-//! files (the params edits hold on PostgreSQL by the same code path).
+//! database behind the vault's back, on either backend. RELIABILITY.md
+//! ("Attacks tried") lists them with their figures; the ones that need
+//! SQLite's files or locks are in at_rest.rs and faults.rs.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 mod common;
 
-use std::time::{Duration, Instant};
-
-use common::{amplitude, contains_bytes, map, reference, TestVault, VaultDir};
+use common::{amplitude, map, reference, TestVault, VaultDir};
 use credvault::dev::fake::{FakeProvider, Reply};
 use credvault::proto::{ProxyRequest, StoreRequest};
 use tonic::Code;
@@ -164,112 +162,6 @@ async fn edited_params_send_nothing_anywhere() {
     assert_eq!(w.fake.request_count(), 3);
 }
 
-/// A reader (a backup tool, a long `audit verify`) holds a snapshot, so the
-/// WAL cannot be emptied after a Zero. Zero must not answer OK while the
-/// destroyed ciphertext is still in the files; once the reader lets go, the
-/// vault finishes the shred by itself.
-#[tokio::test]
-async fn zero_is_not_ok_while_a_reader_keeps_the_secret_on_disk() {
-    let dir = VaultDir::new();
-    let vault = dir.start().await;
-    let mut c = vault.client().await;
-    c.store(amplitude("ws", API_KEY, SECRET)).await.unwrap();
-    let material = stored_material(&dir);
-
-    let reader = hold_snapshot(&dir);
-    let err = c.zero(reference("ws", "amplitude")).await.unwrap_err();
-    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    assert!(err.message().contains("disconnected"), "{}", err.message());
-    assert!(
-        err.message().contains("write-ahead log"),
-        "{}",
-        err.message()
-    );
-    let redacted = c
-        .redact(reference("ws", "amplitude"))
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(
-        redacted.secrets.is_empty(),
-        "the connection is already disconnected"
-    );
-    assert_eq!(
-        audit_events(&dir),
-        3,
-        "Store, Zero (written with the change, not again), Redact"
-    );
-    assert!(
-        left_behind(&dir, &material) > 0,
-        "the reader kept the old pages"
-    );
-
-    drop(reader);
-    wait_until(|| left_behind(&dir, &material) == 0).await;
-    c.zero(reference("ws", "amplitude")).await.unwrap();
-}
-
-/// The same for a Store that replaces a connection's secrets: the old
-/// ciphertext and data key leave the files once the reader lets go, without
-/// another call.
-#[tokio::test]
-async fn replaced_secrets_leave_the_files_once_the_reader_lets_go() {
-    let dir = VaultDir::new();
-    let vault = dir.start().await;
-    let mut c = vault.client().await;
-    c.store(amplitude("ws", API_KEY, SECRET)).await.unwrap();
-    let material = stored_material(&dir);
-
-    let reader = hold_snapshot(&dir);
-    c.store(amplitude(
-        "ws",
-        "f0e1d2c3b4a5968778695a4b3c2d1e0f",
-        "Zz9yXx8wWw7vVv6uUu5tTt4sSs3rRr2q",
-    ))
-    .await
-    .unwrap();
-    assert!(
-        left_behind(&dir, &material) > 0,
-        "the reader kept the old pages"
-    );
-    drop(reader);
-    wait_until(|| left_behind(&dir, &material) == 0).await;
-}
-
-/// Another process holds SQLite's write lock past the busy timeout (5 s),
-/// then lets go. The Store fails, and a Store reported as failed changed
-/// nothing: its statements must not run on their own, outside a transaction,
-/// once the lock is free.
-#[tokio::test]
-async fn a_write_reported_as_failed_changed_nothing() {
-    let dir = VaultDir::new();
-    let vault = dir.start().await;
-    let mut c = vault.client().await;
-    let before = audit_events(&dir);
-    let (locked, is_locked) = std::sync::mpsc::channel();
-    let db = dir.db();
-    let holder = std::thread::spawn(move || {
-        let db = rusqlite::Connection::open(db).unwrap();
-        db.execute_batch("BEGIN IMMEDIATE").unwrap();
-        locked.send(()).unwrap();
-        std::thread::sleep(Duration::from_millis(6_500));
-        db.execute_batch("ROLLBACK").unwrap();
-    });
-    is_locked.recv().unwrap();
-    let err = c.store(amplitude("ws", API_KEY, SECRET)).await.unwrap_err();
-    assert_ne!(err.code(), Code::Ok);
-    holder.join().unwrap();
-    assert_eq!(
-        dir.number("SELECT count(*) FROM credentials"),
-        0,
-        "the failed Store was committed anyway"
-    );
-    assert_eq!(dir.number("SELECT count(*) FROM credential_secrets"), 0);
-    let err = c.redact(reference("ws", "amplitude")).await.unwrap_err();
-    assert_eq!(err.code(), Code::NotFound);
-    assert!(audit_events(&dir) > before, "the refusal is audited");
-}
-
 /// An Amperity token whose `exp` does not fit in time arithmetic panicked the
 /// Store handler, and the call got no audit event.
 #[tokio::test]
@@ -284,56 +176,5 @@ async fn an_exp_out_of_range_is_invalid_with_one_audit_event() {
         assert_eq!(err.code(), Code::InvalidArgument, "{exp}: {err:?}");
         assert!(err.message().contains("exp"), "{}", err.message());
         assert_eq!(audit_events(&dir), before + 1, "{exp}");
-    }
-}
-
-/// The stored ciphertexts and wrapped data key of every connection.
-fn stored_material(dir: &VaultDir) -> Vec<Vec<u8>> {
-    let db = rusqlite::Connection::open(dir.db()).unwrap();
-    let mut material: Vec<Vec<u8>> = db
-        .prepare("SELECT ciphertext FROM credential_secrets")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
-    material.extend(
-        db.prepare("SELECT wrapped_dek FROM credentials")
-            .unwrap()
-            .query_map([], |r| r.get::<_, Vec<u8>>(0))
-            .unwrap()
-            .map(Result::unwrap),
-    );
-    assert!(!material.is_empty());
-    material
-}
-
-/// How many of `material` are still in the database file or its WAL.
-fn left_behind(dir: &VaultDir, material: &[Vec<u8>]) -> usize {
-    let files: Vec<Vec<u8>> = ["", "-wal"]
-        .iter()
-        .map(|suffix| std::fs::read(format!("{}{suffix}", dir.db().display())).unwrap_or_default())
-        .collect();
-    material
-        .iter()
-        .filter(|m| files.iter().any(|f| contains_bytes(f, m)))
-        .count()
-}
-
-/// A connection holding a read transaction open, as a backup tool would.
-fn hold_snapshot(dir: &VaultDir) -> rusqlite::Connection {
-    let db = rusqlite::Connection::open(dir.db()).unwrap();
-    db.execute_batch("BEGIN").unwrap();
-    let _: i64 = db
-        .query_row("SELECT count(*) FROM credential_secrets", [], |r| r.get(0))
-        .unwrap();
-    db
-}
-
-async fn wait_until(mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !done() {
-        assert!(Instant::now() < deadline, "not done within 20 s");
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

@@ -717,3 +717,43 @@ async fn an_idle_vault_core_image_holds_no_canary() {
     );
     assert_eq!(hits, 0, "plaintext left in the idle process's memory");
 }
+
+/// Another process holds SQLite's write lock past the busy timeout (5 s),
+/// then lets go. The Store fails, and a Store reported as failed changed
+/// nothing: its statements must not run on their own, outside a transaction,
+/// once the lock is free.
+#[tokio::test]
+async fn a_write_reported_as_failed_changed_nothing() {
+    let dir = VaultDir::new();
+    let vault = dir.start().await;
+    let mut c = vault.client().await;
+    let before = dir.number("SELECT count(*) FROM audit_events");
+    let (locked, is_locked) = std::sync::mpsc::channel();
+    let db = dir.db();
+    let holder = std::thread::spawn(move || {
+        let db = rusqlite::Connection::open(db).unwrap();
+        db.execute_batch("BEGIN IMMEDIATE").unwrap();
+        locked.send(()).unwrap();
+        std::thread::sleep(Duration::from_millis(6_500));
+        db.execute_batch("ROLLBACK").unwrap();
+    });
+    is_locked.recv().unwrap();
+    let err = c
+        .store(amplitude("ws", "a1b2c3d4e5f6a7b8c9d0e1f2a3b4c5d6", SECRET))
+        .await
+        .unwrap_err();
+    assert_ne!(err.code(), Code::Ok);
+    holder.join().unwrap();
+    assert_eq!(
+        dir.number("SELECT count(*) FROM credentials"),
+        0,
+        "the failed Store was committed anyway"
+    );
+    assert_eq!(dir.number("SELECT count(*) FROM credential_secrets"), 0);
+    let err = c.redact(reference("ws", "amplitude")).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(
+        dir.number("SELECT count(*) FROM audit_events") > before,
+        "the refusal is audited"
+    );
+}

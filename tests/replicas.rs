@@ -30,17 +30,8 @@ fn shared_vault(fake: Option<&FakeProvider>) -> Option<(VaultDir, PathBuf)> {
         return None;
     }
     let dir = VaultDir::new();
+    // The harness gives the password in a 0600 file, as production would.
     let mut config = dir.config();
-    // The password from a file, as production would give it, not in the URL.
-    let mut url = url::Url::parse(config.storage.url.as_deref().unwrap()).unwrap();
-    let password = dir.path().join("db-password");
-    common::write_private(
-        &password,
-        format!("{}\n", url.password().unwrap()).as_bytes(),
-    );
-    url.set_password(None).unwrap();
-    config.storage.url = Some(url.to_string());
-    config.storage.password_file = Some(password);
     if let Some(fake) = fake {
         config.providers.posthog.base_urls = [("us".to_owned(), fake.url())].into();
     }

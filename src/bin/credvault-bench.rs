@@ -694,9 +694,16 @@ async fn replicas(
 ) -> Result<(), String> {
     for count in 1..=3usize {
         let database = create_database(server).await?;
+        // The vault refuses a password in the URL: it goes in a 0600 file.
+        let mut url = url::Url::parse(&database).map_err(|e| format!("--postgres: {e}"))?;
+        let password_file = dir.join(format!("pg-{count}-password"));
+        write_private(&password_file, url.password().unwrap_or_default())?;
+        url.set_password(None)
+            .map_err(|()| "--postgres: the URL cannot lose its password")?;
         let (config, data) = prepare_vault(dir, &format!("pg-{count}"), fake, fake_ca, |c| {
             c.storage.backend = credvault::config::Backend::Postgres;
-            c.storage.url = Some(database.clone());
+            c.storage.url = Some(url.to_string());
+            c.storage.password_file = Some(password_file.clone());
         })?;
         let mut vaults = Vec::new();
         for _ in 0..count {
@@ -763,6 +770,20 @@ fn store_new_op(channels: Arc<Vec<Channel>>) -> Op {
 }
 
 /// A fresh database on `server`, returned as a URL.
+/// Writes `text` to a new file only its owner may read.
+fn write_private(path: &Path, text: &str) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
 async fn create_database(server: &str) -> Result<String, String> {
     let (client, connection) = tokio_postgres::connect(server, tokio_postgres::NoTls)
         .await

@@ -123,12 +123,21 @@ impl VaultDir {
     /// The storage section every vault of this folder uses.
     pub fn storage(&self) -> StorageConfig {
         match &self.postgres {
-            Some(db) => StorageConfig {
-                backend: Backend::Postgres,
-                url: Some(db.url.clone()),
-                pool_size: 8,
-                ..StorageConfig::default()
-            },
+            Some(db) => {
+                // The password from a 0600 file, as production gives it: the
+                // vault refuses one in the URL.
+                let mut url = url::Url::parse(&db.url).unwrap();
+                let password = self.path().join("db-password");
+                write_private(&password, url.password().unwrap_or_default().as_bytes());
+                url.set_password(None).unwrap();
+                StorageConfig {
+                    backend: Backend::Postgres,
+                    url: Some(url.to_string()),
+                    password_file: Some(password),
+                    pool_size: 8,
+                    ..StorageConfig::default()
+                }
+            }
             None => StorageConfig {
                 backend: Backend::Sqlite,
                 path: self.db(),
