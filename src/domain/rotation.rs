@@ -331,5 +331,21 @@ pub async fn rotate_root(
             audit::Details::default(),
         ))
         .await?;
+    // The keys sealed under the old root key were overwritten; their old
+    // bytes leave the files once no reader holds an old snapshot.
+    let deadline = std::time::Instant::now() + ROTATE_ROOT_SHRED_WAIT;
+    while store.shreds_pending() > 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    if store.shreds_pending() > 0 {
+        return Err(VaultError::ShredPending(format!(
+            "resealed {count} keys under the new root key, but the old sealed keys are still \
+             in the database's write-ahead log: a reader (a backup, a long `audit verify`) \
+             holds an old snapshot. Stop it; the vault removes them when it next starts"
+        )));
+    }
     Ok(count)
 }
+
+/// How long `rotate-root` waits for readers to let go of the old sealed keys.
+const ROTATE_ROOT_SHRED_WAIT: std::time::Duration = std::time::Duration::from_secs(10);

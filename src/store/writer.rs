@@ -66,7 +66,10 @@ impl Writer {
     pub fn start(conn: Connection, group_commit: bool) -> std::io::Result<Self> {
         let (jobs, queue) = mpsc::channel::<Job>();
         let max_batch = if group_commit { MAX_BATCH } else { 1 };
-        let pending_shreds = Arc::new(AtomicU64::new(0));
+        // A WAL left by a process that stopped while a shred was pending may
+        // still hold destroyed material: empty it first, or keep trying.
+        let leftover = u64::from(shred_wal(&conn, Duration::ZERO) == Shred::Pending);
+        let pending_shreds = Arc::new(AtomicU64::new(leftover));
         let pending = Arc::clone(&pending_shreds);
         std::thread::Builder::new()
             .name("credvault-sqlite-writer".into())
