@@ -22,13 +22,13 @@ use tonic::transport::Channel;
 
 const PHX: &str = "phx_Rk3Vw9Qm2Lx8Tz5Nc1Bd7Yf4Gh6Js0";
 
-/// A vault folder on PostgreSQL with its configuration written to a file;
-/// `None` (and a note) when no server is configured.
-fn shared_vault(fake: Option<&FakeProvider>) -> Option<(VaultDir, PathBuf)> {
-    if common::on_sqlite() {
-        eprintln!("skipped: set CREDVAULT_TEST_POSTGRES to run the replica tests");
-        return None;
-    }
+/// Why every test here is ignored by a plain `cargo test`: scripts/test runs
+/// them with `--include-ignored` in its PostgreSQL pass.
+const NEEDS_POSTGRES: &str = "needs PostgreSQL: set CREDVAULT_TEST_POSTGRES (scripts/test does)";
+
+/// A vault folder on PostgreSQL with its configuration written to a file.
+fn shared_vault(fake: Option<&FakeProvider>) -> (VaultDir, PathBuf) {
+    assert!(!common::on_sqlite(), "{NEEDS_POSTGRES}");
     let dir = VaultDir::new();
     // The harness gives the password in a 0600 file, as production would.
     let mut config = dir.config();
@@ -37,7 +37,7 @@ fn shared_vault(fake: Option<&FakeProvider>) -> Option<(VaultDir, PathBuf)> {
     }
     let path = dir.path().join("credvault.toml");
     std::fs::write(&path, config.to_toml()).unwrap();
-    Some((dir, path))
+    (dir, path)
 }
 
 async fn channel(dir: &VaultDir, replica: &ServerProcess, identity: &str) -> Channel {
@@ -85,10 +85,9 @@ fn audit_verify(config: &std::path::Path) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL: set CREDVAULT_TEST_POSTGRES (scripts/test does)"]
 async fn two_replicas_share_every_connection() {
-    let Some((dir, config)) = shared_vault(None) else {
-        return;
-    };
+    let (dir, config) = shared_vault(None);
     let (a, b) = (
         common::spawn_server(&config).await,
         common::spawn_server(&config).await,
@@ -124,10 +123,9 @@ async fn two_replicas_share_every_connection() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL: set CREDVAULT_TEST_POSTGRES (scripts/test does)"]
 async fn three_replicas_under_load_one_killed_lose_nothing_and_keep_one_chain() {
-    let Some((dir, config)) = shared_vault(None) else {
-        return;
-    };
+    let (dir, config) = shared_vault(None);
     // Started at once on an empty database: they race to migrate, to create
     // the keyring and the audit signing key, and must agree on all three.
     let (a, b, c) = tokio::join!(
@@ -209,15 +207,14 @@ async fn three_replicas_under_load_one_killed_lose_nothing_and_keep_one_chain() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL: set CREDVAULT_TEST_POSTGRES (scripts/test does)"]
 async fn a_rotation_on_one_replica_is_rewrapped_once_and_decrypts_everywhere() {
     let dir_ca = credvault::dev::certs::DevCa::generate("provider CA").unwrap();
     let fake = FakeProvider::start(&dir_ca, |_| {
         Reply::json(200, r#"{"id":42,"name":"shared"}"#)
     })
     .await;
-    let Some((dir, config)) = shared_vault(Some(&fake)) else {
-        return;
-    };
+    let (dir, config) = shared_vault(Some(&fake));
     // The fake's certificate comes from its own CA: trust it too.
     let mut loaded = credvault::config::Config::load(&config).unwrap();
     let ca = dir.path().join("provider-ca.pem");
@@ -278,10 +275,9 @@ async fn a_rotation_on_one_replica_is_rewrapped_once_and_decrypts_everywhere() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL: set CREDVAULT_TEST_POSTGRES (scripts/test does)"]
 async fn a_replica_with_the_wrong_root_key_refuses_to_serve() {
-    let Some((dir, config)) = shared_vault(None) else {
-        return;
-    };
+    let (dir, config) = shared_vault(None);
     let first = common::spawn_server(&config).await;
     app(&dir, &first).await.store(posthog("ws")).await.unwrap();
     let wrong = dir.path().join("wrong-root.key");
