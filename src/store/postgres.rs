@@ -498,6 +498,26 @@ fn status_text(status: StoredStatus) -> &'static str {
     }
 }
 
+/// Stores root-sealed key material under `purpose`, unless some is there already.
+async fn insert_key_material(
+    c: &impl GenericClient,
+    purpose: &str,
+    sealed: &Sealed,
+) -> Result<(), StoreError> {
+    c.execute(
+        "INSERT INTO key_material (purpose, nonce, wrapped_key, created_at) \
+         VALUES ($1, $2, $3, $4) ON CONFLICT (purpose) DO NOTHING",
+        &[
+            &purpose,
+            &sealed.nonce.as_slice(),
+            &sealed.ciphertext,
+            &millis(SystemTime::now()),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
 #[async_trait]
 impl Store for PostgresStore {
     async fn load_keys(&self) -> Result<Option<StoredKeys>, StoreError> {
@@ -751,17 +771,7 @@ impl Store for PostgresStore {
         }
         // Another replica starting at the same moment may have done it first:
         // its tags are the same, and either sealing of the key opens.
-        tx.execute(
-            "INSERT INTO key_material (purpose, nonce, wrapped_key, created_at) \
-             VALUES ($1, $2, $3, $4) ON CONFLICT (purpose) DO NOTHING",
-            &[
-                &FINGERPRINT_KEY,
-                &fingerprint_key.nonce.as_slice(),
-                &fingerprint_key.ciphertext,
-                &millis(SystemTime::now()),
-            ],
-        )
-        .await?;
+        insert_key_material(&tx, FINGERPRINT_KEY, &fingerprint_key).await?;
         tx.execute(
             "DELETE FROM key_material WHERE purpose = $1",
             &[&LEGACY_FINGERPRINT_KEY],
@@ -1028,18 +1038,7 @@ impl Store for PostgresStore {
     async fn put_key_material(&self, purpose: &str, sealed: Sealed) -> Result<(), StoreError> {
         let c = self.client().await?;
         // Replicas starting together may each create the same material: the first one wins.
-        c.execute(
-            "INSERT INTO key_material (purpose, nonce, wrapped_key, created_at) \
-             VALUES ($1, $2, $3, $4) ON CONFLICT (purpose) DO NOTHING",
-            &[
-                &purpose,
-                &sealed.nonce.as_slice(),
-                &sealed.ciphertext,
-                &millis(SystemTime::now()),
-            ],
-        )
-        .await?;
-        Ok(())
+        insert_key_material(&c, purpose, &sealed).await
     }
 
     async fn rewrap_lock(&self) -> Result<Option<Box<dyn std::any::Any + Send>>, StoreError> {
