@@ -22,7 +22,7 @@ use crate::crypto::{self, Keyring, RootKey};
 use crate::outbound::Outbound;
 use crate::providers::validation::{Validation, Verdict};
 use crate::providers::{Params, Provider, Secrets};
-use crate::store::{CredentialRecord, SecretRecord, Store, StoredStatus, WrappedDataKey};
+use crate::store::{CredentialRecord, SecretRecord, Shred, Store, StoredStatus, WrappedDataKey};
 use validate::Validator;
 
 pub use audit_log::AuditLog;
@@ -324,7 +324,7 @@ impl Vault {
         context: &audit::Context,
     ) -> Result<Connection, VaultError> {
         let event = Event::new(context, audit::OUTCOME_OK, audit::Details::default());
-        let (record, appended) = self
+        let (record, appended, shred) = self
             .store
             .zero(
                 target.workspace_id.as_str(),
@@ -335,25 +335,14 @@ impl Vault {
             .await?
             .ok_or_else(|| target.not_found())?;
         self.audit.appended(&appended);
-        self.shredded(&format!(
-            "the {} connection of workspace `{}` is disconnected and its secrets deleted",
-            target.provider, target.workspace_id
-        ))?;
+        shredded(
+            shred,
+            &format!(
+                "the {} connection of workspace `{}` is disconnected and its secrets deleted",
+                target.provider, target.workspace_id
+            ),
+        )?;
         Ok(record.into())
-    }
-
-    /// Fails with [`VaultError::ShredPending`] while destroyed material is
-    /// still in the database's files: an OK must mean it is gone.
-    fn shredded(&self, done: &str) -> Result<(), VaultError> {
-        match self.store.shreds_pending() {
-            0 => Ok(()),
-            n => Err(VaultError::ShredPending(format!(
-                "{done}, but their old bytes are still in the database's write-ahead log: \
-                 a reader (a backup, a long `audit verify`) holds an old snapshot. The vault \
-                 removes them as soon as it lets go ({n} pending; see the shreds_pending \
-                 metric); call again to confirm"
-            ))),
-        }
     }
 
     /// Every connection of a workspace, by provider name.
@@ -522,6 +511,19 @@ impl Vault {
             .get(target.workspace_id.as_str(), target.provider.name())
             .await?
             .ok_or_else(|| target.not_found())
+    }
+}
+
+/// Fails with [`VaultError::ShredPending`] while destroyed material is still
+/// in the database's files: an OK must mean it is gone.
+fn shredded(shred: Shred, done: &str) -> Result<(), VaultError> {
+    match shred {
+        Shred::Done => Ok(()),
+        Shred::Pending => Err(VaultError::ShredPending(format!(
+            "{done}, but the old bytes are still in the database's write-ahead log: a reader \
+             (a backup, a long `audit verify`) holds an old snapshot. The vault removes them \
+             as soon as it lets go (see the shreds_pending metric); call again to confirm"
+        ))),
     }
 }
 

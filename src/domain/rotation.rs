@@ -105,15 +105,14 @@ impl Vault {
             )));
         }
         self.rewrap_pass().await?;
-        match self.store.retire_key_version(version).await? {
+        let (outcome, shred) = self.store.retire_key_version(version).await?;
+        match outcome {
             RetireOutcome::Retired => {
                 self.keyring_write().remove(version);
                 tracing::info!(version, "key version retired and destroyed");
-                self.shredded(&format!("key version {version} is retired and destroyed"))?;
+                super::shredded(shred, &format!("key version {version} is retired"))?;
             }
-            RetireOutcome::AlreadyRetired => {
-                self.shredded(&format!("key version {version} is retired"))?;
-            }
+            RetireOutcome::AlreadyRetired => {}
             RetireOutcome::InUse(n) => {
                 return Err(VaultError::FailedPrecondition(format!(
                     "key version {version} still wraps {n} credential(s); wait for the rewrap \

@@ -215,6 +215,17 @@ pub struct Rewrapped {
     pub new: WrappedDataKey,
 }
 
+/// Whether material a write destroyed has left the database's files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shred {
+    /// Nothing of it remains (or the store cannot tell more: see the README
+    /// on what PostgreSQL keeps).
+    Done,
+    /// A reader's snapshot still needs old pages: SQLite's WAL keeps them
+    /// until the writer, retrying in the background, can empty it.
+    Pending,
+}
+
 /// What `retire_key_version` did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RetireOutcome {
@@ -316,7 +327,7 @@ pub trait Store: Send + Sync + 'static {
         provider: &str,
         at: SystemTime,
         event: Event,
-    ) -> Result<Option<(CredentialRecord, StoredEvent)>, StoreError>;
+    ) -> Result<Option<(CredentialRecord, StoredEvent, Shred)>, StoreError>;
     /// Writes that destroyed key or secret material (Zero, Retire, a Store
     /// that replaced secrets) whose old bytes the database's files still
     /// hold, because a reader's snapshot needs them; 0 once none do.
@@ -357,7 +368,7 @@ pub trait Store: Send + Sync + 'static {
     /// Applies a batch of rewrapped data keys in one transaction; returns how many applied.
     async fn rewrap(&self, batch: Vec<Rewrapped>) -> Result<usize, StoreError>;
     /// Destroys an unused key version's material and marks it retired.
-    async fn retire_key_version(&self, version: u32) -> Result<RetireOutcome, StoreError>;
+    async fn retire_key_version(&self, version: u32) -> Result<(RetireOutcome, Shred), StoreError>;
     /// Every key sealed under the root key: the active key versions and the
     /// other material, by purpose.
     async fn root_sealed(

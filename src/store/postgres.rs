@@ -15,7 +15,7 @@ use zeroize::Zeroizing;
 
 use super::{
     millis, sealed_from, time, CredentialRecord, KeyVersionRow, ParamsBinding, RetireOutcome,
-    Rewrapped, SecretRecord, StaleDataKey, Store, StoreError, StoredKeys, StoredStatus,
+    Rewrapped, SecretRecord, Shred, StaleDataKey, Store, StoreError, StoredKeys, StoredStatus,
     WrappedDataKey,
 };
 use crate::audit::{chain_hash, Checkpoint, Event, StoredEvent, HASH_LEN};
@@ -704,7 +704,7 @@ impl Store for PostgresStore {
         provider: &str,
         at: SystemTime,
         event: Event,
-    ) -> Result<Option<(CredentialRecord, StoredEvent)>, StoreError> {
+    ) -> Result<Option<(CredentialRecord, StoredEvent, Shred)>, StoreError> {
         let mut c = self.client().await?;
         let tx = c.transaction().await?;
         tx.execute(
@@ -737,7 +737,7 @@ impl Store for PostgresStore {
         drop(c);
         // The old row versions are dead tuples until VACUUM frees them.
         self.vacuum("credential_secrets, credentials").await;
-        Ok(Some((row, stored)))
+        Ok(Some((row, stored, Shred::Done)))
     }
 
     async fn connected_credentials(&self) -> Result<Vec<CredentialRecord>, StoreError> {
@@ -942,7 +942,7 @@ impl Store for PostgresStore {
         Ok(usize::try_from(applied).unwrap_or(usize::MAX))
     }
 
-    async fn retire_key_version(&self, version: u32) -> Result<RetireOutcome, StoreError> {
+    async fn retire_key_version(&self, version: u32) -> Result<(RetireOutcome, Shred), StoreError> {
         let mut c = self.client().await?;
         let tx = c.transaction().await?;
         let v = version_i32(version);
@@ -955,8 +955,8 @@ impl Store for PostgresStore {
             .map(|r| r.try_get(0))
             .transpose()?;
         match state.as_deref() {
-            None => return Ok(RetireOutcome::Unknown),
-            Some("retired") => return Ok(RetireOutcome::AlreadyRetired),
+            None => return Ok((RetireOutcome::Unknown, Shred::Done)),
+            Some("retired") => return Ok((RetireOutcome::AlreadyRetired, Shred::Done)),
             Some(_) => {}
         }
         let users: i64 = tx
@@ -967,7 +967,7 @@ impl Store for PostgresStore {
             .await?
             .try_get(0)?;
         if users > 0 {
-            return Ok(RetireOutcome::InUse(seq_u64(users)?));
+            return Ok((RetireOutcome::InUse(seq_u64(users)?), Shred::Done));
         }
         tx.execute(
             "UPDATE key_versions SET state = 'retired', nonce = '', wrapped_key = '' \
@@ -980,7 +980,9 @@ impl Store for PostgresStore {
             .map_err(|e| StoreError::Commit(e.to_string()))?;
         drop(c);
         self.vacuum("key_versions").await;
-        Ok(RetireOutcome::Retired)
+        // What VACUUM leaves behind is described in the README; there is no
+        // reader to wait for as with SQLite's WAL.
+        Ok((RetireOutcome::Retired, Shred::Done))
     }
 
     async fn root_sealed(

@@ -8,10 +8,10 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row};
 
-use super::writer::Writer;
+use super::writer::{Destroys, Writer};
 use super::{
     millis, sealed_from, time, CredentialRecord, KeyVersionRow, ParamsBinding, RetireOutcome,
-    Rewrapped, SecretRecord, StaleDataKey, Store, StoreError, StoredKeys, StoredStatus,
+    Rewrapped, SecretRecord, Shred, StaleDataKey, Store, StoreError, StoredKeys, StoredStatus,
     WrappedDataKey,
 };
 use crate::audit::{chain_hash, Checkpoint, Event, StoredEvent, GENESIS, HASH_LEN};
@@ -144,21 +144,20 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        let (value, _) = self.inner.writer.write(f, |_| false).await?;
+        let (value, _) = self.inner.writer.write(f, |_| Destroys::Nothing).await?;
         Ok(value)
     }
 
     /// As [`Self::write`], then checkpoints and truncates the WAL: for writes
     /// that destroy key or secret material. If a reader holds that up, the
-    /// write has still happened: [`Store::shreds_pending`] counts it until
-    /// the writer, retrying, finishes.
-    async fn write_destroying<T, F>(&self, f: F) -> Result<T, StoreError>
+    /// write has still happened, the answer says `Pending`, and
+    /// [`Store::shreds_pending`] counts it until the writer, retrying, finishes.
+    async fn write_destroying<T, F>(&self, f: F) -> Result<(T, Shred), StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        let (value, _) = self.inner.writer.write(f, |_| true).await?;
-        Ok(value)
+        self.inner.writer.write(f, |_| Destroys::Now).await
     }
 
     /// Runs a short point read (an indexed lookup of a few rows) right here on
@@ -643,10 +642,10 @@ impl Store for SqliteStore {
         record: CredentialRecord,
         event: Event,
     ) -> Result<(CredentialRecord, StoredEvent), StoreError> {
-        // Replaced secrets and their data key are destroyed material: the WAL
-        // is emptied after the commit, as after a Zero. If a reader holds it
-        // up, the Store has still happened; the writer finishes the shred in
-        // the background and counts it as pending.
+        // Replaced secrets and their data key are destroyed material: the
+        // writer empties the WAL in the background soon after (one checkpoint
+        // for many Stores), counting it as pending until then. The Store has
+        // happened either way, so its answer does not wait.
         let ((row, stored, _), _) = self
             .inner
             .writer
@@ -658,7 +657,13 @@ impl Store for SqliteStore {
                         .ok_or(StoreError::Corrupt("row vanished after write"))?;
                     Ok((row, stored, replaced))
                 },
-                |(_, _, replaced)| *replaced,
+                |(_, _, replaced)| {
+                    if *replaced {
+                        Destroys::Soon
+                    } else {
+                        Destroys::Nothing
+                    }
+                },
             )
             .await?;
         Ok((row, stored))
@@ -721,17 +726,19 @@ impl Store for SqliteStore {
         provider: &str,
         at: SystemTime,
         event: Event,
-    ) -> Result<Option<(CredentialRecord, StoredEvent)>, StoreError> {
+    ) -> Result<Option<(CredentialRecord, StoredEvent, Shred)>, StoreError> {
         let (w, p) = (workspace_id.to_owned(), provider.to_owned());
-        self.write_destroying(move |conn| {
-            let Some(stored) = zero_tx(conn, &w, &p, at, event).map_err(classify_store)? else {
-                return Ok(None);
-            };
-            let row = load_credential(conn, &w, &p)?
-                .ok_or(StoreError::Corrupt("row vanished after write"))?;
-            Ok(Some((row, stored)))
-        })
-        .await
+        let (zeroed, shred) = self
+            .write_destroying(move |conn| {
+                let Some(stored) = zero_tx(conn, &w, &p, at, event).map_err(classify_store)? else {
+                    return Ok(None);
+                };
+                let row = load_credential(conn, &w, &p)?
+                    .ok_or(StoreError::Corrupt("row vanished after write"))?;
+                Ok(Some((row, stored)))
+            })
+            .await?;
+        Ok(zeroed.map(|(row, stored)| (row, stored, shred)))
     }
 
     async fn connected_credentials(&self) -> Result<Vec<CredentialRecord>, StoreError> {
@@ -780,6 +787,7 @@ impl Store for SqliteStore {
             Ok(())
         })
         .await
+        .map(drop)
     }
 
     async fn append_audit(&self, event: Event) -> Result<StoredEvent, StoreError> {
@@ -933,7 +941,7 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn retire_key_version(&self, version: u32) -> Result<RetireOutcome, StoreError> {
+    async fn retire_key_version(&self, version: u32) -> Result<(RetireOutcome, Shred), StoreError> {
         self.write_destroying(move |conn| {
             let state: Option<String> = conn
                 .query_row("SELECT state FROM key_versions WHERE version = ?1", [version], |r| r.get(0))
@@ -1007,6 +1015,7 @@ impl Store for SqliteStore {
             Ok(())
         })
         .await
+        .map(drop)
     }
 
     fn shreds_pending(&self) -> u64 {

@@ -3,12 +3,12 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
 use tokio::sync::oneshot;
 
-use super::StoreError;
+use super::{Shred, StoreError};
 
 /// Most writes one transaction takes.
 const MAX_BATCH: usize = 256;
@@ -20,18 +20,20 @@ const SHRED_WAIT: Duration = Duration::from_secs(1);
 /// SQLite's busy timeout for everything else (as set when connecting).
 pub(super) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Whether material a write destroyed has left the database file and its WAL.
+/// Whether a write destroyed key or secret material, and when the WAL that
+/// still holds its old pages must be emptied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Shred {
-    /// Nothing of it remains (or the write destroyed nothing).
-    Done,
-    /// A reader's snapshot still needs old pages: the WAL keeps them until
-    /// the writer, retrying in the background, can checkpoint it.
-    Pending,
+pub enum Destroys {
+    Nothing,
+    /// Right after the commit, before the answer, which says how it went (Zero).
+    Now,
+    /// In the background, soon after: the answer does not depend on it (a
+    /// Store that replaced secrets), and one checkpoint serves many writes.
+    Soon,
 }
 
 /// What a write reports once its transaction is settled: the commit's
-/// outcome, and whether the WAL was emptied after it.
+/// outcome, and whether the WAL was emptied after it (for [`Destroys::Now`]).
 type Finish = Box<dyn FnOnce(Result<Shred, &StoreError>) + Send>;
 
 /// Runs a write on the transaction's connection, or (given `None`, when the
@@ -44,7 +46,7 @@ type Run = Box<dyn FnOnce(Option<&Connection>) -> Ran + Send>;
 struct Ran {
     finish: Finish,
     ok: bool,
-    destroyed: bool,
+    destroys: Destroys,
 }
 
 /// One write: runs inside the batch's transaction, in its own savepoint.
@@ -87,22 +89,22 @@ impl Writer {
 
     /// Runs `f` in the next transaction and returns its result once that
     /// transaction is committed (so the result is durable), or its error. A
-    /// write reported as failed changed nothing. When `destroyed` says of the
-    /// result that the write destroyed material, the WAL is emptied after the
-    /// commit, and the answer says whether that finished.
-    pub async fn write<T, F, D>(&self, f: F, destroyed: D) -> Result<(T, Shred), StoreError>
+    /// write reported as failed changed nothing. `destroys` says of the
+    /// result whether the write destroyed material, and so when the WAL is
+    /// emptied; with [`Destroys::Now`] the answer says whether that finished.
+    pub async fn write<T, F, D>(&self, f: F, destroys: D) -> Result<(T, Shred), StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
-        D: FnOnce(&T) -> bool + Send + 'static,
+        D: FnOnce(&T) -> Destroys + Send + 'static,
     {
         let (done, result) = oneshot::channel();
         let run = Box::new(move |conn: Option<&Connection>| {
             let outcome = conn.map(f);
             let ok = matches!(outcome, Some(Ok(_)));
-            let destroyed = match &outcome {
-                Some(Ok(value)) => destroyed(value),
-                _ => false,
+            let destroys = match &outcome {
+                Some(Ok(value)) => destroys(value),
+                _ => Destroys::Nothing,
             };
             let finish: Finish = Box::new(move |commit| {
                 let settled = match (outcome, commit) {
@@ -117,7 +119,7 @@ impl Writer {
             Ran {
                 finish,
                 ok,
-                destroyed,
+                destroys,
             }
         });
         self.jobs
@@ -133,14 +135,19 @@ fn statement(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
 }
 
 fn run(conn: &Connection, queue: &mpsc::Receiver<Job>, max_batch: usize, pending: &AtomicU64) {
+    let mut last_try = Instant::now();
     loop {
         let first = if pending.load(Ordering::Relaxed) > 0 {
-            match queue.recv_timeout(SHRED_RETRY) {
+            // Shred between batches when idle, and at least every SHRED_RETRY
+            // under load.
+            if last_try.elapsed() >= SHRED_RETRY {
+                retry_shred(conn, pending);
+                last_try = Instant::now();
+                continue;
+            }
+            match queue.recv_timeout(SHRED_RETRY.saturating_sub(last_try.elapsed())) {
                 Ok(job) => job,
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    retry_shred(conn, pending);
-                    continue;
-                }
+                Err(mpsc::RecvTimeoutError::Timeout) => continue,
                 Err(mpsc::RecvTimeoutError::Disconnected) => return,
             }
         } else {
@@ -165,14 +172,17 @@ fn run(conn: &Connection, queue: &mpsc::Receiver<Job>, max_batch: usize, pending
             }
             continue;
         }
-        let mut checkpoint = false;
+        let (mut now, mut soon) = (false, false);
         let mut finishers = Vec::with_capacity(batch.len());
         for job in batch {
             // A savepoint per write: one write's failure undoes only itself.
             let savepoint = statement(conn, "SAVEPOINT job");
             let (finish, ok) = if savepoint.is_ok() {
                 let ran = (job.run)(Some(conn));
-                checkpoint |= ran.ok && ran.destroyed;
+                if ran.ok {
+                    now |= ran.destroys == Destroys::Now;
+                    soon |= ran.destroys == Destroys::Soon;
+                }
                 (ran.finish, ran.ok)
             } else {
                 ((job.run)(None).finish, false)
@@ -195,20 +205,24 @@ fn run(conn: &Connection, queue: &mpsc::Receiver<Job>, max_batch: usize, pending
         let mut shred = Shred::Done;
         if committed.is_err() {
             let _ = conn.execute_batch("ROLLBACK");
-        } else if checkpoint {
+        } else if now {
             shred = shred_wal(conn, SHRED_WAIT);
+            last_try = Instant::now();
             if shred == Shred::Done {
                 // An empty WAL holds nothing an earlier shred left behind either.
                 pending.store(0, Ordering::Relaxed);
             } else {
-                let now = pending.fetch_add(1, Ordering::Relaxed) + 1;
+                let count = pending.fetch_add(1, Ordering::Relaxed) + 1;
                 tracing::warn!(
-                    pending_shreds = now,
+                    pending_shreds = count,
                     "destroyed material is still in the WAL: a reader holds an old snapshot; \
                      retrying every {} ms",
                     SHRED_RETRY.as_millis()
                 );
             }
+        } else if soon && pending.fetch_add(1, Ordering::Relaxed) == 0 {
+            // Counted before the answer; shredded at the next quiet moment.
+            last_try = Instant::now();
         }
         for (finish, ran) in finishers {
             match (&committed, ran) {
