@@ -269,13 +269,13 @@ impl StorageConfig {
         let parsed: Result<tokio_postgres::Config, _> = url.parse();
         let has_password = match parsed {
             Ok(config) => config.get_password().is_some(),
-            // Unparsable: look for `user:password@` by hand, so that even a
-            // malformed URL is never echoed with a password in it.
+            // Unparsable (so the start-up would fail after logging it): look
+            // for `user:password@` or the word, in any case, by hand.
             Err(_) => {
                 url.split_once("://")
                     .and_then(|(_, rest)| rest.split_once('@'))
                     .is_some_and(|(userinfo, _)| userinfo.contains(':'))
-                    || url.contains("password=")
+                    || url.to_ascii_lowercase().contains("password")
             }
         };
         if has_password {
@@ -545,6 +545,9 @@ mod tests {
             "postgres://credvault:hunter2-canary@db.internal:5432/credvault",
             "host=db.internal user=credvault password=hunter2-canary",
             "postgres://credvault:hunter2-canary@[malformed",
+            "host=127.0.0.1 user=credvault dbname=cv PASSWORD=hunter2-canary",
+            "host=127.0.0.1 password = hunter2-canary bogus=1",
+            "postgres://credvault@db.internal/cv?Password=hunter2-canary",
         ] {
             let path = dir.path().join("c.toml");
             std::fs::write(

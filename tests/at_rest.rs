@@ -24,6 +24,10 @@ const SECRET: &str = "s3cr3tKEYvalue0123456789abcdefXY";
 const API_KEY: &str = "a1b2c3d4e5f6a7b8c9d0e1f2a3b4c5d6";
 
 async fn open_vault(dir: &VaultDir) -> Vault {
+    try_open_vault(dir).await.unwrap()
+}
+
+async fn try_open_vault(dir: &VaultDir) -> Result<Vault, VaultError> {
     let store = Arc::new(SqliteStore::open(&dir.db()).unwrap());
     let root = RootKey::from_file(&dir.path().join("root.key")).unwrap();
     Vault::open(
@@ -34,7 +38,6 @@ async fn open_vault(dir: &VaultDir) -> Vault {
         &keys(),
     )
     .await
-    .unwrap()
 }
 
 fn keys() -> KeysConfig {
@@ -127,51 +130,78 @@ async fn a_removed_binding_is_data_loss() {
 }
 
 /// A database written before params were bound: its fingerprint key sealed
-/// under the old purpose, no bindings. The first start binds every
-/// connection's params as they are; from then on an unbound row is
-/// DATA_LOSS, and going back needs a copy of the old sealed key.
+/// under the old purpose, no bindings. The vault refuses to start on it and
+/// names the command; `credvault keys bind-params` binds every connection's
+/// params once; from then on an unbound row is DATA_LOSS.
 #[tokio::test]
-async fn a_database_from_before_bindings_is_bound_once_at_start() {
+async fn a_database_from_before_bindings_is_bound_once_by_the_operator() {
     let dir = VaultDir::new();
     store(&open_vault(&dir).await, "ws1").await;
     make_legacy(&dir);
-    let db = Connection::open(dir.db()).unwrap();
-    let unbound: i64 = db
-        .query_row(
-            "SELECT count(*) FROM credentials WHERE binding IS NULL",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
-    assert_eq!(unbound, 1);
+    let unbound =
+        |dir: &VaultDir| dir.number("SELECT count(*) FROM credentials WHERE binding IS NULL");
+    assert_eq!(unbound(&dir), 1);
+
+    let refused = try_open_vault(&dir).await.unwrap_err().to_string();
+    assert!(refused.contains("keys bind-params"), "{refused}");
+    let config = dir.path().join("credvault.toml");
+    std::fs::write(&config, dir.config().to_toml()).unwrap();
+    let bind = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_credvault"))
+            .args(["keys", "bind-params", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap()
+    };
+    let out = bind();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("bound the params of 1 connection"));
+    assert_eq!(unbound(&dir), 0);
+    let again = bind();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already bound"));
 
     let vault = open_vault(&dir).await;
     vault.decrypt(&target("ws1")).await.unwrap();
-    let unbound: i64 = db
-        .query_row(
-            "SELECT count(*) FROM credentials WHERE binding IS NULL",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
-    assert_eq!(unbound, 0, "the start-up bound the legacy row");
-    let purposes: Vec<String> = db
-        .prepare("SELECT purpose FROM key_material WHERE purpose LIKE 'fingerprint%'")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
-    assert_eq!(purposes, [credvault::crypto::FINGERPRINT_KEY_PURPOSE]);
-
-    db.execute_batch("UPDATE credentials SET binding = NULL WHERE workspace_id = 'ws1'")
-        .unwrap();
-    drop(vault);
-    let vault = open_vault(&dir).await;
+    assert_eq!(
+        dir.number("SELECT count(*) FROM audit_events WHERE event LIKE '%KeyAdmin.BindParams%'"),
+        1
+    );
+    dir.execute_batch("UPDATE credentials SET binding = NULL WHERE workspace_id = 'ws1'");
     assert!(matches!(
         vault.decrypt(&target("ws1")).await,
         Err(VaultError::DataLoss)
     ));
+}
+
+/// The attack on that migration: put the old-purpose fingerprint key back
+/// (from a backup taken before the upgrade), edit a param, and have the
+/// vault bind the edit. The vault does not start, and bind-params refuses a
+/// database whose rows are already bound.
+#[tokio::test]
+async fn an_old_key_table_put_back_does_not_bind_edited_params() {
+    let dir = VaultDir::new();
+    store(&open_vault(&dir).await, "ws1").await;
+    let bound = dir.texts("SELECT hex(binding) FROM credentials");
+    make_legacy(&dir);
+    dir.execute_batch(&format!(
+        "UPDATE credentials SET binding = x'{}', \
+         params = '{{\"region\":\"eu\",\"validation\":\"events\"}}'",
+        bound[0]
+    ));
+    assert!(try_open_vault(&dir).await.is_err());
+    let store = Arc::new(SqliteStore::open(&dir.db()).unwrap());
+    let root = RootKey::from_file(&dir.path().join("root.key")).unwrap();
+    let err = credvault::domain::bind_legacy_params(store, &root)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("restore the whole database"), "{err}");
+    assert_eq!(dir.texts("SELECT hex(binding) FROM credentials"), bound);
 }
 
 /// Rewrites a database into the shape the previous release left: no params

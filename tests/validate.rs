@@ -324,6 +324,48 @@ async fn posthog_missing_scope_and_unknown_project_are_insufficient_permission()
     }
 }
 
+/// A provider echoes the key base64-encoded after 170 characters of filler,
+/// in the message and in the project name. Cut to 200 characters before it
+/// was scrubbed, the echo lost its tail and with it the whole match, so 21
+/// characters of the key reached the verdict, the stored last validation and
+/// every caller of Redact.
+#[tokio::test]
+async fn an_echo_cut_short_in_a_verdict_is_scrubbed_before_the_cut() {
+    use base64::Engine;
+    let encodings = [
+        base64::engine::general_purpose::STANDARD.encode(PHX),
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("x{PHX}")),
+    ];
+    for encoded in encodings {
+        let filler = "A".repeat(170);
+        let echo = format!("{filler} {encoded}");
+        let body = serde_json::json!({ "detail": echo, "name": echo }).to_string();
+        let w = world(move |_| Reply::json(404, &body)).await;
+        w.store(posthog("42")).await.unwrap();
+        let v = w.validate("ws", "posthog").await;
+        let stored = w
+            .vault
+            .client()
+            .await
+            .redact(reference("ws", "posthog"))
+            .await
+            .unwrap()
+            .into_inner()
+            .last_validation
+            .unwrap();
+        let seen = format!(
+            "{} {} {} {}",
+            v.message, v.display_name, stored.message, stored.display_name
+        );
+        for window in common::windows(&encoded, 12)
+            .iter()
+            .chain(&common::windows(PHX, 8))
+        {
+            assert!(!seen.contains(window.as_str()), "{window} leaked in {seen}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn rate_limited_uses_retry_after_and_the_next_call_skips_the_provider() {
     let w =

@@ -668,7 +668,12 @@ fn direct(ca: &Path, url: &str) -> Result<Op, String> {
         boxed(async move {
             let spec = provider.spec();
             let answer = outbound
-                .call(provider, &base, spec.probe(&secrets, &params))
+                .call(
+                    provider,
+                    &base,
+                    spec.probe(&secrets, &params),
+                    &credvault::outbound::Scrubber::new(),
+                )
                 .await
                 .map_err(|e| e.0)?;
             let v = (spec.validation.interpret)(&answer, &params);

@@ -1,4 +1,4 @@
-//! `credvault keys rotate|status|retire|rotate-root`: key administration for people.
+//! `credvault keys rotate|status|retire|rotate-root|bind-params`: key administration for people.
 
 use std::path::PathBuf;
 
@@ -21,6 +21,13 @@ pub enum KeysCommand {
         connect: Connect,
         #[arg(long)]
         version: u32,
+    },
+    /// Once after upgrading a database from before params were bound, with
+    /// every replica stopped: bind each connection's params to its key.
+    BindParams {
+        /// The vault's configuration (it names the database and the root key).
+        #[arg(long)]
+        config: PathBuf,
     },
     /// Reseal every key under a new root key, with the vault stopped.
     RotateRoot {
@@ -77,6 +84,7 @@ pub async fn run(command: KeysCommand) -> Result<(), String> {
             config,
             new_root_key,
         } => rotate_root(&config, &new_root_key).await?,
+        KeysCommand::BindParams { config } => bind_params(&config).await?,
     }
     Ok(())
 }
@@ -118,16 +126,37 @@ fn print_status(s: &proto::KeyStatus) {
     }
 }
 
+async fn bind_params(config_path: &std::path::Path) -> Result<(), String> {
+    let config = Config::load(config_path).map_err(|e| e.to_string())?;
+    let root = root_key(&config)?;
+    let store = crate::store::open(&config.storage)
+        .await
+        .map_err(|e| e.to_string())?;
+    let count = crate::domain::bind_legacy_params(store, &root)
+        .await
+        .map_err(|e| e.to_string())?;
+    println!(
+        "bound the params of {count} connection(s) to their keys in {}; start the vault",
+        crate::store::describe(&config.storage)
+    );
+    Ok(())
+}
+
+/// The root key the configuration names.
+fn root_key(config: &Config) -> Result<RootKey, String> {
+    match &config.keys.root_key_file {
+        Some(path) => RootKey::from_file(path),
+        None => RootKey::from_env(config.keys.root_key_env.as_deref().unwrap_or(ROOT_KEY_ENV)),
+    }
+    .map_err(|e| e.to_string())
+}
+
 async fn rotate_root(
     config_path: &std::path::Path,
     new_root_key: &std::path::Path,
 ) -> Result<(), String> {
     let config = Config::load(config_path).map_err(|e| e.to_string())?;
-    let old = match &config.keys.root_key_file {
-        Some(path) => RootKey::from_file(path),
-        None => RootKey::from_env(config.keys.root_key_env.as_deref().unwrap_or(ROOT_KEY_ENV)),
-    }
-    .map_err(|e| e.to_string())?;
+    let old = root_key(&config)?;
     let new = RootKey::from_file(new_root_key).map_err(|e| e.to_string())?;
     let store = crate::store::open(&config.storage)
         .await

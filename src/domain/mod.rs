@@ -33,6 +33,10 @@ pub use redact::hint;
 
 const SECRET_PURPOSE: &str = "credvault/v1/secret";
 const PARAMS_PURPOSE: &str = "credvault/v1/params-binding";
+const UNBOUND_PARAMS: &str = "this database was written before each connection's params were \
+     bound to its key: stop every replica, run `credvault keys bind-params --config FILE` once, \
+     then start the vault. If that was done before, someone has put the key table back from an \
+     older backup: restore the whole database from a backup instead";
 const WRONG_ROOT_KEY: &str =
     "the root key does not open this database's key material (wrong root key, or tampered key tables)";
 
@@ -154,7 +158,7 @@ impl Vault {
                 )
                 .map_err(|_| VaultError::Internal(WRONG_ROOT_KEY.into()))?;
                 if keys.fingerprint_purpose == crypto::LEGACY_FINGERPRINT_KEY_PURPOSE {
-                    bind_legacy_params(&store, root_ref, &keyring).await?;
+                    return Err(VaultError::FailedPrecondition(UNBOUND_PARAMS.into()));
                 }
                 keyring
             }
@@ -252,7 +256,7 @@ impl Vault {
         let (key_version, sealed_key, secrets, binding) = {
             let keyring = self.keyring_read();
             let (data_key, key_version, sealed_key) = keyring.new_data_key(&owner)?;
-            let binding = params_binding(&data_key, target, &new.params);
+            let binding = params_binding(&data_key, target, &new.params, new.checked.expires_at);
             let secrets = new
                 .secrets
                 .iter()
@@ -462,14 +466,7 @@ impl Vault {
             .inspect_err(|_| tamper_warning(target, "data key"))?;
         // Where, how and to whom the secrets are sent is steered by the
         // params: they must be the ones stored with this data key.
-        let bound = record.binding.as_deref().is_some_and(|tag| {
-            crypto::verify_binding(
-                &data_key,
-                PARAMS_PURPOSE,
-                &binding_fields(target, &record.params),
-                tag,
-            )
-        });
+        let bound = binding_holds(&data_key, &record, target);
         if !bound || record.status != StoredStatus::Connected {
             tamper_warning(target, "parameter binding");
             return Err(VaultError::DataLoss);
@@ -544,32 +541,93 @@ fn encode_validation(v: &Validation) -> Result<String, VaultError> {
     serde_json::to_string(v).map_err(|e| VaultError::Internal(format!("encoding a verdict: {e}")))
 }
 
-/// The tag that binds a connection's params to its data key: only the vault
-/// can compute it, so an edited param is caught before anything is sent.
-fn params_binding(data_key: &crypto::Key, target: &CredentialRef, params: &Params) -> Vec<u8> {
-    crypto::bind(data_key, PARAMS_PURPOSE, &binding_fields(target, params))
+/// The tag that binds a connection's params (and when it expires) to its
+/// data key: only the vault can compute it, so an edit is caught before
+/// anything is sent.
+fn params_binding(
+    data_key: &crypto::Key,
+    target: &CredentialRef,
+    params: &Params,
+    expires_at: Option<SystemTime>,
+) -> Vec<u8> {
+    with_binding_fields(target, params, expires_at, |fields| {
+        crypto::bind(data_key, PARAMS_PURPOSE, fields)
+    })
 }
 
-/// The owner, then each param's name and value in order (a `BTreeMap`), each
-/// length-prefixed by `associated_data`.
-fn binding_fields<'a>(target: &'a CredentialRef, params: &'a Params) -> Vec<&'a [u8]> {
+fn binding_holds(
+    data_key: &crypto::Key,
+    record: &CredentialRecord,
+    target: &CredentialRef,
+) -> bool {
+    record.binding.as_deref().is_some_and(|tag| {
+        with_binding_fields(target, &record.params, record.expires_at, |fields| {
+            crypto::verify_binding(data_key, PARAMS_PURPOSE, fields, tag)
+        })
+    })
+}
+
+/// The owner, the expiry in milliseconds (empty for none), then each param's
+/// name and value in order (a `BTreeMap`), each length-prefixed by
+/// `associated_data`.
+fn with_binding_fields<R>(
+    target: &CredentialRef,
+    params: &Params,
+    expires_at: Option<SystemTime>,
+    f: impl FnOnce(&[&[u8]]) -> R,
+) -> R {
+    // Milliseconds, as the stores keep it.
+    let millis = expires_at.map(|t| {
+        t.duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+            .to_be_bytes()
+    });
     let mut fields = target.owner().to_vec();
+    fields.push(millis.as_ref().map_or(&[][..], |m| &m[..]));
     for (name, value) in params {
         fields.push(name.as_bytes());
         fields.push(value.as_bytes());
     }
-    fields
+    f(&fields)
 }
 
-/// Once, for a database written before params were bound: binds every
-/// connected credential's params as they are now, then re-seals the
-/// fingerprint key under its bound purpose, which marks the work as done.
-async fn bind_legacy_params(
-    store: &Arc<dyn Store>,
+/// Once, for a database written before params were bound, with every
+/// replica stopped (`credvault keys bind-params`): binds every connected
+/// credential's params as they are now, re-seals the fingerprint key under
+/// its bound purpose, which marks the work as done, and records it in the
+/// audit log. Refuses a database that says it was never bound but has bound
+/// rows: its key table was put back from an old backup, so that this would
+/// bind whatever params someone wrote since. Returns how many it bound.
+pub async fn bind_legacy_params(
+    store: Arc<dyn Store>,
     root: &RootKey,
-    keyring: &Keyring,
-) -> Result<(), VaultError> {
+) -> Result<usize, VaultError> {
+    let keys = store
+        .load_keys()
+        .await?
+        .ok_or_else(|| VaultError::FailedPrecondition("the database holds no keys yet".into()))?;
+    if keys.fingerprint_purpose != crypto::LEGACY_FINGERPRINT_KEY_PURPOSE {
+        return Err(VaultError::FailedPrecondition(
+            "every connection's params are already bound to its key; nothing to do".into(),
+        ));
+    }
+    let keyring = Keyring::unwrap(
+        root,
+        &keys.versions,
+        &keys.fingerprint_key,
+        keys.fingerprint_purpose,
+    )
+    .map_err(|_| VaultError::Internal(WRONG_ROOT_KEY.into()))?;
     let records = store.connected_credentials().await?;
+    if records.iter().any(|r| r.binding.is_some()) {
+        return Err(VaultError::FailedPrecondition(
+            "the database says its params were never bound, but some connections carry a \
+             binding: its key table was put back from a backup taken before the upgrade. \
+             Binding now would accept params edited since; restore the whole database from a \
+             backup instead"
+                .into(),
+        ));
+    }
     let mut bindings = Vec::with_capacity(records.len());
     for r in records {
         let (Ok(target), Some(wrapped)) = (
@@ -586,7 +644,7 @@ async fn bind_legacy_params(
             continue;
         };
         bindings.push(crate::store::ParamsBinding {
-            tag: params_binding(&data_key, &target, &r.params),
+            tag: params_binding(&data_key, &target, &r.params, r.expires_at),
             workspace_id: r.workspace_id,
             provider: r.provider,
             wrapped_dek: wrapped.sealed.ciphertext.clone(),
@@ -595,11 +653,21 @@ async fn bind_legacy_params(
     let count = bindings.len();
     let sealed = keyring.seal_fingerprint_key(root, crypto::FINGERPRINT_KEY_PURPOSE)?;
     store.bind_params(bindings, sealed).await?;
-    tracing::info!(
-        connections = count,
-        "bound every connection's params to its data key (once, after the upgrade)"
-    );
-    Ok(())
+    let context = audit::Context {
+        identity: "credvault keys bind-params (local)".into(),
+        method: "KeyAdmin.BindParams".into(),
+        workspace_id: String::new(),
+        provider: String::new(),
+        request_id: "bind-params".into(),
+    };
+    store
+        .append_audit(Event::new(
+            &context,
+            audit::OUTCOME_OK,
+            audit::Details::default(),
+        ))
+        .await?;
+    Ok(count)
 }
 
 fn secret_aad(target: &CredentialRef, field: &str) -> Vec<u8> {

@@ -183,11 +183,15 @@ impl Validator {
             Ok(url) => url,
             Err(why) => return Validation::new(Verdict::Unreachable, why),
         };
-        match self
-            .outbound
-            .call(provider, &base, spec.probe(secrets, params))
-            .await
-        {
+        let probe = spec.probe(secrets, params);
+        let mut scrubber = Scrubber::new();
+        for secret in secrets.values() {
+            scrubber.secret(secret.expose_secret().as_bytes(), scrub::MASK);
+        }
+        for h in &probe.headers {
+            scrubber.header(h);
+        }
+        match self.outbound.call(provider, &base, probe, &scrubber).await {
             Ok(answer) => (spec.validation.interpret)(&answer, params),
             Err(Unreachable(why)) => Validation::new(
                 Verdict::Unreachable,

@@ -190,18 +190,17 @@ impl Outbound {
     }
 
     /// Sends `probe` as a GET to `base`. The probe, and the plaintext in it,
-    /// is dropped as soon as the request is built; any sensitive header value
-    /// the provider echoes is masked.
+    /// is dropped as soon as the request is built. The whole answer is
+    /// scrubbed of what `scrubber` holds (build it with every stored secret
+    /// and the probe's headers) before anything reads or cuts it: provider
+    /// text cut short first could keep part of a secret no longer whole.
     pub async fn call(
         &self,
         provider: Provider,
         base: &Url,
         probe: Probe,
+        scrubber: &Scrubber,
     ) -> Result<Answer, Unreachable> {
-        let mut scrubber = Scrubber::new();
-        for h in &probe.headers {
-            scrubber.header(h);
-        }
         let outgoing = Outgoing {
             method: reqwest::Method::GET,
             path_and_query: probe.path_and_query,
@@ -209,7 +208,7 @@ impl Outbound {
             body: Vec::new(),
             max_response: self.max_body,
         };
-        let incoming = self.send(provider, base, outgoing, &scrubber).await?;
+        let incoming = self.send(provider, base, outgoing, scrubber).await?;
         Ok(Answer {
             status: incoming.status,
             retry_after: incoming.retry_after(),
@@ -362,8 +361,21 @@ impl Outbound {
 }
 
 /// The first content coding other than `identity` among all of an answer's
-/// `content-encoding` headers and their comma-separated lists, if any.
+/// `content-encoding` headers and their comma-separated lists, if any. It is
+/// named only if it looks like a coding (`gzip`, `br`): the provider wrote
+/// the header, and it may echo anything, a credential included.
 fn unreadable_encoding(headers: &HeaderMap) -> Option<String> {
+    let named = |coding: &str| {
+        let plain = coding.len() <= 16
+            && coding
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+        if plain {
+            coding.to_owned()
+        } else {
+            "(not shown)".to_owned()
+        }
+    };
     headers
         .get_all(reqwest::header::CONTENT_ENCODING)
         .iter()
@@ -372,8 +384,8 @@ fn unreadable_encoding(headers: &HeaderMap) -> Option<String> {
                 .split(',')
                 .map(str::trim)
                 .find(|coding| !coding.is_empty() && !coding.eq_ignore_ascii_case("identity"))
-                .map(crate::providers::validation::printable),
-            Err(_) => Some("(not text)".to_owned()),
+                .map(named),
+            Err(_) => Some("(not shown)".to_owned()),
         })
 }
 
@@ -433,5 +445,9 @@ mod tests {
         assert_eq!(encodings(&["identity", "Identity"]), None);
         assert_eq!(encodings(&["identity", "gzip"]).as_deref(), Some("gzip"));
         assert_eq!(encodings(&["identity, br"]).as_deref(), Some("br"));
+        assert_eq!(
+            encodings(&["Bearer phx_Rk3Vw9Qm2Lx8Tz5Nc1Bd7Yf4Gh6Js0"]).as_deref(),
+            Some("(not shown)")
+        );
     }
 }
