@@ -176,6 +176,23 @@ async fn a_database_from_before_bindings_is_bound_once_by_the_operator() {
         vault.decrypt(&target("ws1")).await,
         Err(VaultError::DataLoss)
     ));
+    drop(vault);
+
+    // The attack on the operator: the pre-upgrade key table put back, every
+    // binding removed, a param edited, so that the vault asks for bind-params
+    // again. The audit log says it already ran: refused.
+    make_legacy(&dir);
+    dir.execute_batch(
+        "UPDATE credentials SET params = '{\"region\":\"eu\",\"validation\":\"events\"}'",
+    );
+    let out = bind();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already ran"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(unbound(&dir), 1, "nothing was bound");
 }
 
 /// The attack on that migration: put the old-purpose fingerprint key back

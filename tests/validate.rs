@@ -336,9 +336,32 @@ async fn an_echo_cut_short_in_a_verdict_is_scrubbed_before_the_cut() {
         base64::engine::general_purpose::STANDARD.encode(PHX),
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("x{PHX}")),
     ];
-    for encoded in encodings {
-        let filler = "A".repeat(170);
-        let echo = format!("{filler} {encoded}");
+    // A split the verdict's text cleaning would drop, joining the halves.
+    let split = |sep: &str| format!("{}{sep}{}", &PHX[..20], &PHX[20..]);
+    // Each echo, with the text no 12-character piece of which may be seen.
+    let echoes = [
+        (
+            format!("{} {}", "A".repeat(170), encodings[0]),
+            encodings[0].clone(),
+        ),
+        (
+            format!("{} {}", "A".repeat(170), encodings[1]),
+            encodings[1].clone(),
+        ),
+        (
+            format!("{}{}", "A".repeat(200 - PHX.len() + 1), split("\n")),
+            PHX.to_owned(),
+        ),
+        (
+            format!("{}{}", "A".repeat(200 - PHX.len() + 1), split("\u{7f}")),
+            PHX.to_owned(),
+        ),
+        (
+            format!("{}{}", "A".repeat(150), split("\t")),
+            PHX.to_owned(),
+        ),
+    ];
+    for (echo, encoded) in echoes {
         let body = serde_json::json!({ "detail": echo, "name": echo }).to_string();
         let w = world(move |_| Reply::json(404, &body)).await;
         w.store(posthog("42")).await.unwrap();

@@ -33,6 +33,7 @@ pub use redact::hint;
 
 const SECRET_PURPOSE: &str = "credvault/v1/secret";
 const PARAMS_PURPOSE: &str = "credvault/v1/params-binding";
+const BIND_PARAMS_METHOD: &str = "KeyAdmin.BindParams";
 const UNBOUND_PARAMS: &str = "this database was written before each connection's params were \
      bound to its key: stop every replica, run `credvault keys bind-params --config FILE` once, \
      then start the vault. If that was done before, someone has put the key table back from an \
@@ -511,6 +512,26 @@ impl Vault {
     }
 }
 
+/// Whether the audit log holds a `KeyAdmin.BindParams` event. Removing one
+/// breaks the chain (and a signed checkpoint), which `audit verify` reports.
+async fn already_bound_in(store: &Arc<dyn Store>) -> Result<bool, VaultError> {
+    let mut after = 0;
+    loop {
+        let events = store.audit_after(after, 10_000).await?;
+        let Some(last) = events.last() else {
+            return Ok(false);
+        };
+        after = last.sequence;
+        if events
+            .iter()
+            .filter_map(crate::audit::StoredEvent::event)
+            .any(|e| e.method == BIND_PARAMS_METHOD)
+        {
+            return Ok(true);
+        }
+    }
+}
+
 /// Fails with [`VaultError::ShredPending`] while destroyed material is still
 /// in the database's files: an OK must mean it is gone.
 fn shredded(shred: Shred, done: &str) -> Result<(), VaultError> {
@@ -618,6 +639,15 @@ pub async fn bind_legacy_params(
         keys.fingerprint_purpose,
     )
     .map_err(|_| VaultError::Internal(WRONG_ROOT_KEY.into()))?;
+    if already_bound_in(&store).await? {
+        return Err(VaultError::FailedPrecondition(
+            "the audit log records that bind-params already ran on this database, yet its key \
+             table says it never did: it was put back from a backup taken before the upgrade. \
+             Binding now would accept params edited since; restore the whole database from a \
+             backup instead"
+                .into(),
+        ));
+    }
     let records = store.connected_credentials().await?;
     if records.iter().any(|r| r.binding.is_some()) {
         return Err(VaultError::FailedPrecondition(
@@ -655,7 +685,7 @@ pub async fn bind_legacy_params(
     store.bind_params(bindings, sealed).await?;
     let context = audit::Context {
         identity: "credvault keys bind-params (local)".into(),
-        method: "KeyAdmin.BindParams".into(),
+        method: BIND_PARAMS_METHOD.into(),
         workspace_id: String::new(),
         provider: String::new(),
         request_id: "bind-params".into(),

@@ -6,7 +6,9 @@
 //!   alphabet, any alignment);
 //! - either of those inside a JSON string, with any mix of escapes (`\"`,
 //!   `\\`, `\/`, `\n`…, and `\uXXXX` for any character, ASCII included);
-//! - either of those percent-encoded (`%XX` for any byte, upper or lower case).
+//! - either of those percent-encoded (`%XX` for any byte, upper or lower case);
+//! - any of those split by control characters (line breaks in wrapped base64,
+//!   or anything a later step would drop and so join up).
 //!
 //! Out of scope, and documented as such: forms that nest two encodings of
 //! these (a percent-encoded JSON escape), `+` for a space, compression
@@ -195,6 +197,10 @@ impl Scrubber {
             None,
             memchr::memchr(b'\\', text).and(Some(json_unescaped(text))),
             memchr::memchr(b'%', text).and(Some(percent_decoded(text))),
+            text.iter()
+                .zip(text.iter().skip(1).chain([&0]))
+                .any(|(a, b)| is_control(*a) || is_c1(*a, *b))
+                .then(|| without_controls(text)),
         ];
         for (index, (needle, _)) in self.needles.iter().enumerate() {
             let finder = memmem::Finder::new(needle.as_slice());
@@ -251,9 +257,13 @@ fn json_unescaped(text: &[u8]) -> Option<View> {
     while i < text.len() {
         if text[i] == b'\\' {
             if let Some((c, len)) = json_escape(&text[i..]) {
-                let mut utf8 = [0u8; 4];
-                for b in c.encode_utf8(&mut utf8).bytes() {
-                    view.push(b, i, i + len);
+                // No secret holds a control character: one escaped into the
+                // middle of an echo (`\n`) is dropped, as a reader would.
+                if !c.is_control() {
+                    let mut utf8 = [0u8; 4];
+                    for b in c.encode_utf8(&mut utf8).bytes() {
+                        view.push(b, i, i + len);
+                    }
                 }
                 i += len;
                 continue;
@@ -296,6 +306,35 @@ fn json_escape(s: &[u8]) -> Option<(char, usize)> {
     Some((simple, 2))
 }
 
+/// ASCII control characters and DEL: line breaks in wrapped base64, and
+/// what text shown to people drops (`printable`), joining what surrounds it.
+fn is_control(b: u8) -> bool {
+    b < 0x20 || b == 0x7f
+}
+
+/// Whether `a`, `b` is a C1 control character (U+0080 to U+009F) in UTF-8.
+fn is_c1(a: u8, b: u8) -> bool {
+    a == 0xc2 && (0x80..0xa0).contains(&b)
+}
+
+/// `text` without its control characters (ASCII, DEL, and C1 as UTF-8), so
+/// that a value split by a line break (MIME base64) or by anything else a
+/// later step removes is still seen whole.
+fn without_controls(text: &[u8]) -> Option<View> {
+    let mut view = View::with_capacity(text.len())?;
+    let mut i = 0;
+    while i < text.len() {
+        if is_c1(text[i], text.get(i + 1).copied().unwrap_or(0)) {
+            i += 2;
+        } else {
+            // `push` leaves control characters out.
+            view.push(text[i], i, i + 1);
+            i += 1;
+        }
+    }
+    Some(view)
+}
+
 /// `text` with every `%XX` escape undone.
 fn percent_decoded(text: &[u8]) -> Option<View> {
     let mut view = View::with_capacity(text.len())?;
@@ -330,7 +369,13 @@ impl View {
         })
     }
 
+    /// Adds a byte of the decoded text; control characters are left out
+    /// (no secret holds one, and a later step may drop them and so join what
+    /// surrounds them).
     fn push(&mut self, byte: u8, start: usize, end: usize) {
+        if is_control(byte) {
+            return;
+        }
         self.bytes.push(byte);
         // In range: `with_capacity` checked the raw length.
         self.spans.push((start as u32, end as u32));
@@ -466,6 +511,31 @@ mod tests {
         let (count, truncated) = s.scrub_and_cut(&mut text, 40, true);
         assert_eq!((count, truncated), (1, true));
         assert_eq!(text, [&b"h"[..], &[b'.'; 8]].concat());
+    }
+
+    #[test]
+    fn finds_a_secret_split_by_control_characters() {
+        let mut s = Scrubber::new();
+        s.secret(SECRET, "[hint]");
+        let split = |sep: &str| {
+            let text = std::str::from_utf8(SECRET).unwrap();
+            format!("a {}{sep}{} b", &text[..20], &text[20..])
+        };
+        for sep in [
+            "\n", "\r\n", "\t", "\u{7f}", "\u{85}", "\n\n\n", r"\n", r"\u0085", "%0A", "%7f",
+        ] {
+            let mut text = split(sep);
+            assert_eq!(s.scrub_str(&mut text), 1, "{sep:?}");
+            assert_eq!(text, "a [hint] b", "{sep:?}");
+        }
+        let wrapped: String = STANDARD
+            .encode(SECRET)
+            .as_bytes()
+            .chunks(10)
+            .map(|c| format!("{}\r\n", std::str::from_utf8(c).unwrap()))
+            .collect();
+        let mut text = wrapped;
+        assert_eq!(s.scrub_str(&mut text), 1);
     }
 
     #[test]

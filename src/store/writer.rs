@@ -17,6 +17,8 @@ const SHRED_RETRY: Duration = Duration::from_millis(250);
 /// How long a destroying write waits for readers to let go of old pages
 /// before it answers that shredding is pending (every other write waits too).
 const SHRED_WAIT: Duration = Duration::from_secs(1);
+/// A shred pending this long gets a warning in the log.
+const SHRED_WARN_AFTER: Duration = Duration::from_secs(5);
 /// SQLite's busy timeout for everything else (as set when connecting).
 pub(super) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -136,12 +138,13 @@ fn statement(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
 
 fn run(conn: &Connection, queue: &mpsc::Receiver<Job>, max_batch: usize, pending: &AtomicU64) {
     let mut last_try = Instant::now();
+    let mut pending_since = None;
     loop {
         let first = if pending.load(Ordering::Relaxed) > 0 {
             // Shred between batches when idle, and at least every SHRED_RETRY
             // under load.
             if last_try.elapsed() >= SHRED_RETRY {
-                retry_shred(conn, pending);
+                retry_shred(conn, pending, &mut pending_since);
                 last_try = Instant::now();
                 continue;
             }
@@ -211,6 +214,7 @@ fn run(conn: &Connection, queue: &mpsc::Receiver<Job>, max_batch: usize, pending
             if shred == Shred::Done {
                 // An empty WAL holds nothing an earlier shred left behind either.
                 pending.store(0, Ordering::Relaxed);
+                pending_since = None;
             } else {
                 let count = pending.fetch_add(1, Ordering::Relaxed) + 1;
                 tracing::warn!(
@@ -256,12 +260,26 @@ fn shred_wal(conn: &Connection, wait: Duration) -> Shred {
     }
 }
 
-fn retry_shred(conn: &Connection, pending: &AtomicU64) {
+/// Retries a pending shred; warns once when one has waited long, since the
+/// destroyed material is still readable in the files until then.
+fn retry_shred(conn: &Connection, pending: &AtomicU64, since: &mut Option<Instant>) {
+    let waited = since.get_or_insert_with(Instant::now);
     if shred_wal(conn, Duration::ZERO) == Shred::Done {
         let done = pending.swap(0, Ordering::Relaxed);
         tracing::info!(
             shreds = done,
+            waited_ms = waited.elapsed().as_millis() as u64,
             "pending shreds finished: destroyed material has left the WAL"
+        );
+        *since = None;
+    } else if waited.elapsed() >= SHRED_WARN_AFTER
+        && waited.elapsed() < SHRED_WARN_AFTER + SHRED_RETRY
+    {
+        tracing::warn!(
+            pending_shreds = pending.load(Ordering::Relaxed),
+            "destroyed material has stayed in the WAL for {} s: a reader (a backup, a long \
+             `audit verify`) holds an old snapshot; it is removed once the reader lets go",
+            SHRED_WARN_AFTER.as_secs()
         );
     }
 }
