@@ -566,6 +566,137 @@ async fn escaped_and_percent_encoded_echoes_are_scrubbed() {
     }
 }
 
+/// A provider may echo anything into a header's name, not only its value.
+#[tokio::test]
+async fn a_header_name_that_echoes_a_key_is_not_passed_back() {
+    let w = world(|_| {
+        Reply::json(200, COHORTS)
+            .header(&format!("x-ratelimit-{API_KEY}"), "1")
+            .header("ratelimit-remaining", "7")
+    })
+    .await;
+    let got = w
+        .proxy(request("amplitude", "GET", "/api/3/cohorts"))
+        .await
+        .unwrap();
+    let mut names: Vec<&String> = got.headers.keys().collect();
+    names.sort();
+    assert_eq!(names, ["content-type", "ratelimit-remaining"], "{names:?}");
+}
+
+/// An HTTP/2 provider that answers a request with GOAWAY, its debug data
+/// holding the credential it was sent. The HTTP/2 library quotes debug
+/// data in its error text, which the vault used to pass on to the caller
+/// and into the stored verdict.
+#[tokio::test]
+async fn library_error_text_never_reaches_a_caller() {
+    let dir_ca = credvault::dev::certs::DevCa::generate("goaway CA").unwrap();
+    let goaway = goaway_server(&dir_ca).await;
+    let w = world_with(
+        |_| Reply::json(200, "{}"),
+        |config| {
+            let ca = tempfile::NamedTempFile::new()
+                .unwrap()
+                .into_temp_path()
+                .keep()
+                .unwrap();
+            std::fs::write(
+                &ca,
+                format!(
+                    "{}{}",
+                    std::fs::read_to_string(config.outbound.extra_ca_file.as_ref().unwrap())
+                        .unwrap(),
+                    dir_ca.cert_pem()
+                ),
+            )
+            .unwrap();
+            config.outbound.extra_ca_file = Some(ca);
+            config.providers.posthog.base_urls = [(
+                "us".to_owned(),
+                format!("https://127.0.0.1:{}", goaway.port()),
+            )]
+            .into();
+        },
+    )
+    .await;
+    let err = w
+        .proxy(request("posthog", "GET", "/api/projects/42/cohorts/"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    let v = w
+        .vault
+        .client()
+        .await
+        .validate_connection(reference("ws", "posthog"))
+        .await
+        .unwrap()
+        .into_inner();
+    let seen = format!("{} {} {}", err.message(), v.message, v.display_name);
+    assert!(seen.contains("PostHog"), "{seen}");
+    for window in common::windows(PHX, 8) {
+        assert!(!seen.contains(&window), "{window} leaked in {seen}");
+    }
+}
+
+/// Accepts TLS with ALPN h2, reads the client's preface and request, and
+/// answers GOAWAY(PROTOCOL_ERROR) whose debug data is whatever
+/// `authorization` value it saw: the raw frames, since no HTTP/2 server
+/// library sends debug data on request.
+async fn goaway_server(ca: &credvault::dev::certs::DevCa) -> std::net::SocketAddr {
+    use rustls::pki_types::pem::PemObject;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cert = ca
+        .issue(
+            "goaway provider",
+            credvault::dev::certs::Subject::Server(&["127.0.0.1"]),
+        )
+        .unwrap();
+    let chain =
+        vec![rustls::pki_types::CertificateDer::from_pem_slice(cert.cert_pem.as_bytes()).unwrap()];
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).unwrap();
+    let mut config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        for _ in 0..16 {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let Ok(mut tls) = acceptor.accept(tcp).await else {
+                continue;
+            };
+            // Empty SETTINGS, then wait for the request's HEADERS.
+            let _ = tls.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await;
+            let mut seen = vec![0u8; 4096];
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_millis(500), tls.read(&mut seen))
+                    .await;
+            let debug = format!("Bearer {PHX}");
+            let mut frame = Vec::new();
+            let length = 8 + debug.len();
+            frame.extend_from_slice(&u32::try_from(length).unwrap().to_be_bytes()[1..]);
+            frame.extend_from_slice(&[7, 0, 0, 0, 0, 0]);
+            frame.extend_from_slice(&0u32.to_be_bytes());
+            frame.extend_from_slice(&1u32.to_be_bytes());
+            frame.extend_from_slice(debug.as_bytes());
+            let _ = tls.write_all(&frame).await;
+            let _ = tls.flush().await;
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    });
+    addr
+}
+
 #[tokio::test]
 async fn a_disconnected_connection_sends_nothing() {
     let w = world(|_| Reply::json(200, "{}")).await;

@@ -133,9 +133,34 @@ fn fail(message: &str) -> ExitCode {
     ExitCode::FAILURE
 }
 
+/// Libraries whose debug and trace events quote bytes a peer sent (HTTP/2
+/// frames, TLS messages): capped at `info` whatever `RUST_LOG` asks, since a
+/// provider may echo a credential into them.
+const QUOTING_LIBRARIES: &[&str] = &[
+    "h2",
+    "hyper",
+    "hyper_util",
+    "reqwest",
+    "rustls",
+    "tonic",
+    "tower",
+];
+
+/// `RUST_LOG` (or `info`), with [`QUOTING_LIBRARIES`] capped.
+fn log_filter(rust_log: Option<&str>) -> tracing_subscriber::EnvFilter {
+    let mut filter = rust_log
+        .and_then(|directives| tracing_subscriber::EnvFilter::try_new(directives).ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
+    for library in QUOTING_LIBRARIES {
+        if let Ok(cap) = format!("{library}=info").parse() {
+            filter = filter.add_directive(cap);
+        }
+    }
+    filter
+}
+
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = log_filter(std::env::var("RUST_LOG").ok().as_deref());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -238,5 +263,48 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM received"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[test]
+    fn trace_logging_leaves_out_what_transport_libraries_quote() {
+        let out = Arc::new(Mutex::new(Vec::<u8>::new()));
+        let sink = out.clone();
+        for rust_log in ["trace", "h2=trace,trace", "debug"] {
+            let subscriber = tracing_subscriber::fmt()
+                .with_env_filter(log_filter(Some(rust_log)))
+                .with_writer({
+                    let sink = sink.clone();
+                    move || Sink(sink.clone())
+                })
+                .finish();
+            tracing::subscriber::with_default(subscriber, || {
+                tracing::debug!(target: "h2::codec", "received GoAway debug_data=CANARY-H2");
+                tracing::trace!(target: "rustls::client", "CANARY-TLS");
+                tracing::debug!(target: "credvault::outbound", "own-debug-line");
+            });
+            let text = String::from_utf8(out.lock().unwrap().clone()).unwrap();
+            assert!(!text.contains("CANARY"), "{rust_log}: {text}");
+            assert!(text.contains("own-debug-line"), "{rust_log}: {text}");
+            out.lock().unwrap().clear();
+        }
+    }
+
+    #[derive(Clone)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
     }
 }

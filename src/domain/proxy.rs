@@ -285,14 +285,30 @@ fn check_header(name: &str, value: String) -> Result<(&'static str, String), Vau
     Ok((allowed, value))
 }
 
-/// Response headers passed back to the caller.
+/// Response headers passed back to the caller, by exact name: a provider
+/// may echo anything into a header's name as well as its value.
+const PASSED_BACK: &[&str] = &[
+    "content-type",
+    "retry-after",
+    "ratelimit",
+    "ratelimit-policy",
+    "ratelimit-limit",
+    "ratelimit-remaining",
+    "ratelimit-reset",
+    "x-ratelimit-limit",
+    "x-ratelimit-remaining",
+    "x-ratelimit-reset",
+    "x-ratelimit-limit-minute",
+    "x-ratelimit-remaining-minute",
+    "x-ratelimit-limit-hour",
+    "x-ratelimit-remaining-hour",
+    "x-rate-limit-limit",
+    "x-rate-limit-remaining",
+    "x-rate-limit-reset",
+];
+
 fn passes_back(name: &str) -> bool {
-    name == "content-type"
-        || name == "retry-after"
-        || name == "ratelimit"
-        || name.starts_with("ratelimit-")
-        || name.starts_with("x-ratelimit-")
-        || name.starts_with("x-rate-limit-")
+    PASSED_BACK.contains(&name)
 }
 
 impl Vault {
@@ -539,7 +555,14 @@ mod tests {
         ] {
             assert!(passes_back(name), "{name}");
         }
-        for name in ["set-cookie", "location", "www-authenticate", "x-request-id"] {
+        for name in [
+            "set-cookie",
+            "location",
+            "www-authenticate",
+            "x-request-id",
+            "x-ratelimit-3f9a1c7e5b2d4806a1c3e5f7092b4d6e",
+            "ratelimit-phx_rk3vw9qm2lx8tz5nc1bd7yf4gh6js0",
+        ] {
             assert!(!passes_back(name), "{name}");
         }
     }

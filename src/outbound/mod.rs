@@ -331,6 +331,10 @@ impl Outbound {
         }
     }
 
+    /// Why a call failed, in fixed words. The text of an error from the
+    /// HTTP, HTTP/2 or TLS libraries is never passed on: it can quote bytes
+    /// the provider sent (an HTTP/2 GOAWAY's debug data, a certificate's
+    /// names), and a provider may echo a credential there.
     fn describe(&self, e: &reqwest::Error) -> Unreachable {
         if e.is_timeout() {
             return Unreachable(format!(
@@ -338,25 +342,65 @@ impl Outbound {
                 self.timeout.as_millis()
             ));
         }
-        let mut innermost = String::new();
+        let mut cause = None;
         let mut source = e.source();
         while let Some(s) = source {
             if let Some(refused) = s.downcast_ref::<address::NonPublicAddress>() {
                 return Unreachable(refused.to_string());
             }
-            innermost = s.to_string();
+            if let Some(tls) = s.downcast_ref::<rustls::Error>() {
+                cause = Some(tls_failure(tls));
+            } else if let Some(io) = s.downcast_ref::<std::io::Error>() {
+                cause = cause.or(Some(io_failure(io.kind())));
+            }
             source = s.source();
         }
         let what = if e.is_connect() {
             "could not connect"
+        } else if e.is_body() || e.is_decode() {
+            "the answer could not be read"
         } else {
             "the request failed"
         };
-        if innermost.is_empty() {
-            Unreachable(what.to_owned())
-        } else {
-            Unreachable(format!("{what}: {innermost}"))
+        match cause {
+            Some(cause) => Unreachable(format!("{what}: {cause}")),
+            None => Unreachable(what.to_owned()),
         }
+    }
+}
+
+/// A TLS failure in fixed words (never the certificate's own text).
+fn tls_failure(e: &rustls::Error) -> &'static str {
+    use rustls::CertificateError as C;
+    match e {
+        rustls::Error::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => {
+            "TLS: the provider's certificate has expired"
+        }
+        rustls::Error::InvalidCertificate(C::NotValidYet | C::NotValidYetContext { .. }) => {
+            "TLS: the provider's certificate is not valid yet"
+        }
+        rustls::Error::InvalidCertificate(C::UnknownIssuer) => {
+            "TLS: the provider's certificate is from an unknown issuer (outbound.extra_ca_file)"
+        }
+        rustls::Error::InvalidCertificate(
+            C::NotValidForName | C::NotValidForNameContext { .. },
+        ) => "TLS: the provider's certificate is not valid for its host name",
+        rustls::Error::InvalidCertificate(_) => "TLS: the provider's certificate is not valid",
+        _ => "TLS handshake failed",
+    }
+}
+
+/// A socket failure by its kind, in the standard library's fixed words.
+fn io_failure(kind: std::io::ErrorKind) -> &'static str {
+    use std::io::ErrorKind as K;
+    match kind {
+        K::ConnectionRefused => "connection refused",
+        K::ConnectionReset => "connection reset",
+        K::ConnectionAborted => "connection aborted",
+        K::NotConnected | K::BrokenPipe => "connection closed",
+        K::TimedOut => "timed out",
+        K::UnexpectedEof => "connection closed early",
+        _ => "network error",
     }
 }
 
