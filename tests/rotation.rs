@@ -261,15 +261,29 @@ async fn root_key_rotation_locks_out_the_old_root_key() {
 
     let config_path = dir.path().join("credvault.toml");
     std::fs::write(&config_path, dir.config().to_toml()).unwrap();
+    let rotate_to = |new_root: &std::path::Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_credvault"))
+            .args(["keys", "rotate-root", "--config"])
+            .arg(&config_path)
+            .arg("--new-root-key")
+            .arg(new_root)
+            .output()
+            .unwrap()
+    };
+    // The current key again, in another file: refused, or "the old key opens
+    // nothing" would be false.
+    let same = dir.path().join("same-root.key");
+    common::write_private(&same, "AB".repeat(32).as_bytes());
+    let out = rotate_to(&same);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is the current root key"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let new_root = dir.path().join("new-root.key");
     common::write_private(&new_root, "9f".repeat(32).as_bytes());
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_credvault"))
-        .args(["keys", "rotate-root", "--config"])
-        .arg(&config_path)
-        .arg("--new-root-key")
-        .arg(&new_root)
-        .output()
-        .unwrap();
+    let out = rotate_to(&new_root);
     assert!(
         out.status.success(),
         "{}",

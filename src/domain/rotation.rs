@@ -291,6 +291,14 @@ pub async fn rotate_root(
     new: &crate::crypto::RootKey,
 ) -> Result<usize, VaultError> {
     let rng = ring::rand::SystemRandom::new();
+    let probe = old.seal(&rng, "rotate-root probe", b"")?;
+    if new.open("rotate-root probe", &probe).is_ok() {
+        return Err(VaultError::FailedPrecondition(
+            "the new root key is the current root key: generate a new one \
+             (for example `head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'`)"
+                .into(),
+        ));
+    }
     let (versions, material) = store.root_sealed().await?;
     let not_opened = |_| {
         VaultError::FailedPrecondition(
