@@ -97,6 +97,16 @@ impl World {
             .map(tonic::Response::into_inner)
     }
 
+    async fn validate(&self, provider: &str) -> credvault::proto::Validation {
+        self.vault
+            .client()
+            .await
+            .validate_connection(reference("ws", provider))
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
     fn host(&self) -> String {
         format!("127.0.0.1:{}", self.fake.addr.port())
     }
@@ -456,14 +466,7 @@ async fn a_429_passes_through_and_starts_the_shared_cool_down() {
     assert!(second.answered_by_vault);
     let left: u32 = second.headers["retry-after"].parse().unwrap();
     assert!((1..=30).contains(&left), "{left}");
-    let v = w
-        .vault
-        .client()
-        .await
-        .validate_connection(reference("ws", "amplitude"))
-        .await
-        .unwrap()
-        .into_inner();
+    let v = w.validate("amplitude").await;
     assert_eq!(
         credvault::proto::validation::Verdict::try_from(v.verdict).unwrap(),
         credvault::proto::validation::Verdict::RateLimited
@@ -522,14 +525,7 @@ async fn an_answer_with_any_encoding_but_identity_is_refused() {
         .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     assert!(err.message().contains("`gzip`"), "{}", err.message());
-    let v = w
-        .vault
-        .client()
-        .await
-        .validate_connection(reference("ws", "posthog"))
-        .await
-        .unwrap()
-        .into_inner();
+    let v = w.validate("posthog").await;
     assert_eq!(
         credvault::proto::validation::Verdict::try_from(v.verdict).unwrap(),
         credvault::proto::validation::Verdict::Unreachable
@@ -624,14 +620,7 @@ async fn library_error_text_never_reaches_a_caller() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    let v = w
-        .vault
-        .client()
-        .await
-        .validate_connection(reference("ws", "posthog"))
-        .await
-        .unwrap()
-        .into_inner();
+    let v = w.validate("posthog").await;
     let seen = format!("{} {} {}", err.message(), v.message, v.display_name);
     assert!(seen.contains("PostHog"), "{seen}");
     for window in common::windows(PHX, 8) {

@@ -683,12 +683,23 @@ pub async fn bind_legacy_params(
     let count = bindings.len();
     let sealed = keyring.seal_fingerprint_key(root, crypto::FINGERPRINT_KEY_PURPOSE)?;
     store.bind_params(bindings, sealed).await?;
+    audit_local_command(&store, "bind-params", BIND_PARAMS_METHOD).await?;
+    Ok(count)
+}
+
+/// Records a `credvault keys <command>` run on this machine (with the vault
+/// stopped) as an audit event of `method`.
+async fn audit_local_command(
+    store: &Arc<dyn Store>,
+    command: &str,
+    method: &str,
+) -> Result<(), VaultError> {
     let context = audit::Context {
-        identity: "credvault keys bind-params (local)".into(),
-        method: BIND_PARAMS_METHOD.into(),
+        identity: format!("credvault keys {command} (local)"),
+        method: method.to_owned(),
         workspace_id: String::new(),
         provider: String::new(),
-        request_id: "bind-params".into(),
+        request_id: command.to_owned(),
     };
     store
         .append_audit(Event::new(
@@ -697,7 +708,7 @@ pub async fn bind_legacy_params(
             audit::Details::default(),
         ))
         .await?;
-    Ok(count)
+    Ok(())
 }
 
 fn secret_aad(target: &CredentialRef, field: &str) -> Vec<u8> {

@@ -324,20 +324,7 @@ pub async fn rotate_root(
         .collect::<Result<Vec<_>, VaultError>>()?;
     let count = versions.len() + material.len();
     store.replace_root_sealed(versions, material).await?;
-    let context = audit::Context {
-        identity: "credvault keys rotate-root (local)".into(),
-        method: "KeyAdmin.RotateRoot".into(),
-        workspace_id: String::new(),
-        provider: String::new(),
-        request_id: "rotate-root".into(),
-    };
-    store
-        .append_audit(Event::new(
-            &context,
-            audit::OUTCOME_OK,
-            audit::Details::default(),
-        ))
-        .await?;
+    super::audit_local_command(&store, "rotate-root", "KeyAdmin.RotateRoot").await?;
     // The keys sealed under the old root key were overwritten; their old
     // bytes leave the files once no reader holds an old snapshot.
     let deadline = std::time::Instant::now() + ROTATE_ROOT_SHRED_WAIT;
