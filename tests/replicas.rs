@@ -291,3 +291,37 @@ async fn a_replica_with_the_wrong_root_key_refuses_to_serve() {
         .to_string();
     assert!(err.contains("root key does not open"), "{err}");
 }
+
+/// PostgreSQL's Zero during a backup: a session holds a snapshot taken before
+/// the Zero, so VACUUM must leave the old row versions (and their
+/// ciphertext) for it. Zero answers UNAVAILABLE, not OK, until it lets go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL: set CREDVAULT_TEST_POSTGRES (scripts/test does)"]
+async fn zero_is_not_ok_while_a_postgres_snapshot_can_read_the_rows() {
+    assert!(!common::on_sqlite(), "{NEEDS_POSTGRES}");
+    let dir = VaultDir::new();
+    let vault = dir.start().await;
+    let mut c = vault.client().await;
+    c.store(common::amplitude("ws", PHX, PHX)).await.unwrap();
+
+    let url = dir.postgres.as_ref().unwrap().url.clone();
+    let (reader, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    reader
+        .batch_execute(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM credential_secrets",
+        )
+        .await
+        .unwrap();
+    let err = c
+        .zero(common::reference("ws", "amplitude"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("disconnected"), "{}", err.message());
+
+    reader.batch_execute("ROLLBACK").await.unwrap();
+    c.zero(common::reference("ws", "amplitude")).await.unwrap();
+}

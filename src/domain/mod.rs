@@ -538,9 +538,11 @@ fn shredded(shred: Shred, done: &str) -> Result<(), VaultError> {
     match shred {
         Shred::Done => Ok(()),
         Shred::Pending => Err(VaultError::ShredPending(format!(
-            "{done}, but the old bytes are still in the database's write-ahead log: a reader \
-             (a backup, a long `audit verify`) holds an old snapshot. The vault removes them \
-             as soon as it lets go (see the shreds_pending metric); call again to confirm"
+            "{done}, but the old bytes are still in the database's files (SQLite's \
+             write-ahead log, or PostgreSQL row versions): a reader (a backup, a long \
+             `audit verify`) holds an old snapshot. They are removed once it lets go (SQLite: \
+             by the vault, see the shreds_pending metric; PostgreSQL: by the next VACUUM, \
+             which calling again runs); call again to confirm"
         ))),
     }
 }

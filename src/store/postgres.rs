@@ -26,6 +26,9 @@ const LEGACY_FINGERPRINT_KEY: &str = crate::crypto::LEGACY_FINGERPRINT_KEY_PURPO
 /// Advisory lock keys: "credvaul" and the next value.
 const MIGRATION_LOCK: i64 = 0x6372_6564_7661_756c;
 const REWRAP_LOCK: i64 = MIGRATION_LOCK + 1;
+/// How long a Zero waits for snapshots older than itself to end before it
+/// answers that destroyed rows are still readable.
+const SNAPSHOT_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Schema versions, applied in order; `credvault_schema` holds one row per version applied.
 const MIGRATIONS: &[&str] = &[
@@ -207,6 +210,34 @@ impl PostgresStore {
 
     /// Runs `VACUUM` on `tables` after a write that destroyed material, so
     /// that the dead row versions holding it become free space.
+    /// `Pending` while another session of this database holds a snapshot
+    /// taken before transaction `xid` committed (a backup, a long report):
+    /// VACUUM leaves the row versions it may read. Unknown counts as pending.
+    async fn older_snapshots(&self, xid: i64) -> Shred {
+        let older = async {
+            let client = self.client().await?;
+            let row = client
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE datname = current_database() AND pid <> pg_backend_pid() \
+                       AND backend_xmin IS NOT NULL \
+                       AND age(backend_xmin) >= age((($1::bigint) % 4294967296)::text::xid)",
+                    &[&xid],
+                )
+                .await?;
+            Ok::<i64, StoreError>(row.try_get(0)?)
+        }
+        .await;
+        match older {
+            Ok(0) => Shred::Done,
+            Ok(_) => Shred::Pending,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not tell whether a snapshot holds destroyed rows");
+                Shred::Pending
+            }
+        }
+    }
+
     async fn vacuum(&self, tables: &str) {
         let result = async {
             let client = self.client().await?;
@@ -731,13 +762,25 @@ impl Store for PostgresStore {
             .await?
             .ok_or(StoreError::Corrupt("row vanished after write"))?;
         let stored = append_in(&tx, event).await?;
+        let xid: i64 = tx
+            .query_one("SELECT txid_current()", &[])
+            .await?
+            .try_get(0)?;
         tx.commit()
             .await
             .map_err(|e| StoreError::Commit(e.to_string()))?;
         drop(c);
-        // The old row versions are dead tuples until VACUUM frees them.
+        // The old row versions are dead tuples until VACUUM frees them, and
+        // VACUUM cannot free those a snapshot older than the Zero may read:
+        // wait a moment for such snapshots (most are calls in flight) to end.
+        let deadline = std::time::Instant::now() + SNAPSHOT_WAIT;
+        let mut shred = self.older_snapshots(xid).await;
+        while shred == Shred::Pending && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            shred = self.older_snapshots(xid).await;
+        }
         self.vacuum("credential_secrets, credentials").await;
-        Ok(Some((row, stored, Shred::Done)))
+        Ok(Some((row, stored, shred)))
     }
 
     async fn connected_credentials(&self) -> Result<Vec<CredentialRecord>, StoreError> {
