@@ -90,13 +90,7 @@ async fn open_database(config: &Config, root: &RootKey) -> Result<String, String
         keys.fingerprint_purpose,
     )
     .map_err(|_| "the root key does not open this database's key material".to_owned())?;
-    if keys.fingerprint_purpose == crate::crypto::LEGACY_FINGERPRINT_KEY_PURPOSE {
-        return Err(
-            "the database was written before each connection's params were bound to its key; \
-             run `credvault keys bind-params --config FILE` once with the vault stopped"
-                .to_owned(),
-        );
-    }
+    crate::domain::refuse_unbound(&keys).map_err(|e| e.to_string())?;
     Ok(format!(
         " (primary key version {})",
         keyring.primary_version()

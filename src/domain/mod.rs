@@ -22,7 +22,9 @@ use crate::crypto::{self, Keyring, RootKey};
 use crate::outbound::Outbound;
 use crate::providers::validation::{Validation, Verdict};
 use crate::providers::{Params, Provider, Secrets};
-use crate::store::{CredentialRecord, SecretRecord, Shred, Store, StoredStatus, WrappedDataKey};
+use crate::store::{
+    CredentialRecord, SecretRecord, Shred, Store, StoredKeys, StoredStatus, WrappedDataKey,
+};
 use validate::Validator;
 
 pub use audit_log::AuditLog;
@@ -151,16 +153,8 @@ impl Vault {
         let root_ref = &root;
         let keyring = match store.load_keys().await? {
             Some(keys) => {
-                let keyring = Keyring::unwrap(
-                    root_ref,
-                    &keys.versions,
-                    &keys.fingerprint_key,
-                    keys.fingerprint_purpose,
-                )
-                .map_err(|_| VaultError::Internal(WRONG_ROOT_KEY.into()))?;
-                if keys.fingerprint_purpose == crypto::LEGACY_FINGERPRINT_KEY_PURPOSE {
-                    return Err(VaultError::FailedPrecondition(UNBOUND_PARAMS.into()));
-                }
+                let keyring = unwrap_keyring(root_ref, &keys)?;
+                refuse_unbound(&keys)?;
                 keyring
             }
             None => {
@@ -170,13 +164,7 @@ impl Vault {
                     // Another replica starting at the same moment created them first.
                     Err(first) => {
                         let keys = store.load_keys().await?.ok_or(first)?;
-                        Keyring::unwrap(
-                            root_ref,
-                            &keys.versions,
-                            &keys.fingerprint_key,
-                            keys.fingerprint_purpose,
-                        )
-                        .map_err(|_| VaultError::Internal(WRONG_ROOT_KEY.into()))?
+                        unwrap_keyring(root_ref, &keys)?
                     }
                 }
             }
@@ -512,6 +500,26 @@ impl Vault {
     }
 }
 
+/// The stored keyring, opened with `root`.
+fn unwrap_keyring(root: &RootKey, keys: &StoredKeys) -> Result<Keyring, VaultError> {
+    Keyring::unwrap(
+        root,
+        &keys.versions,
+        &keys.fingerprint_key,
+        keys.fingerprint_purpose,
+    )
+    .map_err(|_| VaultError::Internal(WRONG_ROOT_KEY.into()))
+}
+
+/// FAILED_PRECONDITION, naming `keys bind-params`, for a database whose
+/// params were never bound: the vault does not serve it.
+pub fn refuse_unbound(keys: &StoredKeys) -> Result<(), VaultError> {
+    if keys.fingerprint_purpose == crypto::LEGACY_FINGERPRINT_KEY_PURPOSE {
+        return Err(VaultError::FailedPrecondition(UNBOUND_PARAMS.into()));
+    }
+    Ok(())
+}
+
 /// Whether the audit log holds a `KeyAdmin.BindParams` event. Removing one
 /// breaks the chain (and a signed checkpoint), which `audit verify` reports.
 async fn already_bound_in(store: &Arc<dyn Store>) -> Result<bool, VaultError> {
@@ -599,12 +607,8 @@ fn with_binding_fields<R>(
     expires_at: Option<SystemTime>,
     f: impl FnOnce(&[&[u8]]) -> R,
 ) -> R {
-    // Milliseconds, as the stores keep it.
-    let millis = expires_at.map(|t| {
-        t.duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-            .to_be_bytes()
-    });
+    // Milliseconds, as the stores keep it, so a value read back binds alike.
+    let millis = expires_at.map(|t| crate::store::millis(t).to_be_bytes());
     let mut fields = target.owner().to_vec();
     fields.push(millis.as_ref().map_or(&[][..], |m| &m[..]));
     for (name, value) in params {
@@ -634,13 +638,7 @@ pub async fn bind_legacy_params(
             "every connection's params are already bound to its key; nothing to do".into(),
         ));
     }
-    let keyring = Keyring::unwrap(
-        root,
-        &keys.versions,
-        &keys.fingerprint_key,
-        keys.fingerprint_purpose,
-    )
-    .map_err(|_| VaultError::Internal(WRONG_ROOT_KEY.into()))?;
+    let keyring = unwrap_keyring(root, &keys)?;
     if already_bound_in(&store).await? {
         return Err(VaultError::FailedPrecondition(
             "the audit log records that bind-params already ran on this database, yet its key \

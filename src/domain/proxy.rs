@@ -233,11 +233,7 @@ fn percent_decode(segment: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        let escaped = (bytes[i] == b'%')
-            .then(|| segment.get(i + 1..i + 3))
-            .flatten()
-            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
-        match escaped {
+        match crate::outbound::scrub::percent_escape(&bytes[i..]) {
             Some(b) => {
                 out.push(b);
                 i += 3;

@@ -45,7 +45,7 @@ pub struct Unreachable(pub String);
 /// template's registrable domain, port and path whatever the stored value
 /// (which a database writer may have edited).
 pub fn parse_base_url(template: &str, tenant_id: &str) -> Result<Url, String> {
-    if template.contains("{tenant_id}") && !is_host_label(tenant_id) {
+    if template.contains("{tenant_id}") && !crate::providers::is_host_label(tenant_id) {
         return Err("the stored tenant_id is not a host name label".into());
     }
     let url = Url::parse(&template.replace("{tenant_id}", tenant_id))
@@ -60,16 +60,6 @@ pub fn parse_base_url(template: &str, tenant_id: &str) -> Result<Url, String> {
         return Err("must be scheme://host[:port][/path] with no query or fragment".into());
     }
     Ok(url)
-}
-
-/// Lowercase letters, digits and inner hyphens, 1 to 63 of them.
-fn is_host_label(label: &str) -> bool {
-    (1..=63).contains(&label.len())
-        && label
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !label.starts_with('-')
-        && !label.ends_with('-')
 }
 
 /// One request to a provider, on a configured base URL.

@@ -335,17 +335,23 @@ fn without_controls(text: &[u8]) -> Option<View> {
     Some(view)
 }
 
+/// The byte a `%XX` escape at the start of `bytes` stands for, if there is one.
+pub(crate) fn percent_escape(bytes: &[u8]) -> Option<u8> {
+    match bytes {
+        [b'%', hi, lo, ..] => {
+            let hex = [*hi, *lo];
+            u8::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()
+        }
+        _ => None,
+    }
+}
+
 /// `text` with every `%XX` escape undone.
 fn percent_decoded(text: &[u8]) -> Option<View> {
     let mut view = View::with_capacity(text.len())?;
     let mut i = 0;
     while i < text.len() {
-        let escaped = (text[i] == b'%')
-            .then(|| text.get(i + 1..i + 3))
-            .flatten()
-            .and_then(|hex| std::str::from_utf8(hex).ok())
-            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
-        match escaped {
+        match percent_escape(&text[i..]) {
             Some(b) => {
                 view.push(b, i, i + 3);
                 i += 3;

@@ -100,12 +100,7 @@ fn check(secrets: &Secrets, params: &Params) -> Result<Checked, Rejection> {
         .map(String::as_str)
         .unwrap_or_default();
     // The tenant id may become a host name label: keep it to one.
-    let label_ok = tenant
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !tenant.starts_with('-')
-        && !tenant.ends_with('-');
-    if !label_ok {
+    if !super::is_host_label(tenant) {
         return Err(Rejection::Invalid(
             "parameter `tenant_id` may hold only lowercase letters, digits and inner hyphens"
                 .into(),

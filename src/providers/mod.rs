@@ -49,6 +49,18 @@ impl fmt::Display for Provider {
     }
 }
 
+/// Whether `label` can be one DNS label of a host name: lowercase letters,
+/// digits and inner hyphens, 1 to 63 of them. A stored value that fills a
+/// host name template must be one, or it could change the host's domain.
+pub fn is_host_label(label: &str) -> bool {
+    (1..=63).contains(&label.len())
+        && label
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !label.starts_with('-')
+        && !label.ends_with('-')
+}
+
 /// What a provider's credential consists of.
 #[derive(Debug)]
 pub struct ProviderSpec {

@@ -22,7 +22,7 @@ use crate::config::{Backend, StorageConfig};
 pub use sqlite::{read_audit_log, SqliteStore};
 
 /// Milliseconds since the epoch, as both backends store times.
-fn millis(t: SystemTime) -> i64 {
+pub(crate) fn millis(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0)
