@@ -213,6 +213,14 @@ pub struct TlsConfig {
     /// re-read on SIGHUP). New handshakes use new material.
     #[serde(default = "default_reload_poll_ms")]
     pub reload_poll_ms: u64,
+    /// Which CA may issue identities in which SPIFFE trust domain:
+    /// `"spiffe://credvault.local" = "ca.pem"` (a PEM file of CA certificates,
+    /// each also in `client_ca_file`). A client whose certificate names a
+    /// trust domain not listed here, or chains to a CA not bound to it, is
+    /// refused. May be left out only when `client_ca_file` holds one CA,
+    /// which then issues for every trust domain.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub trust_domains: BTreeMap<String, PathBuf>,
 }
 
 fn default_reload_poll_ms() -> u64 {
@@ -443,6 +451,9 @@ impl Config {
         fix(&mut self.tls.key_file);
         fix(&mut self.tls.client_ca_file);
         if let Some(p) = &mut self.tls.crl_file {
+            fix(p);
+        }
+        for p in self.tls.trust_domains.values_mut() {
             fix(p);
         }
         fix(&mut self.storage.path);

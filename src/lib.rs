@@ -11,6 +11,7 @@
 //!   answer mapping, Proxy routes.
 //! - [`outbound`]: the HTTP client for provider calls, its address policy, the echo scrubber.
 //! - [`audit`]: typed events, the hash chain, signatures, verification.
+//! - [`identity`]: SPIFFE IDs, the only form a caller's identity takes.
 //! - [`policy`]: who may call what.
 //! - [`telemetry`]: Prometheus metrics.
 //! - [`config`], [`server`]: the configuration file and the `run` entry point.
@@ -26,6 +27,7 @@ pub mod dev;
 pub mod domain;
 pub mod edge;
 mod hardening;
+pub mod identity;
 pub mod outbound;
 pub mod policy;
 pub mod providers;

@@ -5,6 +5,8 @@ use std::sync::{Arc, RwLock};
 use serde::{Deserialize, Serialize};
 use wildmatch::WildMatch;
 
+use crate::identity::SpiffeId;
+
 /// Every method a rule may name, by service.
 pub const METHODS: &[(&str, &[&str])] = &[
     (
@@ -132,6 +134,15 @@ fn compile_rule(rule: &Rule) -> Result<Compiled, String> {
     if identity.is_empty() || identity.contains('*') {
         return Err("`identity` must name an identity, or a prefix ending in `/*`".into());
     }
+    // A prefix names at least a trust domain and one path segment.
+    let whole = identity.strip_suffix('/').unwrap_or(&identity);
+    SpiffeId::parse(whole).map_err(|why| {
+        format!(
+            "`identity` `{}` is not a SPIFFE ID (`spiffe://trust-domain/path`, the URI SAN of a \
+             client certificate; DNS names are never identities): it {why}",
+            rule.identity
+        )
+    })?;
     let methods = rule
         .allow
         .iter()

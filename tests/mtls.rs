@@ -101,3 +101,169 @@ async fn refuses_to_start_with_a_missing_root_key_naming_it() {
         .to_string();
     assert!(err.contains("root.key"), "{err}");
 }
+
+/// Whether a KeyAdmin call gets through with this certificate.
+async fn gets_key_admin(
+    vault: &common::TestVault,
+    cert: &credvault::dev::certs::IssuedCert,
+) -> bool {
+    let Ok(channel) = credvault::cli::client::connect_channel(
+        &vault.url(),
+        vault.ca_pem.as_bytes(),
+        cert.cert_pem.as_bytes(),
+        cert.key_pem.as_bytes(),
+    )
+    .await
+    else {
+        return false;
+    };
+    credvault::proto::key_admin_client::KeyAdminClient::new(channel)
+        .status(credvault::proto::StatusRequest {})
+        .await
+        .is_ok()
+}
+
+#[tokio::test]
+async fn a_dns_san_spelling_an_identity_is_no_identity() {
+    let dir = VaultDir::new();
+    let vault = dir.start().await;
+    // A CA in the bundle that signs any DNS string, as a web PKI would.
+    let forged = dir
+        .ca
+        .issue_with("x", Subject::ClientDns("placeholder"), |p| {
+            p.subject_alt_names = vec![rcgen::SanType::DnsName(
+                "spiffe://credvault.local/admin".try_into().unwrap(),
+            )];
+        })
+        .unwrap();
+    assert!(
+        !gets_key_admin(&vault, &forged).await,
+        "a DNS SAN got KeyAdmin"
+    );
+    // A plain DNS name is no identity either: identities are URI SANs only.
+    let plain = dir
+        .ca
+        .issue("x", Subject::ClientDns("svc.internal"))
+        .unwrap();
+    assert!(!gets_through(&vault, Some((&plain.cert_pem, &plain.key_pem))).await);
+    // The real admin still gets in.
+    let admin = dir
+        .ca
+        .issue(
+            "x",
+            Subject::ClientUris(&["spiffe://credvault.local/admin"]),
+        )
+        .unwrap();
+    assert!(gets_key_admin(&vault, &admin).await);
+}
+
+#[tokio::test]
+async fn a_uri_san_that_is_not_a_spiffe_id_is_refused() {
+    let dir = VaultDir::new();
+    let mut config = dir.config();
+    config.policy.push(credvault::policy::Rule {
+        identity: "spiffe://credvault.local/jobs/*".into(),
+        allow: vec!["ListProviders".into()],
+        providers: vec!["*".into()],
+        workspaces: vec!["*".into()],
+        proxy: None,
+    });
+    let vault = dir.start_with(config).await;
+    let fine = dir
+        .ca
+        .issue(
+            "x",
+            Subject::ClientUris(&["spiffe://credvault.local/jobs/nightly"]),
+        )
+        .unwrap();
+    assert!(gets_through(&vault, Some((&fine.cert_pem, &fine.key_pem))).await);
+    for uri in [
+        "spiffe://credvault.local/jobs/../admin",
+        "spiffe://credvault.local/jobs/./x",
+        "spiffe://credvault.local/jobs/x?y=1",
+        "spiffe://credvault.local/jobs/x#y",
+        "spiffe://credvault.local/jobs//x",
+        "spiffe://credvault.local/jobs/x/",
+        "spiffe://credvault.local/jobs/%2e%2e",
+    ] {
+        let cert = dir.ca.issue("x", Subject::ClientUris(&[uri])).unwrap();
+        assert!(
+            !gets_through(&vault, Some((&cert.cert_pem, &cert.key_pem))).await,
+            "{uri} got in"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_ca_in_the_bundle_issues_only_for_its_own_trust_domain() {
+    let dir = VaultDir::new();
+    // The bundle trusts the vault's CA and an internal web PKI.
+    let web = DevCa::generate("internal web PKI").unwrap();
+    let bundle = dir.path().join("bundle.pem");
+    std::fs::write(&bundle, format!("{}{}", dir.ca.cert_pem(), web.cert_pem())).unwrap();
+    let web_ca = dir.path().join("web-ca.pem");
+    std::fs::write(&web_ca, web.cert_pem()).unwrap();
+    let mut config = dir.config();
+    config.tls.client_ca_file = bundle;
+    config.tls.trust_domains = [
+        (
+            "spiffe://credvault.local".to_owned(),
+            dir.path().join("ca.pem"),
+        ),
+        ("spiffe://web.example".to_owned(), web_ca),
+    ]
+    .into();
+    config.policy.push(credvault::policy::Rule {
+        identity: "spiffe://web.example/portal".into(),
+        allow: vec!["ListProviders".into()],
+        providers: vec!["*".into()],
+        workspaces: vec!["*".into()],
+        proxy: None,
+    });
+    let vault = dir.start_with(config).await;
+    let forged = web
+        .issue(
+            "x",
+            Subject::ClientUris(&["spiffe://credvault.local/admin"]),
+        )
+        .unwrap();
+    assert!(
+        !gets_key_admin(&vault, &forged).await,
+        "the web PKI issued an admin"
+    );
+    let portal = web
+        .issue("x", Subject::ClientUris(&["spiffe://web.example/portal"]))
+        .unwrap();
+    assert!(gets_through(&vault, Some((&portal.cert_pem, &portal.key_pem))).await);
+    let unbound = web
+        .issue(
+            "x",
+            Subject::ClientUris(&["spiffe://elsewhere.example/portal"]),
+        )
+        .unwrap();
+    assert!(!gets_through(&vault, Some((&unbound.cert_pem, &unbound.key_pem))).await);
+    let admin = dir
+        .ca
+        .issue(
+            "x",
+            Subject::ClientUris(&["spiffe://credvault.local/admin"]),
+        )
+        .unwrap();
+    assert!(gets_key_admin(&vault, &admin).await);
+}
+
+#[tokio::test]
+async fn several_cas_without_trust_domains_refuse_to_start() {
+    let dir = VaultDir::new();
+    let web = DevCa::generate("internal web PKI").unwrap();
+    let bundle = dir.path().join("bundle.pem");
+    std::fs::write(&bundle, format!("{}{}", dir.ca.cert_pem(), web.cert_pem())).unwrap();
+    let mut config = dir.config();
+    config.tls.client_ca_file = bundle;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let err = credvault::run(config, listener, std::future::pending())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("tls.trust_domains"), "{err}");
+}

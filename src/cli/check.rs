@@ -22,8 +22,8 @@ pub async fn run(path: &Path) -> Result<(), String> {
         }
     };
     report(
-        "TLS: server certificate, key (mode 0600), client CA, CRL",
-        tls::server_config(&config.tls)
+        "TLS: server certificate, key (mode 0600), client CA, CRL, trust domains",
+        tls::TlsMaterial::load(&config.tls)
             .map(|_| String::new())
             .map_err(|e| e.to_string()),
     );

@@ -91,9 +91,10 @@ fn dev_config() -> Config {
         tls: TlsConfig {
             cert_file: certs.server_cert,
             key_file: certs.server_key,
-            client_ca_file: certs.ca,
+            client_ca_file: certs.ca.clone(),
             crl_file: None,
             reload_poll_ms: 2_000,
+            trust_domains: [(certs::SPIFFE_DOMAIN.to_owned(), certs.ca)].into(),
         },
         storage: StorageConfig {
             backend: Backend::Sqlite,
@@ -142,6 +143,11 @@ mod tests {
         let config = Config::load(&first.config_path).unwrap();
         assert_eq!(config.storage.path, data.join(DATABASE_FILE));
         assert!(RootKey::from_file(config.keys.root_key_file.as_ref().unwrap()).is_ok());
+        assert_eq!(
+            config.tls.trust_domains[certs::SPIFFE_DOMAIN],
+            config.tls.client_ca_file,
+            "--dev binds its trust domain to its CA"
+        );
         let second = prepare(&data).unwrap();
         assert!(!second.created);
     }

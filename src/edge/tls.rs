@@ -1,5 +1,6 @@
 //! Mutual TLS: the rustls server configuration, the accept loop, and the caller's identity from its certificate.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -10,7 +11,8 @@ use std::time::Duration;
 
 use futures_util::Stream;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, UnixTime};
+use rustls::server::danger::ClientCertVerifier;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -20,6 +22,7 @@ use tokio_rustls::TlsAcceptor;
 use x509_parser::extensions::GeneralName;
 
 use crate::config::TlsConfig;
+use crate::identity::{is_hostname, SpiffeId, SpiffeIdError};
 use crate::telemetry::Metrics;
 
 /// Why the TLS material could not be loaded.
@@ -40,10 +43,12 @@ pub enum TlsError {
     Rustls(#[from] rustls::Error),
     #[error("client CA: {0}")]
     Verifier(#[from] rustls::server::VerifierBuilderError),
+    #[error("tls.trust_domains: {0}")]
+    TrustDomains(String),
 }
 
-/// Who is calling, from its client certificate: the single URI SAN, else the
-/// DNS SAN. Never the subject CN or the serial number.
+/// Who is calling: the SPIFFE ID in its client certificate's single URI SAN.
+/// Never a DNS SAN, the subject CN or the serial number.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerIdentity(Arc<str>);
 
@@ -68,74 +73,175 @@ pub struct PeerInfo {
 
 /// Why a verified client certificate still names no usable identity.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum IdentityError {
     #[error("client certificate could not be parsed")]
     Unparsable,
     #[error("client certificate has {0} URI SANs; exactly one is allowed")]
     SeveralUris(usize),
-    #[error("client certificate has neither a URI nor a DNS SAN")]
-    NoSan,
+    #[error(
+        "client certificate has no URI SAN: an identity is a SPIFFE ID in a URI SAN, \
+         never a DNS name"
+    )]
+    NoUri,
+    #[error("client certificate's URI SAN is not a SPIFFE ID: it {0}")]
+    NotSpiffe(SpiffeIdError),
+    #[error("client certificate has a DNS SAN that is not a hostname")]
+    BadDnsName,
+    #[error("client certificate names trust domain {0}, which tls.trust_domains does not list")]
+    UnboundTrustDomain(String),
+    #[error(
+        "client certificate names trust domain {0} but does not chain to the CA \
+         tls.trust_domains binds to it"
+    )]
+    WrongIssuer(String),
 }
 
-/// The identity a client certificate names.
+/// The identity a client certificate names: its one URI SAN, a SPIFFE ID.
+/// A DNS SAN is never an identity, and one that is not a hostname (say,
+/// `spiffe://…` spelled as a DNS name) refuses the whole certificate.
 pub fn identity_of(cert: &CertificateDer<'_>) -> Result<PeerIdentity, IdentityError> {
     let (_, parsed) =
         x509_parser::parse_x509_certificate(cert).map_err(|_| IdentityError::Unparsable)?;
     let san = parsed
         .subject_alternative_name()
         .map_err(|_| IdentityError::Unparsable)?
-        .ok_or(IdentityError::NoSan)?;
-    let names = &san.value.general_names;
-    let uris: Vec<&str> = names
-        .iter()
-        .filter_map(|n| match n {
-            GeneralName::URI(u) => Some(*u),
-            _ => None,
-        })
-        .collect();
-    match uris.as_slice() {
-        [uri] => return Ok(PeerIdentity((*uri).into())),
-        [] => {}
-        several => return Err(IdentityError::SeveralUris(several.len())),
+        .ok_or(IdentityError::NoUri)?;
+    let mut uris = Vec::new();
+    for name in &san.value.general_names {
+        match name {
+            GeneralName::URI(u) => uris.push(*u),
+            GeneralName::DNSName(d) if !is_hostname(d) => return Err(IdentityError::BadDnsName),
+            _ => {}
+        }
     }
-    names
-        .iter()
-        .find_map(|n| match n {
-            GeneralName::DNSName(d) => Some(PeerIdentity((*d).into())),
-            _ => None,
-        })
-        .ok_or(IdentityError::NoSan)
+    match uris.as_slice() {
+        [uri] => {
+            let id = SpiffeId::parse(uri).map_err(IdentityError::NotSpiffe)?;
+            Ok(PeerIdentity(id.as_str().into()))
+        }
+        [] => Err(IdentityError::NoUri),
+        several => Err(IdentityError::SeveralUris(several.len())),
+    }
 }
 
-/// TLS 1.3, or 1.2 with its AEAD suites (the only ones rustls offers); a client
-/// certificate chaining to the configured CA is required.
-pub fn server_config(tls: &TlsConfig) -> Result<ServerConfig, TlsError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let chain = read_certs("server certificate", &tls.cert_file)?;
-    let key = read_key(&tls.key_file)?;
-    let mut roots = RootCertStore::empty();
-    for ca in read_certs("client CA", &tls.client_ca_file)? {
-        roots.add(ca)?;
+/// What the server authenticates clients with: the rustls configuration for
+/// the handshake, and which CA may issue for which trust domain.
+pub struct TlsMaterial {
+    server: Arc<ServerConfig>,
+    issuers: Issuers,
+}
+
+/// Which CAs may issue identities in which trust domain.
+enum Issuers {
+    /// `client_ca_file` holds one CA and no binding is configured: it issues
+    /// for every trust domain.
+    TheOnlyCa,
+    /// Per trust domain (`spiffe://…`), a verifier trusting only its CAs.
+    Bound(BTreeMap<String, Arc<dyn ClientCertVerifier>>),
+}
+
+impl TlsMaterial {
+    /// Loads every file `tls` names. Refuses a bundle of several CAs without
+    /// `tls.trust_domains`, a binding to a CA outside the bundle, and a
+    /// trust domain that is not `spiffe://name`.
+    pub fn load(tls: &TlsConfig) -> Result<Self, TlsError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let chain = read_certs("server certificate", &tls.cert_file)?;
+        let key = read_key(&tls.key_file)?;
+        let bundle = read_certs("client CA", &tls.client_ca_file)?;
+        let crls = match &tls.crl_file {
+            Some(path) => read_crls(path)?,
+            None => Vec::new(),
+        };
+        let client_verifier = |cas: &[CertificateDer<'static>]| {
+            let mut roots = RootCertStore::empty();
+            for ca in cas {
+                roots.add(ca.clone())?;
+            }
+            let mut verifier =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+            if !crls.is_empty() {
+                verifier = verifier
+                    .with_crls(crls.clone())
+                    .only_check_end_entity_revocation();
+            }
+            Ok::<_, TlsError>(verifier.build()?)
+        };
+        let issuers = if tls.trust_domains.is_empty() {
+            if bundle.len() > 1 {
+                return Err(TlsError::TrustDomains(format!(
+                    "{} holds {} CAs, so each SPIFFE trust domain must be bound to the CA that \
+                     may issue for it: add a [tls.trust_domains] table, e.g. \
+                     \"spiffe://credvault.local\" = \"ca.pem\"",
+                    tls.client_ca_file.display(),
+                    bundle.len()
+                )));
+            }
+            Issuers::TheOnlyCa
+        } else {
+            let mut bound = BTreeMap::new();
+            for (domain, path) in &tls.trust_domains {
+                SpiffeId::parse_trust_domain(domain).map_err(|why| {
+                    TlsError::TrustDomains(format!(
+                        "`{domain}` is not a trust domain (`spiffe://name`, no path): it {why}"
+                    ))
+                })?;
+                let cas = read_certs("trust domain CA", path)?;
+                if let Some(outside) = cas.iter().position(|ca| !bundle.contains(ca)) {
+                    return Err(TlsError::TrustDomains(format!(
+                        "certificate {} of {} (bound to {domain}) is not in client_ca_file {}: \
+                         no client it issued could connect; add it to the bundle",
+                        outside + 1,
+                        path.display(),
+                        tls.client_ca_file.display()
+                    )));
+                }
+                bound.insert(domain.clone(), client_verifier(&cas)?);
+            }
+            Issuers::Bound(bound)
+        };
+        let mut config = ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+            .with_client_cert_verifier(client_verifier(&bundle)?)
+            .with_single_cert(chain, key)?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Self {
+            server: Arc::new(config),
+            issuers,
+        })
     }
-    let mut verifier =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
-    if let Some(path) = &tls.crl_file {
-        let crls = CertificateRevocationListDer::pem_file_iter(path)
-            .map_err(|e| file_error("CRL", path, e))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| file_error("CRL", path, e))?;
-        if crls.is_empty() {
-            return Err(file_error("CRL", path, "holds no PEM CRL"));
-        }
-        verifier = verifier.with_crls(crls).only_check_end_entity_revocation();
+
+    /// The identity a client's verified chain names, if a CA bound to its
+    /// trust domain issued it.
+    pub fn identify(&self, chain: &[CertificateDer<'_>]) -> Result<PeerIdentity, IdentityError> {
+        let (leaf, intermediates) = chain.split_first().ok_or(IdentityError::NoUri)?;
+        let identity = identity_of(leaf)?;
+        let Issuers::Bound(bound) = &self.issuers else {
+            return Ok(identity);
+        };
+        let domain = SpiffeId::parse(identity.as_str())
+            .map_err(IdentityError::NotSpiffe)?
+            .trust_domain();
+        let verifier = bound
+            .get(domain)
+            .ok_or_else(|| IdentityError::UnboundTrustDomain(domain.to_owned()))?;
+        verifier
+            .verify_client_cert(leaf, intermediates, UnixTime::now())
+            .map_err(|_| IdentityError::WrongIssuer(domain.to_owned()))?;
+        Ok(identity)
     }
-    let verifier = verifier.build()?;
-    let mut config = ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(config)
+}
+
+fn read_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+    let crls = CertificateRevocationListDer::pem_file_iter(path)
+        .map_err(|e| file_error("CRL", path, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| file_error("CRL", path, e))?;
+    if crls.is_empty() {
+        return Err(file_error("CRL", path, "holds no PEM CRL"));
+    }
+    Ok(crls)
 }
 
 fn file_error(what: &'static str, path: &Path, message: impl ToString) -> TlsError {
@@ -175,7 +281,7 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 #[derive(Clone)]
 pub struct SharedTls {
     paths: TlsConfig,
-    current: Arc<std::sync::RwLock<Arc<ServerConfig>>>,
+    current: Arc<std::sync::RwLock<Arc<TlsMaterial>>>,
 }
 
 impl std::fmt::Debug for SharedTls {
@@ -189,12 +295,12 @@ impl std::fmt::Debug for SharedTls {
 impl SharedTls {
     pub fn load(paths: &TlsConfig) -> Result<Self, TlsError> {
         Ok(Self {
-            current: Arc::new(std::sync::RwLock::new(Arc::new(server_config(paths)?))),
+            current: Arc::new(std::sync::RwLock::new(Arc::new(TlsMaterial::load(paths)?))),
             paths: paths.clone(),
         })
     }
 
-    pub fn current(&self) -> Arc<ServerConfig> {
+    pub fn current(&self) -> Arc<TlsMaterial> {
         // Replaced whole under the lock; a poisoned lock still holds a whole config.
         self.current
             .read()
@@ -204,7 +310,7 @@ impl SharedTls {
 
     /// Re-reads every file. On any error the material in force stays.
     pub fn reload(&self) -> Result<(), TlsError> {
-        let fresh = Arc::new(server_config(&self.paths)?);
+        let fresh = Arc::new(TlsMaterial::load(&self.paths)?);
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = fresh;
         Ok(())
     }
@@ -220,6 +326,7 @@ impl SharedTls {
         ]
         .into_iter()
         .flatten()
+        .chain(p.trust_domains.values())
         .filter_map(|f| std::fs::metadata(f).and_then(|m| m.modified()).ok())
         .max()
     }
@@ -325,7 +432,8 @@ pub fn incoming(
                 continue;
             };
             let _ = tcp.set_nodelay(true);
-            let acceptor = TlsAcceptor::from(tls.current());
+            let material = tls.current();
+            let acceptor = TlsAcceptor::from(Arc::clone(&material.server));
             let tx = tx.clone();
             metrics.connection_opened();
             let slot = ConnectionSlot {
@@ -334,7 +442,7 @@ pub fn incoming(
             };
             tokio::spawn(async move {
                 match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => match peer_identity(&stream) {
+                    Ok(Ok(stream)) => match peer_identity(&material, &stream) {
                         Ok(identity) => {
                             let info = PeerInfo { identity, remote };
                             let _ = tx
@@ -356,13 +464,12 @@ pub fn incoming(
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
-fn peer_identity(stream: &TlsStream<TcpStream>) -> Result<PeerIdentity, IdentityError> {
+fn peer_identity(
+    material: &TlsMaterial,
+    stream: &TlsStream<TcpStream>,
+) -> Result<PeerIdentity, IdentityError> {
     let (_, conn) = stream.get_ref();
-    let leaf = conn
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .ok_or(IdentityError::NoSan)?;
-    identity_of(leaf)
+    material.identify(conn.peer_certificates().unwrap_or_default())
 }
 
 #[cfg(test)]
@@ -387,14 +494,27 @@ mod tests {
     }
 
     #[test]
-    fn identity_falls_back_to_dns_san_never_cn() {
+    fn a_dns_san_is_never_an_identity() {
         let ca = DevCa::generate("t").unwrap();
         let c = ca
             .issue("cn-is-ignored", Subject::ClientDns("svc.internal"))
             .unwrap();
+        assert_eq!(identity_of(&der(&c.cert_pem)), Err(IdentityError::NoUri));
+    }
+
+    #[test]
+    fn a_dns_san_that_is_no_hostname_refuses_the_certificate() {
+        let ca = DevCa::generate("t").unwrap();
+        let c = ca
+            .issue_with("x", Subject::ClientUris(&["spiffe://x/app"]), |p| {
+                p.subject_alt_names.push(rcgen::SanType::DnsName(
+                    "spiffe://x/admin".try_into().unwrap(),
+                ));
+            })
+            .unwrap();
         assert_eq!(
-            identity_of(&der(&c.cert_pem)).unwrap().as_str(),
-            "svc.internal"
+            identity_of(&der(&c.cert_pem)),
+            Err(IdentityError::BadDnsName)
         );
     }
 

@@ -164,6 +164,7 @@ impl VaultDir {
                 client_ca_file: p.join("ca.pem"),
                 crl_file: None,
                 reload_poll_ms: 2_000,
+                trust_domains: Default::default(),
             },
             storage: self.storage(),
             keys: KeysConfig {
