@@ -98,30 +98,68 @@ impl Policy {
 
     /// Whether any rule lets `identity` make `call`.
     pub fn allows(&self, identity: &str, call: &Call<'_>) -> bool {
-        self.rules.iter().any(|rule| {
-            let identity_ok = if rule.identity_is_prefix {
-                identity.starts_with(&rule.identity)
-            } else {
-                identity == rule.identity
-            };
-            let method_ok = rule.methods.iter().any(|(service, method)| {
-                service == call.service && method.as_deref().is_none_or(|m| m == call.method)
-            });
-            let provider_ok = match (&rule.providers, call.provider) {
-                (None, _) | (Some(_), None) => true,
-                (Some(list), Some(p)) => list.iter().any(|x| x == p),
-            };
-            let workspace_ok = call
-                .workspace
-                .is_none_or(|w| rule.workspaces.iter().any(|g| g.matches(w)));
-            let route_ok = match &rule.proxy {
-                Some(routes) if call.service == "Credentials" && call.method == "Proxy" => {
-                    call.route.is_some_and(|r| routes.iter().any(|x| x == r))
+        self.grant(identity, call).is_some()
+    }
+
+    /// What the rules that let `identity` make `call` cover together, to
+    /// narrow the answer to; `None` when no rule allows the call.
+    pub fn grant(&self, identity: &str, call: &Call<'_>) -> Option<Grant> {
+        let mut grant: Option<Grant> = None;
+        for rule in self.rules.iter().filter(|rule| rule.allows(identity, call)) {
+            let providers = match (grant.map(|g| g.providers), &rule.providers) {
+                (Some(None), _) | (_, None) => None,
+                (None, Some(list)) => Some(list.clone()),
+                (Some(Some(mut union)), Some(list)) => {
+                    union.extend(list.iter().cloned());
+                    Some(union)
                 }
-                _ => true,
             };
-            identity_ok && method_ok && provider_ok && workspace_ok && route_ok
-        })
+            grant = Some(Grant { providers });
+        }
+        grant
+    }
+}
+
+/// What the rules that allowed a call cover beyond the call itself. An
+/// answer about several providers (List, ListProviders) shows only these.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// `None` for every provider.
+    providers: Option<Vec<String>>,
+}
+
+impl Grant {
+    pub fn covers_provider(&self, provider: &str) -> bool {
+        self.providers
+            .as_ref()
+            .is_none_or(|list| list.iter().any(|p| p == provider))
+    }
+}
+
+impl Compiled {
+    fn allows(&self, identity: &str, call: &Call<'_>) -> bool {
+        let identity_ok = if self.identity_is_prefix {
+            identity.starts_with(&self.identity)
+        } else {
+            identity == self.identity
+        };
+        let method_ok = self.methods.iter().any(|(service, method)| {
+            service == call.service && method.as_deref().is_none_or(|m| m == call.method)
+        });
+        let provider_ok = match (&self.providers, call.provider) {
+            (None, _) | (Some(_), None) => true,
+            (Some(list), Some(p)) => list.iter().any(|x| x == p),
+        };
+        let workspace_ok = call
+            .workspace
+            .is_none_or(|w| self.workspaces.iter().any(|g| g.matches(w)));
+        let route_ok = match &self.proxy {
+            Some(routes) if call.service == "Credentials" && call.method == "Proxy" => {
+                call.route.is_some_and(|r| routes.iter().any(|x| x == r))
+            }
+            _ => true,
+        };
+        identity_ok && method_ok && provider_ok && workspace_ok && route_ok
     }
 }
 
@@ -150,6 +188,19 @@ fn compile_rule(rule: &Rule) -> Result<Compiled, String> {
         .collect::<Result<Vec<_>, _>>()?;
     if methods.is_empty() {
         return Err("`allow` is empty".into());
+    }
+    // The audit log is one hash chain over every workspace and provider: a
+    // consumer cannot verify a filtered copy, so only a rule that covers
+    // everything may read it.
+    let narrowed =
+        !rule.workspaces.iter().any(|w| w == "*") || !rule.providers.iter().any(|p| p == "*");
+    if narrowed && methods.iter().any(|(service, _)| service == "Audit") {
+        return Err(
+            "`Audit` methods read every workspace's and provider's events, but this rule is \
+             narrowed by `workspaces` or `providers`: grant Audit in a rule of its own that \
+             covers all of them"
+                .into(),
+        );
     }
     let providers = if rule.providers.iter().any(|p| p == "*") {
         None
@@ -414,6 +465,42 @@ mod tests {
         ] {
             let err = Policy::compile(&[rule]).unwrap_err();
             assert!(err.contains(expected), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_grant_is_the_union_of_the_rules_that_allow_the_call() {
+        let rule = |providers: &[&str]| Rule {
+            identity: APP.into(),
+            allow: vec!["List".into()],
+            providers: providers.iter().map(|p| (*p).to_owned()).collect(),
+            workspaces: vec!["*".into()],
+            proxy: None,
+        };
+        let list = call("Credentials", "List", Some("ws"), None);
+        let one = Policy::compile(&[rule(&["posthog"])]).unwrap();
+        let grant = one.grant(APP, &list).unwrap();
+        assert!(grant.covers_provider("posthog") && !grant.covers_provider("amplitude"));
+        let two = Policy::compile(&[rule(&["posthog"]), rule(&["amperity"])]).unwrap();
+        let grant = two.grant(APP, &list).unwrap();
+        assert!(grant.covers_provider("amperity") && !grant.covers_provider("amplitude"));
+        let all = Policy::compile(&[rule(&["posthog"]), rule(&["*"])]).unwrap();
+        assert!(all.grant(APP, &list).unwrap().covers_provider("amplitude"));
+        assert!(one.grant("spiffe://credvault.local/other", &list).is_none());
+    }
+
+    #[test]
+    fn only_a_rule_covering_everything_may_grant_audit() {
+        for (workspaces, providers) in [(vec!["team-*"], vec!["*"]), (vec!["*"], vec!["posthog"])] {
+            let err = Policy::compile(&[Rule {
+                identity: APP.into(),
+                allow: vec!["Audit.Head".into()],
+                providers: providers.iter().map(|p| (*p).to_owned()).collect(),
+                workspaces: workspaces.iter().map(|p| (*p).to_owned()).collect(),
+                proxy: None,
+            }])
+            .unwrap_err();
+            assert!(err.contains("Audit"), "{err}");
         }
     }
 }

@@ -157,3 +157,92 @@ fn a_rule_naming_a_dns_name_is_refused_before_serving() {
     .unwrap_err();
     assert!(err.contains("not a SPIFFE ID"), "{err}");
 }
+
+#[tokio::test]
+async fn a_rule_narrowed_to_providers_lists_only_their_connections() {
+    let dir = VaultDir::new();
+    let mut config = dir.config();
+    config.policy.push(Rule {
+        identity: "spiffe://credvault.local/posthog-sync".into(),
+        allow: vec!["List".into(), "ListProviders".into()],
+        providers: vec!["posthog".into()],
+        workspaces: vec!["*".into()],
+        proxy: None,
+    });
+    let vault = dir.start_with(config).await;
+    let mut app = vault.client().await;
+    app.store(amplitude("ws", SECRET, SECRET)).await.unwrap();
+    app.store(credvault::proto::StoreRequest {
+        workspace_id: "ws".into(),
+        provider: "posthog".into(),
+        secrets: common::map(&[("personal_api_key", "phx_Vq8rKw2Lx7Mz4Nc9Pb3Td6Yf1Gh5Js0U")]),
+        params: common::map(&[("project_id", "1")]),
+        validate: false,
+    })
+    .await
+    .unwrap();
+    let mut narrow = CredentialsClient::new(
+        dir.channel_as(&vault, "spiffe://credvault.local/posthog-sync")
+            .await,
+    );
+    let listed = narrow
+        .list(ListRequest {
+            workspace_id: "ws".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let providers: Vec<_> = listed
+        .credentials
+        .iter()
+        .map(|c| c.provider.as_str())
+        .collect();
+    assert_eq!(providers, ["posthog"], "amplitude leaked through List");
+    let described = narrow
+        .list_providers(ListProvidersRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let names: Vec<_> = described
+        .providers
+        .iter()
+        .map(|p| p.name.as_str())
+        .collect();
+    assert_eq!(names, ["posthog"]);
+    // The app's rule covers every provider: it still sees both.
+    let all = app
+        .list(ListRequest {
+            workspace_id: "ws".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(all.credentials.len(), 2);
+}
+
+#[tokio::test]
+async fn a_rule_narrowed_to_workspaces_cannot_read_the_whole_audit_log() {
+    let dir = VaultDir::new();
+    let mut config = dir.config();
+    config.policy.push(Rule {
+        identity: "spiffe://credvault.local/team-a-auditor".into(),
+        allow: vec!["Audit.*".into()],
+        providers: vec!["*".into()],
+        workspaces: vec!["team-a-*".into()],
+        proxy: None,
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let started = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        credvault::run(config, listener, std::future::pending()),
+    )
+    .await;
+    let err = match started {
+        Ok(result) => result.unwrap_err().to_string(),
+        Err(_) => panic!("the vault served a workspace-narrowed rule the whole audit log"),
+    };
+    assert!(
+        err.contains("Audit") && err.contains("policy rule 4"),
+        "{err}"
+    );
+}

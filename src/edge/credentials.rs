@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::gate::{Audited, Gate, Scope};
+use super::gate::{Audited, Gate, Narrow, Scope};
 use crate::audit;
 use crate::domain::proxy::ProxyCall;
 use crate::domain::{self, CredentialRef, NewCredential, Vault, VaultError, WorkspaceId};
@@ -32,6 +32,7 @@ impl CredentialsService {
     ) -> Result<Response<R>, Status>
     where
         T: Scope,
+        R: Narrow,
         F: FnOnce(T, audit::Context) -> Fut,
         Fut: Future<Output = Result<(R, Audited), VaultError>>,
     {

@@ -17,7 +17,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::audit::{self, Event};
 use crate::config::Limits;
 use crate::domain::{Vault, VaultError, WorkspaceId};
-use crate::policy::{Call, SharedPolicy};
+use crate::policy::{Call, Grant, SharedPolicy};
 use crate::proto;
 use crate::providers::Provider;
 use crate::telemetry::Metrics;
@@ -77,6 +77,34 @@ impl Scope for proto::HeadRequest {
         (None, None)
     }
 }
+
+/// An answer, narrowed to what the rules that allowed its call cover: an
+/// answer about several providers shows only the granted ones. Answers about
+/// one provider were checked with the call itself.
+pub trait Narrow {
+    fn narrow(&mut self, _grant: &Grant) {}
+}
+
+impl Narrow for proto::ListResponse {
+    fn narrow(&mut self, grant: &Grant) {
+        self.credentials
+            .retain(|c| grant.covers_provider(&c.provider));
+    }
+}
+
+impl Narrow for proto::ListProvidersResponse {
+    fn narrow(&mut self, grant: &Grant) {
+        self.providers.retain(|p| grant.covers_provider(&p.name));
+    }
+}
+
+impl Narrow for proto::Credential {}
+impl Narrow for proto::Validation {}
+impl Narrow for proto::ProxyResponse {}
+impl Narrow for proto::KeyStatus {}
+impl Narrow for proto::AuditHead {}
+/// Only rules that cover every workspace and provider may grant Audit.
+impl<T> Narrow for tokio_stream::wrappers::ReceiverStream<T> {}
 
 /// How a call's audit event gets written.
 #[derive(Debug)]
@@ -170,6 +198,7 @@ impl Gate {
     ) -> Result<Response<R>, Status>
     where
         T: Scope,
+        R: Narrow,
         F: FnOnce(T, audit::Context) -> Fut,
         Fut: Future<Output = Result<(R, Audited), VaultError>>,
     {
@@ -216,14 +245,19 @@ impl Gate {
                      (limits.max_message_bytes)",
                     self.max_message_bytes
                 )))
-            } else if self.policy.current().allows(peer.identity.as_str(), &call) {
+            } else if let Some(grant) = self.policy.current().grant(peer.identity.as_str(), &call) {
                 // A bug that panics in a handler is still one call with one
                 // audit event: INTERNAL, like any unexpected failure.
                 match unwound(f(req.into_inner(), context.clone())).await {
-                    Ok(result) => result.map_err(|e| {
-                        audited_in_transaction = e.audited_in_transaction();
-                        to_status(e)
-                    }),
+                    Ok(result) => result
+                        .map(|(mut response, audited)| {
+                            response.narrow(&grant);
+                            (response, audited)
+                        })
+                        .map_err(|e| {
+                            audited_in_transaction = e.audited_in_transaction();
+                            to_status(e)
+                        }),
                     Err(status) => Err(status),
                 }
             } else {
