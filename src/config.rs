@@ -364,6 +364,12 @@ pub struct Limits {
     pub max_message_bytes: usize,
     /// A TLS handshake that takes longer is dropped.
     pub handshake_timeout_ms: u64,
+    /// TLS handshakes in progress at once; when full, the oldest is dropped
+    /// for a new one.
+    pub max_pending_handshakes: usize,
+    /// TLS handshakes in progress at once from one IP address; when full,
+    /// that address's oldest is dropped for its new one.
+    pub max_pending_handshakes_per_address: usize,
     /// In-flight calls get this long to finish after SIGTERM.
     pub shutdown_grace_ms: u64,
     /// After SIGTERM, how long health reports NOT_SERVING before the
@@ -371,7 +377,8 @@ pub struct Limits {
     pub shutdown_drain_ms: u64,
     /// Calls in flight at once, over all clients; more get RESOURCE_EXHAUSTED.
     pub max_concurrent_calls: usize,
-    /// Client connections open at once; more are closed on accept.
+    /// Client connections open at once, counted once their handshake has
+    /// completed; more are closed.
     pub max_connections: usize,
     /// Calls per second each identity may make (token bucket); 0 for no limit.
     pub rate_per_identity: u32,
@@ -383,7 +390,9 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_message_bytes: 64 * 1024,
-            handshake_timeout_ms: 10_000,
+            handshake_timeout_ms: 3_000,
+            max_pending_handshakes: 128,
+            max_pending_handshakes_per_address: 32,
             shutdown_grace_ms: 10_000,
             shutdown_drain_ms: 0,
             max_concurrent_calls: 1024,

@@ -104,8 +104,12 @@ pub async fn serve(
     let incoming = tls::incoming(
         listener,
         tls,
-        Duration::from_millis(limits.handshake_timeout_ms),
-        limits.max_connections,
+        tls::ConnectionLimits {
+            handshake_timeout: Duration::from_millis(limits.handshake_timeout_ms),
+            max_connections: limits.max_connections,
+            max_pending: limits.max_pending_handshakes,
+            max_pending_per_address: limits.max_pending_handshakes_per_address,
+        },
         metrics,
     );
     tonic::transport::Server::builder()

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -399,20 +399,39 @@ impl AsyncWrite for TlsConn {
     }
 }
 
+/// How many connections may be open or opening at once.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// A handshake that takes longer is dropped.
+    pub handshake_timeout: Duration,
+    /// Connections that completed the handshake; more are closed.
+    pub max_connections: usize,
+    /// Handshakes in progress, over all addresses.
+    pub max_pending: usize,
+    /// Handshakes in progress from one IP address.
+    pub max_pending_per_address: usize,
+}
+
 /// Accepts TCP connections and completes each handshake in its own task, so a
 /// slow or hostile client cannot hold up the others. Yields only connections
-/// whose certificate verified and named an identity; beyond `max_connections`
-/// open at once, new ones are closed at once. Stops accepting when the stream
-/// is dropped.
+/// whose certificate verified and named an identity. Stops accepting when the
+/// stream is dropped.
+///
+/// Sockets that never finish a handshake cost only a pending place: when the
+/// pending budget (or an address's share of it) is full, the oldest pending
+/// handshake is dropped for the new one, so idle sockets cannot lock out a
+/// client that completes its handshake promptly, even from the same address.
+/// A connection takes one of the `max_connections` places only once its
+/// handshake has completed.
 pub fn incoming(
     listener: TcpListener,
     tls: SharedTls,
-    handshake_timeout: Duration,
-    max_connections: usize,
+    limits: ConnectionLimits,
     metrics: Arc<Metrics>,
 ) -> impl Stream<Item = io::Result<TlsConn>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
-    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections.max(1)));
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let pending = Pending::new(limits);
     tokio::spawn(async move {
         loop {
             let (tcp, remote) = tokio::select! {
@@ -427,41 +446,134 @@ pub fn incoming(
                     }
                 },
             };
-            let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
-                tracing::warn!(%remote, max_connections, "connection limit reached: closing a new connection");
-                continue;
-            };
             let _ = tcp.set_nodelay(true);
             let material = tls.current();
             let acceptor = TlsAcceptor::from(Arc::clone(&material.server));
             let tx = tx.clone();
-            metrics.connection_opened();
-            let slot = ConnectionSlot {
-                _permit: permit,
-                metrics: Arc::clone(&metrics),
-            };
-            tokio::spawn(async move {
-                match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => match peer_identity(&material, &stream) {
-                        Ok(identity) => {
-                            let info = PeerInfo { identity, remote };
-                            let _ = tx
-                                .send(Ok(TlsConn {
-                                    stream,
-                                    info,
-                                    _slot: slot,
-                                }))
-                                .await;
-                        }
-                        Err(e) => tracing::info!(%remote, reason = %e, "refused client"),
-                    },
-                    Ok(Err(e)) => tracing::info!(%remote, reason = %e, "TLS handshake failed"),
-                    Err(_) => tracing::info!(%remote, "TLS handshake timed out"),
-                }
-            });
+            let slots = Arc::clone(&slots);
+            let metrics = Arc::clone(&metrics);
+            let place = pending.enter(remote.ip());
+            let id = place.id;
+            let handshake =
+                tokio::spawn(async move {
+                    let _place = place;
+                    let stream =
+                        match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp))
+                            .await
+                        {
+                            Ok(Ok(stream)) => stream,
+                            Ok(Err(e)) => {
+                                return tracing::info!(%remote, reason = %e, "TLS handshake failed")
+                            }
+                            Err(_) => return tracing::info!(%remote, "TLS handshake timed out"),
+                        };
+                    let identity = match peer_identity(&material, &stream) {
+                        Ok(identity) => identity,
+                        Err(e) => return tracing::info!(%remote, reason = %e, "refused client"),
+                    };
+                    let Ok(permit) = slots.try_acquire_owned() else {
+                        return tracing::warn!(
+                            %remote,
+                            %identity,
+                            max_connections = limits.max_connections,
+                            "connection limit reached: closing a new connection"
+                        );
+                    };
+                    metrics.connection_opened();
+                    let conn = TlsConn {
+                        stream,
+                        info: PeerInfo { identity, remote },
+                        _slot: ConnectionSlot {
+                            _permit: permit,
+                            metrics,
+                        },
+                    };
+                    let _ = tx.send(Ok(conn)).await;
+                });
+            pending.started(id, handshake.abort_handle());
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// The handshakes in progress, oldest first, so that the oldest can be
+/// dropped for a new one when the budget is full.
+struct Pending {
+    limits: ConnectionLimits,
+    state: Arc<std::sync::Mutex<PendingState>>,
+}
+
+#[derive(Default)]
+struct PendingState {
+    next: u64,
+    /// By arrival: the address, and the task once it is spawned.
+    open: BTreeMap<u64, (IpAddr, Option<tokio::task::AbortHandle>)>,
+}
+
+/// One handshake's pending place, given back when its task ends or is dropped.
+struct PendingPlace {
+    id: u64,
+    state: Arc<std::sync::Mutex<PendingState>>,
+}
+
+impl Pending {
+    fn new(limits: ConnectionLimits) -> Self {
+        Self {
+            limits,
+            state: Arc::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PendingState> {
+        // Only map operations run under the lock; a poisoned one is still whole.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes a place for a handshake from `address`, first dropping the
+    /// oldest handshake from that address, or the oldest of all, to make room.
+    fn enter(&self, address: IpAddr) -> PendingPlace {
+        let mut state = self.lock();
+        let from_address = state.open.values().filter(|(a, _)| *a == address).count();
+        let evict = if from_address >= self.limits.max_pending_per_address.max(1) {
+            state
+                .open
+                .iter()
+                .find(|(_, (a, _))| *a == address)
+                .map(|(id, _)| *id)
+        } else if state.open.len() >= self.limits.max_pending.max(1) {
+            state.open.keys().next().copied()
+        } else {
+            None
+        };
+        if let Some((dropped, task)) = evict.and_then(|id| state.open.remove(&id)) {
+            if let Some(task) = task {
+                task.abort();
+            }
+            tracing::info!(remote = %dropped, "pending handshakes at their limit: dropped the oldest");
+        }
+        let id = state.next;
+        state.next += 1;
+        state.open.insert(id, (address, None));
+        PendingPlace {
+            id,
+            state: Arc::clone(&self.state),
+        }
+    }
+
+    /// Records the task holding place `id`, so that it can be dropped. A
+    /// task already done has left no entry to record it in.
+    fn started(&self, id: u64, task: tokio::task::AbortHandle) {
+        if let Some(entry) = self.lock().open.get_mut(&id) {
+            entry.1 = Some(task);
+        }
+    }
+}
+
+impl Drop for PendingPlace {
+    fn drop(&mut self) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.open.remove(&self.id);
+    }
 }
 
 fn peer_identity(
@@ -528,5 +640,32 @@ mod tests {
             identity_of(&der(&c.cert_pem)),
             Err(IdentityError::SeveralUris(2))
         );
+    }
+
+    #[test]
+    fn a_full_pending_budget_drops_the_oldest_handshake() {
+        let pending = Pending::new(ConnectionLimits {
+            handshake_timeout: Duration::from_secs(1),
+            max_connections: 10,
+            max_pending: 3,
+            max_pending_per_address: 2,
+        });
+        let ip = |last: u8| IpAddr::from([127, 0, 0, last]);
+        let open = |p: &Pending| p.lock().open.keys().copied().collect::<Vec<_>>();
+        let places: Vec<_> = [1, 1, 1]
+            .into_iter()
+            .map(|a| pending.enter(ip(a)))
+            .collect();
+        assert_eq!(
+            open(&pending),
+            [1, 2],
+            "one address keeps at most its share"
+        );
+        let more: Vec<_> = [2, 3].into_iter().map(|a| pending.enter(ip(a))).collect();
+        assert_eq!(open(&pending), [2, 3, 4], "the oldest of all makes room");
+        drop(more);
+        assert_eq!(open(&pending), [2]);
+        drop(places);
+        assert!(open(&pending).is_empty());
     }
 }
