@@ -375,6 +375,13 @@ pub struct Limits {
     /// After SIGTERM, how long health reports NOT_SERVING before the
     /// listener closes, so load balancers stop sending new calls.
     pub shutdown_drain_ms: u64,
+    /// A client connection is told to go away (HTTP/2 GOAWAY) after this
+    /// long, and closed `shutdown_grace_ms` later; clients reconnect, and
+    /// their certificate is checked again.
+    pub max_connection_age_ms: u64,
+    /// HTTP/2 streams (calls) open at once on one connection; the client
+    /// waits for one to end before opening more.
+    pub max_streams_per_connection: u32,
     /// Calls in flight at once, over all clients; more get RESOURCE_EXHAUSTED.
     pub max_concurrent_calls: usize,
     /// Client connections open at once, counted once their handshake has
@@ -396,6 +403,8 @@ impl Default for Limits {
             shutdown_grace_ms: 10_000,
             shutdown_drain_ms: 0,
             max_concurrent_calls: 1024,
+            max_streams_per_connection: 100,
+            max_connection_age_ms: 30 * 60 * 1000,
             max_connections: 1024,
             rate_per_identity: 0,
             rate_burst: 100,

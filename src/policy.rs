@@ -1,6 +1,6 @@
 //! Who may call what: the configuration's `[[policy]]` rules. Anything no rule allows is denied.
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use wildmatch::WildMatch;
@@ -101,6 +101,15 @@ impl Policy {
         self.grant(identity, call).is_some()
     }
 
+    /// Whether any rule lets `identity` call `service.method` at all, for
+    /// some workspace, provider and route: what can be decided before a
+    /// request's body is read.
+    pub fn may_call(&self, identity: &str, service: &str, method: &str) -> bool {
+        self.rules
+            .iter()
+            .any(|rule| rule.names(identity) && rule.grants(service, method))
+    }
+
     /// What the rules that let `identity` make `call` cover together, to
     /// narrow the answer to; `None` when no rule allows the call.
     pub fn grant(&self, identity: &str, call: &Call<'_>) -> Option<Grant> {
@@ -137,15 +146,23 @@ impl Grant {
 }
 
 impl Compiled {
-    fn allows(&self, identity: &str, call: &Call<'_>) -> bool {
-        let identity_ok = if self.identity_is_prefix {
+    fn names(&self, identity: &str) -> bool {
+        if self.identity_is_prefix {
             identity.starts_with(&self.identity)
         } else {
             identity == self.identity
-        };
-        let method_ok = self.methods.iter().any(|(service, method)| {
-            service == call.service && method.as_deref().is_none_or(|m| m == call.method)
-        });
+        }
+    }
+
+    fn grants(&self, service: &str, method: &str) -> bool {
+        self.methods
+            .iter()
+            .any(|(s, m)| s == service && m.as_deref().is_none_or(|m| m == method))
+    }
+
+    fn allows(&self, identity: &str, call: &Call<'_>) -> bool {
+        let identity_ok = self.names(identity);
+        let method_ok = self.grants(call.service, call.method);
         let provider_ok = match (&self.providers, call.provider) {
             (None, _) | (Some(_), None) => true,
             (Some(list), Some(p)) => list.iter().any(|x| x == p),
@@ -250,22 +267,27 @@ fn parse_method(entry: &str) -> Result<(String, Option<String>), String> {
     Ok((service.to_owned(), Some(method.to_owned())))
 }
 
-/// The policy in force, replaceable while serving (SIGHUP).
-#[derive(Debug, Clone, Default)]
-pub struct SharedPolicy(Arc<RwLock<Arc<Policy>>>);
+/// The policy in force, replaceable while serving (SIGHUP). Long calls (an
+/// audit stream) watch it, to end when a new policy takes their right away.
+#[derive(Debug, Clone)]
+pub struct SharedPolicy(Arc<tokio::sync::watch::Sender<Arc<Policy>>>);
 
 impl SharedPolicy {
     pub fn new(policy: Policy) -> Self {
-        Self(Arc::new(RwLock::new(Arc::new(policy))))
+        Self(Arc::new(tokio::sync::watch::Sender::new(Arc::new(policy))))
     }
 
     pub fn current(&self) -> Arc<Policy> {
-        // A writer never panics while holding the lock; a poisoned one still holds a whole policy.
-        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.0.borrow().clone()
     }
 
     pub fn replace(&self, policy: Policy) {
-        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(policy);
+        self.0.send_replace(Arc::new(policy));
+    }
+
+    /// Wakes on every replacement.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<Arc<Policy>> {
+        self.0.subscribe()
     }
 }
 

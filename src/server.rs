@@ -197,7 +197,13 @@ async fn watch_tls_files(tls: SharedTls, every: Duration) {
 
 fn reload_tls(tls: &SharedTls, why: &str) {
     match tls.reload() {
-        Ok(()) => tracing::info!(why, "TLS material reloaded: new handshakes use it"),
+        Ok(0) => tracing::info!(why, "TLS material reloaded: new handshakes use it"),
+        Ok(ended) => tracing::warn!(
+            why,
+            ended,
+            "TLS material reloaded: new handshakes use it, and connections whose client \
+             certificate it no longer trusts were closed"
+        ),
         Err(e) => tracing::warn!(why, error = %e, "TLS material not reloaded; the old one stays"),
     }
 }

@@ -126,7 +126,7 @@ async fn failed_and_denied_calls_are_audited() {
         .await
         .unwrap();
     s.zero(reference("ws-2", "posthog")).await.unwrap_err();
-    s.redact(reference(&"x".repeat(500), "not-a-provider"))
+    c.redact(reference(&"x".repeat(500), "not-a-provider"))
         .await
         .unwrap_err();
 
@@ -140,8 +140,10 @@ async fn failed_and_denied_calls_are_audited() {
     assert_eq!(events[1].outcome, "PERMISSION_DENIED");
     assert_eq!(
         (events[1].workspace_id.as_str(), events[1].provider.as_str()),
-        ("ws-2", "posthog")
+        ("", ""),
+        "refused before its body was read: no rule lets it call Zero at all"
     );
+    assert_eq!(events[2].outcome, "INVALID_ARGUMENT");
     assert_eq!(
         events[2].workspace_id, "(invalid)",
         "raw input never reaches the log"

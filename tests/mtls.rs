@@ -267,3 +267,108 @@ async fn several_cas_without_trust_domains_refuse_to_start() {
         .to_string();
     assert!(err.contains("tls.trust_domains"), "{err}");
 }
+
+#[tokio::test]
+async fn a_connection_is_told_to_go_away_at_its_maximum_age() {
+    let dir = VaultDir::new();
+    let mut config = dir.config();
+    config.limits.max_connection_age_ms = 1_000;
+    config.limits.shutdown_grace_ms = 500;
+    let vault = dir.start_with(config).await;
+    let (_sender, connection) =
+        common::raw_h2(vault.addr.port(), dir.ca.cert_pem(), &dir.app).await;
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(5), connection).await;
+    assert!(ended.is_ok(), "the connection outlived its maximum age");
+}
+
+#[tokio::test]
+async fn a_certificate_that_expires_on_an_open_connection_is_refused_from_then_on() {
+    let dir = VaultDir::new();
+    let vault = dir.start().await;
+    let expires = time::OffsetDateTime::now_utc() + time::Duration::seconds(3);
+    let cert = dir
+        .ca
+        .issue_with("app", Subject::ClientUris(&[common::APP]), |p| {
+            p.not_after = expires;
+        })
+        .unwrap();
+    let mut c = vault
+        .client_as(&cert.cert_pem, &cert.key_pem)
+        .await
+        .unwrap();
+    c.list_providers(ListProvidersRequest {}).await.unwrap();
+    let wait = expires - time::OffsetDateTime::now_utc() + time::Duration::milliseconds(1_500);
+    tokio::time::sleep(wait.try_into().unwrap()).await;
+    let refused = c.list_providers(ListProvidersRequest {}).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    assert!(refused.message().contains("expired"), "{refused:?}");
+}
+
+#[tokio::test]
+async fn revoking_a_certificate_closes_its_open_connection() {
+    let dir = VaultDir::new();
+    let crl = dir.path().join("clients.crl.pem");
+    std::fs::write(&crl, dir.ca.crl(&[]).unwrap()).unwrap();
+    let mut config = dir.config();
+    config.tls.crl_file = Some(crl.clone());
+    config.tls.reload_poll_ms = 100;
+    let vault = dir.start_with(config).await;
+    let doomed = dir
+        .ca
+        .issue("app", Subject::ClientUris(&[common::APP]))
+        .unwrap();
+    let port = vault.addr.port();
+    let (_a, revoked) = common::raw_h2(port, dir.ca.cert_pem(), &doomed).await;
+    let (_b, kept) = common::raw_h2(port, dir.ca.cert_pem(), &dir.app).await;
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    std::fs::write(&crl, dir.ca.crl(&[&doomed.serial]).unwrap()).unwrap();
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(5), revoked).await;
+    assert!(ended.is_ok(), "a revoked certificate kept its connection");
+    assert!(
+        !kept.is_finished(),
+        "a certificate still trusted lost its connection"
+    );
+    assert!(gets_through(&vault, Some((&dir.app.cert_pem, &dir.app.key_pem))).await);
+    assert!(!gets_through(&vault, Some((&doomed.cert_pem, &doomed.key_pem))).await);
+}
+
+#[tokio::test]
+async fn an_audit_stream_ends_when_a_new_policy_takes_its_right_away() {
+    let dir = VaultDir::new();
+    let path = dir.path().join("credvault.toml");
+    let mut config = dir.config();
+    std::fs::write(&path, config.to_toml()).unwrap();
+    let server = common::spawn_server(&path).await;
+    let mut audit = credvault::proto::audit_client::AuditClient::new(
+        dir.channel_for_url(&server.url, "spiffe://credvault.local/auditor")
+            .await,
+    );
+    let mut stream = audit
+        .subscribe(credvault::proto::SubscribeRequest { after_sequence: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    stream.message().await.unwrap().unwrap();
+    config
+        .policy
+        .retain(|rule| !rule.identity.ends_with("/auditor"));
+    std::fs::write(&path, config.to_toml()).unwrap();
+    let pid = server.process.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the stream outlived its right");
+    let status = ended.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+}

@@ -54,6 +54,11 @@ pub struct Event {
     /// before Proxy existed keep their canonical encoding.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proxy: Option<Proxied>,
+    /// For refused calls summed into one event: how many it stands for.
+    /// Absent from an event for one call, so older events keep their
+    /// canonical encoding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
 }
 
 /// What a proxied call did: never a raw path, query or body.
@@ -101,6 +106,7 @@ impl Event {
             secrets: details.secrets,
             request_id: context.request_id.clone(),
             proxy: details.proxy,
+            count: None,
         }
     }
 

@@ -189,6 +189,7 @@ fn event_from_proto(e: &proto::AuditEvent) -> Event {
             redactions: p.redactions,
             answered_by_vault: p.answered_by_vault,
         }),
+        count: (e.count != 0).then_some(e.count),
     }
 }
 

@@ -41,15 +41,34 @@ impl proto::audit_server::Audit for AuditService {
         req: Request<proto::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         self.gate
-            .call("Audit", "Subscribe", req, |r, _| async move {
+            .call("Audit", "Subscribe", req, |r, context| async move {
                 let (tx, rx) = mpsc::channel(BUFFER);
                 let vault = Arc::clone(&self.vault);
                 let mut stopping = self.stopping.clone();
+                let mut policy = self.gate.policy().changes();
+                let withdrawn = tx.clone();
                 tokio::spawn(async move {
-                    tokio::select! {
-                        () = follow(vault, r.after_sequence, tx) => {}
+                    let right_withdrawn = tokio::select! {
+                        () = follow(vault, r.after_sequence, tx) => false,
                         // Shutting down: end the stream so the connection can close.
-                        _ = stopping.wait_for(|stop| *stop) => {}
+                        _ = stopping.wait_for(|stop| *stop) => false,
+                        // A new policy (SIGHUP) took the right to read the log away.
+                        changed = policy.wait_for(|p| {
+                            !p.may_call(&context.identity, "Audit", "Subscribe")
+                        }) => changed.is_ok(),
+                    };
+                    if right_withdrawn {
+                        tracing::info!(
+                            identity = %context.identity,
+                            "audit stream ended: the policy no longer allows it"
+                        );
+                        let _ = withdrawn
+                            .send(Err(Status::permission_denied(format!(
+                                "identity `{}` may no longer call `Subscribe`: the policy \
+                                 changed",
+                                context.identity
+                            ))))
+                            .await;
                     }
                 });
                 Ok((
@@ -158,5 +177,6 @@ pub fn encode(stored: &StoredEvent) -> Option<proto::AuditEvent> {
         }),
         hash: stored.hash.to_vec(),
         previous_hash: stored.previous_hash.to_vec(),
+        count: e.count.unwrap_or(0),
     })
 }

@@ -1,7 +1,6 @@
 //! Every call passes the gate: caller identity, authorization, one log line with the outcome.
 
 use std::future::Future;
-use std::num::NonZeroU32;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Instant;
@@ -10,12 +9,12 @@ use futures_util::FutureExt;
 use tonic::{Code, Request, Response, Status};
 use tracing::Instrument;
 
+use super::admission::request_id;
+use super::refusals::Refusals;
 use super::status::to_status;
 use super::tls::PeerInfo;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::audit::{self, Event};
-use crate::config::Limits;
 use crate::domain::{Vault, VaultError, WorkspaceId};
 use crate::policy::{Call, Grant, SharedPolicy};
 use crate::proto;
@@ -115,26 +114,19 @@ pub enum Audited {
     Details(audit::Details),
 }
 
-type RateLimiter = governor::DefaultKeyedRateLimiter<String>;
-
+/// Decides on what only a request's body names (its workspace, provider and
+/// route), after [`super::admission`] has admitted the method itself.
 #[derive(Clone)]
 pub struct Gate {
     policy: SharedPolicy,
     vault: Arc<Vault>,
-    in_flight: Arc<Semaphore>,
-    max_in_flight: usize,
-    /// For every call but Proxy, whose body has its own cap.
-    max_message_bytes: usize,
-    rate: Option<Arc<RateLimiter>>,
+    refusals: Arc<Refusals>,
     metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Gate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Gate")
-            .field("max_in_flight", &self.max_in_flight)
-            .field("rate_limited", &self.rate.is_some())
-            .finish_non_exhaustive()
+        f.debug_struct("Gate").finish_non_exhaustive()
     }
 }
 
@@ -142,22 +134,13 @@ impl Gate {
     pub fn new(
         policy: SharedPolicy,
         vault: Arc<Vault>,
-        limits: &Limits,
+        refusals: Arc<Refusals>,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let rate = NonZeroU32::new(limits.rate_per_identity).map(|per_second| {
-            let burst = NonZeroU32::new(limits.rate_burst).unwrap_or(per_second);
-            Arc::new(governor::RateLimiter::keyed(
-                governor::Quota::per_second(per_second).allow_burst(burst),
-            ))
-        });
         Self {
             policy,
             vault,
-            in_flight: Arc::new(Semaphore::new(limits.max_concurrent_calls.max(1))),
-            max_in_flight: limits.max_concurrent_calls.max(1),
-            max_message_bytes: limits.max_message_bytes,
-            rate,
+            refusals,
             metrics,
         }
     }
@@ -166,23 +149,8 @@ impl Gate {
         &self.metrics
     }
 
-    /// Refuses a call over the identity's rate or the vault's concurrency limit.
-    fn admit(&self, identity: &str) -> Result<OwnedSemaphorePermit, Status> {
-        if let Some(rate) = &self.rate {
-            if rate.check_key(&identity.to_owned()).is_err() {
-                return Err(Status::resource_exhausted(format!(
-                    "identity `{identity}` is over its rate limit; retry shortly"
-                )));
-            }
-        }
-        Arc::clone(&self.in_flight)
-            .try_acquire_owned()
-            .map_err(|_| {
-                Status::resource_exhausted(format!(
-                    "the vault is at its limit of {} calls in flight; retry shortly",
-                    self.max_in_flight
-                ))
-            })
+    pub fn policy(&self) -> &SharedPolicy {
+        &self.policy
     }
 
     /// Runs one call inside a span naming the method and the caller: denies
@@ -212,7 +180,7 @@ impl Gate {
             method: format!("{service}.{method}"),
             workspace_id: workspace.map(audited_workspace).unwrap_or_default(),
             provider: provider.map(audited_provider).unwrap_or_default(),
-            request_id: request_id(req.metadata()),
+            request_id: request_id(req.metadata().as_ref()),
         };
         let span = tracing::info_span!(
             "rpc",
@@ -234,18 +202,9 @@ impl Gate {
                 route: route.as_deref(),
             };
             let mut audited_in_transaction = false;
-            let admitted = self.admit(peer.identity.as_str());
-            let size = req.get_ref().encoded_len();
-            let result = if let Err(refused) = admitted {
-                Err(refused)
-            } else if method != "Proxy" && size > self.max_message_bytes {
-                // The transport admits Proxy-sized messages to every Credentials method.
-                Err(Status::resource_exhausted(format!(
-                    "the request is {size} bytes; `{method}` accepts at most {} \
-                     (limits.max_message_bytes)",
-                    self.max_message_bytes
-                )))
-            } else if let Some(grant) = self.policy.current().grant(peer.identity.as_str(), &call) {
+            let mut refused = false;
+            let grant = self.policy.current().grant(peer.identity.as_str(), &call);
+            let result = if let Some(grant) = grant {
                 // A bug that panics in a handler is still one call with one
                 // audit event: INTERNAL, like any unexpected failure.
                 match unwound(f(req.into_inner(), context.clone())).await {
@@ -262,12 +221,19 @@ impl Gate {
                 }
             } else {
                 // The same answer whether or not the target exists.
+                refused = true;
                 Err(Status::permission_denied(format!(
                     "identity `{}` may not call `{method}`",
                     peer.identity
                 )))
             };
             let pending = match &result {
+                Err(status) if refused => {
+                    self.refusals
+                        .refuse(&context, code_name(status.code()))
+                        .await;
+                    None
+                }
                 Ok((_, Audited::InTransaction)) => None,
                 Ok((_, Audited::Details(details))) => {
                     Some(Event::new(&context, audit::OUTCOME_OK, details.clone()))
@@ -310,24 +276,6 @@ async fn unwound<T>(handler: impl Future<Output = T>) -> Result<T, Status> {
         tracing::error!("a handler panicked; answered INTERNAL");
         Status::internal("unexpected error")
     })
-}
-
-/// The caller's `x-request-id` if it is short and plain, else a fresh one.
-fn request_id(metadata: &tonic::metadata::MetadataMap) -> String {
-    let given = metadata.get("x-request-id").and_then(|v| v.to_str().ok());
-    if let Some(id) = given.filter(|id| {
-        !id.is_empty()
-            && id.len() <= 64
-            && id
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
-    }) {
-        return id.to_owned();
-    }
-    let mut bytes = [0u8; 8];
-    // Only an identifier: if the generator fails, zeros still correlate the log line.
-    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes);
-    data_encoding::HEXLOWER.encode(&bytes)
 }
 
 /// A workspace id for the audit record: as given if well formed, never raw input.

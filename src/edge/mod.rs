@@ -1,9 +1,11 @@
 //! The gRPC edge: mutual TLS in, requests decoded and handed to the domain, answers encoded.
 
+mod admission;
 pub mod audit;
 mod credentials;
 mod gate;
 mod keys;
+mod refusals;
 mod status;
 pub mod tls;
 
@@ -89,15 +91,32 @@ pub async fn serve(
             tracing::warn!(error = %e, "server reflection is unavailable");
         })
         .ok();
-    let health = HealthServer::new(HealthService::from_health_reporter(health));
-    let gate = Gate::new(policy, Arc::clone(&vault), &limits, Arc::clone(&metrics));
+    let health = HealthServer::new(HealthService::from_health_reporter(health))
+        .max_decoding_message_size(limits.max_message_bytes);
+    let refusals = Arc::new(refusals::Refusals::new(Arc::clone(&vault)));
+    let admission = admission::AdmissionLayer(Arc::new(admission::Admission::new(
+        policy.clone(),
+        Arc::clone(&refusals),
+        &limits,
+        PROXY_REQUEST_MESSAGE,
+        Arc::clone(&metrics),
+    )));
+    let gate = Gate::new(
+        policy,
+        Arc::clone(&vault),
+        Arc::clone(&refusals),
+        Arc::clone(&metrics),
+    );
     let audit = AuditServer::new(AuditService::new(
         Arc::clone(&vault),
         gate.clone(),
         stopping,
-    ));
-    let keys = KeyAdminServer::new(KeyAdminService::new(Arc::clone(&vault), gate.clone()));
-    // Proxy carries bodies of up to 1 MiB out and 4 MiB back, plus framing.
+    ))
+    .max_decoding_message_size(limits.max_message_bytes);
+    let keys = KeyAdminServer::new(KeyAdminService::new(Arc::clone(&vault), gate.clone()))
+        .max_decoding_message_size(limits.max_message_bytes);
+    // Proxy carries bodies of up to 1 MiB out and 4 MiB back, plus framing;
+    // admission cuts every other method's request off at max_message_bytes.
     let credentials = CredentialsServer::new(CredentialsService::new(vault, gate))
         .max_decoding_message_size(limits.max_message_bytes.max(PROXY_REQUEST_MESSAGE))
         .max_encoding_message_size(limits.max_message_bytes.max(PROXY_RESPONSE_MESSAGE));
@@ -112,13 +131,26 @@ pub async fn serve(
         },
         metrics,
     );
-    tonic::transport::Server::builder()
+    let flushing = tokio::spawn(Arc::clone(&refusals).run());
+    let served = tonic::transport::Server::builder()
+        .max_concurrent_streams(limits.max_streams_per_connection)
+        .max_connection_age(Duration::from_millis(limits.max_connection_age_ms.max(1)))
+        .max_connection_age_grace(Duration::from_millis(limits.shutdown_grace_ms))
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .layer(tower::util::MapResponseLayer::new(status::refusal_codes))
+        .layer(admission)
         .add_service(health)
-        .add_optional_service(reflection)
+        .add_optional_service(
+            reflection.map(|r| r.max_decoding_message_size(limits.max_message_bytes)),
+        )
         .add_service(credentials)
         .add_service(audit)
         .add_service(keys)
         .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
+        .await;
+    flushing.abort();
+    // Refusals counted in the last window are accounted for too.
+    refusals.flush().await;
+    served
 }

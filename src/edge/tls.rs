@@ -5,10 +5,12 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
+use futures_util::task::AtomicWaker;
 use futures_util::Stream;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, UnixTime};
@@ -69,6 +71,9 @@ impl std::fmt::Display for PeerIdentity {
 pub struct PeerInfo {
     pub identity: PeerIdentity,
     pub remote: SocketAddr,
+    /// When the client certificate expires: calls after it are refused, on
+    /// a connection opened before it too.
+    pub not_after: SystemTime,
 }
 
 /// Why a verified client certificate still names no usable identity.
@@ -129,6 +134,8 @@ pub fn identity_of(cert: &CertificateDer<'_>) -> Result<PeerIdentity, IdentityEr
 /// the handshake, and which CA may issue for which trust domain.
 pub struct TlsMaterial {
     server: Arc<ServerConfig>,
+    /// What the handshake checks a client chain with: the whole bundle, the CRLs.
+    clients: Arc<dyn ClientCertVerifier>,
     issuers: Issuers,
 }
 
@@ -201,15 +208,29 @@ impl TlsMaterial {
             }
             Issuers::Bound(bound)
         };
+        let clients = client_verifier(&bundle)?;
         let mut config = ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-            .with_client_cert_verifier(client_verifier(&bundle)?)
+            .with_client_cert_verifier(Arc::clone(&clients))
             .with_single_cert(chain, key)?;
         config.alpn_protocols = vec![b"h2".to_vec()];
         Ok(Self {
             server: Arc::new(config),
+            clients,
             issuers,
         })
+    }
+
+    /// Whether a chain accepted earlier would still be accepted now: by this
+    /// material's CAs and CRLs, at this time, under its trust domain's CA.
+    fn still_trusts(&self, chain: &[CertificateDer<'static>]) -> bool {
+        let Some((leaf, intermediates)) = chain.split_first() else {
+            return false;
+        };
+        self.clients
+            .verify_client_cert(leaf, intermediates, UnixTime::now())
+            .is_ok()
+            && self.identify(chain).is_ok()
     }
 
     /// The identity a client's verified chain names, if a CA bound to its
@@ -282,6 +303,22 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 pub struct SharedTls {
     paths: TlsConfig,
     current: Arc<std::sync::RwLock<Arc<TlsMaterial>>>,
+    /// Every open client connection, to end those a reload no longer trusts.
+    live: Arc<std::sync::Mutex<Vec<Weak<Live>>>>,
+}
+
+/// An open connection's client chain, and the switch that ends it.
+struct Live {
+    chain: Vec<CertificateDer<'static>>,
+    ended: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl Live {
+    fn end(&self) {
+        self.ended.store(true, Ordering::Release);
+        self.waker.wake();
+    }
 }
 
 impl std::fmt::Debug for SharedTls {
@@ -297,6 +334,7 @@ impl SharedTls {
         Ok(Self {
             current: Arc::new(std::sync::RwLock::new(Arc::new(TlsMaterial::load(paths)?))),
             paths: paths.clone(),
+            live: Arc::default(),
         })
     }
 
@@ -309,10 +347,43 @@ impl SharedTls {
     }
 
     /// Re-reads every file. On any error the material in force stays.
-    pub fn reload(&self) -> Result<(), TlsError> {
+    /// Otherwise new handshakes use the new material, and every open
+    /// connection whose client chain it no longer trusts (revoked by a new
+    /// CRL, its CA gone from the bundle, expired) is ended. Returns how many.
+    pub fn reload(&self) -> Result<usize, TlsError> {
         let fresh = Arc::new(TlsMaterial::load(&self.paths)?);
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = fresh;
-        Ok(())
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::clone(&fresh);
+        let mut ended = 0;
+        self.live_connections().retain(|weak| {
+            let Some(live) = weak.upgrade() else {
+                return false;
+            };
+            if fresh.still_trusts(&live.chain) {
+                return true;
+            }
+            live.end();
+            ended += 1;
+            false
+        });
+        Ok(ended)
+    }
+
+    fn live_connections(&self) -> std::sync::MutexGuard<'_, Vec<Weak<Live>>> {
+        // Only list operations run under the lock; a poisoned one is still whole.
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers an open connection's chain, forgetting closed ones.
+    fn track(&self, chain: &[CertificateDer<'_>]) -> Arc<Live> {
+        let live = Arc::new(Live {
+            chain: chain.iter().map(|c| c.clone().into_owned()).collect(),
+            ended: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
+        });
+        let mut all = self.live_connections();
+        all.retain(|weak| weak.strong_count() > 0);
+        all.push(Arc::downgrade(&live));
+        live
     }
 
     /// The newest modification time among the files, to notice changes.
@@ -336,7 +407,22 @@ impl SharedTls {
 pub struct TlsConn {
     stream: TlsStream<TcpStream>,
     info: PeerInfo,
+    live: Arc<Live>,
     _slot: ConnectionSlot,
+}
+
+impl TlsConn {
+    /// Ended by a reload that no longer trusts the client: reads and writes fail.
+    fn check_live(&self, cx: &mut Context<'_>) -> io::Result<()> {
+        self.live.waker.register(cx.waker());
+        if self.live.ended.load(Ordering::Acquire) {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "the client certificate is no longer trusted",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Holds one of the `max_connections` places while a connection is open.
@@ -365,6 +451,7 @@ impl AsyncRead for TlsConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        self.check_live(cx)?;
         Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
@@ -375,6 +462,7 @@ impl AsyncWrite for TlsConn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        self.check_live(cx)?;
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }
 
@@ -383,6 +471,7 @@ impl AsyncWrite for TlsConn {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        self.check_live(cx)?;
         Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
     }
 
@@ -450,46 +539,54 @@ pub fn incoming(
             let material = tls.current();
             let acceptor = TlsAcceptor::from(Arc::clone(&material.server));
             let tx = tx.clone();
+            let tls = tls.clone();
             let slots = Arc::clone(&slots);
             let metrics = Arc::clone(&metrics);
             let place = pending.enter(remote.ip());
             let id = place.id;
-            let handshake =
-                tokio::spawn(async move {
-                    let _place = place;
-                    let stream =
-                        match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp))
-                            .await
-                        {
-                            Ok(Ok(stream)) => stream,
-                            Ok(Err(e)) => {
-                                return tracing::info!(%remote, reason = %e, "TLS handshake failed")
-                            }
-                            Err(_) => return tracing::info!(%remote, "TLS handshake timed out"),
-                        };
-                    let identity = match peer_identity(&material, &stream) {
-                        Ok(identity) => identity,
-                        Err(e) => return tracing::info!(%remote, reason = %e, "refused client"),
-                    };
-                    let Ok(permit) = slots.try_acquire_owned() else {
-                        return tracing::warn!(
-                            %remote,
-                            %identity,
-                            max_connections = limits.max_connections,
-                            "connection limit reached: closing a new connection"
-                        );
-                    };
-                    metrics.connection_opened();
-                    let conn = TlsConn {
-                        stream,
-                        info: PeerInfo { identity, remote },
-                        _slot: ConnectionSlot {
-                            _permit: permit,
-                            metrics,
-                        },
-                    };
-                    let _ = tx.send(Ok(conn)).await;
-                });
+            let handshake = tokio::spawn(async move {
+                let _place = place;
+                let stream = match tokio::time::timeout(
+                    limits.handshake_timeout,
+                    acceptor.accept(tcp),
+                )
+                .await
+                {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(e)) => {
+                        return tracing::info!(%remote, reason = %e, "TLS handshake failed")
+                    }
+                    Err(_) => return tracing::info!(%remote, "TLS handshake timed out"),
+                };
+                let (identity, not_after) = match peer_identity(&material, &stream) {
+                    Ok(named) => named,
+                    Err(e) => return tracing::info!(%remote, reason = %e, "refused client"),
+                };
+                let Ok(permit) = slots.try_acquire_owned() else {
+                    return tracing::warn!(
+                        %remote,
+                        %identity,
+                        max_connections = limits.max_connections,
+                        "connection limit reached: closing a new connection"
+                    );
+                };
+                metrics.connection_opened();
+                let live = tls.track(stream.get_ref().1.peer_certificates().unwrap_or_default());
+                let conn = TlsConn {
+                    live,
+                    stream,
+                    info: PeerInfo {
+                        identity,
+                        remote,
+                        not_after,
+                    },
+                    _slot: ConnectionSlot {
+                        _permit: permit,
+                        metrics,
+                    },
+                };
+                let _ = tx.send(Ok(conn)).await;
+            });
             pending.started(id, handshake.abort_handle());
         }
     });
@@ -579,9 +676,20 @@ impl Drop for PendingPlace {
 fn peer_identity(
     material: &TlsMaterial,
     stream: &TlsStream<TcpStream>,
-) -> Result<PeerIdentity, IdentityError> {
+) -> Result<(PeerIdentity, SystemTime), IdentityError> {
     let (_, conn) = stream.get_ref();
-    material.identify(conn.peer_certificates().unwrap_or_default())
+    let chain = conn.peer_certificates().unwrap_or_default();
+    let identity = material.identify(chain)?;
+    let leaf = chain.first().ok_or(IdentityError::NoUri)?;
+    Ok((identity, not_after(leaf)?))
+}
+
+/// When a certificate stops being valid.
+fn not_after(cert: &CertificateDer<'_>) -> Result<SystemTime, IdentityError> {
+    let (_, parsed) =
+        x509_parser::parse_x509_certificate(cert).map_err(|_| IdentityError::Unparsable)?;
+    let seconds = parsed.validity().not_after.timestamp();
+    Ok(SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(seconds).unwrap_or(0)))
 }
 
 #[cfg(test)]

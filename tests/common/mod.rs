@@ -193,13 +193,18 @@ impl VaultDir {
 
     /// A mutual-TLS channel to `vault` presenting a fresh certificate for `uri`.
     pub async fn channel_as(&self, vault: &TestVault, uri: &str) -> tonic::transport::Channel {
+        self.channel_for_url(&vault.url(), uri).await
+    }
+
+    /// As [`VaultDir::channel_as`], to a vault at `url` (one in its own process).
+    pub async fn channel_for_url(&self, url: &str, uri: &str) -> tonic::transport::Channel {
         let cert = self
             .ca
             .issue("client", Subject::ClientUris(&[uri]))
             .unwrap();
         credvault::cli::client::connect_channel(
-            &vault.url(),
-            vault.ca_pem.as_bytes(),
+            url,
+            self.ca.cert_pem().as_bytes(),
             cert.cert_pem.as_bytes(),
             cert.key_pem.as_bytes(),
         )
@@ -521,4 +526,43 @@ pub async fn spawn_server(config: &Path) -> ServerProcess {
         process,
         url: format!("https://localhost:{port}"),
     }
+}
+
+/// An HTTP/2 connection to `port` over mutual TLS with `cert`, for clients
+/// that misbehave in ways a gRPC client will not; the task ends when the
+/// connection does.
+pub async fn raw_h2(
+    port: u16,
+    ca_pem: &str,
+    cert: &credvault::dev::certs::IssuedCert,
+) -> (h2::client::SendRequest<bytes::Bytes>, JoinHandle<()>) {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap())
+        .unwrap();
+    let chain = vec![CertificateDer::from_pem_slice(cert.cert_pem.as_bytes()).unwrap()];
+    let key = PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_client_auth_cert(chain, key)
+    .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let (sender, connection) = h2::client::handshake(tls).await.unwrap();
+    let connection = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    (sender, connection)
 }
