@@ -423,11 +423,8 @@ fn default_listen() -> SocketAddr {
 /// Why a configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read configuration {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Read(#[from] crate::hardening::FileError),
     #[error("configuration {path} is invalid: {message}")]
     Parse { path: PathBuf, message: String },
 }
@@ -435,9 +432,10 @@ pub enum ConfigError {
 impl Config {
     /// Reads a TOML file; relative paths in it are taken relative to its folder.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let bytes = crate::hardening::read_trusted("configuration", path)?;
+        let text = String::from_utf8(bytes).map_err(|_| ConfigError::Parse {
             path: path.to_owned(),
-            source,
+            message: "not UTF-8 text".to_owned(),
         })?;
         let mut config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),

@@ -1,4 +1,13 @@
-//! Process hardening: no core dumps, so decrypted secrets never reach a crash file.
+//! Process hardening: no core dumps, so decrypted secrets never reach a crash file; key and
+//! trust files read only when nobody else could have changed them.
+
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+use zeroize::Zeroizing;
 
 /// Marks the process non-dumpable (also blocks ptrace by other users) and sets
 /// the core-file limit to zero. Failures are logged, not fatal: the vault still
@@ -18,12 +27,181 @@ pub fn disable_core_dumps() {
     }
 }
 
-/// The file's permission bits if group or others may access it: key
-/// material must be readable by its owner only.
-pub fn shared_mode(path: &std::path::Path) -> std::io::Result<Option<u32>> {
-    use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(path)?.permissions().mode();
-    Ok((mode & 0o077 != 0).then_some(mode & 0o777))
+/// Why a file of key material or of trust was refused. Names the file and
+/// what to do, never its contents.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FileError {
+    #[error("{what} {path} could not be read: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error(
+        "{what} {path} is a symbolic link; name the file itself (key files are opened without \
+         following links, so that the file checked is the file read)"
+    )]
+    Symlink { what: &'static str, path: PathBuf },
+    #[error(
+        "{what} {path} is readable by group or others (mode {mode:o}); run `chmod 600 {path}`"
+    )]
+    Shared {
+        what: &'static str,
+        path: PathBuf,
+        mode: u32,
+    },
+    #[error(
+        "{what} {path} is writable by group or others (mode {mode:o}), and the vault trusts \
+         what it holds; run `chmod go-w {path}`"
+    )]
+    Writable {
+        what: &'static str,
+        path: PathBuf,
+        mode: u32,
+    },
+    #[error(
+        "{what} {path} belongs to user {owner}, not to the user the vault runs as ({uid}) or \
+         root, who could change it; run `chown {uid} {path}`"
+    )]
+    Owner {
+        what: &'static str,
+        path: PathBuf,
+        owner: u32,
+        uid: u32,
+    },
+}
+
+/// Reads a file of key material in one open, without following a symbolic
+/// link, and checks the open file itself (fstat): owned by this user or
+/// root, readable by its owner only. What is checked is what is read, so the
+/// file cannot be swapped between the check and the read.
+pub fn read_private(what: &'static str, path: &Path) -> Result<Zeroizing<Vec<u8>>, FileError> {
+    let io = |source| FileError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(no_follow())
+        .open(path)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) {
+                FileError::Symlink {
+                    what,
+                    path: path.to_owned(),
+                }
+            } else {
+                io(e)
+            }
+        })?;
+    let meta = file.metadata().map_err(io)?;
+    check_owner(what, path, &meta)?;
+    let mode = meta.mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(FileError::Shared {
+            what,
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    let mut bytes = Zeroizing::new(Vec::new());
+    file.read_to_end(&mut bytes).map_err(io)?;
+    Ok(bytes)
+}
+
+/// Reads a file the vault trusts and reloads while serving (a CA bundle, a
+/// CRL, the configuration): refused if group or others may write it, or if
+/// a user other than this one or root owns it, checked on the open file.
+pub fn read_trusted(what: &'static str, path: &Path) -> Result<Vec<u8>, FileError> {
+    let io = |source| FileError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    };
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let meta = file.metadata().map_err(io)?;
+    check_owner(what, path, &meta)?;
+    let mode = meta.mode() & 0o777;
+    if mode & 0o022 != 0 {
+        return Err(FileError::Writable {
+            what,
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes).map_err(io)?;
+    Ok(bytes)
+}
+
+/// Writes a public file (mode 0644), never through a symbolic link: a link
+/// planted at `path` could otherwise make the vault overwrite any file it
+/// may write.
+pub fn write_public(what: &'static str, path: &Path, bytes: &[u8]) -> Result<(), FileError> {
+    let io = |source| FileError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o644)
+        .custom_flags(no_follow())
+        .open(path)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) {
+                FileError::Symlink {
+                    what,
+                    path: path.to_owned(),
+                }
+            } else {
+                io(e)
+            }
+        })?;
+    file.write_all(bytes).map_err(io)
+}
+
+/// The PEM certificates in a trusted file (see [`read_trusted`]); at least one.
+pub fn read_trusted_certs(
+    what: &'static str,
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, String> {
+    let pem = read_trusted(what, path).map_err(|e| e.to_string())?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{what} {}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "{what} {} holds no PEM certificate",
+            path.display()
+        ));
+    }
+    Ok(certs)
+}
+
+fn no_follow() -> i32 {
+    // O_NOFOLLOW is a small positive flag on every Unix: the cast keeps it.
+    #[allow(clippy::cast_possible_wrap)]
+    let flag = rustix::fs::OFlags::NOFOLLOW.bits() as i32;
+    flag
+}
+
+fn check_owner(what: &'static str, path: &Path, meta: &std::fs::Metadata) -> Result<(), FileError> {
+    let uid = rustix::process::geteuid().as_raw();
+    let owner = meta.uid();
+    if owner != uid && owner != 0 {
+        return Err(FileError::Owner {
+            what,
+            path: path.to_owned(),
+            owner,
+            uid,
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -38,11 +38,8 @@ pub enum ServeError {
     Keyring(#[from] VaultError),
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
-    #[error("cannot write the audit public key to {path}: {source}")]
-    PublicKey {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    File(#[from] crate::hardening::FileError),
     #[error("cannot listen for metrics: {0}")]
     Metrics(std::io::Error),
     #[error("policy: {0}")]
@@ -77,10 +74,11 @@ pub async fn run(
     let vault = Arc::new(vault);
     if let Some(path) = &config.audit.public_key_file {
         let hex = data_encoding::HEXLOWER.encode(vault.audit().public_key());
-        std::fs::write(path, format!("{hex}\n")).map_err(|e| ServeError::PublicKey {
-            path: path.clone(),
-            source: e,
-        })?;
+        crate::hardening::write_public(
+            "audit.public_key_file",
+            path,
+            format!("{hex}\n").as_bytes(),
+        )?;
     }
     let metrics = Arc::new(Metrics::new());
     let metrics_listener = telemetry::bind(config.metrics.listen)

@@ -372,3 +372,66 @@ async fn an_audit_stream_ends_when_a_new_policy_takes_its_right_away() {
     let status = ended.unwrap_err();
     assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
 }
+
+/// The error `run` stops with, or a panic if it serves.
+async fn refused_start(config: credvault::Config) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    match tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        credvault::run(config, listener, std::future::pending()),
+    )
+    .await
+    {
+        Ok(result) => result.unwrap_err().to_string(),
+        Err(_) => panic!("the vault started"),
+    }
+}
+
+#[tokio::test]
+async fn key_files_reached_through_a_symlink_are_refused() {
+    for key in ["root.key", "server-key.pem"] {
+        let dir = VaultDir::new();
+        let real = dir.path().join(format!("{key}.real"));
+        std::fs::rename(dir.path().join(key), &real).unwrap();
+        std::os::unix::fs::symlink(&real, dir.path().join(key)).unwrap();
+        let err = refused_start(dir.config()).await;
+        assert!(err.contains(key) && err.contains("symbolic link"), "{err}");
+    }
+}
+
+#[tokio::test]
+async fn trust_files_others_may_write_are_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = VaultDir::new();
+    let ca = dir.path().join("ca.pem");
+    std::fs::set_permissions(&ca, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let err = refused_start(dir.config()).await;
+    assert!(
+        err.contains("ca.pem") && err.contains("chmod go-w"),
+        "{err}"
+    );
+    std::fs::set_permissions(&ca, std::fs::Permissions::from_mode(0o644)).unwrap();
+
+    let path = dir.path().join("credvault.toml");
+    std::fs::write(&path, dir.config().to_toml()).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o620)).unwrap();
+    let err = credvault::Config::load(&path).unwrap_err().to_string();
+    assert!(
+        err.contains("credvault.toml") && err.contains("chmod go-w"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn the_audit_public_key_is_never_written_through_a_symlink() {
+    let dir = VaultDir::new();
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, "keep\n").unwrap();
+    std::os::unix::fs::symlink(&victim, dir.path().join("audit.pub")).unwrap();
+    let err = refused_start(dir.config()).await;
+    assert!(
+        err.contains("audit.pub") && err.contains("symbolic link"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep\n");
+}

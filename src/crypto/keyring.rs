@@ -1,7 +1,7 @@
 //! The root key, the versioned key-encryption keys it wraps, and the fingerprint key.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use data_encoding::{BASE32_NOPAD, HEXLOWER_PERMISSIVE};
 use ring::hmac;
@@ -27,15 +27,8 @@ const ROOT_SEALED_PURPOSE: &str = "credvault/v1/root-sealed";
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RootKeyError {
-    #[error("root key file {path} could not be read: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error(
-        "root key file {path} is readable by group or others (mode {mode:o}); run `chmod 600 {path}`"
-    )]
-    Unsafe { path: PathBuf, mode: u32 },
+    #[error(transparent)]
+    File(#[from] crate::hardening::FileError),
     #[error("root key from {origin} is not 64 hexadecimal characters (32 bytes)")]
     Malformed { origin: String },
     #[error("environment variable {0} is not set")]
@@ -48,17 +41,7 @@ pub struct RootKey(Key);
 impl RootKey {
     /// Reads 64 hex characters from a file that only its owner may read.
     pub fn from_file(path: &Path) -> Result<Self, RootKeyError> {
-        let read_err = |source| RootKeyError::Read {
-            path: path.to_owned(),
-            source,
-        };
-        if let Some(mode) = crate::hardening::shared_mode(path).map_err(read_err)? {
-            return Err(RootKeyError::Unsafe {
-                path: path.to_owned(),
-                mode,
-            });
-        }
-        let text = Zeroizing::new(std::fs::read(path).map_err(read_err)?);
+        let text = crate::hardening::read_private("root key file", path)?;
         Self::from_hex(&text, &path.display().to_string())
     }
 
@@ -412,7 +395,9 @@ mod tests {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         assert!(matches!(
             RootKey::from_file(&path),
-            Err(RootKeyError::Unsafe { .. })
+            Err(RootKeyError::File(
+                crate::hardening::FileError::Shared { .. }
+            ))
         ));
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert!(RootKey::from_file(&path).is_ok());

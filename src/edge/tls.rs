@@ -37,10 +37,10 @@ pub enum TlsError {
         path: PathBuf,
         message: String,
     },
-    #[error(
-        "server key {path} is readable by group or others (mode {mode:o}); run `chmod 600 {path}`"
-    )]
-    UnsafeKey { path: PathBuf, mode: u32 },
+    #[error(transparent)]
+    Unsafe(#[from] crate::hardening::FileError),
+    #[error("{0}")]
+    Trusted(String),
     #[error("TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
     #[error("client CA: {0}")]
@@ -255,8 +255,8 @@ impl TlsMaterial {
 }
 
 fn read_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
-    let crls = CertificateRevocationListDer::pem_file_iter(path)
-        .map_err(|e| file_error("CRL", path, e))?
+    let pem = crate::hardening::read_trusted("CRL", path)?;
+    let crls = CertificateRevocationListDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| file_error("CRL", path, e))?;
     if crls.is_empty() {
@@ -274,27 +274,13 @@ fn file_error(what: &'static str, path: &Path, message: impl ToString) -> TlsErr
 }
 
 fn read_certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| file_error(what, path, e))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| file_error(what, path, e))?;
-    if certs.is_empty() {
-        return Err(file_error(what, path, "holds no PEM certificate"));
-    }
-    Ok(certs)
+    crate::hardening::read_trusted_certs(what, path).map_err(TlsError::Trusted)
 }
 
 fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    if let Some(mode) =
-        crate::hardening::shared_mode(path).map_err(|e| file_error("server key", path, e))?
-    {
-        return Err(TlsError::UnsafeKey {
-            path: path.to_owned(),
-            mode,
-        });
-    }
+    let pem = crate::hardening::read_private("server key", path)?;
     // The parse error says only what was wrong with the PEM, not its bytes.
-    PrivateKeyDer::from_pem_file(path).map_err(|e| file_error("server key", path, e))
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| file_error("server key", path, e))
 }
 
 /// The server's TLS material, replaceable while serving: new handshakes use

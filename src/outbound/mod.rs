@@ -6,14 +6,11 @@ pub mod scrub;
 use std::collections::BTreeMap;
 use std::error::Error as _;
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use reqwest::redirect::Policy;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::CertificateDer;
 use tokio::sync::Semaphore;
 use url::Url;
 
@@ -26,8 +23,8 @@ pub use scrub::Scrubber;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum OutboundError {
-    #[error("outbound extra_ca_file {path}: {message}")]
-    Ca { path: PathBuf, message: String },
+    #[error("{0}")]
+    Ca(String),
     #[error("outbound TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
     #[error("outbound HTTP client: {0}")]
@@ -127,17 +124,8 @@ impl Outbound {
         let native = rustls_native_certs::load_native_certs();
         roots.add_parsable_certificates(native.certs);
         if let Some(path) = &config.extra_ca_file {
-            let ca_error = |message: String| OutboundError::Ca {
-                path: path.clone(),
-                message,
-            };
-            let certs = CertificateDer::pem_file_iter(path)
-                .map_err(|e| ca_error(e.to_string()))?
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| ca_error(e.to_string()))?;
-            if certs.is_empty() {
-                return Err(ca_error("holds no PEM certificate".into()));
-            }
+            let certs = crate::hardening::read_trusted_certs("outbound.extra_ca_file", path)
+                .map_err(OutboundError::Ca)?;
             for cert in certs {
                 roots.add(cert)?;
             }

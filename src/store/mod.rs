@@ -102,18 +102,14 @@ pub fn postgres_settings(storage: &StorageConfig) -> Result<PostgresSettings, St
     storage.check().map_err(StoreError::Connect)?;
     let password = match (&storage.password_file, &storage.password_env) {
         (Some(path), _) => {
-            let file_err = |source| StoreError::File {
-                path: path.clone(),
-                source,
-            };
-            if let Some(mode) = crate::hardening::shared_mode(path).map_err(file_err)? {
-                return Err(StoreError::Connect(format!(
-                    "storage.password_file {} has mode {mode:o}; it must be readable by its \
-                     owner only (chmod 600)",
+            let bytes = crate::hardening::read_private("storage.password_file", path)
+                .map_err(|e| StoreError::Connect(e.to_string()))?;
+            let text = std::str::from_utf8(&bytes).map_err(|_| {
+                StoreError::Connect(format!(
+                    "storage.password_file {} is not UTF-8 text",
                     path.display()
-                )));
-            }
-            let text = Zeroizing::new(std::fs::read_to_string(path).map_err(file_err)?);
+                ))
+            })?;
             Some(Zeroizing::new(
                 text.trim_end_matches(['\n', '\r']).to_owned(),
             ))

@@ -256,13 +256,11 @@ impl PostgresStore {
 fn tls(
     ca_file: Option<&std::path::Path>,
 ) -> Result<tokio_postgres_rustls::MakeRustlsConnect, StoreError> {
-    use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
     if let Some(path) = ca_file {
-        let certs = rustls::pki_types::CertificateDer::pem_file_iter(path)
-            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| StoreError::Connect(format!("storage.ca_file {}: {e}", path.display())))?;
+        let certs = crate::hardening::read_trusted_certs("storage.ca_file", path)
+            .map_err(StoreError::Connect)?;
         for cert in certs {
             roots
                 .add(cert)
