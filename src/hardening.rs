@@ -2,7 +2,7 @@
 //! trust files read only when nobody else could have changed them.
 
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use rustls::pki_types::pem::PemObject;
@@ -82,20 +82,7 @@ pub fn read_private(what: &'static str, path: &Path) -> Result<Zeroizing<Vec<u8>
         path: path.to_owned(),
         source,
     };
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(no_follow())
-        .open(path)
-        .map_err(|e| {
-            if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) {
-                FileError::Symlink {
-                    what,
-                    path: path.to_owned(),
-                }
-            } else {
-                io(e)
-            }
-        })?;
+    let mut file = open_no_follow(what, path, std::fs::OpenOptions::new().read(true))?;
     let meta = file.metadata().map_err(io)?;
     check_owner(what, path, &meta)?;
     let mode = meta.mode() & 0o777;
@@ -136,32 +123,27 @@ pub fn read_trusted(what: &'static str, path: &Path) -> Result<Vec<u8>, FileErro
     Ok(bytes)
 }
 
-/// Writes a public file (mode 0644), never through a symbolic link: a link
-/// planted at `path` could otherwise make the vault overwrite any file it
-/// may write.
+/// Writes a public file (mode 0644, whatever mode an old file had), never
+/// through a symbolic link: a link planted at `path` could otherwise make
+/// the vault overwrite any file it may write.
 pub fn write_public(what: &'static str, path: &Path, bytes: &[u8]) -> Result<(), FileError> {
     let io = |source| FileError::Io {
         what,
         path: path.to_owned(),
         source,
     };
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o644)
-        .custom_flags(no_follow())
-        .open(path)
-        .map_err(|e| {
-            if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) {
-                FileError::Symlink {
-                    what,
-                    path: path.to_owned(),
-                }
-            } else {
-                io(e)
-            }
-        })?;
+    let mut file = open_no_follow(
+        what,
+        path,
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o644),
+    )?;
+    // `mode` applies only to a new file; an old one keeps its own otherwise.
+    file.set_permissions(std::fs::Permissions::from_mode(0o644))
+        .map_err(io)?;
     file.write_all(bytes).map_err(io)
 }
 
@@ -183,11 +165,29 @@ pub fn read_trusted_certs(
     Ok(certs)
 }
 
-fn no_follow() -> i32 {
+/// Opens `path` as `options` say, failing if its last component is a symbolic link.
+fn open_no_follow(
+    what: &'static str,
+    path: &Path,
+    options: &mut std::fs::OpenOptions,
+) -> Result<std::fs::File, FileError> {
     // O_NOFOLLOW is a small positive flag on every Unix: the cast keeps it.
     #[allow(clippy::cast_possible_wrap)]
-    let flag = rustix::fs::OFlags::NOFOLLOW.bits() as i32;
-    flag
+    let no_follow = rustix::fs::OFlags::NOFOLLOW.bits() as i32;
+    options.custom_flags(no_follow).open(path).map_err(|e| {
+        if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) {
+            FileError::Symlink {
+                what,
+                path: path.to_owned(),
+            }
+        } else {
+            FileError::Io {
+                what,
+                path: path.to_owned(),
+                source: e,
+            }
+        }
+    })
 }
 
 fn check_owner(what: &'static str, path: &Path, meta: &std::fs::Metadata) -> Result<(), FileError> {

@@ -218,11 +218,7 @@ async fn server_certificate_rotates_under_a_running_client_with_no_failed_call()
 #[tokio::test]
 async fn a_crl_revoking_a_client_certificate_takes_effect_without_restart() {
     let dir = VaultDir::new();
-    let crl = dir.path().join("clients.crl.pem");
-    std::fs::write(&crl, dir.ca.crl(&[]).unwrap()).unwrap();
-    let mut config = dir.config();
-    config.tls.crl_file = Some(crl.clone());
-    config.tls.reload_poll_ms = 100;
+    let (config, crl) = dir.config_with_crl();
     let vault = dir.start_with(config).await;
     let url = vault.url();
     let other = dir

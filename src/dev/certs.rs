@@ -23,6 +23,8 @@ pub enum CertError {
     },
     #[error("{0} already exists; refusing to overwrite it")]
     Exists(PathBuf),
+    #[error(transparent)]
+    Public(#[from] crate::hardening::FileError),
 }
 
 /// A certificate and its private key, both PEM.
@@ -230,11 +232,13 @@ pub fn init(dir: &Path) -> Result<DevCertPaths, CertError> {
     Ok(paths)
 }
 
+/// Mode 0644, not writable by others: the vault refuses a CA bundle others may write.
 fn write_public(path: &Path, text: &str) -> Result<(), CertError> {
-    std::fs::write(path, text).map_err(|source| CertError::File {
-        path: path.to_owned(),
-        source,
-    })
+    Ok(crate::hardening::write_public(
+        "certificate",
+        path,
+        text.as_bytes(),
+    )?)
 }
 
 /// Creates a file only its owner can read; fails if it exists.

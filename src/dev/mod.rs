@@ -23,6 +23,8 @@ pub const AUDIT_PUBLIC_KEY_FILE: &str = "audit-signing.pub";
 #[derive(Debug, thiserror::Error)]
 pub enum DevError {
     #[error(transparent)]
+    Public(#[from] crate::hardening::FileError),
+    #[error(transparent)]
     Certs(#[from] CertError),
     #[error("could not generate a root key")]
     Random,
@@ -69,10 +71,8 @@ pub fn prepare(data_dir: &Path) -> Result<DevVault, DevError> {
          # and the root key sits beside the database.\n{}",
         dev_config().to_toml()
     );
-    std::fs::write(&config_path, text).map_err(|source| DevError::File {
-        path: config_path.clone(),
-        source,
-    })?;
+    // Mode 0644: the vault refuses a configuration others may write.
+    crate::hardening::write_public("configuration", &config_path, text.as_bytes())?;
     Ok(DevVault {
         config_path,
         created: true,

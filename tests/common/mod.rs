@@ -192,6 +192,24 @@ impl VaultDir {
     }
 
     /// A mutual-TLS channel to `vault` presenting a fresh certificate for `uri`.
+    /// A client certificate from this folder's CA for `uri`.
+    pub fn issue(&self, uri: &str) -> IssuedCert {
+        self.ca
+            .issue("client", Subject::ClientUris(&[uri]))
+            .unwrap()
+    }
+
+    /// A configuration with `tls.crl_file` set to a CRL that revokes nothing
+    /// yet, reloaded every 100 ms; returns it and the CRL's path.
+    pub fn config_with_crl(&self) -> (Config, PathBuf) {
+        let crl = self.path().join("clients.crl.pem");
+        std::fs::write(&crl, self.ca.crl(&[]).unwrap()).unwrap();
+        let mut config = self.config();
+        config.tls.crl_file = Some(crl.clone());
+        config.tls.reload_poll_ms = 100;
+        (config, crl)
+    }
+
     pub async fn channel_as(&self, vault: &TestVault, uri: &str) -> tonic::transport::Channel {
         self.channel_for_url(&vault.url(), uri).await
     }
