@@ -2,8 +2,9 @@
 //!
 //! # Layout
 //! - [`proto`]: the wire contract, generated from `proto/credvault/v1/credvault.proto`.
-//! - [`edge`]: mutual TLS, caller identity, the gate (authorize, audit, log, limits), the
-//!   services, and errors to status codes in one place.
+//! - [`edge`]: mutual TLS, caller identity, admission before the body (method, rate,
+//!   limits), the gate (scope, audit, log), the services, and errors to status codes in
+//!   one place.
 //! - [`domain`]: what Store, Redact, Zero, List, Validate, Proxy and key rotation mean.
 //! - [`crypto`]: envelope encryption (root key → key-encryption keys → data keys), secret types.
 //! - [`store`]: the storage trait and SQLite behind it, with group commit.
