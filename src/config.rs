@@ -387,6 +387,12 @@ pub struct Limits {
     /// Client connections open at once, counted once their handshake has
     /// completed; more are closed.
     pub max_connections: usize,
+    /// Connections one identity may have open at once; more of its own are
+    /// closed, so that one certificate cannot take every connection place.
+    pub max_connections_per_identity: usize,
+    /// Calls (and streams) one identity may have in flight at once; more get
+    /// RESOURCE_EXHAUSTED, so that one certificate cannot take every place.
+    pub max_calls_per_identity: usize,
     /// Calls per second each identity may make (token bucket); 0 for no limit.
     pub rate_per_identity: u32,
     /// How many calls an identity may make at once above its rate.
@@ -406,6 +412,8 @@ impl Default for Limits {
             max_streams_per_connection: 100,
             max_connection_age_ms: 30 * 60 * 1000,
             max_connections: 1024,
+            max_connections_per_identity: 64,
+            max_calls_per_identity: 256,
             rate_per_identity: 0,
             rate_burst: 100,
         }

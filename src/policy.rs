@@ -25,6 +25,9 @@ pub const METHODS: &[(&str, &[&str])] = &[
     ("Audit", &["Subscribe", "Head"]),
 ];
 
+/// Services whose methods concern every workspace and provider at once.
+const GLOBAL_SERVICES: &[&str] = &["Audit", "KeyAdmin"];
+
 /// One `[[policy]]` table as written in the configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -99,6 +102,11 @@ impl Policy {
     /// Whether any rule lets `identity` make `call`.
     pub fn allows(&self, identity: &str, call: &Call<'_>) -> bool {
         self.grant(identity, call).is_some()
+    }
+
+    /// Whether any rule names `identity`, whatever it allows.
+    pub fn names(&self, identity: &str) -> bool {
+        self.rules.iter().any(|rule| rule.names(identity))
     }
 
     /// Whether any rule lets `identity` call `service.method` at all, for
@@ -206,18 +214,21 @@ fn compile_rule(rule: &Rule) -> Result<Compiled, String> {
     if methods.is_empty() {
         return Err("`allow` is empty".into());
     }
-    // The audit log is one hash chain over every workspace and provider: a
-    // consumer cannot verify a filtered copy, so only a rule that covers
-    // everything may read it.
+    // The audit log is one hash chain over every workspace and provider (a
+    // consumer cannot verify a filtered copy), and KeyAdmin reports on and
+    // acts on every connection's keys: only a rule that covers everything
+    // may grant either.
     let narrowed =
         !rule.workspaces.iter().any(|w| w == "*") || !rule.providers.iter().any(|p| p == "*");
-    if narrowed && methods.iter().any(|(service, _)| service == "Audit") {
-        return Err(
-            "`Audit` methods read every workspace's and provider's events, but this rule is \
-             narrowed by `workspaces` or `providers`: grant Audit in a rule of its own that \
-             covers all of them"
-                .into(),
-        );
+    if let Some((service, _)) = methods
+        .iter()
+        .find(|(service, _)| narrowed && GLOBAL_SERVICES.contains(&service.as_str()))
+    {
+        return Err(format!(
+            "`{service}` methods concern every workspace and provider, but this rule is \
+             narrowed by `workspaces` or `providers`: grant {service} in a rule of its own \
+             that covers all of them"
+        ));
     }
     let providers = if rule.providers.iter().any(|p| p == "*") {
         None
@@ -512,17 +523,22 @@ mod tests {
     }
 
     #[test]
-    fn only_a_rule_covering_everything_may_grant_audit() {
-        for (workspaces, providers) in [(vec!["team-*"], vec!["*"]), (vec!["*"], vec!["posthog"])] {
+    fn only_a_rule_covering_everything_may_grant_audit_or_key_admin() {
+        for (workspaces, providers, method) in [
+            (vec!["team-*"], vec!["*"], "Audit.Head"),
+            (vec!["*"], vec!["posthog"], "Audit.Subscribe"),
+            (vec!["acme"], vec!["amplitude"], "KeyAdmin.Status"),
+            (vec!["*"], vec!["amplitude"], "KeyAdmin.*"),
+        ] {
             let err = Policy::compile(&[Rule {
                 identity: APP.into(),
-                allow: vec!["Audit.Head".into()],
+                allow: vec![method.into()],
                 providers: providers.iter().map(|p| (*p).to_owned()).collect(),
                 workspaces: workspaces.iter().map(|p| (*p).to_owned()).collect(),
                 proxy: None,
             }])
             .unwrap_err();
-            assert!(err.contains("Audit"), "{err}");
+            assert!(err.contains(method.split('.').next().unwrap()), "{err}");
         }
     }
 }

@@ -417,3 +417,50 @@ async fn the_audit_public_key_is_never_written_through_a_symlink() {
     );
     assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep\n");
 }
+
+#[tokio::test]
+async fn an_audit_stream_ends_when_its_certificate_expires() {
+    let dir = VaultDir::new();
+    let vault = dir.start().await;
+    let expires = time::OffsetDateTime::now_utc() + time::Duration::seconds(3);
+    let auditor = dir
+        .ca
+        .issue_with(
+            "auditor",
+            Subject::ClientUris(&["spiffe://credvault.local/auditor"]),
+            |p| p.not_after = expires,
+        )
+        .unwrap();
+    let channel = credvault::cli::client::connect_channel(
+        &vault.url(),
+        vault.ca_pem.as_bytes(),
+        auditor.cert_pem.as_bytes(),
+        auditor.key_pem.as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut stream = credvault::proto::audit_client::AuditClient::new(channel)
+        .subscribe(credvault::proto::SubscribeRequest { after_sequence: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut app = vault.client().await;
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            // Keep events coming, so that a live stream has something to send.
+            app.list_providers(ListProvidersRequest {}).await.unwrap();
+            match tokio::time::timeout(std::time::Duration::from_millis(300), stream.message())
+                .await
+            {
+                Ok(Ok(Some(_))) | Err(_) => continue,
+                Ok(other) => return other,
+            }
+        }
+    })
+    .await
+    .expect("the audit stream outlived its certificate");
+    let status = ended.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+    // X.509 keeps whole seconds: the certificate expired at the second before `expires`.
+    assert!(time::OffsetDateTime::now_utc() >= expires - time::Duration::seconds(1));
+}

@@ -240,7 +240,7 @@ async fn refused_calls_are_counted_not_written_one_by_one() {
     );
 }
 
-/// The gRPC status of one call of `path` with a `size`-byte message, sent raw.
+/// The gRPC status of one call of `path` with a well-formed `size`-byte message, sent raw.
 async fn status_of_raw_call(
     sender: h2::client::SendRequest<bytes::Bytes>,
     path: &str,
@@ -262,14 +262,23 @@ async fn status_of_raw_call(
         ]);
         message.resize(5 + size, b'x');
     }
+    raw_call(sender, path, message).await
+}
+
+/// The gRPC status of one call of `path` whose body is `body`, sent raw.
+async fn raw_call(
+    sender: h2::client::SendRequest<bytes::Bytes>,
+    path: &str,
+    body: Vec<u8>,
+) -> String {
     let request = http::Request::post(format!("https://localhost{path}"))
         .header("content-type", "application/grpc")
         .header("te", "trailers")
         .body(())
         .unwrap();
     let mut sender = sender.ready().await.unwrap();
-    let (answer, mut body) = sender.send_request(request, false).unwrap();
-    let _ = body.send_data(message.into(), true);
+    let (answer, mut sent) = sender.send_request(request, false).unwrap();
+    let _ = sent.send_data(body.into(), true);
     let answer = answer.await.unwrap();
     if let Some(code) = answer.headers().get("grpc-status") {
         return code.to_str().unwrap().to_owned();
@@ -315,4 +324,142 @@ async fn every_method_but_proxy_takes_only_small_messages() {
         status_of_raw_call(app, "/credvault.v1.Credentials/ListProviders", 1_000_000).await,
         "8"
     );
+}
+
+#[tokio::test]
+async fn idle_connections_of_one_identity_cannot_take_every_place() {
+    let dir = VaultDir::new();
+    let mut config = dir.config();
+    config.limits.max_connections = 100;
+    let vault = dir.start_with(config).await;
+    let stranger = dir.issue("spiffe://credvault.local/stranger");
+    // Handshakes that complete, then nothing: not even the HTTP/2 preface.
+    let mut idle = Vec::new();
+    for _ in 0..150 {
+        idle.push(common::raw_tls(vault.addr.port(), dir.ca.cert_pem(), &stranger).await);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let called = tokio::time::timeout(Duration::from_secs(2), async {
+        vault
+            .client()
+            .await
+            .list_providers(ListProvidersRequest {})
+            .await
+    })
+    .await;
+    assert!(
+        matches!(called, Ok(Ok(_))),
+        "one identity's {} idle connections locked out the app: {called:?}",
+        idle.len()
+    );
+}
+
+/// Opens a call of `path` with an empty message and leaves it open; its
+/// gRPC status if the vault answered at once, else `None` (a live stream).
+async fn open_stream(
+    sender: &mut h2::client::SendRequest<bytes::Bytes>,
+    path: &str,
+    keep: &mut Vec<h2::RecvStream>,
+) -> Option<String> {
+    let request = http::Request::post(format!("https://localhost{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    *sender = sender.clone().ready().await.unwrap();
+    let (answer, mut sent) = sender.send_request(request, false).unwrap();
+    let _ = sent.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 0]), true);
+    let answer = answer.await.unwrap();
+    let status = answer
+        .headers()
+        .get("grpc-status")
+        .map(|v| v.to_str().unwrap().to_owned());
+    keep.push(answer.into_body());
+    status
+}
+
+#[tokio::test]
+async fn streams_of_one_identity_cannot_take_every_place() {
+    let dir = VaultDir::new();
+    let vault = dir.start().await;
+    let stranger = dir.issue("spiffe://credvault.local/stranger");
+    let port = vault.addr.port();
+    let mut keep = Vec::new();
+    let mut refused = 0;
+    for _ in 0..4 {
+        let (mut sender, _) = common::raw_h2(port, dir.ca.cert_pem(), &stranger).await;
+        for _ in 0..80 {
+            if open_stream(&mut sender, "/grpc.health.v1.Health/Watch", &mut keep)
+                .await
+                .as_deref()
+                == Some("8")
+            {
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!(
+        refused,
+        320 - 256,
+        "an identity holds at most max_calls_per_identity (256) streams"
+    );
+    // Reflection is for identities the policy names.
+    let (mut sender, _) = common::raw_h2(port, dir.ca.cert_pem(), &stranger).await;
+    assert_eq!(
+        open_stream(
+            &mut sender,
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            &mut keep,
+        )
+        .await
+        .as_deref(),
+        Some("7")
+    );
+    vault
+        .client()
+        .await
+        .list_providers(ListProvidersRequest {})
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn calls_whose_body_cannot_be_decoded_are_accounted_for() {
+    let dir = VaultDir::new();
+    let vault = dir.start().await;
+    let port = vault.addr.port();
+    let (app, _) = common::raw_h2(port, dir.ca.cert_pem(), &dir.app).await;
+    // A message whose first byte is field 0: not protobuf.
+    let garbage = vec![0, 0, 0, 0, 3, 0, 0, 0];
+    for _ in 0..20 {
+        assert_eq!(
+            raw_call(
+                app.clone(),
+                "/credvault.v1.Credentials/List",
+                garbage.clone()
+            )
+            .await,
+            "3"
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut audit = credvault::proto::audit_client::AuditClient::new(
+        dir.channel_as(&vault, "spiffe://credvault.local/auditor")
+            .await,
+    );
+    let mut stream = audit
+        .subscribe(credvault::proto::SubscribeRequest { after_sequence: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut accounted = 0;
+    while let Ok(Ok(Some(e))) =
+        tokio::time::timeout(Duration::from_millis(500), stream.message()).await
+    {
+        if e.method == "Credentials.List" && e.outcome == "INVALID_ARGUMENT" {
+            assert_eq!(e.identity, common::APP);
+            accounted += e.count.max(1);
+        }
+    }
+    assert_eq!(accounted, 20, "every undecodable call is accounted for");
 }

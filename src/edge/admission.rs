@@ -11,6 +11,7 @@
 use std::future::Future;
 use std::num::NonZeroU32;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::SystemTime;
@@ -23,6 +24,7 @@ use tonic::codegen::{Bytes, Service};
 use tonic::Status;
 
 use super::gate::code_name;
+use super::quota::{Held, PerKey};
 use super::refusals::Refusals;
 use super::tls::PeerInfo;
 use crate::audit;
@@ -44,6 +46,7 @@ pub struct Admission {
     rate: Option<RateLimiter>,
     in_flight: Arc<Semaphore>,
     max_in_flight: usize,
+    per_identity: Arc<PerKey>,
     max_message_bytes: usize,
     /// Proxy carries a request body of its own size.
     max_proxy_message_bytes: usize,
@@ -59,10 +62,10 @@ impl std::fmt::Debug for Admission {
     }
 }
 
-/// A call let through: its place among the calls in flight, and how many
-/// body bytes it may send.
+/// A call let through: its place among the calls in flight (the vault's and
+/// its identity's), and how many body bytes it may send.
 struct Admitted {
-    place: OwnedSemaphorePermit,
+    place: (OwnedSemaphorePermit, Held),
     max_body: usize,
     context: audit::Context,
 }
@@ -85,6 +88,7 @@ impl Admission {
             rate,
             in_flight: Arc::new(Semaphore::new(limits.max_concurrent_calls.max(1))),
             max_in_flight: limits.max_concurrent_calls.max(1),
+            per_identity: PerKey::new(limits.max_calls_per_identity),
             max_message_bytes: limits.max_message_bytes,
             max_proxy_message_bytes,
             metrics,
@@ -92,14 +96,14 @@ impl Admission {
     }
 
     /// Decides on a request from its path and its connection alone. `None`:
-    /// not a vault method (health, reflection, an unknown path), left to the
-    /// services' own limits. A refusal comes with the context to account
-    /// for it under.
+    /// not a path the vault serves, which tonic answers UNIMPLEMENTED without
+    /// reading its body. A refusal comes with the context to account for it
+    /// under.
     fn admit<B>(
         &self,
         req: &http::Request<B>,
     ) -> Result<Option<Admitted>, Box<(Status, Option<audit::Context>)>> {
-        let Some((service, method)) = vault_method(req.uri().path()) else {
+        let Some((kind, service, method)) = target(req.uri().path()) else {
             return Ok(None);
         };
         let Some(peer) = req.extensions().get::<PeerInfo>() else {
@@ -109,27 +113,31 @@ impl Admission {
                 None,
             )));
         };
+        let identity = peer.identity.as_str();
         let context = audit::Context {
-            identity: peer.identity.to_string(),
+            identity: identity.to_owned(),
             method: format!("{service}.{method}"),
             workspace_id: String::new(),
             provider: String::new(),
             request_id: request_id(req.headers()),
+        };
+        let policy = self.policy.current();
+        let allowed = match kind {
+            Kind::Vault => policy.may_call(identity, service, method),
+            // Any identity the policy names may discover the API.
+            Kind::Reflection => policy.names(identity),
+            // Load balancers and supervisors check health with any certificate.
+            Kind::Health => true,
         };
         let refused = if peer.not_after < SystemTime::now() {
             Some(Status::unauthenticated(
                 "the client certificate has expired since this connection was opened; \
                  reconnect with a renewed certificate",
             ))
-        } else if !self
-            .policy
-            .current()
-            .may_call(peer.identity.as_str(), service, method)
-        {
+        } else if !allowed {
             // The same answer the gate gives when the scope is not allowed.
             Some(Status::permission_denied(format!(
-                "identity `{}` may not call `{method}`",
-                peer.identity
+                "identity `{identity}` may not call `{method}`"
             )))
         } else if self
             .rate
@@ -137,8 +145,7 @@ impl Admission {
             .is_some_and(|rate| rate.check_key(&context.identity).is_err())
         {
             Some(Status::resource_exhausted(format!(
-                "identity `{}` is over its rate limit; retry shortly",
-                peer.identity
+                "identity `{identity}` is over its rate limit; retry shortly"
             )))
         } else {
             None
@@ -146,25 +153,37 @@ impl Admission {
         if let Some(status) = refused {
             return Err(Box::new((status, Some(context))));
         }
-        match Arc::clone(&self.in_flight).try_acquire_owned() {
-            Ok(place) => Ok(Some(Admitted {
-                place,
-                max_body: MESSAGE_PREFIX
-                    + if method == "Proxy" {
-                        self.max_proxy_message_bytes
-                    } else {
-                        self.max_message_bytes
-                    },
-                context,
-            })),
-            Err(_) => Err(Box::new((
+        let Some(own) = self.per_identity.try_take(identity) else {
+            return Err(Box::new((
+                Status::resource_exhausted(format!(
+                    "identity `{identity}` has {} calls in flight, its limit \
+                     (limits.max_calls_per_identity); retry when one ends",
+                    self.per_identity.limit()
+                )),
+                Some(context),
+            )));
+        };
+        let Ok(place) = Arc::clone(&self.in_flight).try_acquire_owned() else {
+            return Err(Box::new((
                 Status::resource_exhausted(format!(
                     "the vault is at its limit of {} calls in flight; retry shortly",
                     self.max_in_flight
                 )),
                 Some(context),
-            ))),
-        }
+            )));
+        };
+        let max_body = match (kind, method) {
+            (Kind::Vault, "Proxy") => MESSAGE_PREFIX + self.max_proxy_message_bytes,
+            (Kind::Vault, _) => MESSAGE_PREFIX + self.max_message_bytes,
+            // Streams of small messages, each held to max_message_bytes by
+            // the service's own decoder.
+            (Kind::Health | Kind::Reflection, _) => usize::MAX,
+        };
+        Ok(Some(Admitted {
+            place: (place, own),
+            max_body,
+            context,
+        }))
     }
 
     async fn refused(&self, context: &audit::Context, status: &Status) {
@@ -181,13 +200,55 @@ impl Admission {
     }
 }
 
-/// `(service, method)` when `path` is one of the vault's own methods.
-fn vault_method(path: &str) -> Option<(&'static str, &'static str)> {
-    let (service, method) = path.strip_prefix(PACKAGE)?.split_once('/')?;
-    METHODS
+/// What a request calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// One of the vault's own methods, under the policy.
+    Vault,
+    Health,
+    Reflection,
+}
+
+/// The standard services served beside the vault's own, by path.
+const STANDARD: &[(&str, Kind, &str, &str)] = &[
+    (
+        "/grpc.health.v1.Health/Check",
+        Kind::Health,
+        "grpc.health.v1.Health",
+        "Check",
+    ),
+    (
+        "/grpc.health.v1.Health/Watch",
+        Kind::Health,
+        "grpc.health.v1.Health",
+        "Watch",
+    ),
+    (
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        Kind::Reflection,
+        "grpc.reflection.v1.ServerReflection",
+        "ServerReflectionInfo",
+    ),
+];
+
+/// What `path` calls, as (kind, service, method), when the vault serves it.
+fn target(path: &str) -> Option<(Kind, &'static str, &'static str)> {
+    if let Some((service, method)) = path
+        .strip_prefix(PACKAGE)
+        .and_then(|rest| rest.split_once('/'))
+    {
+        return METHODS
+            .iter()
+            .find(|(s, _)| *s == service)
+            .and_then(|(s, methods)| {
+                let m = methods.iter().find(|m| **m == method)?;
+                Some((Kind::Vault, *s, *m))
+            });
+    }
+    STANDARD
         .iter()
-        .find(|(s, _)| *s == service)
-        .and_then(|(s, methods)| methods.iter().find(|m| **m == method).map(|m| (*s, *m)))
+        .find(|(p, ..)| *p == path)
+        .map(|(_, kind, service, method)| (*kind, *service, *method))
 }
 
 /// The caller's `x-request-id` if it is short and plain, else a fresh one.
@@ -265,15 +326,29 @@ where
                 max_body,
                 context,
             } = admitted;
-            let req = req.map(|body| {
+            let gate_ran = GateRan::default();
+            let mut req = req.map(|body| {
                 Body::new(Capped {
                     inner: body,
                     left: max_body,
-                    context: Some(context),
-                    admission: Arc::clone(&admission),
                 })
             });
+            req.extensions_mut().insert(gate_ran.clone());
             let response = inner.call(req).await?;
+            // tonic answers a body it cannot decode (malformed, compressed,
+            // too long, cut off) before the gate runs: account for it here,
+            // as a refusal, so that no call goes without its event.
+            if !gate_ran.0.load(Ordering::Acquire) {
+                let code = response
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<i32>().ok())
+                    .map(tonic::Code::from);
+                if let Some(code) = code.filter(|c| *c != tonic::Code::Ok) {
+                    admission.refused(&context, &Status::new(code, "")).await;
+                }
+            }
             Ok(response.map(|body| {
                 Body::new(Holding {
                     inner: body,
@@ -284,14 +359,22 @@ where
     }
 }
 
+/// Set by the gate when it takes a call: a call whose answer comes back
+/// without it was refused by tonic before any handler ran.
+#[derive(Debug, Clone, Default)]
+pub struct GateRan(Arc<AtomicBool>);
+
+impl GateRan {
+    pub fn mark(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
 /// A request body cut off past its method's limit, with RESOURCE_EXHAUSTED
-/// (counted as a refusal) instead of more bytes.
+/// instead of more bytes.
 struct Capped {
     inner: Body,
     left: usize,
-    /// Taken when the limit is passed, to account for the refusal once.
-    context: Option<audit::Context>,
-    admission: Arc<Admission>,
 }
 
 impl http_body::Body for Capped {
@@ -311,20 +394,10 @@ impl http_body::Body for Capped {
             self.left -= size;
             return Poll::Ready(Some(Ok(frame)));
         }
-        let limit = self.left;
         let status = Status::resource_exhausted(
             "the request is larger than this method accepts \
              (limits.max_message_bytes; Proxy: a body of up to 1 MiB)",
         );
-        if let Some(context) = self.context.take() {
-            tracing::info!(method = %context.method, identity = %context.identity, limit, "request body over its limit: cut off");
-            self.admission
-                .metrics
-                .call(&context.method, "RESOURCE_EXHAUSTED", 0.0);
-            self.admission
-                .refusals
-                .refuse_detached(context, "RESOURCE_EXHAUSTED");
-        }
         Poll::Ready(Some(Err(status)))
     }
 
@@ -340,7 +413,7 @@ impl http_body::Body for Capped {
 /// An answer's body, holding its call's place until it has been sent or dropped.
 struct Holding {
     inner: Body,
-    _place: OwnedSemaphorePermit,
+    _place: (OwnedSemaphorePermit, Held),
 }
 
 impl http_body::Body for Holding {

@@ -1,12 +1,14 @@
 //! The `credvault.v1.Audit` service: the consumer's stream of events and the signed head.
 
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::gate::{Audited, Gate};
+use super::tls::PeerInfo;
 use crate::audit::{self, StoredEvent};
 use crate::domain::Vault;
 use crate::proto;
@@ -40,6 +42,11 @@ impl proto::audit_server::Audit for AuditService {
         &self,
         req: Request<proto::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        // The stream ends when the caller's certificate does.
+        let expires = req
+            .extensions()
+            .get::<PeerInfo>()
+            .map_or(SystemTime::now(), |peer| peer.not_after);
         self.gate
             .call("Audit", "Subscribe", req, |r, context| async move {
                 let (tx, rx) = mpsc::channel(BUFFER);
@@ -48,27 +55,32 @@ impl proto::audit_server::Audit for AuditService {
                 let mut policy = self.gate.policy().changes();
                 let withdrawn = tx.clone();
                 tokio::spawn(async move {
-                    let right_withdrawn = tokio::select! {
-                        () = follow(vault, r.after_sequence, tx) => false,
+                    let until_expiry = expires
+                        .duration_since(SystemTime::now())
+                        .unwrap_or_default();
+                    let ended = tokio::select! {
+                        () = follow(vault, r.after_sequence, tx) => None,
                         // Shutting down: end the stream so the connection can close.
-                        _ = stopping.wait_for(|stop| *stop) => false,
+                        _ = stopping.wait_for(|stop| *stop) => None,
                         // A new policy (SIGHUP) took the right to read the log away.
                         changed = policy.wait_for(|p| {
                             !p.may_call(&context.identity, "Audit", "Subscribe")
-                        }) => changed.is_ok(),
+                        }) => changed.ok().map(|_| Status::permission_denied(format!(
+                            "identity `{}` may no longer call `Subscribe`: the policy changed",
+                            context.identity
+                        ))),
+                        () = tokio::time::sleep(until_expiry) => Some(Status::unauthenticated(
+                            "the client certificate has expired; subscribe again with a \
+                             renewed certificate",
+                        )),
                     };
-                    if right_withdrawn {
+                    if let Some(status) = ended {
                         tracing::info!(
                             identity = %context.identity,
-                            "audit stream ended: the policy no longer allows it"
+                            reason = status.message(),
+                            "audit stream ended"
                         );
-                        let _ = withdrawn
-                            .send(Err(Status::permission_denied(format!(
-                                "identity `{}` may no longer call `Subscribe`: the policy \
-                                 changed",
-                                context.identity
-                            ))))
-                            .await;
+                        let _ = withdrawn.send(Err(status)).await;
                     }
                 });
                 Ok((

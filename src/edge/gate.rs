@@ -9,7 +9,7 @@ use futures_util::FutureExt;
 use tonic::{Code, Request, Response, Status};
 use tracing::Instrument;
 
-use super::admission::request_id;
+use super::admission::{request_id, GateRan};
 use super::refusals::Refusals;
 use super::status::to_status;
 use super::tls::PeerInfo;
@@ -170,6 +170,9 @@ impl Gate {
         F: FnOnce(T, audit::Context) -> Fut,
         Fut: Future<Output = Result<(R, Audited), VaultError>>,
     {
+        if let Some(ran) = req.extensions().get::<GateRan>() {
+            ran.mark();
+        }
         let Some(peer) = req.extensions().get::<PeerInfo>().cloned() else {
             // Every connection passes through `tls::incoming`, which attaches it.
             return Err(Status::unauthenticated("no client identity"));

@@ -5,6 +5,7 @@ pub mod audit;
 mod credentials;
 mod gate;
 mod keys;
+mod quota;
 mod refusals;
 mod status;
 pub mod tls;
@@ -128,6 +129,7 @@ pub async fn serve(
             max_connections: limits.max_connections,
             max_pending: limits.max_pending_handshakes,
             max_pending_per_address: limits.max_pending_handshakes_per_address,
+            max_connections_per_identity: limits.max_connections_per_identity,
         },
         metrics,
     );
@@ -138,8 +140,9 @@ pub async fn serve(
         .max_connection_age_grace(Duration::from_millis(limits.shutdown_grace_ms))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .layer(tower::util::MapResponseLayer::new(status::refusal_codes))
+        // Admission outermost: it sees the codes refusal_codes has set.
         .layer(admission)
+        .layer(tower::util::MapResponseLayer::new(status::refusal_codes))
         .add_service(health)
         .add_optional_service(
             reflection.map(|r| r.max_decoding_message_size(limits.max_message_bytes)),

@@ -97,12 +97,6 @@ impl Refusals {
         }
     }
 
-    /// As [`Refusals::refuse`], from code that cannot wait (a request body).
-    pub fn refuse_detached(self: &Arc<Self>, context: audit::Context, outcome: &'static str) {
-        let refusals = Arc::clone(self);
-        tokio::spawn(async move { refusals.refuse(&context, outcome).await });
-    }
-
     /// Ends the window: writes one event for each key with counted refusals,
     /// carrying their count, and forgets every key.
     pub async fn flush(&self) {

@@ -23,6 +23,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use x509_parser::extensions::GeneralName;
 
+use super::quota::{Held, PerKey};
 use crate::config::TlsConfig;
 use crate::identity::{is_hostname, SpiffeId, SpiffeIdError};
 use crate::telemetry::Metrics;
@@ -389,6 +390,9 @@ impl SharedTls {
     }
 }
 
+/// How long after its certificate expires a connection is ended.
+const EXPIRED_GRACE: Duration = Duration::from_secs(10);
+
 /// A client connection that completed the handshake and named an identity.
 pub struct TlsConn {
     stream: TlsStream<TcpStream>,
@@ -398,13 +402,24 @@ pub struct TlsConn {
 }
 
 impl TlsConn {
-    /// Ended by a reload that no longer trusts the client: reads and writes fail.
+    /// Ended by a reload that no longer trusts the client, or by the
+    /// certificate's expiry: reads and writes fail, and the connection with
+    /// every stream on it ends. Expiry ends it [`EXPIRED_GRACE`] late, so that
+    /// a call made just after is told why (UNAUTHENTICATED, from admission);
+    /// an audit stream ends at expiry itself. An idle connection notices at
+    /// its next keepalive ping, within 30 s more.
     fn check_live(&self, cx: &mut Context<'_>) -> io::Result<()> {
         self.live.waker.register(cx.waker());
         if self.live.ended.load(Ordering::Acquire) {
             return Err(io::Error::new(
                 io::ErrorKind::ConnectionAborted,
                 "the client certificate is no longer trusted",
+            ));
+        }
+        if self.info.not_after + EXPIRED_GRACE < SystemTime::now() {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "the client certificate has expired",
             ));
         }
         Ok(())
@@ -414,6 +429,8 @@ impl TlsConn {
 /// Holds one of the `max_connections` places while a connection is open.
 struct ConnectionSlot {
     _permit: tokio::sync::OwnedSemaphorePermit,
+    /// One of its identity's `max_connections_per_identity`.
+    _own: Held,
     metrics: Arc<Metrics>,
 }
 
@@ -485,6 +502,8 @@ pub struct ConnectionLimits {
     pub max_pending: usize,
     /// Handshakes in progress from one IP address.
     pub max_pending_per_address: usize,
+    /// Open connections of one identity; more of its connections are closed.
+    pub max_connections_per_identity: usize,
 }
 
 /// Accepts TCP connections and completes each handshake in its own task, so a
@@ -506,6 +525,7 @@ pub fn incoming(
 ) -> impl Stream<Item = io::Result<TlsConn>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let per_identity = PerKey::new(limits.max_connections_per_identity);
     let pending = Pending::new(limits);
     tokio::spawn(async move {
         loop {
@@ -527,6 +547,7 @@ pub fn incoming(
             let tx = tx.clone();
             let tls = tls.clone();
             let slots = Arc::clone(&slots);
+            let per_identity = Arc::clone(&per_identity);
             let metrics = Arc::clone(&metrics);
             let place = pending.enter(remote.ip());
             let id = place.id;
@@ -548,6 +569,14 @@ pub fn incoming(
                     Ok(named) => named,
                     Err(e) => return tracing::info!(%remote, reason = %e, "refused client"),
                 };
+                let Some(own) = per_identity.try_take(identity.as_str()) else {
+                    return tracing::warn!(
+                        %remote,
+                        %identity,
+                        max_connections_per_identity = per_identity.limit(),
+                        "this identity's connection limit reached: closing its new connection"
+                    );
+                };
                 let Ok(permit) = slots.try_acquire_owned() else {
                     return tracing::warn!(
                         %remote,
@@ -568,6 +597,7 @@ pub fn incoming(
                     },
                     _slot: ConnectionSlot {
                         _permit: permit,
+                        _own: own,
                         metrics,
                     },
                 };
@@ -743,6 +773,7 @@ mod tests {
             max_connections: 10,
             max_pending: 3,
             max_pending_per_address: 2,
+            max_connections_per_identity: 10,
         });
         let ip = |last: u8| IpAddr::from([127, 0, 0, last]);
         let open = |p: &Pending| p.lock().open.keys().copied().collect::<Vec<_>>();

@@ -546,14 +546,12 @@ pub async fn spawn_server(config: &Path) -> ServerProcess {
     }
 }
 
-/// An HTTP/2 connection to `port` over mutual TLS with `cert`, for clients
-/// that misbehave in ways a gRPC client will not; the task ends when the
-/// connection does.
-pub async fn raw_h2(
+/// A mutual-TLS connection to `port` presenting `cert`, speaking nothing yet.
+pub async fn raw_tls(
     port: u16,
     ca_pem: &str,
-    cert: &credvault::dev::certs::IssuedCert,
-) -> (h2::client::SendRequest<bytes::Bytes>, JoinHandle<()>) {
+    cert: &IssuedCert,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
     let mut roots = rustls::RootCertStore::empty();
@@ -574,10 +572,21 @@ pub async fn raw_h2(
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .unwrap();
-    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// An HTTP/2 connection to `port` over mutual TLS with `cert`, for clients
+/// that misbehave in ways a gRPC client will not; the task ends when the
+/// connection does.
+pub async fn raw_h2(
+    port: u16,
+    ca_pem: &str,
+    cert: &IssuedCert,
+) -> (h2::client::SendRequest<bytes::Bytes>, JoinHandle<()>) {
+    let tls = raw_tls(port, ca_pem, cert).await;
     let (sender, connection) = h2::client::handshake(tls).await.unwrap();
     let connection = tokio::spawn(async move {
         let _ = connection.await;
