@@ -362,15 +362,7 @@ fn check_config_passes_a_good_configuration_and_names_what_is_wrong() {
 async fn shutdown_ends_open_audit_streams() {
     let dir = VaultDir::new();
     let vault = dir.start().await;
-    let mut audit = credvault::proto::audit_client::AuditClient::new(
-        dir.channel_as(&vault, "spiffe://credvault.local/auditor")
-            .await,
-    );
-    let mut stream = audit
-        .subscribe(credvault::proto::SubscribeRequest { after_sequence: 0 })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = dir.audit_stream(&vault, 0).await;
     assert_eq!(
         stream.message().await.unwrap().unwrap().method,
         "Audit.Subscribe"

@@ -210,6 +210,24 @@ impl VaultDir {
         (config, crl)
     }
 
+    /// The audit events after `after`, read as the dev auditor.
+    pub async fn audit_stream(
+        &self,
+        vault: &TestVault,
+        after: u64,
+    ) -> tonic::Streaming<credvault::proto::AuditEvent> {
+        credvault::proto::audit_client::AuditClient::new(
+            self.channel_as(vault, "spiffe://credvault.local/auditor")
+                .await,
+        )
+        .subscribe(credvault::proto::SubscribeRequest {
+            after_sequence: after,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+    }
+
     pub async fn channel_as(&self, vault: &TestVault, uri: &str) -> tonic::transport::Channel {
         self.channel_for_url(&vault.url(), uri).await
     }
