@@ -898,3 +898,44 @@ async fn the_cli_calls_through_the_vault_and_posts_stdin() {
     let (ok, _, err) = cli_call(&w, &[&ws[..], &["GET", "/api/2/../x"]].concat(), b"");
     assert!(!ok && err.contains("InvalidArgument"), "{err}");
 }
+
+#[tokio::test]
+async fn a_call_cancelled_after_it_reached_the_provider_is_still_audited() {
+    let w = world(|_| Reply::json(200, "{}").after(std::time::Duration::from_millis(1_500))).await;
+    let mut c = w.vault.client().await;
+    for _ in 0..3 {
+        // The caller gives up (RST_STREAM) while the provider is answering.
+        let cancelled = tokio::time::timeout(
+            std::time::Duration::from_millis(500),
+            c.proxy(request("posthog", "GET", "/api/projects/42/cohorts/")),
+        )
+        .await;
+        assert!(
+            cancelled.is_err(),
+            "the call finished before it was cancelled"
+        );
+    }
+    let cancelled = tokio::time::timeout(
+        std::time::Duration::from_millis(500),
+        c.validate_connection(reference("ws", "posthog")),
+    )
+    .await;
+    assert!(cancelled.is_err());
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert_eq!(w.fake.request_count(), 4, "the provider got every request");
+    let mut stream = w.dir.audit_stream(&w.vault, 0).await;
+    let mut accounted = std::collections::BTreeMap::<String, u64>::new();
+    while let Ok(Ok(Some(e))) =
+        tokio::time::timeout(std::time::Duration::from_millis(500), stream.message()).await
+    {
+        if e.method == "Credentials.Proxy" || e.method == "Credentials.ValidateConnection" {
+            *accounted.entry(e.method.clone()).or_default() += e.count.max(1);
+        }
+    }
+    assert_eq!(
+        accounted.get("Credentials.Proxy"),
+        Some(&3),
+        "every cancelled Proxy call that reached the provider is accounted for: {accounted:?}"
+    );
+    assert_eq!(accounted.get("Credentials.ValidateConnection"), Some(&1));
+}

@@ -431,6 +431,29 @@ async fn streams_of_one_identity_cannot_take_every_place() {
 }
 
 #[tokio::test]
+async fn health_watchers_cannot_take_the_places_of_vault_calls() {
+    let dir = VaultDir::new();
+    let vault = dir.start().await;
+    let port = vault.addr.port();
+    let mut keep = Vec::new();
+    // Four identities no rule names, each within its own limit of 256.
+    for who in ["a", "b", "c", "d"] {
+        let cert = dir.issue(&format!("spiffe://credvault.local/watcher-{who}"));
+        for _ in 0..4 {
+            let (mut sender, _) = common::raw_h2(port, dir.ca.cert_pem(), &cert).await;
+            for _ in 0..64 {
+                open_stream(&mut sender, "/grpc.health.v1.Health/Watch", &mut keep).await;
+            }
+        }
+    }
+    let called = app_call_within_2s(&vault).await;
+    assert!(
+        called.is_ok(),
+        "1,024 health watchers locked out the app: {called:?}"
+    );
+}
+
+#[tokio::test]
 async fn calls_whose_body_cannot_be_decoded_are_accounted_for() {
     let dir = VaultDir::new();
     let vault = dir.start().await;

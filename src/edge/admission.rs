@@ -46,6 +46,8 @@ pub struct Admission {
     rate: Option<RateLimiter>,
     in_flight: Arc<Semaphore>,
     max_in_flight: usize,
+    /// For health and reflection: a quarter of `max_in_flight`, apart.
+    standard_in_flight: Arc<Semaphore>,
     per_identity: Arc<PerKey>,
     max_message_bytes: usize,
     /// Proxy carries a request body of its own size.
@@ -88,6 +90,7 @@ impl Admission {
             rate,
             in_flight: Arc::new(Semaphore::new(limits.max_concurrent_calls.max(1))),
             max_in_flight: limits.max_concurrent_calls.max(1),
+            standard_in_flight: Arc::new(Semaphore::new((limits.max_concurrent_calls / 4).max(1))),
             per_identity: PerKey::new(limits.max_calls_per_identity),
             max_message_bytes: limits.max_message_bytes,
             max_proxy_message_bytes,
@@ -163,7 +166,14 @@ impl Admission {
                 Some(context),
             )));
         };
-        let Ok(place) = Arc::clone(&self.in_flight).try_acquire_owned() else {
+        // Health and reflection streams have a pool of their own, so that
+        // watchers (any certificate may check health) cannot take the
+        // places the vault's own calls need.
+        let pool = match kind {
+            Kind::Vault => &self.in_flight,
+            Kind::Health | Kind::Reflection => &self.standard_in_flight,
+        };
+        let Ok(place) = Arc::clone(pool).try_acquire_owned() else {
             return Err(Box::new((
                 Status::resource_exhausted(format!(
                     "the vault is at its limit of {} calls in flight; retry shortly",

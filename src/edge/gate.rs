@@ -194,6 +194,13 @@ impl Gate {
             request_id = %context.request_id,
         );
         async move {
+            // Armed until the call's event is written: a caller that cancels
+            // (RST_STREAM, a closed connection) drops this future, maybe after
+            // the provider got its request, and the call is still accounted for.
+            let mut unfinished = Unfinished {
+                refusals: Arc::clone(&self.refusals),
+                context: Some(context.clone()),
+            };
             let started = Instant::now();
             let (workspace, provider) = req.get_ref().scope();
             let route = req.get_ref().route();
@@ -265,10 +272,33 @@ impl Gate {
                 micros = elapsed.as_micros() as u64,
                 "call"
             );
+            unfinished.context = None;
             result.map(|(response, _)| Response::new(response))
         }
         .instrument(span)
         .await
+    }
+}
+
+/// A call whose future was dropped before its event was written. It is
+/// accounted for as CANCELLED, summed like refusals, so that cancelling calls
+/// cannot write one event each. (A Store or Zero cancelled after it committed
+/// also has its own event, written with the change.)
+struct Unfinished {
+    refusals: Arc<Refusals>,
+    context: Option<audit::Context>,
+}
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        let Some(context) = self.context.take() else {
+            return;
+        };
+        tracing::info!(method = %context.method, identity = %context.identity, "call cancelled by the caller");
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let refusals = Arc::clone(&self.refusals);
+            runtime.spawn(async move { refusals.refuse(&context, "CANCELLED").await });
+        }
     }
 }
 

@@ -696,15 +696,20 @@ fn peer_identity(
     let (_, conn) = stream.get_ref();
     let chain = conn.peer_certificates().unwrap_or_default();
     let identity = material.identify(chain)?;
-    let leaf = chain.first().ok_or(IdentityError::NoUri)?;
-    Ok((identity, not_after(leaf)?))
+    Ok((identity, chain_not_after(chain)?))
 }
 
-/// When a certificate stops being valid.
-fn not_after(cert: &CertificateDer<'_>) -> Result<SystemTime, IdentityError> {
-    let (_, parsed) =
-        x509_parser::parse_x509_certificate(cert).map_err(|_| IdentityError::Unparsable)?;
-    let seconds = parsed.validity().not_after.timestamp();
+/// When a chain stops being valid: the earliest `notAfter` of its
+/// certificates, the intermediates' as well as the leaf's.
+fn chain_not_after(chain: &[CertificateDer<'_>]) -> Result<SystemTime, IdentityError> {
+    let mut earliest = None::<i64>;
+    for cert in chain {
+        let (_, parsed) =
+            x509_parser::parse_x509_certificate(cert).map_err(|_| IdentityError::Unparsable)?;
+        let seconds = parsed.validity().not_after.timestamp();
+        earliest = Some(earliest.map_or(seconds, |e| e.min(seconds)));
+    }
+    let seconds = earliest.ok_or(IdentityError::NoUri)?;
     Ok(SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(seconds).unwrap_or(0)))
 }
 
@@ -792,5 +797,22 @@ mod tests {
         assert_eq!(open(&pending), [2]);
         drop(places);
         assert!(open(&pending).is_empty());
+    }
+
+    #[test]
+    fn a_chain_expires_with_its_first_certificate_to_expire() {
+        let ca = DevCa::generate("t").unwrap();
+        let until = |year| {
+            ca.issue_with("x", Subject::ClientUris(&["spiffe://x/app"]), |p| {
+                p.not_after = rcgen::date_time_ymd(year, 1, 1);
+            })
+            .unwrap()
+        };
+        // The leaf outlives the intermediate that issued it: the intermediate's date counts.
+        let leaf = der(&until(2090).cert_pem);
+        let intermediate = der(&until(2080).cert_pem);
+        let expires = chain_not_after(&[leaf, intermediate]).unwrap();
+        let year_2080 = SystemTime::UNIX_EPOCH + Duration::from_secs(3_471_292_800);
+        assert_eq!(expires, year_2080);
     }
 }
