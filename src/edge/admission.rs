@@ -48,6 +48,7 @@ pub struct Admission {
     max_in_flight: usize,
     /// For health and reflection: a quarter of `max_in_flight`, apart.
     standard_in_flight: Arc<Semaphore>,
+    max_standard_in_flight: usize,
     per_identity: Arc<PerKey>,
     max_message_bytes: usize,
     /// Proxy carries a request body of its own size.
@@ -80,6 +81,7 @@ impl Admission {
         max_proxy_message_bytes: usize,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let max_standard_in_flight = (limits.max_concurrent_calls / 4).max(1);
         let rate = NonZeroU32::new(limits.rate_per_identity).map(|per_second| {
             let burst = NonZeroU32::new(limits.rate_burst).unwrap_or(per_second);
             governor::RateLimiter::keyed(governor::Quota::per_second(per_second).allow_burst(burst))
@@ -90,7 +92,8 @@ impl Admission {
             rate,
             in_flight: Arc::new(Semaphore::new(limits.max_concurrent_calls.max(1))),
             max_in_flight: limits.max_concurrent_calls.max(1),
-            standard_in_flight: Arc::new(Semaphore::new((limits.max_concurrent_calls / 4).max(1))),
+            standard_in_flight: Arc::new(Semaphore::new(max_standard_in_flight)),
+            max_standard_in_flight,
             per_identity: PerKey::new(limits.max_calls_per_identity),
             max_message_bytes: limits.max_message_bytes,
             max_proxy_message_bytes,
@@ -169,15 +172,16 @@ impl Admission {
         // Health and reflection streams have a pool of their own, so that
         // watchers (any certificate may check health) cannot take the
         // places the vault's own calls need.
-        let pool = match kind {
-            Kind::Vault => &self.in_flight,
-            Kind::Health | Kind::Reflection => &self.standard_in_flight,
+        let (pool, limit) = match kind {
+            Kind::Vault => (&self.in_flight, self.max_in_flight),
+            Kind::Health | Kind::Reflection => {
+                (&self.standard_in_flight, self.max_standard_in_flight)
+            }
         };
         let Ok(place) = Arc::clone(pool).try_acquire_owned() else {
             return Err(Box::new((
                 Status::resource_exhausted(format!(
-                    "the vault is at its limit of {} calls in flight; retry shortly",
-                    self.max_in_flight
+                    "the vault is at its limit of {limit} calls in flight; retry shortly"
                 )),
                 Some(context),
             )));
@@ -344,6 +348,9 @@ where
                 })
             });
             req.extensions_mut().insert(gate_ran.clone());
+            // The gate logs and audits the call under the same id.
+            req.extensions_mut()
+                .insert(RequestId(context.request_id.clone()));
             let response = inner.call(req).await?;
             // tonic answers a body it cannot decode (malformed, compressed,
             // too long, cut off) before the gate runs: account for it here,
@@ -368,6 +375,11 @@ where
         })
     }
 }
+
+/// The request id admission chose for a call (the caller's, or a fresh one),
+/// so that the gate uses the same one instead of making another.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
 
 /// Set by the gate when it takes a call: a call whose answer comes back
 /// without it was refused by tonic before any handler ran.

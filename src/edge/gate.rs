@@ -9,7 +9,7 @@ use futures_util::FutureExt;
 use tonic::{Code, Request, Response, Status};
 use tracing::Instrument;
 
-use super::admission::{request_id, GateRan};
+use super::admission::{request_id, GateRan, RequestId};
 use super::refusals::Refusals;
 use super::status::to_status;
 use super::tls::PeerInfo;
@@ -183,7 +183,10 @@ impl Gate {
             method: format!("{service}.{method}"),
             workspace_id: workspace.map(audited_workspace).unwrap_or_default(),
             provider: provider.map(audited_provider).unwrap_or_default(),
-            request_id: request_id(req.metadata().as_ref()),
+            request_id: req
+                .extensions()
+                .get::<RequestId>()
+                .map_or_else(|| request_id(req.metadata().as_ref()), |id| id.0.clone()),
         };
         let span = tracing::info_span!(
             "rpc",
