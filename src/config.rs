@@ -88,6 +88,13 @@ pub struct AuditConfig {
     /// `credvault audit verify`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub public_key_file: Option<PathBuf>,
+    /// A file outside the database (another disk, a mount only the vault
+    /// appends to) that gets every signed checkpoint appended, one JSON line
+    /// each. `audit verify --config` checks the log reaches every line, and
+    /// the vault refuses to start on a database whose log does not reach the
+    /// last one (truncated, or an older copy restored).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub anchor_file: Option<PathBuf>,
 }
 
 impl Default for AuditConfig {
@@ -96,6 +103,7 @@ impl Default for AuditConfig {
             checkpoint_every: 100,
             checkpoint_interval_ms: 10_000,
             public_key_file: None,
+            anchor_file: None,
         }
     }
 }
@@ -494,6 +502,9 @@ impl Config {
             fix(p);
         }
         if let Some(p) = &mut self.audit.public_key_file {
+            fix(p);
+        }
+        if let Some(p) = &mut self.audit.anchor_file {
             fix(p);
         }
     }

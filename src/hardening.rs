@@ -147,6 +147,27 @@ pub fn write_public(what: &'static str, path: &Path, bytes: &[u8]) -> Result<(),
     file.write_all(bytes).map_err(io)
 }
 
+/// Appends `line` and a newline to `path` (created 0644, never through a
+/// symlink) and waits until it is on disk: for records that must outlive
+/// the database, such as the audit anchor file.
+pub fn append_public(what: &'static str, path: &Path, line: &str) -> Result<(), FileError> {
+    let io = |source| FileError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    };
+    let mut file = open_no_follow(
+        what,
+        path,
+        std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o644),
+    )?;
+    file.write_all(format!("{line}\n").as_bytes()).map_err(io)?;
+    file.sync_data().map_err(io)
+}
+
 /// The PEM certificates in a trusted file (see [`read_trusted`]); at least one.
 pub fn read_trusted_certs(
     what: &'static str,

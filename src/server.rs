@@ -1,7 +1,7 @@
 //! Start-up and shutdown: load keys and TLS material, open storage, serve until told to stop.
 
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,6 +44,15 @@ pub enum ServeError {
     Metrics(std::io::Error),
     #[error("policy: {0}")]
     Policy(String),
+    #[error(
+        "the audit log in the database does not reach the last head in audit.anchor_file {path} \
+         (event {sequence}): events were deleted, or this is an older copy of the database (a \
+         restored backup). `credvault audit verify --config` names what is wrong. To serve a \
+         restored backup on purpose, move the anchor file aside first"
+    )]
+    BehindAnchor { path: PathBuf, sequence: u64 },
+    #[error("audit.anchor_file: {0}")]
+    Anchor(String),
 }
 
 /// Runs the vault on `listener` until `shutdown` resolves, then lets in-flight
@@ -79,6 +88,9 @@ pub async fn run(
             path,
             format!("{hex}\n").as_bytes(),
         )?;
+    }
+    if let Some(path) = &config.audit.anchor_file {
+        check_anchor(&vault, path).await?;
     }
     let metrics = Arc::new(Metrics::new());
     let metrics_listener = telemetry::bind(config.metrics.listen)
@@ -239,8 +251,28 @@ fn watch_sighup(
     }))
 }
 
+/// Refuses a database whose audit log does not reach the newest head in the
+/// anchor file; appends the current head, so the file exists and is writable.
+async fn check_anchor(vault: &Vault, path: &Path) -> Result<(), ServeError> {
+    if path.exists() {
+        let heads = crate::audit::anchor::read(path).map_err(ServeError::Anchor)?;
+        if let Some(last) = heads.last() {
+            if !vault.audit().reaches(&last.head).await? {
+                return Err(ServeError::BehindAnchor {
+                    path: path.to_owned(),
+                    sequence: last.head.sequence,
+                });
+            }
+        }
+    }
+    let head = vault.audit().signed_head().await?;
+    crate::audit::anchor::append(path, &head)?;
+    Ok(())
+}
+
 /// Signs the audit head every `checkpoint_every` events, and every
-/// `checkpoint_interval_ms` while events arrive.
+/// `checkpoint_interval_ms` while events arrive, and appends each to the
+/// anchor file, when there is one.
 async fn checkpoints(vault: Arc<Vault>, config: AuditConfig) {
     let mut head = vault.audit().watch();
     let mut last = 0;
@@ -258,7 +290,25 @@ async fn checkpoints(vault: Arc<Vault>, config: AuditConfig) {
             }
         }
         match vault.audit().checkpoint(last).await {
-            Ok(Some(sequence)) => last = sequence,
+            Ok(Some(signed)) => {
+                last = signed.head.sequence;
+                if let Some(path) = &config.anchor_file {
+                    let path = path.clone();
+                    let written = tokio::task::spawn_blocking(move || {
+                        crate::audit::anchor::append(&path, &signed)
+                    })
+                    .await;
+                    match written {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            tracing::error!(error = %e, "could not append to the audit anchor file")
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "could not append to the audit anchor file")
+                        }
+                    }
+                }
+            }
             Ok(None) => {}
             Err(e) => tracing::warn!(error = %e, "could not sign an audit checkpoint"),
         }

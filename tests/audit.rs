@@ -320,11 +320,22 @@ async fn head_is_signed_by_the_published_key() {
         hash: head.hash.clone(),
         signature: head.signature.clone(),
         key_id: head.public_key_id.clone(),
+        database_id: head.database_id.clone(),
+        signed_at_ms: Some(head.signed_at_ms),
     };
+    assert_eq!(head.database_id.len(), credvault::audit::DATABASE_ID_LEN);
     assert!(credvault::audit::signature_ok(
         &head.public_key,
         &checkpoint
     ));
+    let elsewhere = credvault::audit::Checkpoint {
+        database_id: vec![0; credvault::audit::DATABASE_ID_LEN],
+        ..checkpoint
+    };
+    assert!(
+        !credvault::audit::signature_ok(&head.public_key, &elsewhere),
+        "the signature covers the database identity"
+    );
 }
 
 /// Writes the test vault's configuration to a file, as `audit verify --config` reads it.
@@ -481,4 +492,266 @@ async fn tampered_ciphertext_gives_data_loss_through_the_api_and_is_audited() {
     let events = read(&mut auditor(&dir, &vault).await, 0, 2).await;
     assert_eq!(events[1].method, "Credentials.ValidateConnection");
     assert_eq!(events[1].outcome, "DATA_LOSS");
+}
+
+/// Deletes every event after `keep` and the checkpoints past it, as an
+/// insider would, or as restoring an older copy of the database does.
+fn cut_log_after(dir: &VaultDir, keep: u64) {
+    dir.execute(
+        &format!("DELETE FROM audit_events WHERE sequence > {keep}"),
+        &[],
+    );
+    dir.execute(
+        &format!("DELETE FROM audit_checkpoints WHERE sequence > {keep}"),
+        &[],
+    );
+    if !common::on_sqlite() {
+        dir.execute(
+            &format!(
+                "UPDATE audit_head SET sequence = {keep}, \
+                 hash = (SELECT hash FROM audit_events WHERE sequence = {keep})"
+            ),
+            &[],
+        );
+    }
+}
+
+/// Stores `n` credentials through `vault`, one event each.
+async fn stores(vault: &TestVault, from: usize, n: usize) {
+    let mut c = vault.client().await;
+    for i in from..from + n {
+        c.store(amplitude(&format!("ws{i}"), CANARY, CANARY))
+            .await
+            .unwrap();
+    }
+}
+
+/// Waits until the database holds a checkpoint at or after `sequence`.
+async fn checkpoint_reached(dir: &VaultDir, sequence: i64) {
+    for _ in 0..200 {
+        if dir.number("SELECT coalesce(max(sequence), 0) FROM audit_checkpoints") >= sequence {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    panic!("no checkpoint reached event {sequence}");
+}
+
+/// Attack (a): the first 20 events deleted, one of them named by a signed checkpoint.
+#[tokio::test]
+async fn deleting_the_first_events_breaks_the_log() {
+    let dir = VaultDir::new();
+    let mut config = dir.config();
+    config.audit.checkpoint_every = 5;
+    config.audit.checkpoint_interval_ms = 50;
+    let vault = dir.start_with(config).await;
+    stores(&vault, 0, 25).await;
+    checkpoint_reached(&dir, 25).await;
+    vault.stop().await;
+    let config = config_file(&dir);
+    assert!(verify(&["--config"], &config).0);
+
+    dir.execute("DELETE FROM audit_events WHERE sequence <= 20", &[]);
+    let (ok, text) = verify(&["--config"], &config);
+    assert!(
+        !ok && text.contains("the log starts at event 21, not at 1"),
+        "{text}"
+    );
+    // Without the checkpoints at the deleted events, too.
+    dir.execute("DELETE FROM audit_checkpoints WHERE sequence <= 20", &[]);
+    let (ok, text) = verify(&["--config"], &config);
+    assert!(!ok && text.contains("starts at event 21"), "{text}");
+}
+
+/// Attack (b): the newest events deleted with the checkpoints after them.
+/// The database alone cannot show it; a head the consumer saved, and the
+/// anchor file, do; and the vault will not serve such a database.
+#[tokio::test]
+async fn a_saved_head_and_the_anchor_file_catch_a_deleted_tail() {
+    let dir = VaultDir::new();
+    let anchor = dir.path().join("audit-anchor.jsonl");
+    let mut with_anchor = dir.config();
+    with_anchor.audit.checkpoint_every = 2;
+    with_anchor.audit.checkpoint_interval_ms = 50;
+    with_anchor.audit.anchor_file = Some(anchor.clone());
+    let vault = dir.start_with(with_anchor.clone()).await;
+    stores(&vault, 0, 4).await;
+    let saved = dir.path().join("head.json");
+    let out = common::audit_cli(
+        &dir,
+        &vault,
+        &[
+            "head",
+            "--public-key",
+            dir.path().join("audit.pub").to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{out:?}");
+    std::fs::write(&saved, &out.stdout).unwrap();
+    let head: credvault::audit::SignedHead = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(head.head.sequence, 4, "four Stores before it");
+    stores(&vault, 4, 4).await;
+    checkpoint_reached(&dir, 8).await;
+    vault.stop().await;
+
+    let plain = config_file(&dir);
+    let anchored = dir.path().join("anchored.toml");
+    std::fs::write(&anchored, with_anchor.to_toml()).unwrap();
+    let saved_arg = ["--head", saved.to_str().unwrap(), "--config"];
+    for (args, config) in [
+        (&["--config"][..], &plain),
+        (&saved_arg[..], &plain),
+        (&["--config"][..], &anchored),
+    ] {
+        let (ok, text) = verify(args, config);
+        assert!(ok, "untouched: {args:?} {text}");
+    }
+    let (_, text) = verify(&["--config"], &plain);
+    assert!(text.contains("no head kept outside the database"), "{text}");
+
+    cut_log_after(&dir, 3);
+    let (ok, text) = verify(&["--config"], &plain);
+    assert!(ok, "the database alone cannot tell: {text}");
+    let (ok, text) = verify(&saved_arg, &plain);
+    assert!(
+        !ok && text.contains("a head kept outside the database is at event 4")
+            && text.contains("the log ends at event 3"),
+        "{text}"
+    );
+    let (ok, text) = verify(&["--config"], &anchored);
+    assert!(!ok && text.contains("kept outside the database"), "{text}");
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let refused = credvault::run(with_anchor, listener, async {}).await;
+    let err = refused.expect_err("the vault served a database behind its anchor");
+    assert!(
+        err.to_string()
+            .contains("does not reach the last head in audit.anchor_file"),
+        "{err}"
+    );
+}
+
+/// A head saved from one database vouches for no other.
+#[tokio::test]
+async fn a_head_of_another_database_does_not_verify() {
+    let first = VaultDir::new();
+    let vault = first.start().await;
+    stores(&vault, 0, 2).await;
+    let out = common::audit_cli(&first, &vault, &["head"]).await;
+    assert!(out.status.success(), "{out:?}");
+    vault.stop().await;
+    let saved = first.path().join("head.json");
+    std::fs::write(&saved, &out.stdout).unwrap();
+
+    let second = VaultDir::new();
+    let vault = second.start().await;
+    stores(&vault, 0, 2).await;
+    vault.stop().await;
+    let config = config_file(&second);
+    let (ok, text) = verify(
+        &[
+            "--public-key",
+            first.path().join("audit.pub").to_str().unwrap(),
+            "--head",
+            saved.to_str().unwrap(),
+            "--config",
+        ],
+        &config,
+    );
+    assert!(!ok && text.contains("BROKEN"), "{text}");
+    // With the second vault's own key, the first vault's head does not verify either.
+    let (ok, text) = verify(&["--head", saved.to_str().unwrap(), "--config"], &config);
+    assert!(!ok && text.contains("BROKEN"), "{text}");
+}
+
+/// Attacks (c) and (d) on an export: a history rewritten, re-chained and
+/// signed with a new key; the signed head removed; the first events removed.
+#[tokio::test]
+async fn an_export_verifies_only_against_a_pinned_key_and_with_its_head() {
+    use credvault::audit::{chain_hash, SignedHead, Signer, GENESIS};
+    let dir = VaultDir::new();
+    let vault = dir.start().await;
+    stores(&vault, 0, 4).await;
+    let export = common::export_audit(&dir, &vault).await;
+    vault.stop().await;
+    let pinned = dir.path().join("audit.pub");
+    let pin = ["--public-key", pinned.to_str().unwrap(), "--file"];
+    let (ok, text) = verify(&pin, &export);
+    assert!(ok, "{text}");
+
+    let (ok, text) = verify(&["--file"], &export);
+    assert!(
+        !ok && text.contains("NOT VERIFIED") && text.contains("--public-key"),
+        "an untouched export without a pinned key: {text}"
+    );
+
+    // (c) Rewrite event 2, re-chain, and sign the head with a key of our own.
+    let original = std::fs::read_to_string(&export).unwrap();
+    let mut lines: Vec<serde_json::Value> = original
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let head: SignedHead = serde_json::from_value(lines.pop().unwrap()).unwrap();
+    lines[1]["event"]["workspace_id"] = "ws-forged".into();
+    let mut previous = GENESIS;
+    for line in &mut lines {
+        let event: credvault::audit::Event = serde_json::from_value(line["event"].clone()).unwrap();
+        let hash = chain_hash(&previous, &event.canonical());
+        line["previous_hash"] = data_encoding::HEXLOWER.encode(&previous).into();
+        line["hash"] = data_encoding::HEXLOWER.encode(&hash).into();
+        previous = hash;
+    }
+    let rng = ring::rand::SystemRandom::new();
+    let forger = Signer::from_pkcs8(&Signer::generate(&rng).unwrap()).unwrap();
+    let forged_head = SignedHead {
+        head: forger.sign_head(&head.head.database_id, 4, &previous),
+        public_key: forger.public_key().to_vec(),
+    };
+    let mut text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    text.push_str(&forged_head.to_json());
+    text.push('\n');
+    let forged = dir.path().join("forged.jsonl");
+    std::fs::write(&forged, text).unwrap();
+    let (ok, out) = verify(&["--file"], &forged);
+    assert!(!ok && out.contains("NOT VERIFIED"), "{out}");
+    let (ok, out) = verify(&pin, &forged);
+    assert!(!ok && out.contains("bad signature"), "{out}");
+
+    // (d) The signed head removed.
+    let mut without_head: Vec<&str> = original.lines().collect();
+    without_head.pop();
+    let cut = dir.path().join("cut.jsonl");
+    std::fs::write(&cut, without_head.join("\n")).unwrap();
+    let (ok, out) = verify(&pin, &cut);
+    assert!(
+        !ok && out.contains("does not end with its signed head"),
+        "{out}"
+    );
+    // The head and the last event removed: the head no longer matches.
+    let mut short: Vec<&str> = original.lines().collect();
+    short.remove(3);
+    std::fs::write(&cut, short.join("\n")).unwrap();
+    let (ok, out) = verify(&pin, &cut);
+    assert!(!ok && out.contains("BROKEN"), "{out}");
+    // The first events removed.
+    std::fs::write(
+        &cut,
+        original.lines().skip(2).collect::<Vec<_>>().join("\n"),
+    )
+    .unwrap();
+    let (ok, out) = verify(&pin, &cut);
+    assert!(!ok && out.contains("starts at event 3"), "{out}");
+}
+
+#[tokio::test]
+async fn verify_without_a_key_says_it_checked_no_signature() {
+    let dir = VaultDir::new();
+    log_of_six(&dir).await;
+    let mut config = dir.config();
+    config.audit.public_key_file = None;
+    let path = dir.path().join("no-key.toml");
+    std::fs::write(&path, config.to_toml()).unwrap();
+    let (ok, text) = verify(&["--config"], &path);
+    assert!(!ok && text.contains("NOT VERIFIED"), "{text}");
 }

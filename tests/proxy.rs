@@ -765,7 +765,9 @@ async fn audit_events_record_the_route_and_sizes_never_the_query_or_body() {
     let export = common::export_audit(&w.dir, &w.vault).await;
     for (flag, path) in [("--config", &config), ("--file", &export)] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_credvault"))
-            .args(["audit", "verify", flag])
+            .args(["audit", "verify", "--public-key"])
+            .arg(w.dir.path().join("audit.pub"))
+            .arg(flag)
             .arg(path)
             .output()
             .unwrap();

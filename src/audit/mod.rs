@@ -1,5 +1,6 @@
-//! The audit log: typed events, hash-chained, with signed checkpoints, and the check that finds a broken link.
+//! The audit log: typed events, hash-chained, with signed heads, and the check that finds a broken link.
 
+pub mod anchor;
 mod verify;
 
 use std::collections::BTreeMap;
@@ -8,12 +9,16 @@ use ring::digest;
 use ring::signature::{Ed25519KeyPair, KeyPair};
 use serde::{Deserialize, Serialize};
 
-pub use verify::{verify, Broken, Checked};
+pub use verify::{verify, Broken, Checked, Log};
 
 pub const HASH_LEN: usize = 32;
 pub const GENESIS: [u8; HASH_LEN] = [0; HASH_LEN];
 pub const OUTCOME_OK: &str = "OK";
-const HEAD_SIGNATURE_PURPOSE: &[u8] = b"credvault/v1/audit-head";
+/// Heads signed before heads named their database and time.
+const HEAD_V1_PURPOSE: &[u8] = b"credvault/v1/audit-head";
+const HEAD_V2_PURPOSE: &[u8] = b"credvault/v2/audit-head";
+/// Bytes in a database identity.
+pub const DATABASE_ID_LEN: usize = 16;
 
 /// Who did what, as the gate saw it before the call ran.
 #[derive(Debug, Clone)]
@@ -141,7 +146,11 @@ pub fn chain_hash(previous: &[u8; HASH_LEN], canonical: &str) -> [u8; HASH_LEN] 
     out
 }
 
-/// A signed statement that the log held `sequence` events ending in `hash`.
+/// A signed statement that the log of one database held `sequence` events
+/// ending in `hash`, at `signed_at_ms`. Stored in the database as a
+/// checkpoint; kept outside it (a saved `audit head`, an anchor file, an
+/// export's last line) it proves the history to whoever does not trust the
+/// database.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Checkpoint {
     pub sequence: u64,
@@ -150,10 +159,52 @@ pub struct Checkpoint {
     #[serde(with = "hex")]
     pub signature: Vec<u8>,
     pub key_id: String,
+    /// The database's identity, fixed when it was created. Empty only in
+    /// heads signed before heads carried it (version 1).
+    #[serde(default, with = "hex", skip_serializing_if = "Vec::is_empty")]
+    pub database_id: Vec<u8>,
+    /// When the head was signed; `None` only in version 1 heads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signed_at_ms: Option<i64>,
 }
 
-fn head_message(sequence: u64, hash: &[u8]) -> Vec<u8> {
-    [HEAD_SIGNATURE_PURPOSE, &sequence.to_be_bytes(), hash].concat()
+impl Checkpoint {
+    /// The bytes the signature covers. Version 2 (with a signing time):
+    /// purpose || len(database_id) || database_id || signed_at_ms || sequence || hash,
+    /// integers big-endian. Version 1: purpose || sequence || hash.
+    fn message(&self) -> Vec<u8> {
+        match self.signed_at_ms {
+            Some(at) => [
+                HEAD_V2_PURPOSE,
+                &[u8::try_from(self.database_id.len()).unwrap_or(u8::MAX)],
+                &self.database_id,
+                &at.to_be_bytes(),
+                &self.sequence.to_be_bytes(),
+                &self.hash,
+            ]
+            .concat(),
+            None => [HEAD_V1_PURPOSE, &self.sequence.to_be_bytes(), &self.hash].concat(),
+        }
+    }
+}
+
+/// A signed head with the public key that signed it: one line of JSON, the
+/// form `audit head` prints, an export ends with, and an anchor file holds.
+/// The key is the signer's claim; only a key the verifier already trusts
+/// proves anything.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignedHead {
+    pub head: Checkpoint,
+    #[serde(with = "hex")]
+    pub public_key: Vec<u8>,
+}
+
+impl SignedHead {
+    pub fn to_json(&self) -> String {
+        // Strings, integers and hex strings always serialize.
+        serde_json::to_string(self).unwrap_or_default()
+    }
 }
 
 /// The vault's Ed25519 audit key.
@@ -189,17 +240,19 @@ impl Signer {
         key_id(self.public_key())
     }
 
-    pub fn sign_head(&self, sequence: u64, hash: &[u8]) -> Checkpoint {
-        Checkpoint {
+    /// Signs that the log of `database_id` held `sequence` events ending in
+    /// `hash`, now.
+    pub fn sign_head(&self, database_id: &[u8], sequence: u64, hash: &[u8]) -> Checkpoint {
+        let mut head = Checkpoint {
             sequence,
             hash: hash.to_vec(),
-            signature: self
-                .pair
-                .sign(&head_message(sequence, hash))
-                .as_ref()
-                .to_vec(),
+            signature: Vec::new(),
             key_id: self.key_id(),
-        }
+            database_id: database_id.to_vec(),
+            signed_at_ms: Some(crate::store::millis(std::time::SystemTime::now())),
+        };
+        head.signature = self.pair.sign(&head.message()).as_ref().to_vec();
+        head
     }
 }
 
@@ -211,10 +264,7 @@ pub fn key_id(public_key: &[u8]) -> String {
 /// Whether `checkpoint` is signed by `public_key`.
 pub fn signature_ok(public_key: &[u8], checkpoint: &Checkpoint) -> bool {
     ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, public_key)
-        .verify(
-            &head_message(checkpoint.sequence, &checkpoint.hash),
-            &checkpoint.signature,
-        )
+        .verify(&checkpoint.message(), &checkpoint.signature)
         .is_ok()
 }
 
@@ -272,11 +322,20 @@ mod tests {
     fn signatures_verify_only_for_their_head() {
         let rng = ring::rand::SystemRandom::new();
         let signer = Signer::from_pkcs8(&Signer::generate(&rng).unwrap()).unwrap();
-        let cp = signer.sign_head(7, &[1; 32]);
+        let cp = signer.sign_head(&[3; DATABASE_ID_LEN], 7, &[1; 32]);
         assert!(signature_ok(signer.public_key(), &cp));
         let mut other = cp.clone();
         other.sequence = 8;
         assert!(!signature_ok(signer.public_key(), &other));
+        let mut elsewhere = cp.clone();
+        elsewhere.database_id = vec![4; DATABASE_ID_LEN];
+        assert!(!signature_ok(signer.public_key(), &elsewhere));
+        let mut later = cp.clone();
+        later.signed_at_ms = later.signed_at_ms.map(|t| t + 1);
+        assert!(!signature_ok(signer.public_key(), &later));
+        let mut as_v1 = cp.clone();
+        as_v1.signed_at_ms = None;
+        assert!(!signature_ok(signer.public_key(), &as_v1));
         let stranger = Signer::from_pkcs8(&Signer::generate(&rng).unwrap()).unwrap();
         assert!(!signature_ok(stranger.public_key(), &cp));
     }

@@ -19,6 +19,9 @@ pub const ROOT_KEY_FILE: &str = "root.key";
 pub const DATABASE_FILE: &str = "credvault.db";
 pub const CERTS_DIR: &str = "certs";
 pub const AUDIT_PUBLIC_KEY_FILE: &str = "audit-signing.pub";
+/// Beside the database only because this is a development vault: in
+/// production it belongs where a database writer cannot reach.
+pub const AUDIT_ANCHOR_FILE: &str = "audit-anchor.jsonl";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DevError {
@@ -113,6 +116,7 @@ fn dev_config() -> Config {
         metrics: Default::default(),
         audit: AuditConfig {
             public_key_file: Some(AUDIT_PUBLIC_KEY_FILE.into()),
+            anchor_file: Some(AUDIT_ANCHOR_FILE.into()),
             ..AuditConfig::default()
         },
         policy: crate::policy::dev_rules(),

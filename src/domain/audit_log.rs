@@ -6,7 +6,7 @@ use ring::rand::SystemRandom;
 use tokio::sync::watch;
 
 use super::VaultError;
-use crate::audit::{Checkpoint, Event, Signer, StoredEvent};
+use crate::audit::{Checkpoint, Event, SignedHead, Signer, StoredEvent, GENESIS};
 use crate::crypto::RootKey;
 use crate::store::Store;
 
@@ -15,6 +15,8 @@ const SIGNING_KEY: &str = "audit-signing";
 pub struct AuditLog {
     store: Arc<dyn Store>,
     signer: Signer,
+    /// Fixed when the database was created; every signed head names it.
+    database_id: Vec<u8>,
     head: watch::Sender<u64>,
 }
 
@@ -52,10 +54,15 @@ impl AuditLog {
                 Signer::from_pkcs8(pkcs8.expose_secret()).ok_or(VaultError::DataLoss)?
             }
         };
+        let database_id = store
+            .database_id()
+            .await?
+            .ok_or(VaultError::Internal("the database has no identity".into()))?;
         let head = store.audit_head().await?.map_or(0, |e| e.sequence);
         Ok(Self {
             store,
             signer,
+            database_id,
             head: watch::Sender::new(head),
         })
     }
@@ -99,22 +106,48 @@ impl AuditLog {
         Ok(self.store.audit_after(after, limit).await?)
     }
 
-    /// The newest event's sequence and hash, signed now; `None` for an empty log.
-    pub async fn signed_head(&self) -> Result<Option<Checkpoint>, VaultError> {
-        let head = self.store.audit_head().await?;
-        Ok(head.map(|e| self.signer.sign_head(e.sequence, &e.hash)))
+    /// The newest event's sequence and hash (0 and the genesis hash for an
+    /// empty log), with this database's identity, signed now.
+    pub async fn signed_head(&self) -> Result<SignedHead, VaultError> {
+        let (sequence, hash) = self
+            .store
+            .audit_head()
+            .await?
+            .map_or((0, GENESIS), |e| (e.sequence, e.hash));
+        Ok(SignedHead {
+            head: self.signer.sign_head(&self.database_id, sequence, &hash),
+            public_key: self.signer.public_key().to_vec(),
+        })
     }
 
-    /// Signs and stores the head unless the newest checkpoint already covers it.
-    pub async fn checkpoint(&self, last: u64) -> Result<Option<u64>, VaultError> {
-        match self.signed_head().await? {
-            Some(cp) if cp.sequence > last => {
-                let sequence = cp.sequence;
-                self.store.add_checkpoint(cp).await?;
-                Ok(Some(sequence))
-            }
-            _ => Ok(None),
+    /// Signs and stores the head unless the newest checkpoint (at `last`)
+    /// already covers it; returns the new checkpoint.
+    pub async fn checkpoint(&self, last: u64) -> Result<Option<SignedHead>, VaultError> {
+        let signed = self.signed_head().await?;
+        if signed.head.sequence <= last {
+            return Ok(None);
         }
+        self.store.add_checkpoint(signed.head.clone()).await?;
+        Ok(Some(signed))
+    }
+
+    /// Whether this log reaches `head`: it names this database (or none, if
+    /// signed before heads named one) and the event at its sequence has its hash.
+    pub async fn reaches(&self, head: &Checkpoint) -> Result<bool, VaultError> {
+        if !head.database_id.is_empty() && head.database_id != self.database_id {
+            return Ok(false);
+        }
+        let hash = match head.sequence {
+            0 => Some(GENESIS),
+            n => self
+                .store
+                .audit_after(n - 1, 1)
+                .await?
+                .first()
+                .filter(|e| e.sequence == n)
+                .map(|e| e.hash),
+        };
+        Ok(hash.is_some_and(|h| h.as_slice() == head.hash.as_slice()))
     }
 
     pub fn public_key(&self) -> &[u8] {

@@ -97,14 +97,16 @@ impl proto::audit_server::Audit for AuditService {
     ) -> Result<Response<proto::AuditHead>, Status> {
         self.gate
             .call("Audit", "Head", req, |_, _| async move {
-                let log = self.vault.audit();
-                let head = log.signed_head().await?;
+                let signed = self.vault.audit().signed_head().await?;
+                let head = signed.head;
                 let response = proto::AuditHead {
-                    sequence: head.as_ref().map_or(0, |h| h.sequence),
-                    hash: head.as_ref().map(|h| h.hash.clone()).unwrap_or_default(),
-                    signature: head.map(|h| h.signature).unwrap_or_default(),
-                    public_key_id: log.key_id(),
-                    public_key: log.public_key().to_vec(),
+                    sequence: head.sequence,
+                    hash: head.hash,
+                    signature: head.signature,
+                    public_key_id: head.key_id,
+                    public_key: signed.public_key,
+                    database_id: head.database_id,
+                    signed_at_ms: head.signed_at_ms.unwrap_or(0),
                 };
                 Ok((response, Audited::Details(audit::Details::default())))
             })

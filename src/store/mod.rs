@@ -62,9 +62,16 @@ pub async fn open(storage: &StorageConfig) -> Result<Arc<dyn Store>, StoreError>
 
 /// Every audit event in sequence order, and every checkpoint, for `audit
 /// verify`: a SQLite file is opened read-only.
-pub async fn read_audit_log_of(
-    storage: &StorageConfig,
-) -> Result<(Vec<StoredEvent>, Vec<Checkpoint>), StoreError> {
+/// The audit log as `audit verify` reads it, straight from the database.
+#[derive(Debug)]
+pub struct AuditRecord {
+    pub events: Vec<StoredEvent>,
+    pub checkpoints: Vec<Checkpoint>,
+    /// Fixed when the database was created; `None` if it has none.
+    pub database_id: Option<Vec<u8>>,
+}
+
+pub async fn read_audit_log_of(storage: &StorageConfig) -> Result<AuditRecord, StoreError> {
     match storage.backend {
         Backend::Sqlite => {
             let path = storage.path.clone();
@@ -81,7 +88,11 @@ pub async fn read_audit_log_of(
                 }
                 events.extend(page);
             }
-            Ok((events, store.checkpoints().await?))
+            Ok(AuditRecord {
+                events,
+                checkpoints: store.checkpoints().await?,
+                database_id: store.database_id().await?,
+            })
         }
     }
 }
@@ -349,6 +360,9 @@ pub trait Store: Send + Sync + 'static {
     async fn audit_head(&self) -> Result<Option<StoredEvent>, StoreError>;
     async fn add_checkpoint(&self, checkpoint: Checkpoint) -> Result<(), StoreError>;
     async fn checkpoints(&self) -> Result<Vec<Checkpoint>, StoreError>;
+    /// The database's identity, fixed when it was created, which every
+    /// signed head names.
+    async fn database_id(&self) -> Result<Option<Vec<u8>>, StoreError>;
     /// Adds a key-encryption key version; the highest active version is primary.
     async fn add_key_version(&self, version: WrappedKeyVersion) -> Result<(), StoreError>;
     /// Every version, retired ones included, with its counts.

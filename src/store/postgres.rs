@@ -124,6 +124,14 @@ $$;
     r"
 ALTER TABLE credentials ADD COLUMN binding BYTEA;
 ",
+    r"
+CREATE TABLE vault_identity (
+    one         BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (one),
+    database_id BYTEA NOT NULL
+);
+INSERT INTO vault_identity (database_id) VALUES (uuid_send(gen_random_uuid()));
+ALTER TABLE audit_checkpoints ADD COLUMN signed_at BIGINT;
+",
 ];
 
 /// Where the database is and how to log in.
@@ -856,10 +864,17 @@ impl Store for PostgresStore {
     async fn add_checkpoint(&self, cp: Checkpoint) -> Result<(), StoreError> {
         let c = self.client().await?;
         c.execute(
-            "INSERT INTO audit_checkpoints (sequence, hash, signature, key_id) \
-             VALUES ($1, $2, $3, $4) ON CONFLICT (sequence) DO UPDATE SET \
-             hash = EXCLUDED.hash, signature = EXCLUDED.signature, key_id = EXCLUDED.key_id",
-            &[&seq_i64(cp.sequence), &cp.hash, &cp.signature, &cp.key_id],
+            "INSERT INTO audit_checkpoints (sequence, hash, signature, key_id, signed_at) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (sequence) DO UPDATE SET \
+             hash = EXCLUDED.hash, signature = EXCLUDED.signature, key_id = EXCLUDED.key_id, \
+             signed_at = EXCLUDED.signed_at",
+            &[
+                &seq_i64(cp.sequence),
+                &cp.hash,
+                &cp.signature,
+                &cp.key_id,
+                &cp.signed_at_ms,
+            ],
         )
         .await?;
         Ok(())
@@ -868,7 +883,10 @@ impl Store for PostgresStore {
     async fn checkpoints(&self) -> Result<Vec<Checkpoint>, StoreError> {
         let c = self.client().await?;
         c.query(
-            "SELECT sequence, hash, signature, key_id FROM audit_checkpoints ORDER BY sequence",
+            "SELECT c.sequence, c.hash, c.signature, c.key_id, c.signed_at, \
+                    CASE WHEN c.signed_at IS NULL THEN NULL \
+                         ELSE (SELECT database_id FROM vault_identity) END \
+             FROM audit_checkpoints c ORDER BY c.sequence",
             &[],
         )
         .await?
@@ -879,9 +897,19 @@ impl Store for PostgresStore {
                 hash: r.try_get(1)?,
                 signature: r.try_get(2)?,
                 key_id: r.try_get(3)?,
+                signed_at_ms: r.try_get(4)?,
+                database_id: r.try_get::<_, Option<Vec<u8>>>(5)?.unwrap_or_default(),
             })
         })
         .collect()
+    }
+
+    async fn database_id(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        let c = self.client().await?;
+        Ok(c.query_opt("SELECT database_id FROM vault_identity", &[])
+            .await?
+            .map(|r| r.try_get(0))
+            .transpose()?)
     }
 
     async fn add_key_version(&self, v: WrappedKeyVersion) -> Result<(), StoreError> {

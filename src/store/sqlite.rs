@@ -10,9 +10,9 @@ use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row};
 
 use super::writer::{Destroys, Writer};
 use super::{
-    millis, sealed_from, time, CredentialRecord, KeyVersionRow, ParamsBinding, RetireOutcome,
-    Rewrapped, SecretRecord, Shred, StaleDataKey, Store, StoreError, StoredKeys, StoredStatus,
-    WrappedDataKey,
+    millis, sealed_from, time, AuditRecord, CredentialRecord, KeyVersionRow, ParamsBinding,
+    RetireOutcome, Rewrapped, SecretRecord, Shred, StaleDataKey, Store, StoreError, StoredKeys,
+    StoredStatus, WrappedDataKey,
 };
 use crate::audit::{chain_hash, Checkpoint, Event, StoredEvent, GENESIS, HASH_LEN};
 use crate::crypto::{NewKeyMaterial, Sealed, WrappedKeyVersion};
@@ -88,6 +88,14 @@ ALTER TABLE key_versions ADD COLUMN encryptions INTEGER NOT NULL DEFAULT 0;
 "#,
     r#"
 ALTER TABLE credentials ADD COLUMN binding BLOB;
+"#,
+    r#"
+CREATE TABLE vault_identity (
+    one         INTEGER PRIMARY KEY CHECK (one = 1),
+    database_id BLOB NOT NULL
+) STRICT;
+INSERT INTO vault_identity (one, database_id) VALUES (1, randomblob(16));
+ALTER TABLE audit_checkpoints ADD COLUMN signed_at INTEGER;
 "#,
 ];
 
@@ -544,18 +552,32 @@ fn stored_event(r: &Row<'_>) -> rusqlite::Result<StoredEvent> {
 
 /// Every event in sequence order, and every checkpoint: for `audit verify`,
 /// straight from a database file that is opened read-only.
-pub fn read_audit_log(path: &Path) -> Result<(Vec<StoredEvent>, Vec<Checkpoint>), StoreError> {
+pub fn read_audit_log(path: &Path) -> Result<AuditRecord, StoreError> {
     let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let applied: usize = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if applied < MIGRATIONS.len() {
+        return Err(StoreError::Connect(format!(
+            "{} was written by an older credvault: start the vault once to upgrade it, \
+             then verify",
+            path.display()
+        )));
+    }
     let events = conn
         .prepare("SELECT sequence, event, previous_hash, hash FROM audit_events ORDER BY sequence")?
         .query_map([], stored_event)?
         .collect::<rusqlite::Result<Vec<_>>>()?;
-    Ok((events, read_checkpoints(&conn)?))
+    Ok(AuditRecord {
+        events,
+        checkpoints: read_checkpoints(&conn)?,
+        database_id: read_database_id(&conn)?,
+    })
 }
 
 fn read_checkpoints(conn: &Connection) -> rusqlite::Result<Vec<Checkpoint>> {
     conn.prepare_cached(
-        "SELECT sequence, hash, signature, key_id FROM audit_checkpoints ORDER BY sequence",
+        "SELECT c.sequence, c.hash, c.signature, c.key_id, c.signed_at, \
+                CASE WHEN c.signed_at IS NULL THEN NULL ELSE (SELECT database_id FROM vault_identity) END \
+         FROM audit_checkpoints c ORDER BY c.sequence",
     )?
     .query_map([], |r| {
         Ok(Checkpoint {
@@ -563,9 +585,17 @@ fn read_checkpoints(conn: &Connection) -> rusqlite::Result<Vec<Checkpoint>> {
             hash: r.get(1)?,
             signature: r.get(2)?,
             key_id: r.get(3)?,
+            signed_at_ms: r.get(4)?,
+            database_id: r.get::<_, Option<Vec<u8>>>(5)?.unwrap_or_default(),
         })
     })?
     .collect()
+}
+
+fn read_database_id(conn: &Connection) -> rusqlite::Result<Option<Vec<u8>>> {
+    conn.prepare_cached("SELECT database_id FROM vault_identity")?
+        .query_row([], |r| r.get(0))
+        .optional()
 }
 
 fn zero_tx(
@@ -827,10 +857,16 @@ impl Store for SqliteStore {
     async fn add_checkpoint(&self, cp: Checkpoint) -> Result<(), StoreError> {
         self.write(move |conn| {
             conn.prepare_cached(
-                "INSERT OR REPLACE INTO audit_checkpoints (sequence, hash, signature, key_id) \
-                 VALUES (?1, ?2, ?3, ?4)",
+                "INSERT OR REPLACE INTO audit_checkpoints \
+                 (sequence, hash, signature, key_id, signed_at) VALUES (?1, ?2, ?3, ?4, ?5)",
             )?
-            .execute(params![cp.sequence, cp.hash, cp.signature, cp.key_id])
+            .execute(params![
+                cp.sequence,
+                cp.hash,
+                cp.signature,
+                cp.key_id,
+                cp.signed_at_ms
+            ])
             .map_err(classify)?;
             Ok(())
         })
@@ -839,6 +875,10 @@ impl Store for SqliteStore {
 
     async fn checkpoints(&self) -> Result<Vec<Checkpoint>, StoreError> {
         self.read(|conn| Ok(read_checkpoints(conn)?)).await
+    }
+
+    async fn database_id(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        self.read(|conn| Ok(read_database_id(conn)?)).await
     }
 
     async fn add_key_version(&self, v: WrappedKeyVersion) -> Result<(), StoreError> {

@@ -377,8 +377,8 @@ pub fn contains_bytes(haystack: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
 }
 
-/// Runs `credvault audit export` against `vault` as the auditor; returns the file.
-pub async fn export_audit(dir: &VaultDir, vault: &TestVault) -> PathBuf {
+/// `credvault audit ARGS` against `vault`, presenting the auditor's certificate.
+pub async fn audit_cli(dir: &VaultDir, vault: &TestVault, args: &[&str]) -> std::process::Output {
     let auditor = dir
         .ca
         .issue(
@@ -391,20 +391,25 @@ pub async fn export_audit(dir: &VaultDir, vault: &TestVault) -> PathBuf {
         &dir.path().join("auditor-key.pem"),
         auditor.key_pem.as_bytes(),
     );
-    let export = dir.path().join("audit.jsonl");
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_credvault"))
-        .args(["audit", "export", "--addr", &vault.url()])
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_credvault"))
+        .arg("audit")
+        .args(args)
+        .args(["--addr", &vault.url()])
         .arg("--ca")
         .arg(dir.path().join("ca.pem"))
         .arg("--cert")
         .arg(dir.path().join("auditor.pem"))
         .arg("--key")
         .arg(dir.path().join("auditor-key.pem"))
-        .arg("--to")
-        .arg(&export)
         .output()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// Exports the audit log through `credvault audit export`; returns the file.
+pub async fn export_audit(dir: &VaultDir, vault: &TestVault) -> PathBuf {
+    let export = dir.path().join("audit.jsonl");
+    let out = audit_cli(dir, vault, &["export", "--to", export.to_str().unwrap()]).await;
     assert!(
         out.status.success(),
         "{}",
