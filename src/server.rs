@@ -69,6 +69,9 @@ pub async fn run(
     };
     let tls = SharedTls::load(&config.tls)?;
     let store = crate::store::open(&config.storage).await?;
+    // Held until `run` returns: `keys rotate-root` and `bind-params` refuse
+    // to run while any vault serves the database.
+    let _serving = store.hold(crate::store::Hold::Serving).await?;
     let policy = SharedPolicy::new(Policy::compile(&config.policy).map_err(ServeError::Policy)?);
     if policy.current().is_empty() {
         tracing::warn!("the configuration has no [[policy]] rules: every call will be denied");

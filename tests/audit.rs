@@ -181,22 +181,7 @@ async fn a_failing_audit_write_fails_the_call_and_changes_nothing() {
         .await
         .unwrap()
         .into_inner();
-    let (down, up) = if common::on_sqlite() {
-        (
-            "CREATE TRIGGER audit_down BEFORE INSERT ON audit_events \
-             BEGIN SELECT RAISE(ABORT, 'disk gone'); END;",
-            "DROP TRIGGER audit_down",
-        )
-    } else {
-        (
-            "CREATE FUNCTION audit_down() RETURNS trigger LANGUAGE plpgsql AS \
-             $$ BEGIN RAISE EXCEPTION 'disk gone'; END $$; \
-             CREATE TRIGGER audit_down BEFORE INSERT ON audit_events \
-             FOR EACH ROW EXECUTE FUNCTION audit_down();",
-            "DROP TRIGGER audit_down ON audit_events",
-        )
-    };
-    dir.execute_batch(down);
+    dir.fail_audit_writes();
     let store = c
         .store(amplitude("ws", CANARY, "Another0secret1value2xyzXYZ34567"))
         .await
@@ -217,7 +202,7 @@ async fn a_failing_audit_write_fails_the_call_and_changes_nothing() {
             .code(),
         Code::Unavailable
     );
-    dir.execute_batch(up);
+    dir.restore_audit_writes();
     let after = c
         .redact(reference("ws", "amplitude"))
         .await

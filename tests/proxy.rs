@@ -732,8 +732,11 @@ async fn audit_events_record_the_route_and_sizes_never_the_query_or_body() {
         .await
         .unwrap()
         .into_inner();
+    let started = stream.message().await.unwrap().unwrap();
     let sent = stream.message().await.unwrap().unwrap();
     let denied = stream.message().await.unwrap().unwrap();
+    assert_eq!(started.outcome, "STARTED");
+    assert_eq!(started.proxy.as_ref().unwrap().status, 0, "not sent yet");
     assert_eq!(sent.method, "Credentials.Proxy");
     assert_eq!(sent.outcome, "OK");
     let proxied = sent.proxy.clone().unwrap();
@@ -745,7 +748,7 @@ async fn audit_events_record_the_route_and_sizes_never_the_query_or_body() {
     assert!(!sent.secrets["secret_key"].hint.is_empty());
     assert_eq!(denied.outcome, "INVALID_ARGUMENT");
     assert!(denied.proxy.is_none());
-    let text = format!("{sent:?} {denied:?}");
+    let text = format!("{started:?} {sent:?} {denied:?}");
     assert!(!text.contains("QUERYCANARY77"));
     assert!(!text.contains("BODYCANARY88"));
     assert!(!text.contains(SECRET));
@@ -926,18 +929,84 @@ async fn a_call_cancelled_after_it_reached_the_provider_is_still_audited() {
     tokio::time::sleep(std::time::Duration::from_secs(3)).await;
     assert_eq!(w.fake.request_count(), 4, "the provider got every request");
     let mut stream = w.dir.audit_stream(&w.vault, 0).await;
-    let mut accounted = std::collections::BTreeMap::<String, u64>::new();
+    let mut accounted = std::collections::BTreeMap::<(String, bool), u64>::new();
     while let Ok(Ok(Some(e))) =
         tokio::time::timeout(std::time::Duration::from_millis(500), stream.message()).await
     {
         if e.method == "Credentials.Proxy" || e.method == "Credentials.ValidateConnection" {
-            *accounted.entry(e.method.clone()).or_default() += e.count.max(1);
+            let started = e.outcome == "STARTED";
+            *accounted.entry((e.method.clone(), started)).or_default() += e.count.max(1);
         }
     }
+    for (method, calls) in [
+        ("Credentials.Proxy", 3),
+        ("Credentials.ValidateConnection", 1),
+    ] {
+        assert_eq!(
+            accounted.get(&(method.to_owned(), true)),
+            Some(&calls),
+            "each call committed its event before it was sent: {accounted:?}"
+        );
+        assert_eq!(
+            accounted.get(&(method.to_owned(), false)),
+            Some(&calls),
+            "every cancelled call that reached the provider is accounted for: {accounted:?}"
+        );
+    }
+}
+
+/// With audit inserts failing, no call reaches a provider: a Proxy (GET or
+/// POST), a ValidateConnection and a Store with `validate` all answer
+/// UNAVAILABLE, and the provider gets nothing. Once the log takes events
+/// again, a call's event is committed before it is sent and its outcome after.
+#[tokio::test]
+async fn with_audit_writes_failing_nothing_is_sent() {
+    let w = world(|_| Reply::json(200, COHORTS)).await;
+    let mut c = w.vault.client().await;
+    w.fake.clear_requests();
+    w.dir.fail_audit_writes();
+    let post = ProxyRequest {
+        body: br#"{"label":"x","start":"2026-11-24T12:00:00Z"}"#.to_vec(),
+        ..request("amplitude", "POST", "/api/3/annotations")
+    };
+    for r in [request("amplitude", "GET", "/api/3/cohorts"), post] {
+        let err = w.proxy(r).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    }
+    let err = c
+        .validate_connection(reference("ws", "posthog"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    let err = c
+        .store(StoreRequest {
+            validate: true,
+            ..posthog("43")
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert_eq!(w.fake.request_count(), 0, "the provider got a request");
+
+    w.dir.restore_audit_writes();
+    let head = w.dir.number("SELECT max(sequence) FROM audit_events");
+    w.proxy(request("amplitude", "GET", "/api/3/cohorts"))
+        .await
+        .unwrap();
+    assert_eq!(w.fake.request_count(), 1);
+    let mut stream = w
+        .dir
+        .audit_stream(&w.vault, u64::try_from(head).unwrap())
+        .await;
+    let started = stream.message().await.unwrap().unwrap();
+    let done = stream.message().await.unwrap().unwrap();
     assert_eq!(
-        accounted.get("Credentials.Proxy"),
-        Some(&3),
-        "every cancelled Proxy call that reached the provider is accounted for: {accounted:?}"
+        (started.method.as_str(), started.outcome.as_str()),
+        ("Credentials.Proxy", "STARTED")
     );
-    assert_eq!(accounted.get("Credentials.ValidateConnection"), Some(&1));
+    assert_eq!(done.outcome, "OK");
+    assert_eq!(started.request_id, done.request_id);
+    let route = started.proxy.as_ref().map(|p| p.route.as_str());
+    assert_eq!(route, Some("/api/3/cohorts"));
+    assert_eq!(done.proxy.unwrap().status, 200);
 }

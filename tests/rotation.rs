@@ -365,3 +365,129 @@ async fn the_rewrap_skips_an_unreadable_data_key_moves_the_rest_and_finishes() {
         refused.message()
     );
 }
+
+/// A key change commits with its event, or not at all: with audit inserts
+/// failing, Rotate adds no version and Retire destroys nothing, so a client
+/// that retries after UNAVAILABLE does not rotate twice.
+#[tokio::test]
+async fn with_audit_writes_failing_rotate_and_retire_change_nothing() {
+    let dir = VaultDir::new();
+    let vault = dir.start().await;
+    let mut admin = admin(&dir, &vault).await;
+    admin.rotate(RotateRequest {}).await.unwrap();
+    let live_v1 = "SELECT count(*) FROM key_versions WHERE version = 1 \
+                   AND state = 'active' AND length(wrapped_key) > 0";
+    assert_eq!(dir.number(live_v1), 1);
+
+    dir.fail_audit_writes();
+    let err = admin.rotate(RotateRequest {}).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    let err = admin
+        .retire(RetireRequest { version: 1 })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert_eq!(
+        dir.number("SELECT count(*) FROM key_versions"),
+        2,
+        "Rotate reported failure and added a version"
+    );
+    assert_eq!(
+        dir.number(live_v1),
+        1,
+        "Retire reported failure and destroyed v1"
+    );
+
+    dir.restore_audit_writes();
+    assert_eq!(status(&mut admin).await.primary_version, 2);
+    let rotated = admin.rotate(RotateRequest {}).await.unwrap().into_inner();
+    assert_eq!(rotated.primary_version, 3);
+    admin.retire(RetireRequest { version: 1 }).await.unwrap();
+    assert_eq!(dir.number(live_v1), 0);
+    let events = dir
+        .texts("SELECT event FROM audit_events WHERE event LIKE '%KeyAdmin.R%' ORDER BY sequence");
+    let outcomes: Vec<(bool, &str)> = events
+        .iter()
+        .map(|e| {
+            let outcome = if e.contains(r#""outcome":"OK""#) {
+                "OK"
+            } else {
+                "other"
+            };
+            (e.contains("KeyAdmin.Rotate"), outcome)
+        })
+        .collect();
+    assert_eq!(
+        outcomes,
+        [(true, "OK"), (true, "OK"), (false, "OK")],
+        "one event per change, none for the failed calls (the log was down): {events:?}"
+    );
+}
+
+/// `keys rotate-root` against a vault that is serving: refused, nothing
+/// changed, and the vault goes on rotating and serving under the root key
+/// it holds. (Before: the rotation went through, the vault then sealed a new
+/// key version under the old root key, and neither key opened the database.)
+#[tokio::test]
+async fn rotate_root_refuses_while_a_vault_serves() {
+    let dir = VaultDir::new();
+    let vault = dir.start().await;
+    let mut c = vault.client().await;
+    c.store(amplitude("ws", SECRET, SECRET)).await.unwrap();
+    let sealed = || {
+        dir.texts(if common::on_sqlite() {
+            "SELECT hex(wrapped_key) FROM key_versions UNION ALL \
+             SELECT hex(wrapped_key) FROM key_material"
+        } else {
+            "SELECT encode(wrapped_key, 'hex') FROM key_versions UNION ALL \
+             SELECT encode(wrapped_key, 'hex') FROM key_material"
+        })
+    };
+    let before = sealed();
+
+    let config_path = dir.path().join("credvault.toml");
+    std::fs::write(&config_path, dir.config().to_toml()).unwrap();
+    let new_root = dir.path().join("new-root.key");
+    common::write_private(&new_root, "9f".repeat(32).as_bytes());
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_credvault"))
+        .args(["keys", "rotate-root", "--config"])
+        .arg(&config_path)
+        .arg("--new-root-key")
+        .arg(&new_root)
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "rotate-root ran under a live vault");
+    assert!(
+        stderr.contains("a vault is serving this database"),
+        "{stderr}"
+    );
+    assert_eq!(sealed(), before, "rotate-root changed the keys");
+
+    let mut admin = admin(&dir, &vault).await;
+    admin.rotate(RotateRequest {}).await.unwrap();
+    rewrap_finished(&mut admin).await;
+    drop((c, admin));
+    vault.stop().await;
+    // The database still opens under the root key the vault held.
+    let vault = dir.start().await;
+    let redacted = vault
+        .client()
+        .await
+        .redact(reference("ws", "amplitude"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(redacted.key_version, 2);
+    // And a vault does not start while a rotate-root holds the database.
+    let store = credvault::store::open(&dir.storage()).await.unwrap();
+    vault.stop().await;
+    let _alone = store.hold(credvault::store::Hold::Alone).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let err = credvault::run(dir.config(), listener, std::future::pending())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("needs every vault stopped"), "{err}");
+}

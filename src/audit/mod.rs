@@ -14,6 +14,9 @@ pub use verify::{verify, Broken, Checked, Log};
 pub const HASH_LEN: usize = 32;
 pub const GENESIS: [u8; HASH_LEN] = [0; HASH_LEN];
 pub const OUTCOME_OK: &str = "OK";
+/// The outcome of the event a call that reaches a provider commits before it
+/// sends anything; the call's own event, with its outcome, follows.
+pub const OUTCOME_STARTED: &str = "STARTED";
 /// Heads signed before heads named their database and time.
 const HEAD_V1_PURPOSE: &[u8] = b"credvault/v1/audit-head";
 const HEAD_V2_PURPOSE: &[u8] = b"credvault/v2/audit-head";

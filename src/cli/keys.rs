@@ -161,7 +161,7 @@ async fn rotate_root(
     let store = crate::store::open(&config.storage)
         .await
         .map_err(|e| e.to_string())?;
-    let count = crate::domain::rotation::rotate_root(store, &old, &new)
+    let count = crate::domain::rotation::rotate_root(store, old, new)
         .await
         .map_err(|e| e.to_string())?;
     println!(

@@ -57,6 +57,9 @@ impl From<StoreError> for VaultError {
                 VaultError::AuditUnavailable
             }
             StoreError::Corrupt(_) => VaultError::DataLoss,
+            StoreError::Held(_) | StoreError::Refused(_) => {
+                VaultError::FailedPrecondition(e.to_string())
+            }
             StoreError::Database(ref db)
                 if db.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseCorrupt) =>
             {

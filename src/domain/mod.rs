@@ -226,6 +226,8 @@ impl Vault {
     ) -> Result<Connection, VaultError> {
         let target = &new.target;
         let last_validation = if validate {
+            self.before_sending(context, audit::Details::default())
+                .await?;
             let v = self
                 .validator
                 .check(target, &new.secrets, &new.params)
@@ -350,6 +352,7 @@ impl Vault {
     pub async fn validate(
         &self,
         target: &CredentialRef,
+        context: &audit::Context,
     ) -> Result<(Validation, audit::Details), VaultError> {
         let record = self.record(target).await?;
         let mut details = audit::Details {
@@ -357,7 +360,7 @@ impl Vault {
             secrets: summaries(&record.secrets),
             ..audit::Details::default()
         };
-        let v = self.check_record(target, record).await?;
+        let v = self.check_record(target, record, context, &details).await?;
         details.verdict = v.verdict.name().to_owned();
         Ok((v, details))
     }
@@ -366,6 +369,8 @@ impl Vault {
         &self,
         target: &CredentialRef,
         record: CredentialRecord,
+        context: &audit::Context,
+        details: &audit::Details,
     ) -> Result<Validation, VaultError> {
         let Some(data_key) = record.data_key.clone() else {
             return Ok(Validation::new(
@@ -389,6 +394,7 @@ impl Vault {
         let result = slot
             .get_or_try_init(|| async {
                 let decrypted = self.open_record(target, record)?;
+                self.before_sending(context, details.clone()).await?;
                 let v = self
                     .validator
                     .check(target, &decrypted.secrets, &decrypted.params)
@@ -417,6 +423,18 @@ impl Vault {
             )
             .await?;
         Ok(())
+    }
+
+    /// Commits the event of a call about to reach a provider, before it
+    /// sends anything: if the log cannot take it, nothing is sent.
+    async fn before_sending(
+        &self,
+        context: &audit::Context,
+        details: audit::Details,
+    ) -> Result<(), VaultError> {
+        self.audit
+            .record(Event::new(context, audit::OUTCOME_STARTED, details))
+            .await
     }
 
     /// Decrypts a connected credential. Any failed check is [`VaultError::DataLoss`]:
@@ -639,6 +657,7 @@ pub async fn bind_legacy_params(
         ));
     }
     let keyring = unwrap_keyring(root, &keys)?;
+    let _alone = store.hold(crate::store::Hold::Alone).await?;
     if already_bound_in(&store).await? {
         return Err(VaultError::FailedPrecondition(
             "the audit log records that bind-params already ran on this database, yet its key \
@@ -682,18 +701,14 @@ pub async fn bind_legacy_params(
     }
     let count = bindings.len();
     let sealed = keyring.seal_fingerprint_key(root, crypto::FINGERPRINT_KEY_PURPOSE)?;
-    store.bind_params(bindings, sealed).await?;
-    audit_local_command(&store, "bind-params", BIND_PARAMS_METHOD).await?;
+    let event = local_command_event("bind-params", BIND_PARAMS_METHOD);
+    store.bind_params(bindings, sealed, event).await?;
     Ok(count)
 }
 
-/// Records a `credvault keys <command>` run on this machine (with the vault
-/// stopped) as an audit event of `method`.
-async fn audit_local_command(
-    store: &Arc<dyn Store>,
-    command: &str,
-    method: &str,
-) -> Result<(), VaultError> {
+/// The audit event of a `credvault keys <command>` run on this machine
+/// (with the vault stopped), written with the change it records.
+fn local_command_event(command: &str, method: &str) -> Event {
     let context = audit::Context {
         identity: format!("credvault keys {command} (local)"),
         method: method.to_owned(),
@@ -701,14 +716,7 @@ async fn audit_local_command(
         provider: String::new(),
         request_id: command.to_owned(),
     };
-    store
-        .append_audit(Event::new(
-            &context,
-            audit::OUTCOME_OK,
-            audit::Details::default(),
-        ))
-        .await?;
-    Ok(())
+    Event::new(&context, audit::OUTCOME_OK, audit::Details::default())
 }
 
 fn secret_aad(target: &CredentialRef, field: &str) -> Vec<u8> {

@@ -316,6 +316,7 @@ impl Vault {
     pub async fn proxy(
         &self,
         call: ProxyCall,
+        context: &audit::Context,
     ) -> Result<(ProxyAnswer, audit::Details), VaultError> {
         let provider = call.target.provider;
         let spec = provider.spec();
@@ -399,6 +400,11 @@ impl Vault {
         }
         let method = reqwest::Method::from_bytes(call.method.as_bytes())
             .map_err(|_| VaultError::InvalidArgument("`method` is not an HTTP method".into()))?;
+        let intent = audit::Details {
+            proxy: Some(proxied.clone()),
+            ..details.clone()
+        };
+        self.before_sending(context, intent).await?;
         let outgoing = Outgoing {
             method,
             path_and_query: call.path_and_query,

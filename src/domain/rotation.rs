@@ -1,19 +1,39 @@
 //! Key rotation: new key versions, the rewrap job that moves every data key onto the primary, and retirement.
 
 use std::collections::{BTreeSet, HashSet};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use super::{Vault, VaultError};
 use crate::audit::{self, Event};
-use crate::store::{KeyVersionRow, RetireOutcome, Rewrapped, WrappedDataKey};
+use crate::crypto::RootKey;
+use crate::store::{
+    Hold, KeyVersionRow, Reseal, RetireOutcome, Rewrapped, RootSealed, WrappedDataKey,
+};
 
 /// A stored connection, by workspace id and provider name.
 type ConnectionId = (String, String);
 
 fn id_of(r: &Rewrapped) -> ConnectionId {
     (r.workspace_id.clone(), r.provider.clone())
+}
+
+/// What a Retire call did.
+#[derive(Debug, Clone)]
+pub struct Retirement {
+    pub status: KeyStatus,
+    /// Whether this call destroyed the version, its audit event written with
+    /// the change (`false`: it was retired already, nothing changed).
+    pub destroyed: bool,
+}
+
+/// Key events carry versions only, never key material.
+pub fn versioned(key_version: u32) -> audit::Details {
+    audit::Details {
+        key_version,
+        ..audit::Details::default()
+    }
 }
 
 /// Key versions and rewrap progress.
@@ -28,14 +48,17 @@ pub struct KeyStatus {
 }
 
 impl Vault {
-    /// Creates the next key version and makes it primary, then wakes the
-    /// rewrap job. Rotations run one at a time.
-    pub async fn rotate(&self) -> Result<u32, VaultError> {
+    /// Creates the next key version and makes it primary, with the call's
+    /// audit event in the same transaction, then wakes the rewrap job.
+    /// Rotations run one at a time.
+    pub async fn rotate(&self, context: &audit::Context) -> Result<u32, VaultError> {
         let _one_at_a_time = self.rotation.lock().await;
         let (key, wrapped) = self.keyring_read().next_version(&self.root)?;
         let version = wrapped.version;
+        let event = Event::new(context, audit::OUTCOME_OK, versioned(version));
         // Persisted first: a data key must never name a version the database lacks.
-        self.store.add_key_version(wrapped).await?;
+        let stored = self.store.add_key_version(wrapped, event).await?;
+        self.audit.appended(&stored);
         self.keyring_write().install(version, key);
         self.primary_encryptions.store(0, Ordering::Relaxed);
         self.rewrap_wake.notify_one();
@@ -96,23 +119,48 @@ impl Vault {
         })
     }
 
-    /// Destroys a key version no credential uses. Moves any stragglers onto
-    /// the primary first, so a finished rotation can always be retired.
-    pub async fn retire(&self, version: u32) -> Result<KeyStatus, VaultError> {
-        if version == self.keyring_read().primary_version() {
+    /// Destroys a key version no credential uses, with the call's audit
+    /// event in the same transaction. Moves any stragglers onto the primary
+    /// first, so a finished rotation can always be retired. Never retires the
+    /// primary, a version newer than it, or the newest version in the
+    /// database (another replica's primary a moment ago).
+    pub async fn retire(
+        &self,
+        version: u32,
+        context: &audit::Context,
+    ) -> Result<Retirement, VaultError> {
+        // Another replica may have rotated since this one last looked.
+        self.sync_keyring().await?;
+        let primary = self.keyring_read().primary_version();
+        if version > primary {
+            // The primary is the newest version in the database, as of the sync.
+            return Err(VaultError::InvalidArgument(format!(
+                "there is no key version {version}"
+            )));
+        }
+        if version == primary {
             return Err(VaultError::FailedPrecondition(format!(
                 "key version {version} is the primary and cannot be retired; rotate first"
             )));
         }
         self.rewrap_pass().await?;
-        let (outcome, shred) = self.store.retire_key_version(version).await?;
-        match outcome {
-            RetireOutcome::Retired => {
+        let event = Event::new(context, audit::OUTCOME_OK, versioned(version));
+        let (outcome, shred) = self.store.retire_key_version(version, event).await?;
+        let destroyed = match outcome {
+            RetireOutcome::Retired(stored) => {
+                self.audit.appended(&stored);
                 self.keyring_write().remove(version);
                 tracing::info!(version, "key version retired and destroyed");
                 super::shredded(shred, &format!("key version {version} is retired"))?;
+                true
             }
-            RetireOutcome::AlreadyRetired => {}
+            RetireOutcome::AlreadyRetired => false,
+            RetireOutcome::Newest => {
+                return Err(VaultError::FailedPrecondition(format!(
+                    "key version {version} is the newest in the database (another replica's \
+                     primary) and cannot be retired; rotate first"
+                )))
+            }
             RetireOutcome::InUse(n) => {
                 return Err(VaultError::FailedPrecondition(format!(
                     "key version {version} still wraps {n} credential(s); wait for the rewrap \
@@ -124,8 +172,11 @@ impl Vault {
                     "there is no key version {version}"
                 )))
             }
-        }
-        self.key_status().await
+        };
+        Ok(Retirement {
+            status: self.key_status().await?,
+            destroyed,
+        })
     }
 
     /// Rewraps every data key not under the primary version, batch by batch,
@@ -221,29 +272,30 @@ impl Vault {
 
     /// Appends an audit event for a key operation the vault did on its own.
     pub(super) async fn system_event(&self, method: &str, key_version: u32) {
-        let context = audit::Context {
-            identity: "credvault".into(),
-            method: method.into(),
-            workspace_id: String::new(),
-            provider: String::new(),
-            request_id: format!(
-                "system-{}",
-                SystemTime::now()
-                    .duration_since(SystemTime::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_millis())
-            ),
-        };
-        let details = audit::Details {
-            key_version,
-            ..audit::Details::default()
-        };
-        if let Err(e) = self
-            .audit
-            .record(Event::new(&context, audit::OUTCOME_OK, details))
-            .await
-        {
+        let event = Event::new(
+            &system_context(method),
+            audit::OUTCOME_OK,
+            versioned(key_version),
+        );
+        if let Err(e) = self.audit.record(event).await {
             tracing::warn!(error = %e, method, "could not audit a key operation");
         }
+    }
+}
+
+/// Who did what, for a key operation the vault does on its own.
+fn system_context(method: &str) -> audit::Context {
+    audit::Context {
+        identity: "credvault".into(),
+        method: method.into(),
+        workspace_id: String::new(),
+        provider: String::new(),
+        request_id: format!(
+            "system-{}",
+            SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis())
+        ),
     }
 }
 
@@ -255,13 +307,12 @@ pub async fn run(vault: Arc<Vault>) {
     loop {
         vault.rewrap_wake.notified().await;
         if vault.primary_encryptions.load(Ordering::Relaxed) >= vault.max_encryptions {
-            match vault.rotate().await {
+            match vault.rotate(&system_context("KeyAdmin.Rotate")).await {
                 Ok(version) => {
                     tracing::info!(
                         version,
                         "the primary key version reached its encryption cap: rotated"
                     );
-                    vault.system_event("KeyAdmin.Rotate", version).await;
                 }
                 Err(e) => tracing::warn!(error = %e, "automatic key rotation failed"),
             }
@@ -283,12 +334,15 @@ pub async fn run(vault: Arc<Vault>) {
 }
 
 /// Reseals every key held under the root key (the key-encryption key
-/// versions, the fingerprint key, the audit signing key) under `new`, in one
-/// transaction. Run with the vault stopped. Afterwards `old` opens nothing.
+/// versions, the fingerprint key, the audit signing key) under `new`: read,
+/// resealed, checked to open under `new`, and written with its audit event,
+/// in one transaction. Refused while any vault serves the database, which
+/// could otherwise seal a key under `old` a moment later. Afterwards `old`
+/// opens nothing.
 pub async fn rotate_root(
     store: Arc<dyn crate::store::Store>,
-    old: &crate::crypto::RootKey,
-    new: &crate::crypto::RootKey,
+    old: RootKey,
+    new: RootKey,
 ) -> Result<usize, VaultError> {
     let rng = ring::rand::SystemRandom::new();
     let probe = old.seal(&rng, "rotate-root probe", b"")?;
@@ -299,32 +353,20 @@ pub async fn rotate_root(
                 .into(),
         ));
     }
-    let (versions, material) = store.root_sealed().await?;
-    let not_opened = |_| {
-        VaultError::FailedPrecondition(
-            "the current root key does not open this database's keys".into(),
-        )
-    };
-    let versions = versions
-        .iter()
-        .map(|w| {
-            let key = old.open_key_version(w).map_err(not_opened)?;
-            Ok(new.seal_key_version(&rng, w.version, &key)?)
-        })
-        .collect::<Result<Vec<_>, VaultError>>()?;
-    let material = material
-        .iter()
-        .map(|(purpose, sealed)| {
-            let plain = old.open(purpose, sealed).map_err(not_opened)?;
-            Ok((
-                purpose.clone(),
-                new.seal(&rng, purpose, plain.expose_secret())?,
-            ))
-        })
-        .collect::<Result<Vec<_>, VaultError>>()?;
-    let count = versions.len() + material.len();
-    store.replace_root_sealed(versions, material).await?;
-    super::audit_local_command(&store, "rotate-root", "KeyAdmin.RotateRoot").await?;
+    let _alone = store.hold(Hold::Alone).await?;
+    let count = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&count);
+    let reseal: Reseal = Box::new(move |current| {
+        let resealed = reseal_under(&old, &new, &current)?;
+        counted.store(
+            resealed.versions.len() + resealed.material.len(),
+            Ordering::Relaxed,
+        );
+        Ok(resealed)
+    });
+    let event = super::local_command_event("rotate-root", "KeyAdmin.RotateRoot");
+    store.reseal_root(reseal, event).await?;
+    let count = count.load(Ordering::Relaxed);
     // The keys sealed under the old root key were overwritten; their old
     // bytes leave the files once no reader holds an old snapshot.
     let deadline = std::time::Instant::now() + ROTATE_ROOT_SHRED_WAIT;
@@ -339,6 +381,39 @@ pub async fn rotate_root(
         )));
     }
     Ok(count)
+}
+
+/// Every key in `current`, opened with `old` and sealed under `new`, and
+/// checked to open under `new` to the same bytes.
+fn reseal_under(old: &RootKey, new: &RootKey, current: &RootSealed) -> Result<RootSealed, String> {
+    let rng = ring::rand::SystemRandom::new();
+    let not_opened = "the current root key does not open this database's keys";
+    let failed = "resealing under the new root key failed; nothing was changed";
+    let mut versions = Vec::with_capacity(current.versions.len());
+    for w in &current.versions {
+        let key = old.open_key_version(w).map_err(|_| not_opened)?;
+        let sealed = new
+            .seal_key_version(&rng, w.version, &key)
+            .map_err(|_| failed)?;
+        let reopened = new.open_key_version(&sealed).map_err(|_| failed)?;
+        if reopened.expose_secret() != key.expose_secret() {
+            return Err(failed.into());
+        }
+        versions.push(sealed);
+    }
+    let mut material = Vec::with_capacity(current.material.len());
+    for (purpose, sealed) in &current.material {
+        let plain = old.open(purpose, sealed).map_err(|_| not_opened)?;
+        let resealed = new
+            .seal(&rng, purpose, plain.expose_secret())
+            .map_err(|_| failed)?;
+        let reopened = new.open(purpose, &resealed).map_err(|_| failed)?;
+        if reopened.expose_secret() != plain.expose_secret() {
+            return Err(failed.into());
+        }
+        material.push((purpose.clone(), resealed));
+    }
+    Ok(RootSealed { versions, material })
 }
 
 /// How long `rotate-root` waits for readers to let go of the old sealed keys.

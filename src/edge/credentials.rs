@@ -98,9 +98,9 @@ impl proto::credentials_server::Credentials for CredentialsService {
         &self,
         req: Request<proto::CredentialRef>,
     ) -> Result<Response<proto::Validation>, Status> {
-        self.call("ValidateConnection", req, |r, _| async move {
+        self.call("ValidateConnection", req, |r, context| async move {
             let target = CredentialRef::parse(&r.workspace_id, &r.provider)?;
-            let (v, details) = self.vault.validate(&target).await?;
+            let (v, details) = self.vault.validate(&target, &context).await?;
             tracing::info!(
                 verdict = v.verdict.name(),
                 provider_status = v.provider_status,
@@ -120,7 +120,7 @@ impl proto::credentials_server::Credentials for CredentialsService {
         &self,
         req: Request<proto::ProxyRequest>,
     ) -> Result<Response<proto::ProxyResponse>, Status> {
-        self.call("Proxy", req, |r, _| async move {
+        self.call("Proxy", req, |r, context| async move {
             let call = ProxyCall::parse(
                 &r.workspace_id,
                 &r.provider,
@@ -129,7 +129,7 @@ impl proto::credentials_server::Credentials for CredentialsService {
                 r.headers,
                 r.body,
             )?;
-            let (answer, details) = self.vault.proxy(call).await?;
+            let (answer, details) = self.vault.proxy(call, &context).await?;
             tracing::info!(
                 provider_status = answer.status,
                 redactions = answer.redactions,

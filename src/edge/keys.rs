@@ -5,8 +5,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::gate::{Audited, Gate, Scope};
-use crate::audit;
-use crate::domain::rotation::KeyStatus;
+use crate::domain::rotation::{self, KeyStatus};
 use crate::domain::Vault;
 use crate::proto;
 use crate::proto::key_version_info::State;
@@ -40,12 +39,8 @@ impl KeyAdminService {
     }
 }
 
-/// Key events carry versions only, never key material.
 fn versioned(key_version: u32) -> Audited {
-    Audited::Details(audit::Details {
-        key_version,
-        ..audit::Details::default()
-    })
+    Audited::Details(rotation::versioned(key_version))
 }
 
 #[tonic::async_trait]
@@ -55,10 +50,10 @@ impl proto::key_admin_server::KeyAdmin for KeyAdminService {
         req: Request<proto::RotateRequest>,
     ) -> Result<Response<proto::KeyStatus>, Status> {
         self.gate
-            .call("KeyAdmin", "Rotate", req, |_, _| async move {
-                let version = self.vault.rotate().await?;
+            .call("KeyAdmin", "Rotate", req, |_, context| async move {
+                self.vault.rotate(&context).await?;
                 let status = self.vault.key_status().await?;
-                Ok((encode(status), versioned(version)))
+                Ok((encode(status), Audited::InTransaction))
             })
             .await
     }
@@ -81,9 +76,14 @@ impl proto::key_admin_server::KeyAdmin for KeyAdminService {
         req: Request<proto::RetireRequest>,
     ) -> Result<Response<proto::KeyStatus>, Status> {
         self.gate
-            .call("KeyAdmin", "Retire", req, |r, _| async move {
-                let status = self.vault.retire(r.version).await?;
-                Ok((encode(status), versioned(r.version)))
+            .call("KeyAdmin", "Retire", req, |r, context| async move {
+                let retired = self.vault.retire(r.version, &context).await?;
+                let audited = if retired.destroyed {
+                    Audited::InTransaction
+                } else {
+                    versioned(r.version)
+                };
+                Ok((encode(retired.status), audited))
             })
             .await
     }

@@ -234,9 +234,13 @@ pub enum Shred {
 }
 
 /// What `retire_key_version` did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RetireOutcome {
-    Retired,
+    /// Destroyed, with its audit event in the same transaction.
+    Retired(StoredEvent),
+    /// The newest version: it may be primary on a replica that rotated a
+    /// moment ago, and never is retired.
+    Newest,
     /// Still wraps this many data keys; nothing changed.
     InUse(u64),
     Unknown,
@@ -244,6 +248,28 @@ pub enum RetireOutcome {
 }
 
 /// The key material a keyring is unwrapped from.
+/// How a process holds the database while it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hold {
+    /// A serving vault: any number of them share the database.
+    Serving,
+    /// A `credvault keys` command that needs every vault stopped (rotate-root,
+    /// bind-params): it holds the database alone.
+    Alone,
+}
+
+/// Every key sealed under the root key: the active key versions and the
+/// other material, by purpose.
+#[derive(Debug)]
+pub struct RootSealed {
+    pub versions: Vec<WrappedKeyVersion>,
+    pub material: Vec<(String, Sealed)>,
+}
+
+/// Turns the root-sealed keys read inside a transaction into the ones to
+/// write in it, or says why not (nothing is written then).
+pub type Reseal = Box<dyn FnOnce(RootSealed) -> Result<RootSealed, String> + Send>;
+
 #[derive(Debug)]
 pub struct StoredKeys {
     pub versions: Vec<WrappedKeyVersion>,
@@ -280,8 +306,27 @@ pub enum StoreError {
     Commit(String),
     #[error("the database writer has stopped")]
     WriterGone,
+    /// Another process holds the database in a way that excludes `wanted`.
+    #[error("{}", held_message(*.0))]
+    Held(Hold),
+    /// A transaction's own check refused to write.
+    #[error("{0}")]
+    Refused(String),
     #[error("storage task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+}
+
+fn held_message(wanted: Hold) -> &'static str {
+    match wanted {
+        Hold::Alone => {
+            "a vault is serving this database: stop every vault (every replica) first, then run \
+             this command again"
+        }
+        Hold::Serving => {
+            "a `credvault keys` command that needs every vault stopped (rotate-root, bind-params) \
+             is running on this database: start the vault when it has finished"
+        }
+    }
 }
 
 impl StoreError {
@@ -346,12 +391,13 @@ pub trait Store: Send + Sync + 'static {
     async fn connected_credentials(&self) -> Result<Vec<CredentialRecord>, StoreError>;
     /// Writes `bindings` (each only if the row still has that data key) and
     /// stores the fingerprint key under its bound purpose in place of the
-    /// legacy one, in one transaction.
+    /// legacy one, with `event`, in one transaction.
     async fn bind_params(
         &self,
         bindings: Vec<ParamsBinding>,
         fingerprint_key: Sealed,
-    ) -> Result<(), StoreError>;
+        event: Event,
+    ) -> Result<StoredEvent, StoreError>;
     /// Appends an event for a call that changed nothing.
     async fn append_audit(&self, event: Event) -> Result<StoredEvent, StoreError>;
     /// Up to `limit` events after `after`, in order.
@@ -363,8 +409,13 @@ pub trait Store: Send + Sync + 'static {
     /// The database's identity, fixed when it was created, which every
     /// signed head names.
     async fn database_id(&self) -> Result<Option<Vec<u8>>, StoreError>;
-    /// Adds a key-encryption key version; the highest active version is primary.
-    async fn add_key_version(&self, version: WrappedKeyVersion) -> Result<(), StoreError>;
+    /// Adds a key-encryption key version, with `event` in the same
+    /// transaction; the highest active version is primary.
+    async fn add_key_version(
+        &self,
+        version: WrappedKeyVersion,
+        event: Event,
+    ) -> Result<StoredEvent, StoreError>;
     /// Every version, retired ones included, with its counts.
     async fn key_versions(&self) -> Result<Vec<KeyVersionRow>, StoreError>;
     /// Up to `limit` connected credentials whose data key is wrapped by a
@@ -377,19 +428,21 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<StaleDataKey>, StoreError>;
     /// Applies a batch of rewrapped data keys in one transaction; returns how many applied.
     async fn rewrap(&self, batch: Vec<Rewrapped>) -> Result<usize, StoreError>;
-    /// Destroys an unused key version's material and marks it retired.
-    async fn retire_key_version(&self, version: u32) -> Result<(RetireOutcome, Shred), StoreError>;
-    /// Every key sealed under the root key: the active key versions and the
-    /// other material, by purpose.
-    async fn root_sealed(
+    /// Destroys an unused key version's material and marks it retired, with
+    /// `event` in the same transaction. Refuses the newest version.
+    async fn retire_key_version(
         &self,
-    ) -> Result<(Vec<WrappedKeyVersion>, Vec<(String, Sealed)>), StoreError>;
-    /// Replaces all root-sealed material at once (root-key rotation).
-    async fn replace_root_sealed(
-        &self,
-        versions: Vec<WrappedKeyVersion>,
-        material: Vec<(String, Sealed)>,
-    ) -> Result<(), StoreError>;
+        version: u32,
+        event: Event,
+    ) -> Result<(RetireOutcome, Shred), StoreError>;
+    /// Root-key rotation, in one transaction: reads every root-sealed key,
+    /// lets `reseal` replace them all, writes them with `event`. Nothing is
+    /// written if `reseal` refuses ([`StoreError::Refused`]).
+    async fn reseal_root(&self, reseal: Reseal, event: Event) -> Result<StoredEvent, StoreError>;
+    /// Holds the database as `hold` says until the returned guard is
+    /// dropped; [`StoreError::Held`] while another process holds it in a way
+    /// that excludes this (a serving vault excludes `Alone`, and back).
+    async fn hold(&self, hold: Hold) -> Result<Box<dyn std::any::Any + Send>, StoreError>;
     /// A key sealed under the root key, by purpose.
     async fn key_material(&self, purpose: &str) -> Result<Option<Sealed>, StoreError>;
     /// Stores a key sealed under the root key, unless one for `purpose`

@@ -14,9 +14,9 @@ use tokio_postgres::Row;
 use zeroize::Zeroizing;
 
 use super::{
-    millis, sealed_from, time, CredentialRecord, KeyVersionRow, ParamsBinding, RetireOutcome,
-    Rewrapped, SecretRecord, Shred, StaleDataKey, Store, StoreError, StoredKeys, StoredStatus,
-    WrappedDataKey,
+    millis, sealed_from, time, CredentialRecord, Hold, KeyVersionRow, ParamsBinding, Reseal,
+    RetireOutcome, Rewrapped, RootSealed, SecretRecord, Shred, StaleDataKey, Store, StoreError,
+    StoredKeys, StoredStatus, WrappedDataKey,
 };
 use crate::audit::{chain_hash, Checkpoint, Event, StoredEvent, HASH_LEN};
 use crate::crypto::{NewKeyMaterial, Sealed, WrappedKeyVersion};
@@ -26,6 +26,8 @@ const LEGACY_FINGERPRINT_KEY: &str = crate::crypto::LEGACY_FINGERPRINT_KEY_PURPO
 /// Advisory lock keys: "credvaul" and the next value.
 const MIGRATION_LOCK: i64 = 0x6372_6564_7661_756c;
 const REWRAP_LOCK: i64 = MIGRATION_LOCK + 1;
+/// Shared by serving vaults, exclusive for `keys rotate-root` and `bind-params`.
+const HOLD_LOCK: i64 = MIGRATION_LOCK + 2;
 /// How long a Zero waits for snapshots older than itself to end before it
 /// answers that destroyed rows are still readable.
 const SNAPSHOT_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
@@ -807,7 +809,8 @@ impl Store for PostgresStore {
         &self,
         bindings: Vec<ParamsBinding>,
         fingerprint_key: Sealed,
-    ) -> Result<(), StoreError> {
+        event: Event,
+    ) -> Result<StoredEvent, StoreError> {
         let mut c = self.client().await?;
         let tx = c.transaction().await?;
         for b in &bindings {
@@ -826,8 +829,9 @@ impl Store for PostgresStore {
             &[&LEGACY_FINGERPRINT_KEY],
         )
         .await?;
+        let stored = append_in(&tx, event).await?;
         tx.commit().await?;
-        Ok(())
+        Ok(stored)
     }
 
     async fn append_audit(&self, event: Event) -> Result<StoredEvent, StoreError> {
@@ -912,9 +916,14 @@ impl Store for PostgresStore {
             .transpose()?)
     }
 
-    async fn add_key_version(&self, v: WrappedKeyVersion) -> Result<(), StoreError> {
-        let c = self.client().await?;
-        c.execute(
+    async fn add_key_version(
+        &self,
+        v: WrappedKeyVersion,
+        event: Event,
+    ) -> Result<StoredEvent, StoreError> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await?;
+        tx.execute(
             "INSERT INTO key_versions (version, nonce, wrapped_key, created_at) VALUES ($1, $2, $3, $4)",
             &[
                 &version_i32(v.version),
@@ -924,7 +933,9 @@ impl Store for PostgresStore {
             ],
         )
         .await?;
-        Ok(())
+        let stored = append_in(&tx, event).await?;
+        tx.commit().await?;
+        Ok(stored)
     }
 
     async fn key_versions(&self) -> Result<Vec<KeyVersionRow>, StoreError> {
@@ -1011,7 +1022,11 @@ impl Store for PostgresStore {
         Ok(usize::try_from(applied).unwrap_or(usize::MAX))
     }
 
-    async fn retire_key_version(&self, version: u32) -> Result<(RetireOutcome, Shred), StoreError> {
+    async fn retire_key_version(
+        &self,
+        version: u32,
+        event: Event,
+    ) -> Result<(RetireOutcome, Shred), StoreError> {
         let mut c = self.client().await?;
         let tx = c.transaction().await?;
         let v = version_i32(version);
@@ -1027,6 +1042,13 @@ impl Store for PostgresStore {
             None => return Ok((RetireOutcome::Unknown, Shred::Done)),
             Some("retired") => return Ok((RetireOutcome::AlreadyRetired, Shred::Done)),
             Some(_) => {}
+        }
+        let newest: i32 = tx
+            .query_one("SELECT max(version) FROM key_versions", &[])
+            .await?
+            .try_get(0)?;
+        if v == newest {
+            return Ok((RetireOutcome::Newest, Shred::Done));
         }
         let users: i64 = tx
             .query_one(
@@ -1044,6 +1066,7 @@ impl Store for PostgresStore {
             &[&v],
         )
         .await?;
+        let stored = append_in(&tx, event).await?;
         tx.commit()
             .await
             .map_err(|e| StoreError::Commit(e.to_string()))?;
@@ -1051,31 +1074,24 @@ impl Store for PostgresStore {
         self.vacuum("key_versions").await;
         // What VACUUM leaves behind is described in the README; there is no
         // reader to wait for as with SQLite's WAL.
-        Ok((RetireOutcome::Retired, Shred::Done))
+        Ok((RetireOutcome::Retired(stored), Shred::Done))
     }
 
-    async fn root_sealed(
-        &self,
-    ) -> Result<(Vec<WrappedKeyVersion>, Vec<(String, Sealed)>), StoreError> {
-        let c = self.client().await?;
-        let versions = active_key_versions(&c).await?;
-        let material = c
-            .query("SELECT purpose, nonce, wrapped_key FROM key_material", &[])
+    async fn reseal_root(&self, reseal: Reseal, event: Event) -> Result<StoredEvent, StoreError> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await?;
+        let versions = active_key_versions(&tx).await?;
+        let material = tx
+            .query(
+                "SELECT purpose, nonce, wrapped_key FROM key_material FOR UPDATE",
+                &[],
+            )
             .await?
             .iter()
             .map(|r| Ok((r.try_get(0)?, sealed_from(r.try_get(1)?, r.try_get(2)?)?)))
             .collect::<Result<Vec<_>, StoreError>>()?;
-        Ok((versions, material))
-    }
-
-    async fn replace_root_sealed(
-        &self,
-        versions: Vec<WrappedKeyVersion>,
-        material: Vec<(String, Sealed)>,
-    ) -> Result<(), StoreError> {
-        let mut c = self.client().await?;
-        let tx = c.transaction().await?;
-        for v in &versions {
+        let new = reseal(RootSealed { versions, material }).map_err(StoreError::Refused)?;
+        for v in &new.versions {
             tx.execute(
                 "UPDATE key_versions SET nonce = $2, wrapped_key = $3 WHERE version = $1",
                 &[
@@ -1086,19 +1102,36 @@ impl Store for PostgresStore {
             )
             .await?;
         }
-        for (purpose, sealed) in &material {
+        for (purpose, sealed) in &new.material {
             tx.execute(
                 "UPDATE key_material SET nonce = $2, wrapped_key = $3 WHERE purpose = $1",
                 &[purpose, &sealed.nonce.as_slice(), &sealed.ciphertext],
             )
             .await?;
         }
+        let stored = append_in(&tx, event).await?;
         tx.commit()
             .await
             .map_err(|e| StoreError::Commit(e.to_string()))?;
         drop(c);
         self.vacuum("key_versions, key_material").await;
-        Ok(())
+        Ok(stored)
+    }
+
+    /// A session-level advisory lock on a connection of its own, taken out
+    /// of the pool (closing it lets go): shared while serving, exclusive for
+    /// a command that needs every vault stopped.
+    async fn hold(&self, hold: Hold) -> Result<Box<dyn std::any::Any + Send>, StoreError> {
+        let c = self.client().await?;
+        let sql = match hold {
+            Hold::Serving => "SELECT pg_try_advisory_lock_shared($1)",
+            Hold::Alone => "SELECT pg_try_advisory_lock($1)",
+        };
+        let held: bool = c.query_one(sql, &[&HOLD_LOCK]).await?.try_get(0)?;
+        if !held {
+            return Err(StoreError::Held(hold));
+        }
+        Ok(Box::new(deadpool_postgres::Object::take(c)))
     }
 
     async fn key_material(&self, purpose: &str) -> Result<Option<Sealed>, StoreError> {

@@ -10,9 +10,9 @@ use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row};
 
 use super::writer::{Destroys, Writer};
 use super::{
-    millis, sealed_from, time, AuditRecord, CredentialRecord, KeyVersionRow, ParamsBinding,
-    RetireOutcome, Rewrapped, SecretRecord, Shred, StaleDataKey, Store, StoreError, StoredKeys,
-    StoredStatus, WrappedDataKey,
+    millis, sealed_from, time, AuditRecord, CredentialRecord, Hold, KeyVersionRow, ParamsBinding,
+    Reseal, RetireOutcome, Rewrapped, RootSealed, SecretRecord, Shred, StaleDataKey, Store,
+    StoreError, StoredKeys, StoredStatus, WrappedDataKey,
 };
 use crate::audit::{chain_hash, Checkpoint, Event, StoredEvent, GENESIS, HASH_LEN};
 use crate::crypto::{NewKeyMaterial, Sealed, WrappedKeyVersion};
@@ -791,7 +791,8 @@ impl Store for SqliteStore {
         &self,
         bindings: Vec<ParamsBinding>,
         fingerprint_key: Sealed,
-    ) -> Result<(), StoreError> {
+        event: Event,
+    ) -> Result<StoredEvent, StoreError> {
         self.write_destroying(move |conn| {
             let mut update = conn.prepare_cached(
                 "UPDATE credentials SET binding = ?1 \
@@ -814,10 +815,10 @@ impl Store for SqliteStore {
                 "DELETE FROM key_material WHERE purpose = ?1",
                 [LEGACY_FINGERPRINT_KEY],
             )?;
-            Ok(())
+            append_in(conn, event)
         })
         .await
-        .map(drop)
+        .map(|(stored, _)| stored)
     }
 
     async fn append_audit(&self, event: Event) -> Result<StoredEvent, StoreError> {
@@ -881,14 +882,18 @@ impl Store for SqliteStore {
         self.read(|conn| Ok(read_database_id(conn)?)).await
     }
 
-    async fn add_key_version(&self, v: WrappedKeyVersion) -> Result<(), StoreError> {
+    async fn add_key_version(
+        &self,
+        v: WrappedKeyVersion,
+        event: Event,
+    ) -> Result<StoredEvent, StoreError> {
         self.write(move |conn| {
             conn.execute(
                 "INSERT INTO key_versions (version, nonce, wrapped_key, created_at) VALUES (?1, ?2, ?3, ?4)",
                 params![v.version, v.sealed.nonce.as_slice(), v.sealed.ciphertext, millis(SystemTime::now())],
             )
             .map_err(classify)?;
-            Ok(())
+            append_in(conn, event)
         })
         .await
     }
@@ -981,7 +986,11 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn retire_key_version(&self, version: u32) -> Result<(RetireOutcome, Shred), StoreError> {
+    async fn retire_key_version(
+        &self,
+        version: u32,
+        event: Event,
+    ) -> Result<(RetireOutcome, Shred), StoreError> {
         self.write_destroying(move |conn| {
             let state: Option<String> = conn
                 .query_row("SELECT state FROM key_versions WHERE version = ?1", [version], |r| r.get(0))
@@ -990,6 +999,11 @@ impl Store for SqliteStore {
                 None => return Ok(RetireOutcome::Unknown),
                 Some("retired") => return Ok(RetireOutcome::AlreadyRetired),
                 Some(_) => {}
+            }
+            let newest: u32 =
+                conn.query_row("SELECT max(version) FROM key_versions", [], |r| r.get(0))?;
+            if version == newest {
+                return Ok(RetireOutcome::Newest);
             }
             let users: u64 = conn.query_row(
                 "SELECT count(*) FROM credentials WHERE key_version = ?1",
@@ -1006,15 +1020,14 @@ impl Store for SqliteStore {
                  WHERE version = ?1",
                 [version],
             )?;
-            Ok(RetireOutcome::Retired)
+            let stored = append_in(conn, event)?;
+            Ok(RetireOutcome::Retired(stored))
         })
         .await
     }
 
-    async fn root_sealed(
-        &self,
-    ) -> Result<(Vec<WrappedKeyVersion>, Vec<(String, Sealed)>), StoreError> {
-        self.read(|conn| {
+    async fn reseal_root(&self, reseal: Reseal, event: Event) -> Result<StoredEvent, StoreError> {
+        self.write_destroying(move |conn| {
             let versions = active_key_versions(conn)?;
             let material = conn
                 .prepare("SELECT purpose, nonce, wrapped_key FROM key_material")?
@@ -1029,33 +1042,54 @@ impl Store for SqliteStore {
                 .into_iter()
                 .map(|(purpose, n, c)| Ok((purpose, sealed_from(n, c)?)))
                 .collect::<Result<Vec<_>, StoreError>>()?;
-            Ok((versions, material))
-        })
-        .await
-    }
-
-    async fn replace_root_sealed(
-        &self,
-        versions: Vec<WrappedKeyVersion>,
-        material: Vec<(String, Sealed)>,
-    ) -> Result<(), StoreError> {
-        self.write_destroying(move |conn| {
-            for v in &versions {
+            let new = reseal(RootSealed { versions, material }).map_err(StoreError::Refused)?;
+            for v in &new.versions {
                 conn.execute(
                     "UPDATE key_versions SET nonce = ?2, wrapped_key = ?3 WHERE version = ?1",
                     params![v.version, v.sealed.nonce.as_slice(), v.sealed.ciphertext],
                 )?;
             }
-            for (purpose, sealed) in &material {
+            for (purpose, sealed) in &new.material {
                 conn.execute(
                     "UPDATE key_material SET nonce = ?2, wrapped_key = ?3 WHERE purpose = ?1",
                     params![purpose, sealed.nonce.as_slice(), sealed.ciphertext],
                 )?;
             }
-            Ok(())
+            append_in(conn, event)
         })
         .await
-        .map(drop)
+        .map(|(stored, _)| stored)
+    }
+
+    /// A `flock` on `DB.lock` beside the database: shared while serving,
+    /// exclusive for a command that needs every vault stopped.
+    async fn hold(&self, hold: Hold) -> Result<Box<dyn std::any::Any + Send>, StoreError> {
+        use rustix::fs::FlockOperation;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut name = self.inner.path.clone().into_os_string();
+        name.push(".lock");
+        let path = PathBuf::from(name);
+        let file_error = |source| StoreError::File {
+            path: path.clone(),
+            source,
+        };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(file_error)?;
+        let operation = match hold {
+            Hold::Serving => FlockOperation::NonBlockingLockShared,
+            Hold::Alone => FlockOperation::NonBlockingLockExclusive,
+        };
+        match rustix::fs::flock(&file, operation) {
+            Ok(()) => Ok(Box::new(file)),
+            Err(rustix::io::Errno::WOULDBLOCK) => Err(StoreError::Held(hold)),
+            Err(e) => Err(file_error(e.into())),
+        }
     }
 
     fn shreds_pending(&self) -> u64 {

@@ -444,6 +444,28 @@ impl VaultDir {
     }
 
     /// Several statements, no parameters.
+    /// Makes every audit insert fail, as a full or broken disk would, until
+    /// [`Self::restore_audit_writes`].
+    pub fn fail_audit_writes(&self) {
+        self.execute_batch(if self.postgres.is_none() {
+            "CREATE TRIGGER audit_down BEFORE INSERT ON audit_events \
+             BEGIN SELECT RAISE(ABORT, 'disk gone'); END;"
+        } else {
+            "CREATE FUNCTION audit_down() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN RAISE EXCEPTION 'disk gone'; END $$; \
+             CREATE TRIGGER audit_down BEFORE INSERT ON audit_events \
+             FOR EACH ROW EXECUTE FUNCTION audit_down();"
+        });
+    }
+
+    pub fn restore_audit_writes(&self) {
+        self.execute_batch(if self.postgres.is_none() {
+            "DROP TRIGGER audit_down"
+        } else {
+            "DROP TRIGGER audit_down ON audit_events; DROP FUNCTION audit_down();"
+        });
+    }
+
     pub fn execute_batch(&self, sql: &str) {
         match &self.postgres {
             None => rusqlite::Connection::open(self.db())
