@@ -17,7 +17,9 @@ use credvault::proto::audit_client::AuditClient;
 use credvault::proto::credentials_client::CredentialsClient;
 use credvault::proto::key_admin_client::KeyAdminClient;
 use credvault::proto::validation::Verdict;
-use credvault::proto::{ListRequest, RotateRequest, StatusRequest, StoreRequest, SubscribeRequest};
+use credvault::proto::{
+    ListRequest, RetireRequest, RotateRequest, StatusRequest, StoreRequest, SubscribeRequest,
+};
 use tonic::transport::Channel;
 
 const PHX: &str = "phx_Rk3Vw9Qm2Lx8Tz5Nc1Bd7Yf4Gh6Js0";
@@ -38,6 +40,30 @@ fn shared_vault(fake: Option<&FakeProvider>) -> (VaultDir, PathBuf) {
     let path = dir.path().join("credvault.toml");
     std::fs::write(&path, config.to_toml()).unwrap();
     (dir, path)
+}
+
+/// A shared vault whose PostHog host is an HTTPS fake that accepts every key.
+async fn shared_vault_with_fake(
+    tweak: impl FnOnce(&mut credvault::config::Config),
+) -> (VaultDir, PathBuf, FakeProvider) {
+    let dir_ca = credvault::dev::certs::DevCa::generate("provider CA").unwrap();
+    let fake = FakeProvider::start(&dir_ca, |_| {
+        Reply::json(200, r#"{"id":42,"name":"shared"}"#)
+    })
+    .await;
+    let (dir, config) = shared_vault(Some(&fake));
+    // The fake's certificate comes from its own CA: trust it too.
+    let mut loaded = credvault::config::Config::load(&config).unwrap();
+    let ca = dir.path().join("provider-ca.pem");
+    std::fs::write(&ca, dir_ca.cert_pem()).unwrap();
+    loaded.outbound.extra_ca_file = Some(ca);
+    tweak(&mut loaded);
+    std::fs::write(&config, loaded.to_toml()).unwrap();
+    (dir, config, fake)
+}
+
+async fn admin(dir: &VaultDir, replica: &ServerProcess) -> KeyAdminClient<Channel> {
+    KeyAdminClient::new(channel(dir, replica, "spiffe://credvault.local/admin").await)
 }
 
 async fn channel(dir: &VaultDir, replica: &ServerProcess, identity: &str) -> Channel {
@@ -209,19 +235,7 @@ async fn three_replicas_under_load_one_killed_lose_nothing_and_keep_one_chain() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs PostgreSQL: set CREDVAULT_TEST_POSTGRES (scripts/test does)"]
 async fn a_rotation_on_one_replica_is_rewrapped_once_and_decrypts_everywhere() {
-    let dir_ca = credvault::dev::certs::DevCa::generate("provider CA").unwrap();
-    let fake = FakeProvider::start(&dir_ca, |_| {
-        Reply::json(200, r#"{"id":42,"name":"shared"}"#)
-    })
-    .await;
-    let (dir, config) = shared_vault(Some(&fake));
-    // The fake's certificate comes from its own CA: trust it too.
-    let mut loaded = credvault::config::Config::load(&config).unwrap();
-    let ca = dir.path().join("provider-ca.pem");
-    std::fs::write(&ca, dir_ca.cert_pem()).unwrap();
-    loaded.outbound.extra_ca_file = Some(ca);
-    std::fs::write(&config, loaded.to_toml()).unwrap();
-
+    let (dir, config, _fake) = shared_vault_with_fake(|_| {}).await;
     let (a, b) = (
         common::spawn_server(&config).await,
         common::spawn_server(&config).await,
@@ -324,4 +338,112 @@ async fn zero_is_not_ok_while_a_postgres_snapshot_can_read_the_rows() {
 
     reader.batch_execute("ROLLBACK").await.unwrap();
     c.zero(common::reference("ws", "amplitude")).await.unwrap();
+}
+
+/// Rotate and retire through replica b while replica a, which learns of a
+/// new primary only at its next keyring poll, acknowledges Stores: every
+/// acknowledged Store decrypts. (Before: Stores a wrapped under a version b
+/// had just retired were acknowledged and never decryptable again.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL: set CREDVAULT_TEST_POSTGRES (scripts/test does)"]
+async fn rotate_and_retire_on_one_replica_lose_no_store_acknowledged_by_another() {
+    let (dir, config, _fake) = shared_vault_with_fake(|_| {}).await;
+    let (a, b) = (
+        common::spawn_server(&config).await,
+        common::spawn_server(&config).await,
+    );
+    let acknowledged = Arc::new(Mutex::new(Vec::<String>::new()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (acknowledged, stop) = (Arc::clone(&acknowledged), Arc::clone(&stop));
+        let mut c = app(&dir, &a).await;
+        tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let ws = format!("w{i}");
+                i += 1;
+                if c.store(posthog(&ws)).await.is_ok() {
+                    acknowledged.lock().unwrap().push(ws);
+                }
+            }
+        })
+    };
+    let mut admin_b = admin(&dir, &b).await;
+    let mut retired = 0;
+    for round in 0..5u32 {
+        let rotated = admin_b.rotate(RotateRequest {}).await.unwrap().into_inner();
+        let old = rotated.primary_version - 1;
+        // Retire the old version as soon as b lets us: a still wraps under it.
+        for _ in 0..400 {
+            match admin_b.retire(RetireRequest { version: old }).await {
+                Ok(_) => {
+                    retired += 1;
+                    break;
+                }
+                Err(e) if e.code() == tonic::Code::FailedPrecondition => {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err(e) => panic!("round {round}: {e:?}"),
+            }
+        }
+        // Replica a keeps storing, under a version it may not know retired.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.await.unwrap();
+    assert_eq!(retired, 5, "every old version was retired");
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    assert!(acknowledged.len() > 30, "{} Stores", acknowledged.len());
+    let mut c = app(&dir, &a).await;
+    let mut lost = Vec::new();
+    for ws in &acknowledged {
+        match c.validate_connection(reference(ws, "posthog")).await {
+            Ok(v) if v.get_ref().verdict == Verdict::Valid as i32 => {}
+            other => lost.push(format!("{ws}: {other:?}")),
+        }
+    }
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged Stores do not decrypt: {:?}",
+        lost.len(),
+        acknowledged.len(),
+        &lost[..lost.len().min(3)]
+    );
+}
+
+/// The encryption cap counts every replica's Stores: 6 through each of two
+/// replicas reach a cap of 10, and the vault rotates. (Before: each replica
+/// counted its own 6, and no rotation came until 2 x 10.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL: set CREDVAULT_TEST_POSTGRES (scripts/test does)"]
+async fn the_encryption_cap_counts_every_replica() {
+    let (dir, config, _fake) = shared_vault_with_fake(|c| {
+        c.keys.max_encryptions_per_version = 10;
+    })
+    .await;
+    let (a, b) = (
+        common::spawn_server(&config).await,
+        common::spawn_server(&config).await,
+    );
+    for (r, replica) in [&a, &b].into_iter().enumerate() {
+        let mut c = app(&dir, replica).await;
+        for i in 0..6 {
+            c.store(posthog(&format!("r{r}-{i}"))).await.unwrap();
+        }
+    }
+    let mut admin_a = admin(&dir, &a).await;
+    let mut primary = 0;
+    for _ in 0..100 {
+        primary = admin_a
+            .status(StatusRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .primary_version;
+        if primary >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(primary >= 2, "no rotation at 12 encryptions of a cap of 10");
 }

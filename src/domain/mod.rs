@@ -23,7 +23,8 @@ use crate::outbound::Outbound;
 use crate::providers::validation::{Validation, Verdict};
 use crate::providers::{Params, Provider, Secrets};
 use crate::store::{
-    CredentialRecord, SecretRecord, Shred, Store, StoredKeys, StoredStatus, WrappedDataKey,
+    CredentialRecord, SecretRecord, Shred, Store, StoreError, StoredKeys, StoredStatus,
+    WrappedDataKey,
 };
 use validate::Validator;
 
@@ -243,31 +244,74 @@ impl Vault {
         } else {
             None
         };
-        let owner = target.owner();
-        let (key_version, sealed_key, secrets, binding) = {
-            let keyring = self.keyring_read();
-            let (data_key, key_version, sealed_key) = keyring.new_data_key(&owner)?;
-            let binding = params_binding(&data_key, target, &new.params, new.checked.expires_at);
-            let secrets = new
-                .secrets
-                .iter()
-                .map(|(field, value)| {
-                    let value = value.expose_secret();
-                    Ok(SecretRecord {
-                        sealed: crypto::seal(
-                            keyring.rng(),
-                            &data_key,
-                            value.as_bytes(),
-                            &secret_aad(target, field),
-                        )?,
-                        hint: hint(value),
-                        fingerprint: keyring.fingerprint(value.as_bytes()),
-                        field: field.clone(),
-                    })
-                })
-                .collect::<Result<Vec<_>, VaultError>>()?;
-            (key_version, sealed_key, secrets, binding)
+        // A replica can retire the version this one still takes for primary;
+        // the store refuses a write under a version not active at its commit.
+        // Reload the key versions and wrap again under the primary then.
+        let mut attempts = 0;
+        let (stored, appended, key_version, encryptions) = loop {
+            let (record, event, key_version) =
+                self.seal_record(&new, last_validation.clone(), context)?;
+            match self.store.put(record, event).await {
+                Ok((stored, appended, encryptions)) => {
+                    break (stored, appended, key_version, encryptions)
+                }
+                Err(StoreError::VersionRetired(version)) if attempts < STORE_ATTEMPTS => {
+                    attempts += 1;
+                    tracing::info!(
+                        version,
+                        "Store: key version retired meanwhile; wrapping again"
+                    );
+                    self.sync_keyring().await?;
+                }
+                Err(e) => return Err(e.into()),
+            }
         };
+        self.audit.appended(&appended);
+        let primary = self.primary_key_version();
+        if key_version == primary {
+            self.primary_encryptions
+                .fetch_max(encryptions, Ordering::Relaxed);
+        }
+        // A Store that began before a rotation wrapped under the old version:
+        // the rewrap job moves it; the cap check (at the cluster's count) may rotate.
+        if key_version != primary || encryptions >= self.max_encryptions {
+            self.rewrap_wake.notify_one();
+        }
+        Ok(stored.into())
+    }
+
+    /// The row and event of a Store, its secrets sealed under a new data key
+    /// wrapped by the primary version; returns that version too.
+    fn seal_record(
+        &self,
+        new: &NewCredential,
+        last_validation: Option<String>,
+        context: &audit::Context,
+    ) -> Result<(CredentialRecord, Event, u32), VaultError> {
+        let target = &new.target;
+        let owner = target.owner();
+        let keyring = self.keyring_read();
+        let (data_key, key_version, sealed_key) = keyring.new_data_key(&owner)?;
+        let binding = params_binding(&data_key, target, &new.params, new.checked.expires_at);
+        let secrets = new
+            .secrets
+            .iter()
+            .map(|(field, value)| {
+                let value = value.expose_secret();
+                Ok(SecretRecord {
+                    sealed: crypto::seal(
+                        keyring.rng(),
+                        &data_key,
+                        value.as_bytes(),
+                        &secret_aad(target, field),
+                    )?,
+                    hint: hint(value),
+                    fingerprint: keyring.fingerprint(value.as_bytes()),
+                    field: field.clone(),
+                })
+            })
+            .collect::<Result<Vec<_>, VaultError>>()?;
+        drop(keyring);
         let now = SystemTime::now();
         let record = CredentialRecord {
             workspace_id: target.workspace_id.to_string(),
@@ -295,15 +339,7 @@ impl Vault {
                 ..audit::Details::default()
             },
         );
-        let (stored, appended) = self.store.put(record, event).await?;
-        self.audit.appended(&appended);
-        let encryptions = self.primary_encryptions.fetch_add(1, Ordering::Relaxed) + 1;
-        // A Store that began before a rotation wrapped under the old version:
-        // the rewrap job moves it; the cap check may rotate.
-        if key_version != self.primary_key_version() || encryptions >= self.max_encryptions {
-            self.rewrap_wake.notify_one();
-        }
-        Ok(stored.into())
+        Ok((record, event, key_version))
     }
 
     /// The connection's metadata and redacted secrets.
@@ -635,6 +671,9 @@ fn with_binding_fields<R>(
     }
     f(&fields)
 }
+
+/// How many times a Store wraps again after its key version was retired meanwhile.
+const STORE_ATTEMPTS: u32 = 3;
 
 /// Once, for a database written before params were bound, with every
 /// replica stopped (`credvault keys bind-params`): binds every connected

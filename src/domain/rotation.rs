@@ -327,6 +327,10 @@ pub async fn run(vault: Arc<Vault>) {
             Err(e) => {
                 tracing::warn!(error = %e, "rewrap interrupted; retrying shortly");
                 tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                // Its target version may have been retired by another replica.
+                if let Err(e) = vault.sync_keyring().await {
+                    tracing::warn!(error = %e, "cannot reload the key versions from the database");
+                }
                 vault.rewrap_wake.notify_one();
             }
         }

@@ -309,6 +309,10 @@ pub enum StoreError {
     /// Another process holds the database in a way that excludes `wanted`.
     #[error("{}", held_message(*.0))]
     Held(Hold),
+    /// A write wrapped under a key version another replica retired; nothing
+    /// was written: wrap under the current primary and write again.
+    #[error("key version {0} was retired meanwhile")]
+    VersionRetired(u32),
     /// A transaction's own check refused to write.
     #[error("{0}")]
     Refused(String),
@@ -348,12 +352,15 @@ pub trait Store: Send + Sync + 'static {
     /// Persists a new store's first key material.
     async fn init_keys(&self, material: NewKeyMaterial) -> Result<(), StoreError>;
     /// Inserts or replaces a connection (keeping its `created_at`) and appends
-    /// `event` in the same transaction. Returns the row as stored.
+    /// `event` in the same transaction. Its data key's version must be active
+    /// at the commit ([`StoreError::VersionRetired`] otherwise, nothing
+    /// written). Returns the row as stored and that version's encryptions so
+    /// far, counted in the database across replicas.
     async fn put(
         &self,
         record: CredentialRecord,
         event: Event,
-    ) -> Result<(CredentialRecord, StoredEvent), StoreError>;
+    ) -> Result<(CredentialRecord, StoredEvent, u64), StoreError>;
     async fn get(
         &self,
         workspace_id: &str,

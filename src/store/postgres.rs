@@ -521,13 +521,24 @@ async fn sealed_material(
     .transpose()
 }
 
-async fn count_encryptions(c: &impl GenericClient, version: u32, n: u64) -> Result<(), StoreError> {
-    c.execute(
-        "UPDATE key_versions SET encryptions = encryptions + $2 WHERE version = $1",
-        &[&version_i32(version), &seq_i64(n)],
-    )
-    .await?;
-    Ok(())
+/// Counts `n` data keys wrapped under `version`, which must still be active
+/// when this transaction takes the version's row lock (a Retire holds it
+/// until it commits): a key another replica retired a moment ago wraps
+/// nothing. Returns the version's encryptions so far, across replicas.
+async fn count_encryptions(
+    c: &impl GenericClient,
+    version: u32,
+    n: u64,
+) -> Result<u64, StoreError> {
+    let row = c
+        .query_opt(
+            "UPDATE key_versions SET encryptions = encryptions + $2 \
+             WHERE version = $1 AND state = 'active' RETURNING encryptions",
+            &[&version_i32(version), &seq_i64(n)],
+        )
+        .await?
+        .ok_or(StoreError::VersionRetired(version))?;
+    seq_u64(row.try_get(0)?)
 }
 
 fn status_text(status: StoredStatus) -> &'static str {
@@ -606,7 +617,7 @@ impl Store for PostgresStore {
         &self,
         record: CredentialRecord,
         event: Event,
-    ) -> Result<(CredentialRecord, StoredEvent), StoreError> {
+    ) -> Result<(CredentialRecord, StoredEvent, u64), StoreError> {
         let mut c = self.client().await?;
         let tx = c.transaction().await?;
         let key = record.data_key.as_ref();
@@ -670,14 +681,15 @@ impl Store for PostgresStore {
             .ok_or(StoreError::Corrupt("row vanished after write"))?;
         // Last, the two rows every Store shares (the key version's counter and
         // the audit head), so their locks are held only until the commit.
-        if let Some(k) = key {
-            count_encryptions(&tx, k.key_version, 1).await?;
-        }
+        let encryptions = match key {
+            Some(k) => count_encryptions(&tx, k.key_version, 1).await?,
+            None => 0,
+        };
         let stored = append_in(&tx, event).await?;
         tx.commit()
             .await
             .map_err(|e| StoreError::Commit(e.to_string()))?;
-        Ok((row, stored))
+        Ok((row, stored, encryptions))
     }
 
     async fn get(

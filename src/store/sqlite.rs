@@ -397,11 +397,13 @@ fn delete_secrets(tx: &Connection, workspace_id: &str, provider: &str) -> rusqli
         .execute(params![workspace_id, provider])
 }
 
+/// Writes the row, its secrets and its event; returns the event, whether
+/// secrets were replaced, and the data key's version's encryptions so far.
 fn put_tx(
     tx: &Connection,
     record: &CredentialRecord,
     event: Event,
-) -> Result<(StoredEvent, bool), StoreError> {
+) -> Result<(StoredEvent, bool, u64), StoreError> {
     let key = record.data_key.as_ref();
     let params_json = serde_json::to_string(&record.params)
         .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
@@ -433,9 +435,10 @@ fn put_tx(
         record.last_validation,
         record.binding,
     ])?;
-    if let Some(k) = key {
-        count_encryptions(tx, k.key_version, 1)?;
-    }
+    let encryptions = match key {
+        Some(k) => count_encryptions(tx, k.key_version, 1)?,
+        None => 0,
+    };
     let replaced = delete_secrets(tx, &record.workspace_id, &record.provider)? > 0;
     {
         let mut insert = tx.prepare_cached(
@@ -455,13 +458,20 @@ fn put_tx(
             ])?;
         }
     }
-    append_in(tx, event).map(|stored| (stored, replaced))
+    append_in(tx, event).map(|stored| (stored, replaced, encryptions))
 }
 
-fn count_encryptions(tx: &Connection, version: u32, n: u64) -> rusqlite::Result<()> {
-    tx.prepare_cached("UPDATE key_versions SET encryptions = encryptions + ?2 WHERE version = ?1")?
-        .execute(params![version, n])?;
-    Ok(())
+/// Counts `n` data keys wrapped under `version`, which must still be active
+/// in this transaction: a key another replica retired a moment ago wraps
+/// nothing. Returns the version's encryptions so far, across replicas.
+fn count_encryptions(tx: &Connection, version: u32, n: u64) -> Result<u64, StoreError> {
+    tx.prepare_cached(
+        "UPDATE key_versions SET encryptions = encryptions + ?2 \
+         WHERE version = ?1 AND state = 'active' RETURNING encryptions",
+    )?
+    .query_row(params![version, n], |r| r.get(0))
+    .optional()?
+    .ok_or(StoreError::VersionRetired(version))
 }
 
 /// The active key-encryption key versions, oldest first.
@@ -671,23 +681,23 @@ impl Store for SqliteStore {
         &self,
         record: CredentialRecord,
         event: Event,
-    ) -> Result<(CredentialRecord, StoredEvent), StoreError> {
+    ) -> Result<(CredentialRecord, StoredEvent, u64), StoreError> {
         // Replaced secrets and their data key are destroyed material: the
         // writer empties the WAL in the background soon after (one checkpoint
         // for many Stores), counting it as pending until then. The Store has
         // happened either way, so its answer does not wait.
-        let ((row, stored, _), _) = self
+        let ((row, stored, _, encryptions), _) = self
             .inner
             .writer
             .write(
                 move |conn| {
-                    let (stored, replaced) =
+                    let (stored, replaced, encryptions) =
                         put_tx(conn, &record, event).map_err(classify_store)?;
                     let row = load_credential(conn, &record.workspace_id, &record.provider)?
                         .ok_or(StoreError::Corrupt("row vanished after write"))?;
-                    Ok((row, stored, replaced))
+                    Ok((row, stored, replaced, encryptions))
                 },
-                |(_, _, replaced)| {
+                |(_, _, replaced, _)| {
                     if *replaced {
                         Destroys::Soon
                     } else {
@@ -696,7 +706,7 @@ impl Store for SqliteStore {
                 },
             )
             .await?;
-        Ok((row, stored))
+        Ok((row, stored, encryptions))
     }
 
     async fn get(
