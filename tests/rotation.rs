@@ -491,3 +491,65 @@ async fn rotate_root_refuses_while_a_vault_serves() {
         .to_string();
     assert!(err.contains("needs every vault stopped"), "{err}");
 }
+
+/// A vault that lost its hold on the database (its lock file removed, its
+/// PostgreSQL lock session killed) does not stop `rotate-root`; it must
+/// then seal nothing under the root key it still holds. (Before: its next
+/// Rotate sealed a key version under the old root key, and neither root
+/// key opened the database.)
+#[tokio::test]
+async fn a_vault_that_lost_its_hold_seals_nothing_under_a_stale_root_key() {
+    let dir = VaultDir::new();
+    let vault = dir.start().await;
+    let mut c = vault.client().await;
+    c.store(amplitude("ws", SECRET, SECRET)).await.unwrap();
+    if common::on_sqlite() {
+        std::fs::remove_file(format!("{}.lock", dir.db().display())).unwrap();
+    } else {
+        dir.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' \
+             AND mode = 'ShareLock' \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            &[],
+        );
+    }
+    let config_path = dir.path().join("credvault.toml");
+    std::fs::write(&config_path, dir.config().to_toml()).unwrap();
+    let new_root = dir.path().join("new-root.key");
+    common::write_private(&new_root, "9f".repeat(32).as_bytes());
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_credvault"))
+        .args(["keys", "rotate-root", "--config"])
+        .arg(&config_path)
+        .arg("--new-root-key")
+        .arg(&new_root)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let mut admin = admin(&dir, &vault).await;
+    let err = admin.rotate(RotateRequest {}).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("resealed under another root key"),
+        "{}",
+        err.message()
+    );
+    drop((c, admin));
+    vault.stop().await;
+    let mut config = dir.config();
+    config.keys.root_key_file = Some(new_root);
+    let vault = dir.start_with(config).await;
+    let redacted = vault
+        .client()
+        .await
+        .redact(reference("ws", "amplitude"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(redacted.key_version, 1);
+}

@@ -8,13 +8,14 @@ use tokio::sync::watch;
 use super::VaultError;
 use crate::audit::{Checkpoint, Event, SignedHead, Signer, StoredEvent, GENESIS};
 use crate::crypto::RootKey;
-use crate::store::Store;
+use crate::store::{RootWitness, Store};
 
 const SIGNING_KEY: &str = "audit-signing";
 
 pub struct AuditLog {
     store: Arc<dyn Store>,
     signer: Signer,
+    witness: RootWitness,
     /// Fixed when the database was created; every signed head names it.
     database_id: Vec<u8>,
     head: watch::Sender<u64>,
@@ -33,10 +34,12 @@ impl AuditLog {
     /// Unseals the audit signing key with `root`, creating one for a new store.
     pub(super) async fn open(store: Arc<dyn Store>, root: &RootKey) -> Result<Self, VaultError> {
         let rng = SystemRandom::new();
-        let signer = match store.key_material(SIGNING_KEY).await? {
+        let (signer, sealed) = match store.key_material(SIGNING_KEY).await? {
             Some(sealed) => {
                 let pkcs8 = root.open(SIGNING_KEY, &sealed)?;
-                Signer::from_pkcs8(pkcs8.expose_secret()).ok_or(VaultError::DataLoss)?
+                let signer =
+                    Signer::from_pkcs8(pkcs8.expose_secret()).ok_or(VaultError::DataLoss)?;
+                (signer, sealed)
             }
             None => {
                 let pkcs8 = Signer::generate(&rng).ok_or_else(|| {
@@ -51,7 +54,9 @@ impl AuditLog {
                     .await?
                     .ok_or(VaultError::DataLoss)?;
                 let pkcs8 = root.open(SIGNING_KEY, &sealed)?;
-                Signer::from_pkcs8(pkcs8.expose_secret()).ok_or(VaultError::DataLoss)?
+                let signer =
+                    Signer::from_pkcs8(pkcs8.expose_secret()).ok_or(VaultError::DataLoss)?;
+                (signer, sealed)
             }
         };
         let database_id = store
@@ -62,9 +67,18 @@ impl AuditLog {
         Ok(Self {
             store,
             signer,
+            witness: RootWitness {
+                purpose: SIGNING_KEY,
+                sealed,
+            },
             database_id,
             head: watch::Sender::new(head),
         })
+    }
+
+    /// The signing key as this vault found it sealed under its root key.
+    pub(super) fn root_witness(&self) -> &RootWitness {
+        &self.witness
     }
 
     /// Appends an event for a call that changed nothing. Fails closed: the

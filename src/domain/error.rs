@@ -57,7 +57,7 @@ impl From<StoreError> for VaultError {
                 VaultError::AuditUnavailable
             }
             StoreError::Corrupt(_) => VaultError::DataLoss,
-            StoreError::Held(_) | StoreError::Refused(_) => {
+            StoreError::Held(_) | StoreError::Refused(_) | StoreError::RootChanged => {
                 VaultError::FailedPrecondition(e.to_string())
             }
             StoreError::Database(ref db)

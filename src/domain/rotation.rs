@@ -57,7 +57,8 @@ impl Vault {
         let version = wrapped.version;
         let event = Event::new(context, audit::OUTCOME_OK, versioned(version));
         // Persisted first: a data key must never name a version the database lacks.
-        let stored = self.store.add_key_version(wrapped, event).await?;
+        let witness = self.audit.root_witness().clone();
+        let stored = self.store.add_key_version(wrapped, event, witness).await?;
         self.audit.appended(&stored);
         self.keyring_write().install(version, key);
         self.primary_encryptions.store(0, Ordering::Relaxed);

@@ -266,6 +266,23 @@ pub struct RootSealed {
     pub material: Vec<(String, Sealed)>,
 }
 
+/// One key as a vault found it sealed under its root key at start-up. If the
+/// stored bytes differ later, the database was resealed under another root
+/// key (`keys rotate-root`) while the vault ran, and anything it sealed now
+/// would open under neither key.
+#[derive(Debug, Clone)]
+pub struct RootWitness {
+    pub purpose: &'static str,
+    pub sealed: Sealed,
+}
+
+impl RootWitness {
+    fn holds(&self, stored: Option<&Sealed>) -> bool {
+        stored
+            .is_some_and(|s| s.nonce == self.sealed.nonce && s.ciphertext == self.sealed.ciphertext)
+    }
+}
+
 /// Turns the root-sealed keys read inside a transaction into the ones to
 /// write in it, or says why not (nothing is written then).
 pub type Reseal = Box<dyn FnOnce(RootSealed) -> Result<RootSealed, String> + Send>;
@@ -313,6 +330,13 @@ pub enum StoreError {
     /// was written: wrap under the current primary and write again.
     #[error("key version {0} was retired meanwhile")]
     VersionRetired(u32),
+    /// The database's keys were resealed under another root key since this
+    /// vault started; nothing was written.
+    #[error(
+        "the database's keys were resealed under another root key (`keys rotate-root`) while \
+         this vault was serving; nothing was changed. Restart every vault with the new root key"
+    )]
+    RootChanged,
     /// A transaction's own check refused to write.
     #[error("{0}")]
     Refused(String),
@@ -417,11 +441,14 @@ pub trait Store: Send + Sync + 'static {
     /// signed head names.
     async fn database_id(&self) -> Result<Option<Vec<u8>>, StoreError>;
     /// Adds a key-encryption key version, with `event` in the same
-    /// transaction; the highest active version is primary.
+    /// transaction; the highest active version is primary. Refused
+    /// ([`StoreError::RootChanged`]) unless `witness` still holds in that
+    /// transaction.
     async fn add_key_version(
         &self,
         version: WrappedKeyVersion,
         event: Event,
+        witness: RootWitness,
     ) -> Result<StoredEvent, StoreError>;
     /// Every version, retired ones included, with its counts.
     async fn key_versions(&self) -> Result<Vec<KeyVersionRow>, StoreError>;

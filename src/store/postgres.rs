@@ -15,8 +15,8 @@ use zeroize::Zeroizing;
 
 use super::{
     millis, sealed_from, time, CredentialRecord, Hold, KeyVersionRow, ParamsBinding, Reseal,
-    RetireOutcome, Rewrapped, RootSealed, SecretRecord, Shred, StaleDataKey, Store, StoreError,
-    StoredKeys, StoredStatus, WrappedDataKey,
+    RetireOutcome, Rewrapped, RootSealed, RootWitness, SecretRecord, Shred, StaleDataKey, Store,
+    StoreError, StoredKeys, StoredStatus, WrappedDataKey,
 };
 use crate::audit::{chain_hash, Checkpoint, Event, StoredEvent, HASH_LEN};
 use crate::crypto::{NewKeyMaterial, Sealed, WrappedKeyVersion};
@@ -932,9 +932,22 @@ impl Store for PostgresStore {
         &self,
         v: WrappedKeyVersion,
         event: Event,
+        witness: RootWitness,
     ) -> Result<StoredEvent, StoreError> {
         let mut c = self.client().await?;
         let tx = c.transaction().await?;
+        // FOR SHARE waits for a reseal that holds the row, then reads what it wrote.
+        let stored = tx
+            .query_opt(
+                "SELECT nonce, wrapped_key FROM key_material WHERE purpose = $1 FOR SHARE",
+                &[&witness.purpose],
+            )
+            .await?
+            .map(|r| sealed_from(r.try_get(0)?, r.try_get(1)?))
+            .transpose()?;
+        if !witness.holds(stored.as_ref()) {
+            return Err(StoreError::RootChanged);
+        }
         tx.execute(
             "INSERT INTO key_versions (version, nonce, wrapped_key, created_at) VALUES ($1, $2, $3, $4)",
             &[
@@ -1092,6 +1105,10 @@ impl Store for PostgresStore {
     async fn reseal_root(&self, reseal: Reseal, event: Event) -> Result<StoredEvent, StoreError> {
         let mut c = self.client().await?;
         let tx = c.transaction().await?;
+        // No key version is added until this commits: a replica's insert
+        // waits, then finds its root witness changed.
+        tx.batch_execute("LOCK TABLE key_versions IN EXCLUSIVE MODE")
+            .await?;
         let versions = active_key_versions(&tx).await?;
         let material = tx
             .query(

@@ -11,8 +11,8 @@ use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row};
 use super::writer::{Destroys, Writer};
 use super::{
     millis, sealed_from, time, AuditRecord, CredentialRecord, Hold, KeyVersionRow, ParamsBinding,
-    Reseal, RetireOutcome, Rewrapped, RootSealed, SecretRecord, Shred, StaleDataKey, Store,
-    StoreError, StoredKeys, StoredStatus, WrappedDataKey,
+    Reseal, RetireOutcome, Rewrapped, RootSealed, RootWitness, SecretRecord, Shred, StaleDataKey,
+    Store, StoreError, StoredKeys, StoredStatus, WrappedDataKey,
 };
 use crate::audit::{chain_hash, Checkpoint, Event, StoredEvent, GENESIS, HASH_LEN};
 use crate::crypto::{NewKeyMaterial, Sealed, WrappedKeyVersion};
@@ -896,8 +896,12 @@ impl Store for SqliteStore {
         &self,
         v: WrappedKeyVersion,
         event: Event,
+        witness: RootWitness,
     ) -> Result<StoredEvent, StoreError> {
         self.write(move |conn| {
+            if !witness.holds(sealed_material(conn, witness.purpose)?.as_ref()) {
+                return Err(StoreError::RootChanged);
+            }
             conn.execute(
                 "INSERT INTO key_versions (version, nonce, wrapped_key, created_at) VALUES (?1, ?2, ?3, ?4)",
                 params![v.version, v.sealed.nonce.as_slice(), v.sealed.ciphertext, millis(SystemTime::now())],
