@@ -607,6 +607,16 @@ async fn a_saved_head_and_the_anchor_file_catch_a_deleted_tail() {
     let (ok, text) = verify(&["--config"], &anchored);
     assert!(!ok && text.contains("kept outside the database"), "{text}");
 
+    let check = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&anchored)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        !check.status.success() && text.contains("✗ audit.anchor_file"),
+        "{text}"
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let refused = credvault::run(with_anchor, listener, async {}).await;
     let err = refused.expect_err("the vault served a database behind its anchor");

@@ -191,6 +191,18 @@ impl Checkpoint {
     }
 }
 
+/// Whether a log of `database_id` whose event at `head.sequence` is `at`
+/// reaches `head`: same database (or a head from before heads named one),
+/// same hash there. Sequence 0 is the empty log's genesis.
+pub fn reaches(head: &Checkpoint, database_id: Option<&[u8]>, at: Option<&StoredEvent>) -> bool {
+    let same_database = head.database_id.is_empty() || database_id == Some(&head.database_id);
+    let hash = match head.sequence {
+        0 => Some(GENESIS),
+        n => at.filter(|e| e.sequence == n).map(|e| e.hash),
+    };
+    same_database && hash.is_some_and(|h| h.as_slice() == head.hash.as_slice())
+}
+
 /// A signed head with the public key that signed it: one line of JSON, the
 /// form `audit head` prints, an export ends with, and an anchor file holds.
 /// The key is the signer's claim; only a key the verifier already trusts

@@ -52,6 +52,9 @@ pub async fn run(path: &Path) -> Result<(), String> {
             open_database(&config, &root).await,
         );
     }
+    if let Some(anchor) = &config.audit.anchor_file {
+        report("audit.anchor_file", anchor_reached(&config, anchor).await);
+    }
     report(
         "outbound HTTP client (extra CA)",
         crate::outbound::Outbound::new(&config.outbound)
@@ -66,19 +69,66 @@ pub async fn run(path: &Path) -> Result<(), String> {
     }
 }
 
-async fn open_database(config: &Config, root: &RootKey) -> Result<String, String> {
-    let store = if config.storage.backend == Backend::Postgres {
+/// The configured store; `None` for a SQLite file that does not exist yet.
+async fn open_store(config: &Config) -> Result<Option<Arc<dyn Store>>, String> {
+    if config.storage.backend == Backend::Postgres {
         crate::store::open(&config.storage)
             .await
-            .map_err(|e| e.to_string())?
+            .map(Some)
+            .map_err(|e| e.to_string())
     } else {
-        let Some(store) = open_sqlite(&config.storage.path)? else {
-            return Ok(format!(
-                " ({} does not exist yet; serve creates it)",
-                config.storage.path.display()
-            ));
-        };
-        store
+        open_sqlite(&config.storage.path)
+    }
+}
+
+fn not_created_yet(config: &Config) -> String {
+    format!(
+        " ({} does not exist yet; serve creates it)",
+        config.storage.path.display()
+    )
+}
+
+/// Whether the log reaches the anchor file's last head, as `serve` requires.
+async fn anchor_reached(config: &Config, anchor: &Path) -> Result<String, String> {
+    if !anchor.exists() {
+        return Ok(format!(
+            " ({} does not exist yet; serve creates it)",
+            anchor.display()
+        ));
+    }
+    let heads = crate::audit::anchor::read(anchor)?;
+    let Some(last) = heads.last().map(|h| &h.head) else {
+        return Ok(" (empty)".to_owned());
+    };
+    let Some(store) = open_store(config).await? else {
+        return Err("the database does not exist, but the anchor file has heads".into());
+    };
+    let id = store.database_id().await.map_err(|e| e.to_string())?;
+    let at = match last.sequence {
+        0 => None,
+        n => store
+            .audit_after(n - 1, 1)
+            .await
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .next(),
+    };
+    if !crate::audit::reaches(last, id.as_deref(), at.as_ref()) {
+        return Err(format!(
+            "the database's audit log does not reach the last head in the file (event {}): \
+             serve will refuse it; `credvault audit verify --config` names what is wrong",
+            last.sequence
+        ));
+    }
+    Ok(format!(
+        " (the log reaches its last head, event {})",
+        last.sequence
+    ))
+}
+
+async fn open_database(config: &Config, root: &RootKey) -> Result<String, String> {
+    let Some(store) = open_store(config).await? else {
+        return Ok(not_created_yet(config));
     };
     let Some(keys) = store.load_keys().await.map_err(|e| e.to_string())? else {
         return Ok(" (no keys yet; serve creates them)".to_owned());

@@ -148,20 +148,15 @@ impl AuditLog {
     /// Whether this log reaches `head`: it names this database (or none, if
     /// signed before heads named one) and the event at its sequence has its hash.
     pub async fn reaches(&self, head: &Checkpoint) -> Result<bool, VaultError> {
-        if !head.database_id.is_empty() && head.database_id != self.database_id {
-            return Ok(false);
-        }
-        let hash = match head.sequence {
-            0 => Some(GENESIS),
-            n => self
-                .store
-                .audit_after(n - 1, 1)
-                .await?
-                .first()
-                .filter(|e| e.sequence == n)
-                .map(|e| e.hash),
+        let at = match head.sequence {
+            0 => None,
+            n => self.store.audit_after(n - 1, 1).await?.into_iter().next(),
         };
-        Ok(hash.is_some_and(|h| h.as_slice() == head.hash.as_slice()))
+        Ok(crate::audit::reaches(
+            head,
+            Some(&self.database_id),
+            at.as_ref(),
+        ))
     }
 
     pub fn public_key(&self) -> &[u8] {
