@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use common::{amplitude, contains_bytes, reference, TestVault, VaultDir};
@@ -39,6 +40,24 @@ async fn rewrap_finished(admin: &mut KeyAdminClient<Channel>) -> KeyStatus {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     panic!("the rewrap never finished: {:?}", status(admin).await);
+}
+
+/// Runs `credvault keys rotate-root` on `dir`'s database, to a new root key
+/// of 32 bytes `byte` (two hex digits) written to `file` in `dir`.
+async fn rotate_root_to(dir: &VaultDir, file: &str, byte: &str) -> (std::process::Output, PathBuf) {
+    let config_path = dir.path().join("credvault.toml");
+    std::fs::write(&config_path, dir.config().to_toml()).unwrap();
+    let new_root = dir.path().join(file);
+    common::write_private(&new_root, byte.repeat(32).as_bytes());
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_credvault"))
+        .args(["keys", "rotate-root", "--config"])
+        .arg(&config_path)
+        .arg("--new-root-key")
+        .arg(&new_root)
+        .output()
+        .await
+        .unwrap();
+    (out, new_root)
 }
 
 /// A vault whose Amplitude US host is an HTTPS fake that accepts every key.
@@ -259,31 +278,16 @@ async fn root_key_rotation_locks_out_the_old_root_key() {
     drop(c);
     vault.stop().await;
 
-    let config_path = dir.path().join("credvault.toml");
-    std::fs::write(&config_path, dir.config().to_toml()).unwrap();
-    let rotate_to = |new_root: &std::path::Path| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_credvault"))
-            .args(["keys", "rotate-root", "--config"])
-            .arg(&config_path)
-            .arg("--new-root-key")
-            .arg(new_root)
-            .output()
-            .unwrap()
-    };
     // The current key again, in another file: refused, or "the old key opens
     // nothing" would be false.
-    let same = dir.path().join("same-root.key");
-    common::write_private(&same, "AB".repeat(32).as_bytes());
-    let out = rotate_to(&same);
+    let (out, _) = rotate_root_to(&dir, "same-root.key", "AB").await;
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("is the current root key"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let new_root = dir.path().join("new-root.key");
-    common::write_private(&new_root, "9f".repeat(32).as_bytes());
-    let out = rotate_to(&new_root);
+    let (out, new_root) = rotate_root_to(&dir, "new-root.key", "9f").await;
     assert!(
         out.status.success(),
         "{}",
@@ -445,18 +449,7 @@ async fn rotate_root_refuses_while_a_vault_serves() {
     };
     let before = sealed();
 
-    let config_path = dir.path().join("credvault.toml");
-    std::fs::write(&config_path, dir.config().to_toml()).unwrap();
-    let new_root = dir.path().join("new-root.key");
-    common::write_private(&new_root, "9f".repeat(32).as_bytes());
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_credvault"))
-        .args(["keys", "rotate-root", "--config"])
-        .arg(&config_path)
-        .arg("--new-root-key")
-        .arg(&new_root)
-        .output()
-        .await
-        .unwrap();
+    let (out, _) = rotate_root_to(&dir, "new-root.key", "9f").await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "rotate-root ran under a live vault");
     assert!(
@@ -513,18 +506,7 @@ async fn a_vault_that_lost_its_hold_seals_nothing_under_a_stale_root_key() {
             &[],
         );
     }
-    let config_path = dir.path().join("credvault.toml");
-    std::fs::write(&config_path, dir.config().to_toml()).unwrap();
-    let new_root = dir.path().join("new-root.key");
-    common::write_private(&new_root, "9f".repeat(32).as_bytes());
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_credvault"))
-        .args(["keys", "rotate-root", "--config"])
-        .arg(&config_path)
-        .arg("--new-root-key")
-        .arg(&new_root)
-        .output()
-        .await
-        .unwrap();
+    let (out, new_root) = rotate_root_to(&dir, "new-root.key", "9f").await;
     assert!(
         out.status.success(),
         "{}",
