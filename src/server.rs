@@ -46,11 +46,14 @@ pub enum ServeError {
     Policy(String),
     #[error(
         "the audit log in the database does not reach the last head in audit.anchor_file {path} \
-         (event {sequence}): events were deleted, or this is an older copy of the database (a \
-         restored backup). `credvault audit verify --config` names what is wrong. To serve a \
-         restored backup on purpose, move the anchor file aside first"
+         (event {sequence}): {why}. `credvault audit verify --config` names what is wrong. To \
+         serve a restored backup on purpose, move the anchor file aside first"
     )]
-    BehindAnchor { path: PathBuf, sequence: u64 },
+    BehindAnchor {
+        path: PathBuf,
+        sequence: u64,
+        why: String,
+    },
     #[error("audit.anchor_file: {0}")]
     Anchor(String),
 }
@@ -140,6 +143,7 @@ pub async fn run(
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let (stopping, stopping_rx) = tokio::sync::watch::channel(false);
+    let last_checkpoint = Arc::clone(&vault);
     let edge = edge::Edge {
         vault,
         policy,
@@ -180,6 +184,8 @@ pub async fn run(
         }
     };
     drop(tasks);
+    // The head as the vault leaves it, signed, stored and anchored.
+    checkpoint(&last_checkpoint, 0, config.audit.anchor_file.as_deref()).await;
     result
 }
 
@@ -254,35 +260,82 @@ fn watch_sighup(
     }))
 }
 
-/// Refuses a database whose audit log does not reach the newest head in the
-/// anchor file; appends the current head, so the file exists and is writable.
+/// Refuses a database whose audit log does not continue from the highest
+/// head in the anchor file, or that already has events while the file is
+/// gone; then appends the current head, so the file exists and is writable.
 async fn check_anchor(vault: &Vault, path: &Path) -> Result<(), ServeError> {
-    if path.exists() {
-        let heads = crate::audit::anchor::read(path).map_err(ServeError::Anchor)?;
-        if let Some(last) = heads.last() {
-            if !vault.audit().reaches(&last.head).await? {
-                return Err(ServeError::BehindAnchor {
-                    path: path.to_owned(),
-                    sequence: last.head.sequence,
-                });
+    let log = vault.audit();
+    match std::fs::symlink_metadata(path) {
+        Ok(_) => {
+            let heads = crate::audit::anchor::read(path).map_err(ServeError::Anchor)?;
+            let highest = heads.iter().map(|h| &h.head).max_by_key(|h| h.sequence);
+            if let Some(head) = highest {
+                if let Some(why) = log.continues_from(head).await? {
+                    return Err(ServeError::BehindAnchor {
+                        path: path.to_owned(),
+                        sequence: head.sequence,
+                        why,
+                    });
+                }
             }
         }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let events = *log.watch().borrow();
+            if events > 0 {
+                return Err(ServeError::Anchor(format!(
+                    "{} does not exist, but the database already holds {events} audit events: \
+                     the file was removed, or the anchor is new for this database. To start \
+                     anchoring this database, create the file empty (`touch {}`)",
+                    path.display(),
+                    path.display()
+                )));
+            }
+        }
+        Err(e) => return Err(ServeError::Anchor(format!("{}: {e}", path.display()))),
     }
-    let head = vault.audit().signed_head().await?;
+    let head = log.signed_head().await?;
     crate::audit::anchor::append(path, &head)?;
     Ok(())
 }
 
+/// Signs and stores a checkpoint unless the one at `last` covers the head,
+/// and appends it to the anchor file, if any. Returns the newest checkpoint.
+async fn checkpoint(vault: &Vault, last: u64, anchor: Option<&Path>) -> u64 {
+    let signed = match vault.audit().checkpoint(last).await {
+        Ok(Some(signed)) => signed,
+        Ok(None) => return last,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not sign an audit checkpoint");
+            return last;
+        }
+    };
+    let sequence = signed.head.sequence;
+    if let Some(path) = anchor {
+        let path = path.to_owned();
+        let written =
+            tokio::task::spawn_blocking(move || crate::audit::anchor::append(&path, &signed)).await;
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "could not append to the audit anchor file"),
+            Err(e) => tracing::error!(error = %e, "could not append to the audit anchor file"),
+        }
+    }
+    sequence
+}
+
 /// Signs the audit head every `checkpoint_every` events, and every
-/// `checkpoint_interval_ms` while events arrive, and appends each to the
-/// anchor file, when there is one.
+/// `checkpoint_interval_ms` while events arrive (a steady trickle of events
+/// does not hold the interval off), appending each to the anchor file.
 async fn checkpoints(vault: Arc<Vault>, config: AuditConfig) {
     let mut head = vault.audit().watch();
     let mut last = 0;
-    let interval = Duration::from_millis(config.checkpoint_interval_ms.max(1));
+    let mut every =
+        tokio::time::interval(Duration::from_millis(config.checkpoint_interval_ms.max(1)));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    every.tick().await;
     loop {
         tokio::select! {
-            () = tokio::time::sleep(interval) => {}
+            _ = every.tick() => {}
             changed = head.changed() => {
                 if changed.is_err() {
                     return;
@@ -292,29 +345,7 @@ async fn checkpoints(vault: Arc<Vault>, config: AuditConfig) {
                 }
             }
         }
-        match vault.audit().checkpoint(last).await {
-            Ok(Some(signed)) => {
-                last = signed.head.sequence;
-                if let Some(path) = &config.anchor_file {
-                    let path = path.clone();
-                    let written = tokio::task::spawn_blocking(move || {
-                        crate::audit::anchor::append(&path, &signed)
-                    })
-                    .await;
-                    match written {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => {
-                            tracing::error!(error = %e, "could not append to the audit anchor file")
-                        }
-                        Err(e) => {
-                            tracing::error!(error = %e, "could not append to the audit anchor file")
-                        }
-                    }
-                }
-            }
-            Ok(None) => {}
-            Err(e) => tracing::warn!(error = %e, "could not sign an audit checkpoint"),
-        }
+        last = checkpoint(&vault, last, config.anchor_file.as_deref()).await;
     }
 }
 

@@ -750,3 +750,106 @@ async fn verify_without_a_key_says_it_checked_no_signature() {
     let (ok, text) = verify(&["--config"], &path);
     assert!(!ok && text.contains("NOT VERIFIED"), "{text}");
 }
+
+fn anchored_heads(path: &std::path::Path) -> Vec<credvault::audit::SignedHead> {
+    credvault::audit::anchor::read(path).unwrap()
+}
+
+async fn refused(config: credvault::config::Config) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    credvault::run(config, listener, async {})
+        .await
+        .expect_err("the vault served")
+        .to_string()
+}
+
+/// The anchor at start-up, from the second adversarial review: a row forged
+/// to carry the anchored hash, an older head appended after the newest, the
+/// file removed; and the head the vault leaves at shutdown is anchored.
+#[tokio::test]
+async fn the_anchor_holds_against_a_forged_row_an_old_last_line_and_removal() {
+    let dir = VaultDir::new();
+    let anchor = dir.path().join("audit-anchor.jsonl");
+    let mut config = dir.config();
+    config.audit.anchor_file = Some(anchor.clone());
+    let vault = dir.start_with(config.clone()).await;
+    stores(&vault, 0, 5).await;
+    vault.stop().await;
+    let heads = anchored_heads(&anchor);
+    let top = heads.iter().map(|h| h.head.sequence).max().unwrap();
+    let newest = u64::try_from(dir.number("SELECT max(sequence) FROM audit_events")).unwrap();
+    assert_eq!(top, newest, "the head at shutdown is anchored");
+
+    // An older copy of the database, with one row forged at the anchored
+    // sequence to carry the anchored hash.
+    cut_log_after(&dir, 2);
+    let hash = data_encoding::HEXLOWER.encode(&heads.last().unwrap().head.hash);
+    let (zero, anchored) = if common::on_sqlite() {
+        ("zeroblob(32)".to_owned(), format!("X'{hash}'"))
+    } else {
+        (
+            format!("decode('{}', 'hex')", "00".repeat(32)),
+            format!("decode('{hash}', 'hex')"),
+        )
+    };
+    dir.execute(
+        &format!(
+            "INSERT INTO audit_events (sequence, event, previous_hash, hash) \
+             VALUES ({top}, '{{\"sequence\":{top}}}', {zero}, {anchored})"
+        ),
+        &[],
+    );
+    let err = refused(config.clone()).await;
+    assert!(err.contains("does not reach the last head"), "{err}");
+    dir.execute(
+        &format!("DELETE FROM audit_events WHERE sequence = {top}"),
+        &[],
+    );
+
+    // An older head appended after the newest one.
+    let first = std::fs::read_to_string(&anchor)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .to_owned();
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&anchor)
+        .unwrap();
+    std::io::Write::write_all(&mut file, format!("{first}\n").as_bytes()).unwrap();
+    let err = refused(config.clone()).await;
+    assert!(err.contains(&format!("(event {top})")), "{err}");
+
+    // The file removed while the database has events.
+    std::fs::remove_file(&anchor).unwrap();
+    let err = refused(config.clone()).await;
+    assert!(err.contains("touch"), "{err}");
+    std::fs::write(&anchor, "").unwrap();
+    dir.start_with(config).await.stop().await;
+}
+
+/// Events every 100 ms, a checkpoint interval of 400 ms and 1,000 events
+/// per checkpoint: the interval still fires. (Before: every event restarted
+/// the interval, and a steady trickle was never checkpointed.)
+#[tokio::test]
+async fn a_steady_trickle_of_events_does_not_hold_off_the_checkpoint() {
+    let dir = VaultDir::new();
+    let mut config = dir.config();
+    config.audit.checkpoint_every = 1_000;
+    config.audit.checkpoint_interval_ms = 400;
+    let vault = dir.start_with(config).await;
+    let mut c = vault.client().await;
+    for i in 0..15 {
+        c.store(amplitude(&format!("ws{i}"), CANARY, CANARY))
+            .await
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(
+        dir.number("SELECT count(*) FROM audit_checkpoints") > 0,
+        "no checkpoint in 1.5 s of events with a 400 ms interval"
+    );
+    drop(c);
+    vault.stop().await;
+}

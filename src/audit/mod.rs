@@ -9,7 +9,7 @@ use ring::digest;
 use ring::signature::{Ed25519KeyPair, KeyPair};
 use serde::{Deserialize, Serialize};
 
-pub use verify::{verify, Broken, Checked, Log};
+pub use verify::{verify, verify_links, Broken, Checked, Log};
 
 pub const HASH_LEN: usize = 32;
 pub const GENESIS: [u8; HASH_LEN] = [0; HASH_LEN];
@@ -189,18 +189,6 @@ impl Checkpoint {
             None => [HEAD_V1_PURPOSE, &self.sequence.to_be_bytes(), &self.hash].concat(),
         }
     }
-}
-
-/// Whether a log of `database_id` whose event at `head.sequence` is `at`
-/// reaches `head`: same database (or a head from before heads named one),
-/// same hash there. Sequence 0 is the empty log's genesis.
-pub fn reaches(head: &Checkpoint, database_id: Option<&[u8]>, at: Option<&StoredEvent>) -> bool {
-    let same_database = head.database_id.is_empty() || database_id == Some(&head.database_id);
-    let hash = match head.sequence {
-        0 => Some(GENESIS),
-        n => at.filter(|e| e.sequence == n).map(|e| e.hash),
-    };
-    same_database && hash.is_some_and(|h| h.as_slice() == head.hash.as_slice())
 }
 
 /// A signed head with the public key that signed it: one line of JSON, the

@@ -1,6 +1,6 @@
 //! Walks the chain and every signed head that vouches for it, and names the first broken link.
 
-use super::{chain_hash, signature_ok, Checkpoint, StoredEvent, GENESIS};
+use super::{chain_hash, signature_ok, Checkpoint, StoredEvent, GENESIS, HASH_LEN};
 
 /// A log to check: its events and the signed heads that vouch for them.
 #[derive(Debug, Clone, Copy, Default)]
@@ -117,8 +117,21 @@ fn verify_chain(events: &[StoredEvent]) -> Result<u64, Broken> {
     if let Some(first) = events.first().filter(|e| e.sequence != 1) {
         return Err(Broken::StartsLate(first.sequence));
     }
-    let mut previous = GENESIS;
-    for (e, expected) in events.iter().zip(1u64..) {
+    verify_links(events, 0, &GENESIS).map(|(last, _)| last)
+}
+
+/// Checks that `events` follow event `after`, whose hash is `previous`:
+/// consecutive sequences, each event well formed, linked to the one before
+/// and hashed over its own text. Returns the last sequence and hash.
+pub fn verify_links(
+    events: &[StoredEvent],
+    after: u64,
+    previous: &[u8; HASH_LEN],
+) -> Result<(u64, [u8; HASH_LEN]), Broken> {
+    let mut previous = *previous;
+    let mut last = after;
+    for e in events {
+        let expected = last + 1;
         if e.sequence != expected {
             return Err(Broken::Missing(expected));
         }
@@ -126,14 +139,15 @@ fn verify_chain(events: &[StoredEvent]) -> Result<u64, Broken> {
             return Err(Broken::Malformed(e.sequence));
         }
         if e.previous_hash != previous {
-            return Err(Broken::Unlinked(e.sequence, e.sequence - 1));
+            return Err(Broken::Unlinked(e.sequence, last));
         }
         if chain_hash(&previous, &e.canonical) != e.hash {
             return Err(Broken::Edited(e.sequence));
         }
         previous = e.hash;
+        last = e.sequence;
     }
-    Ok(events.len() as u64)
+    Ok((last, previous))
 }
 
 #[cfg(test)]

@@ -97,33 +97,27 @@ async fn anchor_reached(config: &Config, anchor: &Path) -> Result<String, String
         ));
     }
     let heads = crate::audit::anchor::read(anchor)?;
-    let Some(last) = heads.last().map(|h| &h.head) else {
+    let Some(highest) = heads.iter().map(|h| &h.head).max_by_key(|h| h.sequence) else {
         return Ok(" (empty)".to_owned());
     };
     let Some(store) = open_store(config).await? else {
         return Err("the database does not exist, but the anchor file has heads".into());
     };
-    let id = store.database_id().await.map_err(|e| e.to_string())?;
-    let at = match last.sequence {
-        0 => None,
-        n => store
-            .audit_after(n - 1, 1)
-            .await
-            .map_err(|e| e.to_string())?
-            .into_iter()
-            .next(),
-    };
-    if !crate::audit::reaches(last, id.as_deref(), at.as_ref()) {
-        return Err(format!(
-            "the database's audit log does not reach the last head in the file (event {}): \
-             serve will refuse it; `credvault audit verify --config` names what is wrong",
-            last.sequence
-        ));
+    match crate::domain::continues_from(&*store, highest)
+        .await
+        .map_err(|e| e.to_string())?
+    {
+        None => Ok(format!(
+            " (the log continues from its highest head, event {})",
+            highest.sequence
+        )),
+        Some(why) => Err(format!(
+            "the database's audit log does not continue from the file's highest head (event \
+             {}): {why}; serve will refuse it, and `credvault audit verify --config` names what \
+             is wrong",
+            highest.sequence
+        )),
     }
-    Ok(format!(
-        " (the log reaches its last head, event {})",
-        last.sequence
-    ))
 }
 
 async fn open_database(config: &Config, root: &RootKey) -> Result<String, String> {

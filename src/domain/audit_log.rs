@@ -6,7 +6,7 @@ use ring::rand::SystemRandom;
 use tokio::sync::watch;
 
 use super::VaultError;
-use crate::audit::{Checkpoint, Event, SignedHead, Signer, StoredEvent, GENESIS};
+use crate::audit::{verify_links, Checkpoint, Event, SignedHead, Signer, StoredEvent, GENESIS};
 use crate::crypto::RootKey;
 use crate::store::{RootWitness, Store};
 
@@ -145,18 +145,10 @@ impl AuditLog {
         Ok(Some(signed))
     }
 
-    /// Whether this log reaches `head`: it names this database (or none, if
-    /// signed before heads named one) and the event at its sequence has its hash.
-    pub async fn reaches(&self, head: &Checkpoint) -> Result<bool, VaultError> {
-        let at = match head.sequence {
-            0 => None,
-            n => self.store.audit_after(n - 1, 1).await?.into_iter().next(),
-        };
-        Ok(crate::audit::reaches(
-            head,
-            Some(&self.database_id),
-            at.as_ref(),
-        ))
+    /// Why this log does not continue from `head`, or `None` when it does
+    /// (see [`continues_from`]).
+    pub async fn continues_from(&self, head: &Checkpoint) -> Result<Option<String>, VaultError> {
+        continues_from(&*self.store, head).await
     }
 
     pub fn public_key(&self) -> &[u8] {
@@ -166,4 +158,63 @@ impl AuditLog {
     pub fn key_id(&self) -> String {
         self.signer.key_id()
     }
+}
+
+/// Why the log in `store` does not continue from `head`, or `None` when it
+/// does: same database (or a head from before heads named one); the event at
+/// the head's sequence really is the one it signed (its hash recomputes from
+/// its text, not just a stored column), and every later event links to it.
+/// Reads only the events from the head on: `audit verify` checks the rest.
+pub async fn continues_from(
+    store: &dyn Store,
+    head: &Checkpoint,
+) -> Result<Option<String>, VaultError> {
+    const PAGE: usize = 10_000;
+    let database_id = store.database_id().await?;
+    if !head.database_id.is_empty() && database_id.as_deref() != Some(&head.database_id) {
+        return Ok(Some("the head belongs to another database".into()));
+    }
+    let mut after = head.sequence.saturating_sub(1);
+    let mut first = true;
+    let (mut last, mut previous) = (0, GENESIS);
+    loop {
+        let page = store.audit_after(after, PAGE).await?;
+        if first {
+            first = false;
+            if head.sequence > 0 {
+                let Some(at) = page.first().filter(|e| e.sequence == head.sequence) else {
+                    return Ok(Some(format!(
+                        "the log has no event {}: events were deleted, or this is an older \
+                         copy of the database",
+                        head.sequence
+                    )));
+                };
+                (last, previous) = (after, at.previous_hash);
+            }
+        }
+        let Some(end) = page.last().map(|e| e.sequence) else {
+            break;
+        };
+        match verify_links(&page, last, &previous) {
+            Ok(linked) => (last, previous) = linked,
+            Err(broken) => return Ok(Some(broken.to_string())),
+        }
+        if head.sequence > 0 && last >= head.sequence && after < head.sequence {
+            let at = page.iter().find(|e| e.sequence == head.sequence);
+            if at.is_none_or(|e| e.hash.as_slice() != head.hash.as_slice()) {
+                return Ok(Some(format!(
+                    "event {} is not the one the head signed: the history was rewritten",
+                    head.sequence
+                )));
+            }
+        }
+        after = end;
+        if page.len() < PAGE {
+            break;
+        }
+    }
+    if head.sequence == 0 && head.hash.as_slice() != GENESIS.as_slice() {
+        return Ok(Some("the head of an empty log has a wrong hash".into()));
+    }
+    Ok(None)
 }

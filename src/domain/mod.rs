@@ -28,7 +28,7 @@ use crate::store::{
 };
 use validate::Validator;
 
-pub use audit_log::AuditLog;
+pub use audit_log::{continues_from, AuditLog};
 pub use error::VaultError;
 pub use ids::{parse_provider, CredentialRef, WorkspaceId};
 pub use input::NewCredential;

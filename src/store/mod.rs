@@ -60,9 +60,8 @@ pub async fn open(storage: &StorageConfig) -> Result<Arc<dyn Store>, StoreError>
     }
 }
 
-/// Every audit event in sequence order, and every checkpoint, for `audit
-/// verify`: a SQLite file is opened read-only.
-/// The audit log as `audit verify` reads it, straight from the database.
+/// The audit log as `audit verify` reads it, straight from the database, in
+/// one snapshot (a SQLite file is opened read-only).
 #[derive(Debug)]
 pub struct AuditRecord {
     pub events: Vec<StoredEvent>,
@@ -79,25 +78,11 @@ pub async fn read_audit_log_of(storage: &StorageConfig) -> Result<AuditRecord, S
         }
         Backend::Postgres => {
             let store = PostgresStore::connect(&postgres_settings(storage)?).await?;
-            let mut events: Vec<StoredEvent> = Vec::new();
-            loop {
-                let after = events.last().map_or(0, |e| e.sequence);
-                let page = store.audit_after(after, 10_000).await?;
-                if page.is_empty() {
-                    break;
-                }
-                events.extend(page);
-            }
-            Ok(AuditRecord {
-                events,
-                checkpoints: store.checkpoints().await?,
-                database_id: store.database_id().await?,
-            })
+            store.read_audit_log().await
         }
     }
 }
 
-/// The database, in words for a message: the file, or the URL without its password.
 pub fn describe(storage: &StorageConfig) -> String {
     match storage.backend {
         Backend::Sqlite => storage.path.display().to_string(),

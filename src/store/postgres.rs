@@ -14,9 +14,9 @@ use tokio_postgres::Row;
 use zeroize::Zeroizing;
 
 use super::{
-    millis, sealed_from, time, CredentialRecord, Hold, KeyVersionRow, ParamsBinding, Reseal,
-    RetireOutcome, Rewrapped, RootSealed, RootWitness, SecretRecord, Shred, StaleDataKey, Store,
-    StoreError, StoredKeys, StoredStatus, WrappedDataKey,
+    millis, sealed_from, time, AuditRecord, CredentialRecord, Hold, KeyVersionRow, ParamsBinding,
+    Reseal, RetireOutcome, Rewrapped, RootSealed, RootWitness, SecretRecord, Shred, StaleDataKey,
+    Store, StoreError, StoredKeys, StoredStatus, WrappedDataKey,
 };
 use crate::audit::{chain_hash, Checkpoint, Event, StoredEvent, HASH_LEN};
 use crate::crypto::{NewKeyMaterial, Sealed, WrappedKeyVersion};
@@ -209,6 +209,36 @@ impl PostgresStore {
         let mut client = store.client().await?;
         migrate(&mut client).await?;
         Ok(store)
+    }
+
+    /// Every event, every checkpoint and the database identity, in one
+    /// REPEATABLE READ snapshot: a vault appending meanwhile must not make a
+    /// new checkpoint look past the end of the log.
+    pub async fn read_audit_log(&self) -> Result<AuditRecord, StoreError> {
+        let mut c = self.client().await?;
+        let tx = c
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await?;
+        let events = tx
+            .query(
+                "SELECT sequence, event, previous_hash, hash FROM audit_events ORDER BY sequence",
+                &[],
+            )
+            .await?
+            .iter()
+            .map(stored_event)
+            .collect::<Result<Vec<_>, _>>()?;
+        let checkpoints = read_checkpoints(&tx).await?;
+        let database_id = read_database_id(&tx).await?;
+        tx.commit().await?;
+        Ok(AuditRecord {
+            events,
+            checkpoints,
+            database_id,
+        })
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
@@ -539,6 +569,36 @@ async fn count_encryptions(
         .await?
         .ok_or(StoreError::VersionRetired(version))?;
     seq_u64(row.try_get(0)?)
+}
+
+async fn read_checkpoints(c: &impl GenericClient) -> Result<Vec<Checkpoint>, StoreError> {
+    c.query(
+        "SELECT c.sequence, c.hash, c.signature, c.key_id, c.signed_at, \
+                CASE WHEN c.signed_at IS NULL THEN NULL \
+                     ELSE (SELECT database_id FROM vault_identity) END \
+         FROM audit_checkpoints c ORDER BY c.sequence",
+        &[],
+    )
+    .await?
+    .iter()
+    .map(|r| {
+        Ok(Checkpoint {
+            sequence: seq_u64(r.try_get(0)?)?,
+            hash: r.try_get(1)?,
+            signature: r.try_get(2)?,
+            key_id: r.try_get(3)?,
+            signed_at_ms: r.try_get(4)?,
+            database_id: r.try_get::<_, Option<Vec<u8>>>(5)?.unwrap_or_default(),
+        })
+    })
+    .collect()
+}
+
+async fn read_database_id(c: &impl GenericClient) -> Result<Option<Vec<u8>>, StoreError> {
+    Ok(c.query_opt("SELECT database_id FROM vault_identity", &[])
+        .await?
+        .map(|r| r.try_get(0))
+        .transpose()?)
 }
 
 fn status_text(status: StoredStatus) -> &'static str {
@@ -897,35 +957,11 @@ impl Store for PostgresStore {
     }
 
     async fn checkpoints(&self) -> Result<Vec<Checkpoint>, StoreError> {
-        let c = self.client().await?;
-        c.query(
-            "SELECT c.sequence, c.hash, c.signature, c.key_id, c.signed_at, \
-                    CASE WHEN c.signed_at IS NULL THEN NULL \
-                         ELSE (SELECT database_id FROM vault_identity) END \
-             FROM audit_checkpoints c ORDER BY c.sequence",
-            &[],
-        )
-        .await?
-        .iter()
-        .map(|r| {
-            Ok(Checkpoint {
-                sequence: seq_u64(r.try_get(0)?)?,
-                hash: r.try_get(1)?,
-                signature: r.try_get(2)?,
-                key_id: r.try_get(3)?,
-                signed_at_ms: r.try_get(4)?,
-                database_id: r.try_get::<_, Option<Vec<u8>>>(5)?.unwrap_or_default(),
-            })
-        })
-        .collect()
+        read_checkpoints(&self.client().await?).await
     }
 
     async fn database_id(&self) -> Result<Option<Vec<u8>>, StoreError> {
-        let c = self.client().await?;
-        Ok(c.query_opt("SELECT database_id FROM vault_identity", &[])
-            .await?
-            .map(|r| r.try_get(0))
-            .transpose()?)
+        read_database_id(&self.client().await?).await
     }
 
     async fn add_key_version(

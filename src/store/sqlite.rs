@@ -572,14 +572,17 @@ pub fn read_audit_log(path: &Path) -> Result<AuditRecord, StoreError> {
             path.display()
         )));
     }
-    let events = conn
+    // One snapshot for events and checkpoints: a vault appending meanwhile
+    // must not make a new checkpoint look past the end of the log.
+    let snapshot = conn.unchecked_transaction()?;
+    let events = snapshot
         .prepare("SELECT sequence, event, previous_hash, hash FROM audit_events ORDER BY sequence")?
         .query_map([], stored_event)?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     Ok(AuditRecord {
         events,
-        checkpoints: read_checkpoints(&conn)?,
-        database_id: read_database_id(&conn)?,
+        checkpoints: read_checkpoints(&snapshot)?,
+        database_id: read_database_id(&snapshot)?,
     })
 }
 
