@@ -447,3 +447,27 @@ async fn the_encryption_cap_counts_every_replica() {
     }
     assert!(primary >= 2, "no rotation at 12 encryptions of a cap of 10");
 }
+
+/// Rotate through a replica right after another one rotated, before its
+/// keyring poll: it rotates to the next version. (Before: it tried the
+/// version the other replica had just made, and answered INTERNAL.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL: set CREDVAULT_TEST_POSTGRES (scripts/test does)"]
+async fn a_replica_rotates_after_a_rotation_it_has_not_seen_yet() {
+    let (dir, config) = shared_vault(None);
+    let (a, b) = (
+        common::spawn_server(&config).await,
+        common::spawn_server(&config).await,
+    );
+    let mut admin_b = admin(&dir, &b).await;
+    admin_b.status(StatusRequest {}).await.unwrap();
+    let first = admin(&dir, &a)
+        .await
+        .rotate(RotateRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.primary_version, 2);
+    let second = admin_b.rotate(RotateRequest {}).await.unwrap().into_inner();
+    assert_eq!(second.primary_version, 3);
+}

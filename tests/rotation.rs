@@ -476,7 +476,19 @@ async fn rotate_root_refuses_while_a_vault_serves() {
     // And a vault does not start while a rotate-root holds the database.
     let store = credvault::store::open(&dir.storage()).await.unwrap();
     vault.stop().await;
-    let _alone = store.hold(credvault::store::Hold::Alone).await.unwrap();
+    // PostgreSQL lets go of a stopped vault's lock when it sees its session close.
+    let mut alone = None;
+    for _ in 0..50 {
+        if let Ok(held) = store.hold(credvault::store::Hold::Alone).await {
+            alone = Some(held);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        alone.is_some(),
+        "the stopped vault still holds the database"
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let err = credvault::run(dir.config(), listener, std::future::pending())
         .await
@@ -534,4 +546,97 @@ async fn a_vault_that_lost_its_hold_seals_nothing_under_a_stale_root_key() {
         .unwrap()
         .into_inner();
     assert_eq!(redacted.key_version, 1);
+}
+
+/// The rewrap job changes key state batch by batch, and each batch commits
+/// with its own event: with audit inserts failing it moves nothing, and it
+/// finishes once the log takes events again. (Before: it moved every data
+/// key, and its one event after the pass was lost with a warning.)
+#[tokio::test]
+async fn with_audit_writes_failing_the_rewrap_moves_nothing() {
+    let dir = VaultDir::new();
+    let vault = dir.start().await;
+    let mut c = vault.client().await;
+    for i in 0..5 {
+        c.store(amplitude(&format!("ws{i}"), SECRET, SECRET))
+            .await
+            .unwrap();
+    }
+    drop(c);
+    vault.stop().await;
+    // Rotated with no vault serving, so no rewrap job has run yet.
+    {
+        let config = dir.config();
+        let store = credvault::store::open(&config.storage).await.unwrap();
+        let root =
+            credvault::crypto::RootKey::from_file(config.keys.root_key_file.as_ref().unwrap())
+                .unwrap();
+        let outbound = credvault::outbound::Outbound::new(&config.outbound).unwrap();
+        let offline =
+            credvault::domain::Vault::open(store, root, outbound, &config.providers, &config.keys)
+                .await
+                .unwrap();
+        let admin = credvault::audit::Context {
+            identity: "test".into(),
+            method: "KeyAdmin.Rotate".into(),
+            workspace_id: String::new(),
+            provider: String::new(),
+            request_id: "r".into(),
+        };
+        assert_eq!(offline.rotate(&admin).await.unwrap(), 2);
+    }
+    let on_v1 = "SELECT count(*) FROM credentials WHERE key_version = 1";
+    dir.fail_audit_writes();
+    let vault = dir.start().await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(
+        dir.number(on_v1),
+        5,
+        "the rewrap moved data keys without an event"
+    );
+    dir.restore_audit_writes();
+    for _ in 0..100 {
+        if dir.number(on_v1) == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(dir.number(on_v1), 0, "the rewrap never finished");
+    assert!(
+        dir.number("SELECT count(*) FROM audit_events WHERE event LIKE '%KeyAdmin.Rewrap%'") >= 1
+    );
+    vault.stop().await;
+}
+
+/// `rotate-root` pointed at a database that is not there (a typo in
+/// storage.path) says so and creates nothing. (Before: it created an empty
+/// database, "resealed 0 keys", and said the old root key opens nothing.)
+#[tokio::test]
+async fn rotate_root_on_a_missing_database_says_so() {
+    let dir = VaultDir::new();
+    let mut config = dir.config();
+    // SQLite on either test pass: a PostgreSQL URL names a database that
+    // exists, or the connection fails.
+    config.storage = credvault::config::StorageConfig {
+        backend: credvault::config::Backend::Sqlite,
+        path: dir.path().join("typo.db"),
+        ..credvault::config::StorageConfig::default()
+    };
+    let path = dir.path().join("typo.toml");
+    std::fs::write(&path, config.to_toml()).unwrap();
+    let new_root = dir.path().join("new-root.key");
+    common::write_private(&new_root, "9f".repeat(32).as_bytes());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_credvault"))
+        .args(["keys", "rotate-root", "--config"])
+        .arg(&path)
+        .arg("--new-root-key")
+        .arg(&new_root)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("does not exist"),
+        "{stderr}"
+    );
+    assert!(!dir.path().join("typo.db").exists());
 }

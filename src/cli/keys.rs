@@ -158,6 +158,13 @@ async fn rotate_root(
     let config = Config::load(config_path).map_err(|e| e.to_string())?;
     let old = root_key(&config)?;
     let new = RootKey::from_file(new_root_key).map_err(|e| e.to_string())?;
+    if config.storage.backend == crate::config::Backend::Sqlite && !config.storage.path.exists() {
+        return Err(format!(
+            "{} does not exist: check storage.path in {}; nothing was changed",
+            config.storage.path.display(),
+            config_path.display()
+        ));
+    }
     let store = crate::store::open(&config.storage)
         .await
         .map_err(|e| e.to_string())?;

@@ -9,7 +9,7 @@ use super::{Vault, VaultError};
 use crate::audit::{self, Event};
 use crate::crypto::RootKey;
 use crate::store::{
-    Hold, KeyVersionRow, Reseal, RetireOutcome, Rewrapped, RootSealed, WrappedDataKey,
+    Hold, KeyVersionRow, Reseal, RetireOutcome, Rewrapped, RootSealed, StoreError, WrappedDataKey,
 };
 
 /// A stored connection, by workspace id and provider name.
@@ -53,12 +53,31 @@ impl Vault {
     /// Rotations run one at a time.
     pub async fn rotate(&self, context: &audit::Context) -> Result<u32, VaultError> {
         let _one_at_a_time = self.rotation.lock().await;
-        let (key, wrapped) = self.keyring_read().next_version(&self.root)?;
-        let version = wrapped.version;
-        let event = Event::new(context, audit::OUTCOME_OK, versioned(version));
-        // Persisted first: a data key must never name a version the database lacks.
-        let witness = self.audit.root_witness().clone();
-        let stored = self.store.add_key_version(wrapped, event, witness).await?;
+        // Another replica may have rotated since this one last looked; if one
+        // rotates at the same moment, its version is taken: look again, once.
+        self.sync_keyring().await?;
+        let mut taken = false;
+        let (version, key, stored) = loop {
+            let (key, wrapped) = self.keyring_read().next_version(&self.root)?;
+            let version = wrapped.version;
+            let event = Event::new(context, audit::OUTCOME_OK, versioned(version));
+            // Persisted first: a data key must never name a version the database lacks.
+            let witness = self.audit.root_witness().clone();
+            match self.store.add_key_version(wrapped, event, witness).await {
+                Ok(stored) => break (version, key, stored),
+                Err(StoreError::VersionTaken(_)) if !taken => {
+                    taken = true;
+                    self.sync_keyring().await?;
+                }
+                Err(StoreError::VersionTaken(v)) => {
+                    return Err(VaultError::FailedPrecondition(format!(
+                        "key version {v} was just created by another replica: see `credvault \
+                         keys status` before rotating again"
+                    )))
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
         self.audit.appended(&stored);
         self.keyring_write().install(version, key);
         self.primary_encryptions.store(0, Ordering::Relaxed);
@@ -199,11 +218,17 @@ impl Vault {
             let writing: HashSet<ConnectionId> = pending.iter().map(id_of).collect();
             let batch = std::mem::take(&mut pending);
             let write = async {
-                if batch.is_empty() {
-                    Ok(0)
-                } else {
-                    self.store.rewrap(batch).await
-                }
+                let Some(version) = batch.first().map(|r| r.new.key_version) else {
+                    return Ok(0);
+                };
+                // Every batch changes key state, so it carries its event.
+                let event = Event::new(
+                    &system_context("KeyAdmin.Rewrap"),
+                    audit::OUTCOME_OK,
+                    versioned(version),
+                );
+                let stored = self.store.rewrap(batch, event).await?;
+                Ok::<_, VaultError>(stored)
             };
             let prepare = self.rewrap_batch_after(&writing, &mut unreadable);
             let (written, next) = tokio::join!(write, prepare);
@@ -270,18 +295,6 @@ impl Vault {
         }
         Ok(batch)
     }
-
-    /// Appends an audit event for a key operation the vault did on its own.
-    pub(super) async fn system_event(&self, method: &str, key_version: u32) {
-        let event = Event::new(
-            &system_context(method),
-            audit::OUTCOME_OK,
-            versioned(key_version),
-        );
-        if let Err(e) = self.audit.record(event).await {
-            tracing::warn!(error = %e, method, "could not audit a key operation");
-        }
-    }
 }
 
 /// Who did what, for a key operation the vault does on its own.
@@ -323,7 +336,6 @@ pub async fn run(vault: Arc<Vault>) {
             Ok(moved) => {
                 let primary = vault.keyring_read().primary_version();
                 tracing::info!(moved, primary, "rewrap finished");
-                vault.system_event("KeyAdmin.Rewrap", primary).await;
             }
             Err(e) => {
                 tracing::warn!(error = %e, "rewrap interrupted; retrying shortly");
@@ -358,10 +370,28 @@ pub async fn rotate_root(
                 .into(),
         ));
     }
-    let _alone = store.hold(Hold::Alone).await?;
+    // A vault stopped a moment ago may still hold the database until
+    // PostgreSQL sees its session close.
+    let mut attempts = 0;
+    let _alone = loop {
+        match store.hold(Hold::Alone).await {
+            Err(StoreError::Held(_)) if attempts < HOLD_ATTEMPTS => {
+                attempts += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            held => break held?,
+        }
+    };
     let count = Arc::new(AtomicUsize::new(0));
     let counted = Arc::clone(&count);
     let reseal: Reseal = Box::new(move |current| {
+        if current.versions.is_empty() {
+            return Err(
+                "the database holds no keys: check storage.path (or storage.url) in the \
+                 configuration; nothing was changed"
+                    .into(),
+            );
+        }
         let resealed = reseal_under(&old, &new, &current)?;
         counted.store(
             resealed.versions.len() + resealed.material.len(),
@@ -420,6 +450,9 @@ fn reseal_under(old: &RootKey, new: &RootKey, current: &RootSealed) -> Result<Ro
     }
     Ok(RootSealed { versions, material })
 }
+
+/// How many times, 100 ms apart, `rotate-root` tries to hold the database alone.
+const HOLD_ATTEMPTS: u32 = 20;
 
 /// How long `rotate-root` waits for readers to let go of the old sealed keys.
 const ROTATE_ROOT_SHRED_WAIT: std::time::Duration = std::time::Duration::from_secs(10);

@@ -315,6 +315,9 @@ pub enum StoreError {
     /// was written: wrap under the current primary and write again.
     #[error("key version {0} was retired meanwhile")]
     VersionRetired(u32),
+    /// Another replica added this key version first; nothing was written.
+    #[error("key version {0} exists already: another replica rotated at the same moment")]
+    VersionTaken(u32),
     /// The database's keys were resealed under another root key since this
     /// vault started; nothing was written.
     #[error(
@@ -445,8 +448,9 @@ pub trait Store: Send + Sync + 'static {
         primary: u32,
         limit: usize,
     ) -> Result<Vec<StaleDataKey>, StoreError>;
-    /// Applies a batch of rewrapped data keys in one transaction; returns how many applied.
-    async fn rewrap(&self, batch: Vec<Rewrapped>) -> Result<usize, StoreError>;
+    /// Applies a batch of rewrapped data keys and appends `event`, in one
+    /// transaction; returns how many applied.
+    async fn rewrap(&self, batch: Vec<Rewrapped>, event: Event) -> Result<usize, StoreError>;
     /// Destroys an unused key version's material and marks it retired, with
     /// `event` in the same transaction. Refuses the newest version.
     async fn retire_key_version(

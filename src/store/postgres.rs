@@ -658,7 +658,11 @@ impl Store for PostgresStore {
             "INSERT INTO key_versions (version, nonce, wrapped_key, created_at) VALUES ($1, $2, $3, $4)",
             &[&version_i32(v.version), &v.sealed.nonce.as_slice(), &v.sealed.ciphertext, &now],
         )
-        .await?;
+        .await
+        .map_err(|e| match e.code() {
+            Some(c) if *c == SqlState::UNIQUE_VIOLATION => StoreError::VersionTaken(v.version),
+            _ => classify(e),
+        })?;
         tx.execute(
             "INSERT INTO key_material (purpose, nonce, wrapped_key, created_at) VALUES ($1, $2, $3, $4)",
             &[
@@ -1050,7 +1054,7 @@ impl Store for PostgresStore {
         .collect()
     }
 
-    async fn rewrap(&self, batch: Vec<Rewrapped>) -> Result<usize, StoreError> {
+    async fn rewrap(&self, batch: Vec<Rewrapped>, event: Event) -> Result<usize, StoreError> {
         let mut c = self.client().await?;
         let tx = c.transaction().await?;
         let update = tx
@@ -1079,6 +1083,7 @@ impl Store for PostgresStore {
         if let Some(first) = batch.first() {
             count_encryptions(&tx, first.new.key_version, applied).await?;
         }
+        append_in(&tx, event).await?;
         tx.commit().await?;
         Ok(usize::try_from(applied).unwrap_or(usize::MAX))
     }

@@ -909,7 +909,10 @@ impl Store for SqliteStore {
                 "INSERT INTO key_versions (version, nonce, wrapped_key, created_at) VALUES (?1, ?2, ?3, ?4)",
                 params![v.version, v.sealed.nonce.as_slice(), v.sealed.ciphertext, millis(SystemTime::now())],
             )
-            .map_err(classify)?;
+            .map_err(|e| match e.sqlite_error_code() {
+                Some(ErrorCode::ConstraintViolation) => StoreError::VersionTaken(v.version),
+                _ => classify(e),
+            })?;
             append_in(conn, event)
         })
         .await
@@ -975,7 +978,7 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn rewrap(&self, batch: Vec<Rewrapped>) -> Result<usize, StoreError> {
+    async fn rewrap(&self, batch: Vec<Rewrapped>, event: Event) -> Result<usize, StoreError> {
         self.write(move |conn| {
             let mut applied = 0;
             {
@@ -998,6 +1001,7 @@ impl Store for SqliteStore {
             if let Some(first) = batch.first() {
                 count_encryptions(conn, first.new.key_version, applied as u64)?;
             }
+            append_in(conn, event)?;
             Ok(applied)
         })
         .await
@@ -1083,7 +1087,10 @@ impl Store for SqliteStore {
     async fn hold(&self, hold: Hold) -> Result<Box<dyn std::any::Any + Send>, StoreError> {
         use rustix::fs::FlockOperation;
         use std::os::unix::fs::OpenOptionsExt;
-        let mut name = self.inner.path.clone().into_os_string();
+        // Whatever the configuration calls the database (a symlink, `./`): one lock.
+        let db =
+            std::fs::canonicalize(&self.inner.path).unwrap_or_else(|_| self.inner.path.clone());
+        let mut name = db.into_os_string();
         name.push(".lock");
         let path = PathBuf::from(name);
         let file_error = |source| StoreError::File {
