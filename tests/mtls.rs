@@ -464,3 +464,87 @@ async fn an_audit_stream_ends_when_its_certificate_expires() {
     // X.509 keeps whole seconds: the certificate expired at the second before `expires`.
     assert!(time::OffsetDateTime::now_utc() >= expires - time::Duration::seconds(1));
 }
+
+/// The CLI says in words why it could not talk to the vault, from what the
+/// TLS layer said, and what to check. (Before: "Unknown: transport error"
+/// for each refused client certificate, "Internal: h2 protocol error" for an
+/// http:// address.)
+#[tokio::test]
+async fn the_cli_says_why_a_connection_was_refused() {
+    let dir = VaultDir::new();
+    let vault = dir.start().await;
+    let p = dir.path();
+    let write = |name: &str, cert: &credvault::dev::certs::IssuedCert| {
+        std::fs::write(p.join(format!("{name}.pem")), &cert.cert_pem).unwrap();
+        common::write_private(&p.join(format!("{name}-key.pem")), cert.key_pem.as_bytes());
+    };
+    let past = time::OffsetDateTime::now_utc() - time::Duration::days(2);
+    write(
+        "expired",
+        &dir.ca
+            .issue_with("app", Subject::ClientUris(&[common::APP]), |c| {
+                c.not_before = past;
+                c.not_after = past + time::Duration::days(1);
+            })
+            .unwrap(),
+    );
+    let stranger = DevCa::generate("another CA").unwrap();
+    write(
+        "stranger",
+        &stranger
+            .issue("app", Subject::ClientUris(&[common::APP]))
+            .unwrap(),
+    );
+    write(
+        "server-as-client",
+        &dir.ca
+            .issue("vault", Subject::Server(&["localhost"]))
+            .unwrap(),
+    );
+    write(
+        "app",
+        &dir.ca
+            .issue("app", Subject::ClientUris(&[common::APP]))
+            .unwrap(),
+    );
+    std::fs::write(p.join("stranger-ca.pem"), stranger.cert_pem()).unwrap();
+    let url = vault.url();
+    let closed = format!("https://localhost:{}", {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    });
+    let plain = url.replacen("https://", "http://", 1);
+    for (addr, ca, cert, expected) in [
+        (&url, "ca", "expired", "it has expired"),
+        (
+            &url,
+            "ca",
+            "stranger",
+            "does not chain to a CA the vault trusts",
+        ),
+        (&url, "ca", "server-as-client", "not a client certificate"),
+        (
+            &url,
+            "stranger-ca",
+            "app",
+            "pass the CA that signed the vault's server certificate",
+        ),
+        (&plain, "ca", "app", "the vault speaks only TLS"),
+        (&closed, "ca", "app", "nothing listens there"),
+    ] {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_credvault"))
+            .args(["providers", "--addr", addr])
+            .arg("--ca")
+            .arg(p.join(format!("{ca}.pem")))
+            .arg("--cert")
+            .arg(p.join(format!("{cert}.pem")))
+            .arg("--key")
+            .arg(p.join(format!("{cert}-key.pem")))
+            .output()
+            .await
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{cert}: {stderr}");
+        assert!(stderr.contains(expected), "{cert} at {addr}: {stderr}");
+    }
+}

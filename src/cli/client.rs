@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::io::{IsTerminal, Read};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use zeroize::Zeroizing;
@@ -126,6 +127,19 @@ pub async fn connect_channel(
     cert_pem: &[u8],
     key_pem: &[u8],
 ) -> Result<Channel, String> {
+    if let Some(rest) = addr.strip_prefix("http://") {
+        return Err(format!(
+            "{addr}: the vault speaks only TLS (with a client certificate): use https://{rest}"
+        ));
+    }
+    if let Ok(mut last) = LAST_CONNECTION.lock() {
+        *last = Some(Probe {
+            addr: addr.to_owned(),
+            ca_pem: ca_pem.to_vec(),
+            cert_pem: cert_pem.to_vec(),
+            key_pem: Zeroizing::new(key_pem.to_vec()),
+        });
+    }
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(ca_pem))
         .identity(Identity::from_pem(cert_pem, key_pem));
@@ -135,7 +149,77 @@ pub async fn connect_channel(
         .map_err(|e| format!("TLS configuration: {e}"))?
         .connect()
         .await
-        .map_err(|e| format!("cannot connect to {addr}: {}", error_chain(&e)))
+        .map_err(|e| match explain_failure(&e) {
+            Some(why) => format!("cannot connect to {addr}: {why}"),
+            None => format!("cannot connect to {addr}: {}", error_chain(&e)),
+        })
+}
+
+/// What a failed connection or call means, in words, from the first error
+/// in its source chain that says: the TLS alert the vault sent, why the
+/// vault's own certificate was refused, or that nothing listens.
+fn explain_failure(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut source = Some(e);
+    while let Some(s) = source {
+        if let Some(tls) = s.downcast_ref::<rustls::Error>() {
+            return Some(explain_tls(tls));
+        }
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::ConnectionRefused {
+                return Some(
+                    "connection refused: nothing listens there. Is the vault running, and on \
+                     this host and port (--addr)?"
+                        .into(),
+                );
+            }
+            if let Some(tls) = io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+                return Some(explain_tls(tls));
+            }
+        }
+        source = s.source();
+    }
+    None
+}
+
+fn explain_tls(e: &rustls::Error) -> String {
+    use rustls::{AlertDescription as Alert, CertificateError, Error};
+    let refused = "the vault refused this client certificate";
+    match e {
+        Error::AlertReceived(Alert::CertificateExpired) => format!(
+            "{refused}: it has expired, or is not valid yet. Issue a new one (--cert, --key)"
+        ),
+        Error::AlertReceived(Alert::CertificateRevoked) => {
+            format!("{refused}: it is revoked (the vault's tls.crl_file). Issue a new one")
+        }
+        Error::AlertReceived(Alert::UnsupportedCertificate) => format!(
+            "{refused}: it is not a client certificate (its key usages do not allow client \
+             authentication). A server certificate cannot be used as a client's"
+        ),
+        Error::AlertReceived(
+            Alert::UnknownCA | Alert::BadCertificate | Alert::CertificateUnknown,
+        ) => format!(
+            "{refused}: it does not chain to a CA the vault trusts for its identity \
+             (tls.client_ca_file, tls.trust_domains), or its identity is not one SPIFFE ID in a \
+             URI SAN. The vault's log names the reason"
+        ),
+        Error::AlertReceived(Alert::CertificateRequired) => {
+            "the vault requires a client certificate: pass --cert and --key (or --data-dir)".into()
+        }
+        Error::InvalidCertificate(CertificateError::UnknownIssuer) => {
+            "the vault's certificate does not chain to the CA given (--ca): pass the CA that \
+             signed the vault's server certificate"
+                .into()
+        }
+        Error::InvalidCertificate(CertificateError::Expired) => {
+            "the vault's certificate has expired: renew the server certificate".into()
+        }
+        Error::InvalidCertificate(
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+        ) => "the vault's certificate is not valid for the host in --addr: use the name the \
+              certificate was issued for (localhost for a dev vault)"
+            .into(),
+        other => format!("TLS: {other}"),
+    }
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -190,7 +274,72 @@ impl Connect {
 }
 
 pub(super) fn status_error(s: tonic::Status) -> String {
+    if let Some(why) = explain_failure(&s) {
+        return why;
+    }
+    // A client certificate the vault refuses is refused after the TLS 1.3
+    // handshake, and gRPC sees only a closed connection: ask the vault again,
+    // over plain TLS, and read its alert.
+    let transport = std::error::Error::source(&s)
+        .is_some_and(|e| e.downcast_ref::<tonic::transport::Error>().is_some());
+    if transport {
+        let probe = LAST_CONNECTION.lock().ok().and_then(|last| last.clone());
+        if let Some(why) = probe.and_then(|p| p.alert()) {
+            return why;
+        }
+    }
     format!("{:?}: {}", s.code(), s.message())
+}
+
+/// What the last channel connected with, to ask the vault why it closed it.
+static LAST_CONNECTION: std::sync::Mutex<Option<Probe>> = std::sync::Mutex::new(None);
+
+#[derive(Clone)]
+struct Probe {
+    addr: String,
+    ca_pem: Vec<u8>,
+    cert_pem: Vec<u8>,
+    key_pem: Zeroizing<Vec<u8>>,
+}
+
+impl Probe {
+    /// Connects as the failed call did, sends the HTTP/2 preface, and
+    /// explains the TLS alert the vault answers with, if it does.
+    fn alert(&self) -> Option<String> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+        use std::io::{Read, Write};
+        let uri: tonic::codegen::http::Uri = self.addr.parse().ok()?;
+        let host = uri.host()?.trim_start_matches('[').trim_end_matches(']');
+        let port = uri.port_u16().unwrap_or(443);
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in CertificateDer::pem_slice_iter(&self.ca_pem) {
+            roots.add(ca.ok()?).ok()?;
+        }
+        let chain = CertificateDer::pem_slice_iter(&self.cert_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .ok()?;
+        let key = PrivateKeyDer::from_pem_slice(&self.key_pem).ok()?;
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .ok()?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .ok()?;
+        let name = ServerName::try_from(host.to_owned()).ok()?;
+        let mut tls = rustls::ClientConnection::new(Arc::new(config), name).ok()?;
+        let mut tcp = std::net::TcpStream::connect((host, port)).ok()?;
+        tcp.set_read_timeout(Some(std::time::Duration::from_secs(3)))
+            .ok()?;
+        let mut stream = rustls::Stream::new(&mut tls, &mut tcp);
+        let sent = stream.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+        let read = sent.and_then(|()| stream.read(&mut [0; 64]));
+        let err = read.err()?;
+        let tls_error = err.get_ref()?.downcast_ref::<rustls::Error>()?;
+        Some(explain_tls(tls_error))
+    }
 }
 
 pub async fn store(args: StoreArgs) -> Result<(), String> {
