@@ -455,7 +455,10 @@ impl Config {
         })?;
         let mut config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
-            message: e.message().to_owned(),
+            message: match e.span() {
+                Some(span) => format!("{}: {}", locate(&text, span.start), e.message()),
+                None => e.message().to_owned(),
+            },
         })?;
         config
             .providers
@@ -516,9 +519,56 @@ impl Config {
     }
 }
 
+/// "line L, column C", and the key written there (`table.key`), for an
+/// error at byte `at` of the configuration's text.
+fn locate(text: &str, at: usize) -> String {
+    let at = at.min(text.len());
+    let before = &text[..at];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before[line_start..].chars().count() + 1;
+    let this_line = text[line_start..].lines().next().unwrap_or("");
+    let key = this_line
+        .split_once('=')
+        .map(|(k, _)| k.trim().trim_matches('"'))
+        .filter(|k| !k.is_empty() && !k.starts_with('['));
+    let table = before[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim());
+    match (table, key) {
+        (Some(table), Some(key)) => format!("line {line}, column {column} (`{table}.{key}`)"),
+        (None, Some(key)) => format!("line {line}, column {column} (`{key}`)"),
+        _ => format!("line {line}, column {column}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_parse_or_type_error_names_its_line_column_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        for (text, expected) in [
+            (
+                "[limits]\nmax_message_bytes = \"64KiB\"\n",
+                "line 2, column 21 (`limits.max_message_bytes`): invalid type",
+            ),
+            ("[limits\nmax_message_bytes = 3\n", "line 1, column 8: "),
+            (
+                "# the address\nlisten = \"nope\"\n",
+                "line 2, column 10 (`listen`): invalid socket address",
+            ),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let err = Config::load(&path).unwrap_err().to_string();
+            assert!(err.contains(expected), "{err}");
+        }
+    }
 
     #[test]
     fn resolves_relative_paths_and_fills_defaults() {

@@ -467,3 +467,79 @@ fn json_logs_are_one_object_per_line_with_the_call_fields() {
     assert_eq!(call["span"]["identity"], "spiffe://credvault.local/app");
     assert_eq!(call["span"]["workspace"], "acme");
 }
+
+/// The first hour (#23): a mistyped --data-dir, a missing required param
+/// before any secret is read, and required params marked.
+#[tokio::test]
+async fn the_cli_names_a_wrong_data_dir_and_missing_params_before_the_secrets() {
+    // Async: the vault runs on this test's runtime.
+    async fn cli(args: &[&str], stdin: &str) -> (bool, String, String) {
+        use tokio::io::AsyncWriteExt;
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_credvault"))
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut input = child.stdin.take().unwrap();
+        input.write_all(stdin.as_bytes()).await.unwrap();
+        drop(input);
+        let out = child.wait_with_output().await.unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+    let (ok, _, err) = cli(&["providers", "--data-dir", "/nonexistent/vault"], "").await;
+    assert!(
+        !ok && err.contains("no development vault in /nonexistent/vault"),
+        "{err}"
+    );
+
+    let dir = common::VaultDir::new();
+    let vault = dir.start().await;
+    let p = dir.path();
+    let app = dir.issue(common::APP);
+    std::fs::write(p.join("app.pem"), &app.cert_pem).unwrap();
+    common::write_private(&p.join("app-key.pem"), app.key_pem.as_bytes());
+    let url = vault.url();
+    let ca = p.join("ca.pem");
+    let cert = p.join("app.pem");
+    let key = p.join("app-key.pem");
+    let connect = [
+        "--addr",
+        url.as_str(),
+        "--ca",
+        ca.to_str().unwrap(),
+        "--cert",
+        cert.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+    ];
+    let (ok, out, _) = cli(&[&["providers"][..], &connect].concat(), "").await;
+    assert!(
+        ok && out.contains("project_id") && out.contains("(required)"),
+        "{out}"
+    );
+    let store = [
+        &["store", "--workspace", "w", "--provider", "posthog"][..],
+        &connect,
+    ]
+    .concat();
+    let (ok, _, err) = cli(
+        &store,
+        "personal_api_key=phx_Rk3Vw9Qm2Lx8Tz5Nc1Bd7Yf4Gh6Js0\n",
+    )
+    .await;
+    assert!(
+        !ok && err.contains("PostHog needs --param project_id"),
+        "{err}"
+    );
+    assert_eq!(
+        dir.number("SELECT count(*) FROM audit_events WHERE event LIKE '%Credentials.Store%'"),
+        0,
+        "refused before the vault was asked"
+    );
+}

@@ -27,6 +27,7 @@ pub enum AuditCommand {
     Export {
         #[command(flatten)]
         connect: Connect,
+        /// The file to write (JSON lines; replaced if it exists).
         #[arg(long)]
         to: PathBuf,
     },

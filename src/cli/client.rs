@@ -49,8 +49,10 @@ pub struct Connect {
 pub struct StoreArgs {
     #[command(flatten)]
     connect: Connect,
+    /// The workspace (tenant) the connection belongs to, as your product names it.
     #[arg(long)]
     workspace: String,
+    /// The provider: amplitude, amperity or posthog (`credvault providers` lists them).
     #[arg(long)]
     provider: String,
     /// A non-secret parameter, as NAME=VALUE; repeat for more.
@@ -65,8 +67,10 @@ pub struct StoreArgs {
 pub struct RefArgs {
     #[command(flatten)]
     connect: Connect,
+    /// The workspace (tenant) the connection belongs to, as your product names it.
     #[arg(long)]
     workspace: String,
+    /// The provider: amplitude, amperity or posthog (`credvault providers` lists them).
     #[arg(long)]
     provider: String,
 }
@@ -75,8 +79,10 @@ pub struct RefArgs {
 pub struct CallArgs {
     #[command(flatten)]
     connect: Connect,
+    /// The workspace (tenant) the connection belongs to, as your product names it.
     #[arg(long)]
     workspace: String,
+    /// The provider: amplitude, amperity or posthog (`credvault providers` lists them).
     #[arg(long)]
     provider: String,
     /// A request header, as `NAME: VALUE` (accept, content-type,
@@ -93,6 +99,7 @@ pub struct CallArgs {
 pub struct ListArgs {
     #[command(flatten)]
     connect: Connect,
+    /// The workspace (tenant) the connection belongs to, as your product names it.
     #[arg(long)]
     workspace: String,
 }
@@ -242,6 +249,15 @@ impl Connect {
     /// the development certificate when --data-dir is given without --as.
     pub async fn channel(&self, default_identity: &str) -> Result<Channel, String> {
         let identity = self.identity.as_deref().unwrap_or(default_identity);
+        if let Some(dir) = &self.data_dir {
+            if !dir.join(CERTS_DIR).is_dir() {
+                return Err(format!(
+                    "no development vault in {}: it has no {CERTS_DIR}/ folder. Pass the folder \
+                     `credvault serve --dev --data-dir DIR` uses, or start one there",
+                    dir.display()
+                ));
+            }
+        }
         let dev = self
             .data_dir
             .as_ref()
@@ -368,6 +384,20 @@ pub async fn store(args: StoreArgs) -> Result<(), String> {
                 names.join(", ")
             )
         })?;
+    // Before the secrets are asked for, so that nobody pastes them twice.
+    let missing: Vec<_> = provider
+        .params
+        .iter()
+        .filter(|f| f.required && !params.contains_key(&f.name))
+        .map(|f| format!("--param {}=… ({})", f.name, f.description))
+        .collect();
+    if !missing.is_empty() {
+        return Err(format!(
+            "{} needs {}",
+            provider.display_name,
+            missing.join(" and ")
+        ));
+    }
     let secrets = read_secrets(provider)?;
     let request = StoreRequest {
         workspace_id: args.workspace,
@@ -557,7 +587,8 @@ pub async fn providers(args: ProvidersArgs) -> Result<(), String> {
             println!("  secret {:<18} {}", f.name, f.description);
         }
         for f in &p.params {
-            let mut line = format!("  param  {:<18} {}", f.name, f.description);
+            let required = if f.required { " (required)" } else { "" };
+            let mut line = format!("  param  {:<18} {}{required}", f.name, f.description);
             if !f.allowed_values.is_empty() {
                 line.push_str(&format!(" [{}]", f.allowed_values.join("|")));
             }

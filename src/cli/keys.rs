@@ -19,6 +19,7 @@ pub enum KeysCommand {
     Retire {
         #[command(flatten)]
         connect: Connect,
+        /// The key version to destroy (see `credvault keys status`); never the primary.
         #[arg(long)]
         version: u32,
     },

@@ -33,6 +33,13 @@ enum Command {
     #[command(subcommand)]
     Certs(CertsCommand),
     /// Store a connection's credentials; secrets are read from stdin or a no-echo prompt.
+    #[command(
+        after_help = "Secrets never go on the command line. Piped in, they are NAME=VALUE \
+        lines, one per secret, for example:\n  printf 'api_key=%s\\nsecret_key=%s\\n' \"$K\" \"$S\" | \
+        credvault store --workspace acme --provider amplitude --param region=eu\nOn a terminal, \
+        the vault asks for each one without echo. `credvault providers` lists each provider's \
+        secrets and params."
+    )]
     Store(client::StoreArgs),
     /// Show a connection's parameters and redacted secrets.
     Redact(client::RefArgs),
@@ -56,6 +63,7 @@ enum Command {
     Keys(keys::KeysCommand),
     /// Check a configuration and the files it names without serving.
     CheckConfig {
+        /// The configuration file to check, as `serve --config` would read it.
         #[arg(long)]
         config: PathBuf,
     },
@@ -268,6 +276,27 @@ async fn shutdown_signal() {
 
 #[cfg(test)]
 mod tests {
+    use clap::CommandFactory;
+
+    /// Every flag and argument of every subcommand says what it is for.
+    #[test]
+    fn every_flag_has_help() {
+        fn walk(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in command.get_arguments() {
+                let builtin = matches!(arg.get_id().as_str(), "help" | "version");
+                if !builtin && arg.get_help().is_none() {
+                    missing.push(format!("{path} --{}", arg.get_id()));
+                }
+            }
+            for sub in command.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&super::Cli::command(), "credvault", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:?}");
+    }
+
     use super::*;
     use std::sync::{Arc, Mutex};
 
