@@ -348,6 +348,11 @@ fn check_config_passes_a_good_configuration_and_names_what_is_wrong() {
     };
     let (ok, out) = run();
     assert!(ok && out.contains("configuration OK"), "{out}");
+    // It names only what is configured: the test vault has no CRL.
+    assert!(
+        out.contains("✓ TLS: server certificate") && !out.contains("CRL"),
+        "{out}"
+    );
     let key = dir.path().join("root.key");
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
     let (ok, out) = run();

@@ -21,8 +21,15 @@ pub async fn run(path: &Path) -> Result<(), String> {
             println!("✗ {what}: {why}");
         }
     };
+    let mut tls_parts = vec!["server certificate", "key (mode 0600)", "client CA"];
+    if config.tls.crl_file.is_some() {
+        tls_parts.push("CRL");
+    }
+    if !config.tls.trust_domains.is_empty() {
+        tls_parts.push("trust domains");
+    }
     report(
-        "TLS: server certificate, key (mode 0600), client CA, CRL, trust domains",
+        &format!("TLS: {}", tls_parts.join(", ")),
         tls::TlsMaterial::load(&config.tls)
             .map(|_| String::new())
             .map_err(|e| e.to_string()),
@@ -56,7 +63,11 @@ pub async fn run(path: &Path) -> Result<(), String> {
         report("audit.anchor_file", anchor_reached(&config, anchor).await);
     }
     report(
-        "outbound HTTP client (extra CA)",
+        if config.outbound.extra_ca_file.is_some() {
+            "outbound HTTP client (extra CA)"
+        } else {
+            "outbound HTTP client"
+        },
         crate::outbound::Outbound::new(&config.outbound)
             .map(|_| String::new())
             .map_err(|e| e.to_string()),
