@@ -353,6 +353,16 @@ fn check_config_passes_a_good_configuration_and_names_what_is_wrong() {
         out.contains("✓ TLS: server certificate") && !out.contains("CRL"),
         "{out}"
     );
+    // The audit public key written into a folder that is not there.
+    let mut elsewhere = dir.config();
+    elsewhere.audit.public_key_file = Some(dir.path().join("missing/audit.pub"));
+    std::fs::write(&path, elsewhere.to_toml()).unwrap();
+    let (ok, out) = run();
+    assert!(
+        !ok && out.contains("audit.public_key_file: the folder") && out.contains("missing"),
+        "{out}"
+    );
+    std::fs::write(&path, dir.config().to_toml()).unwrap();
     let key = dir.path().join("root.key");
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
     let (ok, out) = run();

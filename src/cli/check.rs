@@ -59,6 +59,10 @@ pub async fn run(path: &Path) -> Result<(), String> {
             open_database(&config, &root).await,
         );
     }
+    report(
+        "files the vault writes: their folders exist and are writable",
+        files_to_write(&config),
+    );
     if let Some(anchor) = &config.audit.anchor_file {
         report("audit.anchor_file", anchor_reached(&config, anchor).await);
     }
@@ -78,6 +82,50 @@ pub async fn run(path: &Path) -> Result<(), String> {
     } else {
         Err(format!("{failed} check(s) failed"))
     }
+}
+
+/// The files `serve` creates or replaces (a read-only configuration mount
+/// with the audit public key beside it fails here, not at start-up).
+fn files_to_write(config: &Config) -> Result<String, String> {
+    let mut files = Vec::new();
+    if config.storage.backend == Backend::Sqlite {
+        files.push(("storage.path", &config.storage.path));
+    }
+    if let Some(p) = &config.audit.public_key_file {
+        files.push(("audit.public_key_file", p));
+    }
+    if let Some(p) = &config.audit.anchor_file {
+        files.push(("audit.anchor_file", p));
+    }
+    let problems: Vec<String> = files
+        .into_iter()
+        .filter_map(|(key, path)| writable(path).err().map(|why| format!("{key}: {why}")))
+        .collect();
+    if problems.is_empty() {
+        Ok(String::new())
+    } else {
+        Err(problems.join("; "))
+    }
+}
+
+/// Whether this user may create or replace `path`: its folder exists and
+/// is writable, and so is the file where it exists.
+fn writable(path: &Path) -> Result<(), String> {
+    use rustix::fs::{access, Access};
+    let folder = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !folder.is_dir() {
+        return Err(format!("the folder {} does not exist", folder.display()));
+    }
+    let target = if path.exists() { path } else { folder };
+    access(target, Access::WRITE_OK).map_err(|e| {
+        format!(
+            "{} is not writable by this user ({e}): the vault writes it at start-up",
+            target.display()
+        )
+    })
 }
 
 /// The configured store; `None` for a SQLite file that does not exist yet.
