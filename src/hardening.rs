@@ -77,11 +77,7 @@ pub enum FileError {
 /// root, readable by its owner only. What is checked is what is read, so the
 /// file cannot be swapped between the check and the read.
 pub fn read_private(what: &'static str, path: &Path) -> Result<Zeroizing<Vec<u8>>, FileError> {
-    let io = |source| FileError::Io {
-        what,
-        path: path.to_owned(),
-        source,
-    };
+    let io = io_error(what, path);
     let mut file = open_no_follow(what, path, std::fs::OpenOptions::new().read(true))?;
     let meta = file.metadata().map_err(io)?;
     check_owner(what, path, &meta)?;
@@ -102,11 +98,7 @@ pub fn read_private(what: &'static str, path: &Path) -> Result<Zeroizing<Vec<u8>
 /// CRL, the configuration): refused if group or others may write it, or if
 /// a user other than this one or root owns it, checked on the open file.
 pub fn read_trusted(what: &'static str, path: &Path) -> Result<Vec<u8>, FileError> {
-    let io = |source| FileError::Io {
-        what,
-        path: path.to_owned(),
-        source,
-    };
+    let io = io_error(what, path);
     let mut file = std::fs::File::open(path).map_err(io)?;
     let meta = file.metadata().map_err(io)?;
     check_owner(what, path, &meta)?;
@@ -123,15 +115,23 @@ pub fn read_trusted(what: &'static str, path: &Path) -> Result<Vec<u8>, FileErro
     Ok(bytes)
 }
 
+/// Names the file and what it is for in an I/O error.
+fn io_error<'a>(
+    what: &'static str,
+    path: &'a Path,
+) -> impl Fn(std::io::Error) -> FileError + Copy + 'a {
+    move |source| FileError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    }
+}
+
 /// Writes a public file (mode 0644, whatever mode an old file had), never
 /// through a symbolic link: a link planted at `path` could otherwise make
 /// the vault overwrite any file it may write.
 pub fn write_public(what: &'static str, path: &Path, bytes: &[u8]) -> Result<(), FileError> {
-    let io = |source| FileError::Io {
-        what,
-        path: path.to_owned(),
-        source,
-    };
+    let io = io_error(what, path);
     let mut file = open_no_follow(
         what,
         path,
@@ -151,11 +151,7 @@ pub fn write_public(what: &'static str, path: &Path, bytes: &[u8]) -> Result<(),
 /// symlink) and waits until it is on disk: for records that must outlive
 /// the database, such as the audit anchor file.
 pub fn append_public(what: &'static str, path: &Path, line: &str) -> Result<(), FileError> {
-    let io = |source| FileError::Io {
-        what,
-        path: path.to_owned(),
-        source,
-    };
+    let io = io_error(what, path);
     let mut file = open_no_follow(
         what,
         path,
@@ -202,11 +198,7 @@ fn open_no_follow(
                 path: path.to_owned(),
             }
         } else {
-            FileError::Io {
-                what,
-                path: path.to_owned(),
-                source: e,
-            }
+            io_error(what, path)(e)
         }
     })
 }
