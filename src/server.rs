@@ -267,10 +267,9 @@ async fn check_anchor(vault: &Vault, path: &Path) -> Result<(), ServeError> {
     let log = vault.audit();
     match std::fs::symlink_metadata(path) {
         Ok(_) => {
-            let heads = crate::audit::anchor::read(path).map_err(ServeError::Anchor)?;
-            let highest = heads.iter().map(|h| &h.head).max_by_key(|h| h.sequence);
+            let highest = crate::audit::anchor::highest(path).map_err(ServeError::Anchor)?;
             if let Some(head) = highest {
-                if let Some(why) = log.continues_from(head).await? {
+                if let Some(why) = log.continues_from(&head).await? {
                     return Err(ServeError::BehindAnchor {
                         path: path.to_owned(),
                         sequence: head.sequence,
@@ -314,10 +313,11 @@ async fn checkpoint(vault: &Vault, last: u64, anchor: Option<&Path>) -> u64 {
         let path = path.to_owned();
         let written =
             tokio::task::spawn_blocking(move || crate::audit::anchor::append(&path, &signed)).await;
-        match written {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "could not append to the audit anchor file"),
-            Err(e) => tracing::error!(error = %e, "could not append to the audit anchor file"),
+        let written = written
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        if let Err(e) = written {
+            tracing::error!(error = %e, "could not append to the audit anchor file");
         }
     }
     sequence

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use super::SignedHead;
+use super::{Checkpoint, SignedHead};
 use crate::hardening::FileError;
 
 /// Appends `head` as one JSON line, on disk when this returns.
@@ -30,6 +30,15 @@ pub fn read(path: &Path) -> Result<Vec<SignedHead>, String> {
             })
         })
         .collect()
+}
+
+/// The head with the highest sequence in `path` (not necessarily its last
+/// line: an older head appended later must not count), `None` if it has none.
+pub fn highest(path: &Path) -> Result<Option<Checkpoint>, String> {
+    Ok(read(path)?
+        .into_iter()
+        .map(|h| h.head)
+        .max_by_key(|h| h.sequence))
 }
 
 #[cfg(test)]

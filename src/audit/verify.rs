@@ -66,7 +66,6 @@ pub enum Broken {
 /// signature (with `public_key`, when given), database and hash.
 pub fn verify(log: &Log<'_>, public_key: Option<&[u8]>) -> Result<Checked, Broken> {
     let last = verify_chain(log.events)?;
-    let mut anchored = 0;
     for (head, outside) in log
         .checkpoints
         .iter()
@@ -101,14 +100,14 @@ pub fn verify(log: &Log<'_>, public_key: Option<&[u8]>) -> Result<Checked, Broke
             (Some(hash), true) if hash != head.hash.as_slice() => {
                 return Err(Broken::AnchorMismatch(head.sequence))
             }
-            (Some(_), _) => anchored += usize::from(outside),
+            (Some(_), _) => {}
         }
     }
     Ok(Checked {
         events: log.events.len() as u64,
         last,
         checkpoints: log.checkpoints.len(),
-        anchors: anchored,
+        anchors: log.anchors.len(),
     })
 }
 

@@ -155,14 +155,13 @@ async fn anchor_reached(config: &Config, anchor: &Path) -> Result<String, String
             anchor.display()
         ));
     }
-    let heads = crate::audit::anchor::read(anchor)?;
-    let Some(highest) = heads.iter().map(|h| &h.head).max_by_key(|h| h.sequence) else {
+    let Some(highest) = crate::audit::anchor::highest(anchor)? else {
         return Ok(" (empty)".to_owned());
     };
     let Some(store) = open_store(config).await? else {
         return Err("the database does not exist, but the anchor file has heads".into());
     };
-    match crate::domain::continues_from(&*store, highest)
+    match crate::domain::continues_from(&*store, &highest)
         .await
         .map_err(|e| e.to_string())?
     {

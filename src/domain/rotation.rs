@@ -1,7 +1,7 @@
 //! Key rotation: new key versions, the rewrap job that moves every data key onto the primary, and retirement.
 
 use std::collections::{BTreeSet, HashSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -382,8 +382,6 @@ pub async fn rotate_root(
             held => break held?,
         }
     };
-    let count = Arc::new(AtomicUsize::new(0));
-    let counted = Arc::clone(&count);
     let reseal: Reseal = Box::new(move |current| {
         if current.versions.is_empty() {
             return Err(
@@ -392,16 +390,10 @@ pub async fn rotate_root(
                     .into(),
             );
         }
-        let resealed = reseal_under(&old, &new, &current)?;
-        counted.store(
-            resealed.versions.len() + resealed.material.len(),
-            Ordering::Relaxed,
-        );
-        Ok(resealed)
+        reseal_under(&old, &new, &current)
     });
     let event = super::local_command_event("rotate-root", "KeyAdmin.RotateRoot");
-    store.reseal_root(reseal, event).await?;
-    let count = count.load(Ordering::Relaxed);
+    let count = store.reseal_root(reseal, event).await?;
     // The keys sealed under the old root key were overwritten; their old
     // bytes leave the files once no reader holds an old snapshot.
     let deadline = std::time::Instant::now() + ROTATE_ROOT_SHRED_WAIT;

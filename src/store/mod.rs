@@ -70,6 +70,7 @@ pub struct AuditRecord {
     pub database_id: Option<Vec<u8>>,
 }
 
+/// The configured database's audit log, for `audit verify`.
 pub async fn read_audit_log_of(storage: &StorageConfig) -> Result<AuditRecord, StoreError> {
     match storage.backend {
         Backend::Sqlite => {
@@ -83,6 +84,7 @@ pub async fn read_audit_log_of(storage: &StorageConfig) -> Result<AuditRecord, S
     }
 }
 
+/// The database, in words for a message: the file, or the URL without its password.
 pub fn describe(storage: &StorageConfig) -> String {
     match storage.backend {
         Backend::Sqlite => storage.path.display().to_string(),
@@ -232,7 +234,6 @@ pub enum RetireOutcome {
     AlreadyRetired,
 }
 
-/// The key material a keyring is unwrapped from.
 /// How a process holds the database while it runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Hold {
@@ -272,6 +273,7 @@ impl RootWitness {
 /// write in it, or says why not (nothing is written then).
 pub type Reseal = Box<dyn FnOnce(RootSealed) -> Result<RootSealed, String> + Send>;
 
+/// The key material a keyring is unwrapped from.
 #[derive(Debug)]
 pub struct StoredKeys {
     pub versions: Vec<WrappedKeyVersion>,
@@ -460,8 +462,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<(RetireOutcome, Shred), StoreError>;
     /// Root-key rotation, in one transaction: reads every root-sealed key,
     /// lets `reseal` replace them all, writes them with `event`. Nothing is
-    /// written if `reseal` refuses ([`StoreError::Refused`]).
-    async fn reseal_root(&self, reseal: Reseal, event: Event) -> Result<StoredEvent, StoreError>;
+    /// written if `reseal` refuses ([`StoreError::Refused`]). Returns how
+    /// many keys it resealed.
+    async fn reseal_root(&self, reseal: Reseal, event: Event) -> Result<usize, StoreError>;
     /// Holds the database as `hold` says until the returned guard is
     /// dropped; [`StoreError::Held`] while another process holds it in a way
     /// that excludes this (a serving vault excludes `Alone`, and back).

@@ -1143,7 +1143,7 @@ impl Store for PostgresStore {
         Ok((RetireOutcome::Retired(stored), Shred::Done))
     }
 
-    async fn reseal_root(&self, reseal: Reseal, event: Event) -> Result<StoredEvent, StoreError> {
+    async fn reseal_root(&self, reseal: Reseal, event: Event) -> Result<usize, StoreError> {
         let mut c = self.client().await?;
         let tx = c.transaction().await?;
         // No key version is added until this commits: a replica's insert
@@ -1179,13 +1179,13 @@ impl Store for PostgresStore {
             )
             .await?;
         }
-        let stored = append_in(&tx, event).await?;
+        append_in(&tx, event).await?;
         tx.commit()
             .await
             .map_err(|e| StoreError::Commit(e.to_string()))?;
         drop(c);
         self.vacuum("key_versions, key_material").await;
-        Ok(stored)
+        Ok(new.versions.len() + new.material.len())
     }
 
     /// A session-level advisory lock on a connection of its own, taken out

@@ -1047,7 +1047,7 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn reseal_root(&self, reseal: Reseal, event: Event) -> Result<StoredEvent, StoreError> {
+    async fn reseal_root(&self, reseal: Reseal, event: Event) -> Result<usize, StoreError> {
         self.write_destroying(move |conn| {
             let versions = active_key_versions(conn)?;
             let material = conn
@@ -1076,10 +1076,11 @@ impl Store for SqliteStore {
                     params![purpose, sealed.nonce.as_slice(), sealed.ciphertext],
                 )?;
             }
-            append_in(conn, event)
+            append_in(conn, event)?;
+            Ok(new.versions.len() + new.material.len())
         })
         .await
-        .map(|(stored, _)| stored)
+        .map(|(count, _)| count)
     }
 
     /// A `flock` on `DB.lock` beside the database: shared while serving,
