@@ -472,20 +472,9 @@ fn json_logs_are_one_object_per_line_with_the_call_fields() {
 /// before any secret is read, and required params marked.
 #[tokio::test]
 async fn the_cli_names_a_wrong_data_dir_and_missing_params_before_the_secrets() {
-    // Async: the vault runs on this test's runtime.
     async fn cli(args: &[&str], stdin: &str) -> (bool, String, String) {
-        use tokio::io::AsyncWriteExt;
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_credvault"))
-            .args(args)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut input = child.stdin.take().unwrap();
-        input.write_all(stdin.as_bytes()).await.unwrap();
-        drop(input);
-        let out = child.wait_with_output().await.unwrap();
+        let args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+        let out = common::credvault_cli(&args, stdin.as_bytes()).await;
         (
             out.status.success(),
             String::from_utf8_lossy(&out.stdout).into_owned(),

@@ -840,27 +840,25 @@ async fn a_configuration_cannot_widen_the_allowlist() {
 }
 
 /// `credvault call` as a person would run it, against the test vault.
-fn cli_call(w: &World, args: &[&str], stdin: &[u8]) -> (bool, Vec<u8>, String) {
-    use std::io::Write;
+async fn cli_call(w: &World, args: &[&str], stdin: &[u8]) -> (bool, Vec<u8>, String) {
     let p = w.dir.path();
     common::write_private(&p.join("app.pem"), w.dir.app.cert_pem.as_bytes());
     common::write_private(&p.join("app-key.pem"), w.dir.app.key_pem.as_bytes());
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_credvault"))
-        .args(["call", "--addr", &w.vault.url()])
-        .arg("--ca")
-        .arg(p.join("ca.pem"))
-        .arg("--cert")
-        .arg(p.join("app.pem"))
-        .arg("--key")
-        .arg(p.join("app-key.pem"))
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(stdin).unwrap();
-    let out = child.wait_with_output().unwrap();
+    let url = w.vault.url();
+    let (ca, cert, key) = (p.join("ca.pem"), p.join("app.pem"), p.join("app-key.pem"));
+    let mut all: Vec<&std::ffi::OsStr> = vec![
+        "call".as_ref(),
+        "--addr".as_ref(),
+        url.as_ref(),
+        "--ca".as_ref(),
+        ca.as_os_str(),
+        "--cert".as_ref(),
+        cert.as_os_str(),
+        "--key".as_ref(),
+        key.as_os_str(),
+    ];
+    all.extend(args.iter().map(std::ffi::OsStr::new));
+    let out = common::credvault_cli(&all, stdin).await;
     (
         out.status.success(),
         out.stdout,
@@ -881,7 +879,7 @@ async fn the_cli_calls_through_the_vault_and_posts_stdin() {
     })
     .await;
     let ws = ["--workspace", "ws", "--provider", "amplitude"];
-    let (ok, body, err) = cli_call(&w, &[&ws[..], &["GET", "/api/3/cohorts"]].concat(), b"");
+    let (ok, body, err) = cli_call(&w, &[&ws[..], &["GET", "/api/3/cohorts"]].concat(), b"").await;
     assert!(ok, "{err}");
     assert_eq!(body, COHORTS.as_bytes());
     assert!(err.contains("HTTP 200"), "{err}");
@@ -891,16 +889,17 @@ async fn the_cli_calls_through_the_vault_and_posts_stdin() {
         &w,
         &[&ws[..], &["POST", "/api/3/annotations"]].concat(),
         annotation,
-    );
+    )
+    .await;
     assert!(ok, "{err}");
     assert!(String::from_utf8(body).unwrap().contains("success"));
     let posted = w.fake.requests().pop().unwrap();
     assert_eq!(posted.body, annotation.as_slice());
     assert_eq!(posted.headers["content-type"], "application/json");
 
-    let (ok, _, err) = cli_call(&w, &[&ws[..], &["GET", "/api/2/events/list"]].concat(), b"");
+    let (ok, _, err) = cli_call(&w, &[&ws[..], &["GET", "/api/2/events/list"]].concat(), b"").await;
     assert!(!ok && err.contains("HTTP 403"), "{err}");
-    let (ok, _, err) = cli_call(&w, &[&ws[..], &["GET", "/api/2/../x"]].concat(), b"");
+    let (ok, _, err) = cli_call(&w, &[&ws[..], &["GET", "/api/2/../x"]].concat(), b"").await;
     assert!(!ok && err.contains("InvalidArgument"), "{err}");
 }
 

@@ -377,6 +377,23 @@ pub fn contains_bytes(haystack: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
 }
 
+/// Runs `credvault ARGS` with `stdin` piped in. Async, so that a vault
+/// running on the calling test's runtime keeps serving meanwhile.
+pub async fn credvault_cli(args: &[&std::ffi::OsStr], stdin: &[u8]) -> std::process::Output {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_credvault"))
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin).await.unwrap();
+    drop(input);
+    child.wait_with_output().await.unwrap()
+}
+
 /// `credvault audit ARGS` against `vault`, presenting the auditor's certificate.
 pub async fn audit_cli(dir: &VaultDir, vault: &TestVault, args: &[&str]) -> std::process::Output {
     let auditor = dir
