@@ -7,7 +7,8 @@
 //!   one place.
 //! - [`domain`]: what Store, Redact, Zero, List, Validate, Proxy and key rotation mean.
 //! - [`crypto`]: envelope encryption (root key → key-encryption keys → data keys), secret types.
-//! - [`store`]: the storage trait and SQLite behind it, with group commit.
+//! - [`store`]: the storage trait, its SQL written once, and SQLite and PostgreSQL
+//!   behind it, each with group commit.
 //! - [`providers`]: one module per provider: fields, checks, auth headers, validation call,
 //!   answer mapping, Proxy routes.
 //! - [`outbound`]: the HTTP client for provider calls, its address policy, the echo scrubber.

@@ -28,6 +28,9 @@ pub enum VaultError {
     DataLoss,
     #[error("storage is full")]
     StorageFull,
+    /// The database is busy or cannot be reached: worth retrying.
+    #[error("storage is unavailable: {0}")]
+    StorageUnavailable(String),
     /// The audit event could not be written, so the call was not carried out.
     #[error("the audit log could not be written")]
     AuditUnavailable,
@@ -60,10 +63,8 @@ impl From<StoreError> for VaultError {
             StoreError::Held(_) | StoreError::Refused(_) | StoreError::RootChanged => {
                 VaultError::FailedPrecondition(e.to_string())
             }
-            StoreError::Database(ref db)
-                if db.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseCorrupt) =>
-            {
-                VaultError::DataLoss
+            StoreError::Busy(detail) | StoreError::Unavailable(detail) => {
+                VaultError::StorageUnavailable(detail)
             }
             other => VaultError::Internal(other.to_string()),
         }

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use super::{Vault, VaultError};
+use super::{CredentialRef, Vault, VaultError};
 use crate::audit::{self, Event};
 use crate::crypto::RootKey;
 use crate::store::{
@@ -269,12 +269,16 @@ impl Vault {
             if writing.contains(&id) || unreadable.contains(&id) {
                 continue;
             }
-            let owner = [s.workspace_id.as_bytes(), s.provider.as_bytes()];
-            let moved = keyring
-                .open_data_key(&owner, s.key.key_version, &s.key.sealed)
-                .and_then(|data_key| keyring.rewrap_data_key(&owner, &data_key));
+            // The owner the data key is bound to, from the one definition a
+            // Store used (a row that does not parse is left alone, as unreadable).
+            let target = CredentialRef::parse(&s.workspace_id, &s.provider);
+            let moved = target.as_ref().ok().map(|target| {
+                keyring
+                    .open_data_key(&target.owner(), s.key.key_version, &s.key.sealed)
+                    .and_then(|data_key| keyring.rewrap_data_key(&target.owner(), &data_key))
+            });
             match moved {
-                Ok((key_version, sealed)) => batch.push(Rewrapped {
+                Some(Ok((key_version, sealed))) => batch.push(Rewrapped {
                     new: WrappedDataKey {
                         key_version,
                         sealed,
@@ -283,7 +287,7 @@ impl Vault {
                     provider: s.provider,
                     old: s.key,
                 }),
-                Err(_) => {
+                Some(Err(_)) | None => {
                     tracing::warn!(
                         workspace = %s.workspace_id,
                         provider = %s.provider,

@@ -19,6 +19,10 @@ pub fn to_status(e: VaultError) -> Status {
             tracing::warn!("storage is full: writes fail until space is freed");
             Status::resource_exhausted("the vault's storage is full")
         }
+        VaultError::StorageUnavailable(detail) => {
+            tracing::warn!(%detail, "storage unavailable");
+            Status::unavailable("the vault's storage is busy or unreachable; retry shortly")
+        }
         VaultError::AuditUnavailable => Status::unavailable(
             "the audit log could not be written, so the call was not carried out",
         ),

@@ -1,8 +1,9 @@
-//! Storage: the trait the domain writes through, with SQLite (embedded) and PostgreSQL (replicas) behind it.
+//! Storage: the trait the domain writes through, with SQLite (embedded) and PostgreSQL
+//! (replicas) behind it; `sql` holds the SQL both run.
 
 mod postgres;
+mod sql;
 mod sqlite;
-mod writer;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -10,7 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 
 use crate::audit::{Checkpoint, Event, StoredEvent};
-use crate::crypto::{NewKeyMaterial, Sealed, WrappedKeyVersion, NONCE_LEN};
+use crate::crypto::{NewKeyMaterial, Sealed, WrappedKeyVersion};
 
 pub use postgres::{redact_url, PostgresSettings, PostgresStore};
 
@@ -30,15 +31,6 @@ pub(crate) fn millis(t: SystemTime) -> i64 {
 
 fn time(ms: i64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms.max(0).unsigned_abs())
-}
-
-/// A nonce and ciphertext read back from a row.
-fn sealed_from(nonce: Vec<u8>, ciphertext: Vec<u8>) -> Result<Sealed, StoreError> {
-    Ok(Sealed {
-        nonce: <[u8; NONCE_LEN]>::try_from(nonce)
-            .map_err(|_| StoreError::Corrupt("nonce has the wrong length"))?,
-        ciphertext,
-    })
 }
 
 /// Opens the configured backend: the SQLite file, or a pool on the
@@ -283,18 +275,29 @@ pub struct StoredKeys {
     pub fingerprint_purpose: &'static str,
 }
 
-/// A storage failure. Messages carry no row contents.
+/// A storage failure, the same set whichever engine reported it: each engine
+/// sorts its driver's errors into these, so nothing above the store names a
+/// driver. Messages carry no row contents.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
     #[error("the database is full")]
     Full,
+    /// Another writer held what this one needed for longer than it waits.
+    #[error("the database is busy: {0}")]
+    Busy(String),
+    /// A stored row, or the database itself, is malformed.
     #[error("a stored row is malformed: {0}")]
     Corrupt(&'static str),
+    /// The database cannot be reached, or stopped answering.
+    #[error("the database is unavailable: {0}")]
+    Unavailable(String),
+    /// A write broke one of the schema's constraints.
+    #[error("a write conflicts with the stored data: {0}")]
+    Conflict(String),
+    /// Anything else the engine reported, without row contents.
     #[error("database error: {0}")]
-    Database(#[from] rusqlite::Error),
-    #[error("PostgreSQL error: {0}")]
-    Postgres(tokio_postgres::Error),
+    Engine(String),
     #[error("cannot connect to the database: {0}")]
     Connect(String),
     #[error("database file {path}: {source}")]
@@ -347,11 +350,23 @@ fn held_message(wanted: Hold) -> &'static str {
     }
 }
 
+/// An audit append's failure: the change it recorded was not made. Full,
+/// busy and unavailable keep their own kind (the caller may act on them).
+pub(crate) fn audit_failure(e: StoreError) -> StoreError {
+    match e {
+        e @ (StoreError::Full | StoreError::Busy(_) | StoreError::Unavailable(_)) => e,
+        e @ StoreError::Audit(_) => e,
+        other => StoreError::Audit(other.to_string()),
+    }
+}
+
 impl StoreError {
     /// The same failure, reported to another write of the same transaction.
     pub(crate) fn for_another_write(&self) -> StoreError {
         match self {
             StoreError::Full => StoreError::Full,
+            StoreError::Busy(m) => StoreError::Busy(m.clone()),
+            StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
             other => StoreError::Commit(other.to_string()),
         }
     }

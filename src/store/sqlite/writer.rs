@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use rusqlite::Connection;
 use tokio::sync::oneshot;
 
-use super::{Shred, StoreError};
+use crate::store::{Shred, StoreError};
 
 /// Most writes one transaction takes.
 const MAX_BATCH: usize = 256;
@@ -169,7 +169,7 @@ fn run(conn: &Connection, queue: &mpsc::Receiver<Job>, max_batch: usize, pending
         if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
             // Without a transaction a write would commit on its own, in
             // autocommit mode, and then be reported as failed: run none.
-            let e = super::sqlite::classify(e);
+            let e = super::classify(e);
             for job in batch {
                 ((job.run)(None).finish)(Err(&e));
             }
@@ -202,9 +202,7 @@ fn run(conn: &Connection, queue: &mpsc::Receiver<Job>, max_batch: usize, pending
             }
             finishers.push((finish, ok));
         }
-        let committed = conn
-            .execute_batch("COMMIT")
-            .map_err(super::sqlite::classify);
+        let committed = conn.execute_batch("COMMIT").map_err(super::classify);
         let mut shred = Shred::Done;
         if committed.is_err() {
             let _ = conn.execute_batch("ROLLBACK");

@@ -2,24 +2,30 @@
 //!
 //! Every write is one transaction. Audit appends serialize on a row lock on
 //! the chain head (`audit_head`), so all replicas extend one chain with no
-//! gaps and no forks. Migrations run under a transaction-scoped advisory
-//! lock, so replicas starting together migrate once.
+//! gaps and no forks; each replica gathers its concurrent Stores and appends
+//! into one transaction ([`batch`]), so it takes that lock once per batch.
+//! Migrations run under a transaction-scoped advisory lock, so replicas
+//! starting together migrate once.
 
 use std::time::SystemTime;
 
 use async_trait::async_trait;
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 use zeroize::Zeroizing;
 
+use super::sql::{self, values, SqlRow, Value};
 use super::{
-    millis, sealed_from, time, AuditRecord, CredentialRecord, Hold, KeyVersionRow, ParamsBinding,
-    Reseal, RetireOutcome, Rewrapped, RootSealed, RootWitness, SecretRecord, Shred, StaleDataKey,
-    Store, StoreError, StoredKeys, StoredStatus, WrappedDataKey,
+    audit_failure, millis, AuditRecord, CredentialRecord, Hold, KeyVersionRow, ParamsBinding,
+    Reseal, RetireOutcome, Rewrapped, RootSealed, RootWitness, Shred, StaleDataKey, Store,
+    StoreError, StoredKeys, WrappedDataKey,
 };
-use crate::audit::{chain_hash, Checkpoint, Event, StoredEvent, HASH_LEN};
+use crate::audit::{chain_hash, Checkpoint, Event, StoredEvent};
 use crate::crypto::{NewKeyMaterial, Sealed, WrappedKeyVersion};
+
+mod batch;
 
 const FINGERPRINT_KEY: &str = crate::crypto::FINGERPRINT_KEY_PURPOSE;
 const LEGACY_FINGERPRINT_KEY: &str = crate::crypto::LEGACY_FINGERPRINT_KEY_PURPOSE;
@@ -28,6 +34,11 @@ const MIGRATION_LOCK: i64 = 0x6372_6564_7661_756c;
 const REWRAP_LOCK: i64 = MIGRATION_LOCK + 1;
 /// Shared by serving vaults, exclusive for `keys rotate-root` and `bind-params`.
 const HOLD_LOCK: i64 = MIGRATION_LOCK + 2;
+/// How long a statement waits for a lock another session holds before it
+/// fails as busy: the same bound as SQLite's busy timeout, so that a stuck
+/// session (an open `psql` transaction, a long `LOCK TABLE`) makes calls
+/// fail with UNAVAILABLE instead of hanging.
+const LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// How long a Zero waits for snapshots older than itself to end before it
 /// answers that destroyed rows are still readable.
 const SNAPSHOT_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
@@ -134,6 +145,37 @@ CREATE TABLE vault_identity (
 INSERT INTO vault_identity (database_id) VALUES (uuid_send(gen_random_uuid()));
 ALTER TABLE audit_checkpoints ADD COLUMN signed_at BIGINT;
 ",
+    r#"
+-- A batch of events in one call (group commit): the head is locked once, and
+-- each event links to the one before it, in the order given.
+CREATE FUNCTION credvault_append_audit_batch(tails TEXT[])
+RETURNS TABLE (out_sequence BIGINT, out_previous_hash BYTEA, out_hash BYTEA)
+LANGUAGE plpgsql AS $$
+DECLARE
+    head_sequence BIGINT;
+    head_hash     BYTEA;
+    tail          TEXT;
+    next_event    TEXT;
+    next_hash     BYTEA;
+BEGIN
+    SELECT h.sequence, h.hash INTO head_sequence, head_hash
+        FROM audit_head h WHERE h.one FOR UPDATE;
+    FOREACH tail IN ARRAY tails LOOP
+        head_sequence := head_sequence + 1;
+        next_event := '{"sequence":' || head_sequence || tail;
+        next_hash := sha256(head_hash || convert_to(next_event, 'UTF8'));
+        INSERT INTO audit_events (sequence, event, previous_hash, hash)
+            VALUES (head_sequence, next_event, head_hash, next_hash);
+        out_sequence := head_sequence;
+        out_previous_hash := head_hash;
+        out_hash := next_hash;
+        RETURN NEXT;
+        head_hash := next_hash;
+    END LOOP;
+    UPDATE audit_head SET sequence = head_sequence, hash = head_hash WHERE one;
+END
+$$;
+"#,
 ];
 
 /// Where the database is and how to log in.
@@ -168,10 +210,11 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
-/// PostgreSQL behind [`Store`], with a connection pool.
+/// PostgreSQL behind [`Store`], with a connection pool and a group-commit writer.
 #[derive(Clone)]
 pub struct PostgresStore {
     pool: Pool,
+    writer: batch::Writer,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -193,6 +236,12 @@ impl PostgresStore {
         if let Some(password) = &settings.password {
             config.password(password.as_bytes());
         }
+        let options = format!(
+            "{} -c lock_timeout={}",
+            config.get_options().unwrap_or_default(),
+            LOCK_TIMEOUT.as_millis()
+        );
+        config.options(options.trim_start());
         let manager_config = ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         };
@@ -205,7 +254,10 @@ impl PostgresStore {
             .max_size(settings.pool_size.max(2))
             .build()
             .map_err(|e| StoreError::Connect(e.to_string()))?;
-        let store = Self { pool };
+        let store = Self {
+            writer: batch::Writer::start(pool.clone()),
+            pool,
+        };
         let mut client = store.client().await?;
         migrate(&mut client).await?;
         Ok(store)
@@ -222,17 +274,9 @@ impl PostgresStore {
             .read_only(true)
             .start()
             .await?;
-        let events = tx
-            .query(
-                "SELECT sequence, event, previous_hash, hash FROM audit_events ORDER BY sequence",
-                &[],
-            )
-            .await?
-            .iter()
-            .map(stored_event)
-            .collect::<Result<Vec<_>, _>>()?;
-        let checkpoints = read_checkpoints(&tx).await?;
-        let database_id = read_database_id(&tx).await?;
+        let events = query(&tx, sql::ALL_EVENTS, &[], sql::stored_event).await?;
+        let checkpoints = query(&tx, sql::CHECKPOINTS, &[], sql::checkpoint).await?;
+        let database_id = database_id(&tx).await?;
         tx.commit().await?;
         Ok(AuditRecord {
             events,
@@ -319,6 +363,8 @@ fn tls(
 
 async fn migrate(client: &mut deadpool_postgres::Object) -> Result<(), StoreError> {
     let tx = client.transaction().await?;
+    // Another replica's migration may take longer than a lock usually may.
+    tx.batch_execute("SET LOCAL lock_timeout = 0").await?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .await?;
     tx.batch_execute("CREATE TABLE IF NOT EXISTS credvault_schema (version INTEGER PRIMARY KEY)")
@@ -341,14 +387,48 @@ async fn migrate(client: &mut deadpool_postgres::Object) -> Result<(), StoreErro
     Ok(())
 }
 
-/// Disk full and the like get their own variants; everything else is a database error.
+/// Sorts PostgreSQL's errors into the store's typed set, by SQLSTATE. The
+/// words kept are the server's message and code, never its DETAIL (which
+/// can quote a row).
 fn classify(e: tokio_postgres::Error) -> StoreError {
-    match e.code() {
-        Some(c) if *c == SqlState::DISK_FULL || *c == SqlState::OUT_OF_MEMORY => StoreError::Full,
-        Some(c) if *c == SqlState::DATA_CORRUPTED || *c == SqlState::INDEX_CORRUPTED => {
-            StoreError::Corrupt("PostgreSQL reports corrupt data")
-        }
-        _ => StoreError::Postgres(e),
+    let Some(db) = e.as_db_error() else {
+        // No SQLSTATE: the connection failed or closed, or a value did not convert.
+        let text = e.to_string();
+        return if e.is_closed()
+            || text.starts_with("error connecting")
+            || text.contains("timed out")
+        {
+            StoreError::Unavailable(text)
+        } else {
+            StoreError::Engine(text)
+        };
+    };
+    let code = db.code();
+    let text = format!("{} (SQLSTATE {})", db.message(), code.code());
+    let class = &code.code()[..2];
+    if *code == SqlState::DATA_CORRUPTED || *code == SqlState::INDEX_CORRUPTED {
+        StoreError::Corrupt("PostgreSQL reports corrupt data")
+    } else if *code == SqlState::TOO_MANY_CONNECTIONS {
+        StoreError::Unavailable(text)
+    } else if class == "53" {
+        // disk_full, out_of_memory, insufficient_resources
+        StoreError::Full
+    } else if [
+        SqlState::T_R_SERIALIZATION_FAILURE,
+        SqlState::T_R_DEADLOCK_DETECTED,
+        SqlState::LOCK_NOT_AVAILABLE,
+        SqlState::QUERY_CANCELED,
+    ]
+    .contains(code)
+    {
+        StoreError::Busy(text)
+    } else if class == "08" || class == "28" || class == "3D" || class == "57" {
+        // connection, authorization, unknown database, operator intervention
+        StoreError::Unavailable(text)
+    } else if class == "23" {
+        StoreError::Conflict(text)
+    } else {
+        StoreError::Engine(text)
     }
 }
 
@@ -358,274 +438,157 @@ impl From<tokio_postgres::Error> for StoreError {
     }
 }
 
-fn version_u32(v: i32) -> Result<u32, StoreError> {
-    u32::try_from(v).map_err(|_| StoreError::Corrupt("negative key version"))
+fn pg_values<'a>(values: &'a [Value<'a>]) -> Vec<&'a (dyn ToSql + Sync)> {
+    values.iter().map(|v| v as &(dyn ToSql + Sync)).collect()
 }
 
-fn version_i32(v: u32) -> i32 {
-    // Versions count up from 1 one rotation at a time.
-    i32::try_from(v).unwrap_or(i32::MAX)
-}
-
-fn seq_u64(v: i64) -> Result<u64, StoreError> {
-    u64::try_from(v).map_err(|_| StoreError::Corrupt("negative sequence"))
-}
-
-fn seq_i64(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-fn hash_array(bytes: Vec<u8>) -> Result<[u8; HASH_LEN], StoreError> {
-    bytes
-        .try_into()
-        .map_err(|_| StoreError::Corrupt("an audit hash is not 32 bytes"))
-}
-
-const CREDENTIAL_COLUMNS: &str = "workspace_id, provider, status, params, created_at, updated_at, \
-     disconnected_at, expires_at, key_version, dek_nonce, wrapped_dek, last_validation, binding";
-
-fn credential_from(row: &Row, secrets: Vec<SecretRecord>) -> Result<CredentialRecord, StoreError> {
-    let status = match row.try_get::<_, &str>(2)? {
-        "connected" => StoredStatus::Connected,
-        "disconnected" => StoredStatus::Disconnected,
-        _ => return Err(StoreError::Corrupt("unknown status")),
-    };
-    let key: (Option<i32>, Option<Vec<u8>>, Option<Vec<u8>>) =
-        (row.try_get(8)?, row.try_get(9)?, row.try_get(10)?);
-    let data_key = match key {
-        (Some(v), Some(n), Some(c)) => Some(WrappedDataKey {
-            key_version: version_u32(v)?,
-            sealed: sealed_from(n, c)?,
-        }),
-        (None, None, None) => None,
-        _ => return Err(StoreError::Corrupt("partial data key")),
-    };
-    let params: &str = row.try_get(3)?;
-    Ok(CredentialRecord {
-        workspace_id: row.try_get(0)?,
-        provider: row.try_get(1)?,
-        params: serde_json::from_str(params)
-            .map_err(|_| StoreError::Corrupt("params are not a JSON object of strings"))?,
-        status,
-        created_at: time(row.try_get(4)?),
-        updated_at: time(row.try_get(5)?),
-        disconnected_at: row.try_get::<_, Option<i64>>(6)?.map(time),
-        expires_at: row.try_get::<_, Option<i64>>(7)?.map(time),
-        data_key,
-        secrets,
-        last_validation: row.try_get(11)?,
-        binding: row.try_get(12)?,
-    })
-}
-
-/// A read-only transaction on one snapshot: a row and its secrets read
-/// together, never half before and half after a concurrent write.
-async fn snapshot(
-    c: &mut deadpool_postgres::Object,
-) -> Result<deadpool_postgres::Transaction<'_>, StoreError> {
-    Ok(c.build_transaction()
-        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()
-        .await?)
-}
-
-async fn load_secrets(
+/// Runs a shared statement (prepared once per connection); returns the rows it changed.
+async fn execute(
     c: &impl GenericClient,
-    workspace_id: &str,
-    provider: &str,
-) -> Result<Vec<SecretRecord>, StoreError> {
-    c.query(
-        "SELECT field, nonce, ciphertext, hint, fingerprint FROM credential_secrets \
-         WHERE workspace_id = $1 AND provider = $2 ORDER BY field",
-        &[&workspace_id, &provider],
-    )
-    .await?
-    .iter()
-    .map(|r| {
-        Ok(SecretRecord {
-            field: r.try_get(0)?,
-            sealed: sealed_from(r.try_get(1)?, r.try_get(2)?)?,
-            hint: r.try_get(3)?,
-            fingerprint: r.try_get(4)?,
-        })
-    })
-    .collect()
+    sql: &str,
+    values: &[Value<'_>],
+) -> Result<u64, StoreError> {
+    let statement = c.prepare_cached(sql).await?;
+    Ok(c.execute(&statement, &pg_values(values)).await?)
 }
 
-async fn load_credential(
+/// Runs a shared query and decodes every row.
+async fn query<T>(
     c: &impl GenericClient,
-    workspace_id: &str,
-    provider: &str,
-) -> Result<Option<CredentialRecord>, StoreError> {
-    let Some(row) = c
-        .query_opt(
-            &format!(
-                "SELECT {CREDENTIAL_COLUMNS} FROM credentials \
-                 WHERE workspace_id = $1 AND provider = $2"
-            ),
-            &[&workspace_id, &provider],
-        )
+    sql: &str,
+    values: &[Value<'_>],
+    decode: impl Fn(&dyn SqlRow) -> Result<T, StoreError>,
+) -> Result<Vec<T>, StoreError> {
+    let statement = c.prepare_cached(sql).await?;
+    c.query(&statement, &pg_values(values))
         .await?
-    else {
-        return Ok(None);
+        .iter()
+        .map(|row| decode(row))
+        .collect()
+}
+
+/// The first row of a shared query, decoded.
+async fn query_opt<T>(
+    c: &impl GenericClient,
+    sql: &str,
+    values: &[Value<'_>],
+    decode: impl Fn(&dyn SqlRow) -> Result<T, StoreError>,
+) -> Result<Option<T>, StoreError> {
+    Ok(query(c, sql, values, decode).await?.into_iter().next())
+}
+
+/// Connections with their secrets, from one statement (one snapshot).
+async fn credentials(
+    c: &impl GenericClient,
+    sql: &str,
+    values: &[Value<'_>],
+) -> Result<Vec<CredentialRecord>, StoreError> {
+    let statement = c.prepare_cached(sql).await?;
+    let mut records = Vec::new();
+    for row in c.query(&statement, &pg_values(values)).await? {
+        sql::push_credential_row(&mut records, &row)?;
+    }
+    Ok(records)
+}
+
+/// An event's canonical text after its sequence number: the database puts
+/// the sequence in front of it when it appends.
+fn tail(mut event: Event) -> Result<String, StoreError> {
+    const PREFIX: &str = "{\"sequence\":0";
+    event.sequence = 0;
+    event
+        .canonical()
+        .strip_prefix(PREFIX)
+        .map(str::to_owned)
+        .ok_or_else(|| {
+            StoreError::Audit("an event's encoding does not start with its sequence".into())
+        })
+}
+
+/// An event as the append function stored it. The database hashes exactly
+/// the text it stores; the hash is checked here against [`chain_hash`].
+fn appended(row: &Row, tail: &str) -> Result<StoredEvent, StoreError> {
+    let sequence = sql::count(row.try_get(0)?)?;
+    let bytes = |i| -> Result<[u8; 32], StoreError> {
+        row.try_get::<_, Vec<u8>>(i)?
+            .try_into()
+            .map_err(|_| StoreError::Corrupt("an audit hash is not 32 bytes"))
     };
-    let secrets = load_secrets(c, workspace_id, provider).await?;
-    credential_from(&row, secrets).map(Some)
+    let (previous_hash, hash) = (bytes(1)?, bytes(2)?);
+    let canonical = format!("{{\"sequence\":{sequence}{tail}");
+    if chain_hash(&previous_hash, &canonical) != hash {
+        return Err(StoreError::Corrupt(
+            "the database computed another audit hash",
+        ));
+    }
+    Ok(StoredEvent {
+        sequence,
+        canonical,
+        previous_hash,
+        hash,
+    })
 }
 
 /// Appends `event` to the chain in one statement (see the migration's
 /// `credvault_append_audit`): inside `c`'s transaction, the head's row lock is
-/// then held until that transaction ends; on a plain connection, the
-/// statement is its own transaction. The database hashes exactly the text
-/// that is stored; the hash is checked here against [`chain_hash`].
-async fn append_in(c: &impl GenericClient, mut event: Event) -> Result<StoredEvent, StoreError> {
-    const PREFIX: &str = "{\"sequence\":0";
-    event.sequence = 0;
-    let with_zero = event.canonical();
-    let tail = with_zero.strip_prefix(PREFIX).ok_or_else(|| {
-        StoreError::Audit("an event's encoding does not start with its sequence".into())
-    })?;
+/// then held until that transaction ends.
+async fn append_in(c: &impl GenericClient, event: Event) -> Result<StoredEvent, StoreError> {
     let append = async {
+        let tail = tail(event)?;
         let row = c
             .query_one("SELECT * FROM credvault_append_audit($1)", &[&tail])
             .await?;
-        let sequence = seq_u64(row.try_get(0)?)?;
-        let previous_hash = hash_array(row.try_get(1)?)?;
-        let hash = hash_array(row.try_get(2)?)?;
-        let canonical = format!("{{\"sequence\":{sequence}{tail}");
-        if chain_hash(&previous_hash, &canonical) != hash {
-            return Err(StoreError::Corrupt(
-                "the database computed another audit hash",
-            ));
-        }
-        Ok::<_, StoreError>(StoredEvent {
-            sequence,
-            canonical,
-            previous_hash,
-            hash,
-        })
+        appended(&row, &tail)
     };
-    append.await.map_err(|e| match e {
-        StoreError::Full => StoreError::Full,
-        other => StoreError::Audit(other.to_string()),
-    })
-}
-
-fn stored_event(r: &Row) -> Result<StoredEvent, StoreError> {
-    Ok(StoredEvent {
-        sequence: seq_u64(r.try_get(0)?)?,
-        canonical: r.try_get(1)?,
-        previous_hash: hash_array(r.try_get(2)?)?,
-        hash: hash_array(r.try_get(3)?)?,
-    })
-}
-
-async fn active_key_versions(c: &impl GenericClient) -> Result<Vec<WrappedKeyVersion>, StoreError> {
-    c.query(
-        "SELECT version, nonce, wrapped_key FROM key_versions \
-         WHERE state = 'active' ORDER BY version",
-        &[],
-    )
-    .await?
-    .iter()
-    .map(|r| {
-        Ok(WrappedKeyVersion {
-            version: version_u32(r.try_get(0)?)?,
-            sealed: sealed_from(r.try_get(1)?, r.try_get(2)?)?,
-        })
-    })
-    .collect()
+    append.await.map_err(audit_failure)
 }
 
 async fn sealed_material(
     c: &impl GenericClient,
     purpose: &str,
 ) -> Result<Option<Sealed>, StoreError> {
-    c.query_opt(
-        "SELECT nonce, wrapped_key FROM key_material WHERE purpose = $1",
-        &[&purpose],
-    )
-    .await?
-    .map(|r| sealed_from(r.try_get(0)?, r.try_get(1)?))
-    .transpose()
+    query_opt(c, sql::KEY_MATERIAL, &values![purpose], sql::key_material).await
 }
 
-/// Counts `n` data keys wrapped under `version`, which must still be active
-/// when this transaction takes the version's row lock (a Retire holds it
-/// until it commits): a key another replica retired a moment ago wraps
-/// nothing. Returns the version's encryptions so far, across replicas.
-async fn count_encryptions(
-    c: &impl GenericClient,
-    version: u32,
-    n: u64,
-) -> Result<u64, StoreError> {
-    let row = c
-        .query_opt(
-            "UPDATE key_versions SET encryptions = encryptions + $2 \
-             WHERE version = $1 AND state = 'active' RETURNING encryptions",
-            &[&version_i32(version), &seq_i64(n)],
-        )
+async fn database_id(c: &impl GenericClient) -> Result<Option<Vec<u8>>, StoreError> {
+    Ok(query_opt(c, sql::DATABASE_ID, &[], sql::single_bytes)
         .await?
-        .ok_or(StoreError::VersionRetired(version))?;
-    seq_u64(row.try_get(0)?)
+        .flatten())
 }
 
-async fn read_checkpoints(c: &impl GenericClient) -> Result<Vec<Checkpoint>, StoreError> {
-    c.query(
-        "SELECT c.sequence, c.hash, c.signature, c.key_id, c.signed_at, \
-                CASE WHEN c.signed_at IS NULL THEN NULL \
-                     ELSE (SELECT database_id FROM vault_identity) END \
-         FROM audit_checkpoints c ORDER BY c.sequence",
-        &[],
-    )
-    .await?
-    .iter()
-    .map(|r| {
-        Ok(Checkpoint {
-            sequence: seq_u64(r.try_get(0)?)?,
-            hash: r.try_get(1)?,
-            signature: r.try_get(2)?,
-            key_id: r.try_get(3)?,
-            signed_at_ms: r.try_get(4)?,
-            database_id: r.try_get::<_, Option<Vec<u8>>>(5)?.unwrap_or_default(),
-        })
-    })
-    .collect()
-}
-
-async fn read_database_id(c: &impl GenericClient) -> Result<Option<Vec<u8>>, StoreError> {
-    Ok(c.query_opt("SELECT database_id FROM vault_identity", &[])
-        .await?
-        .map(|r| r.try_get(0))
-        .transpose()?)
-}
-
-fn status_text(status: StoredStatus) -> &'static str {
-    match status {
-        StoredStatus::Connected => "connected",
-        StoredStatus::Disconnected => "disconnected",
-    }
-}
-
-/// Stores root-sealed key material under `purpose`, unless some is there already.
 async fn insert_key_material(
     c: &impl GenericClient,
     purpose: &str,
     sealed: &Sealed,
 ) -> Result<(), StoreError> {
-    c.execute(
-        "INSERT INTO key_material (purpose, nonce, wrapped_key, created_at) \
-         VALUES ($1, $2, $3, $4) ON CONFLICT (purpose) DO NOTHING",
-        &[
-            &purpose,
-            &sealed.nonce.as_slice(),
-            &sealed.ciphertext,
-            &millis(SystemTime::now()),
-        ],
+    let now = millis(SystemTime::now());
+    execute(
+        c,
+        sql::INSERT_KEY_MATERIAL,
+        &values![purpose, sealed.nonce.as_slice(), &sealed.ciphertext, now],
     )
-    .await?;
-    Ok(())
+    .await
+    .map(drop)
+}
+
+/// Counts `n` data keys wrapped under `version`, which must still be active
+/// when this transaction takes the version's row lock (a Retire holds it
+/// until it commits).
+async fn count_encryptions(
+    c: &impl GenericClient,
+    version: u32,
+    n: u64,
+) -> Result<u64, StoreError> {
+    let total = query_opt(
+        c,
+        sql::COUNT_ENCRYPTIONS,
+        &values![n, version],
+        sql::single_int,
+    )
+    .await?
+    .flatten()
+    .ok_or(StoreError::VersionRetired(version))?;
+    sql::count(total)
 }
 
 #[async_trait]
@@ -643,7 +606,7 @@ impl Store for PostgresStore {
             return Ok(None);
         };
         Ok(Some(StoredKeys {
-            versions: active_key_versions(&c).await?,
+            versions: query(&c, sql::ACTIVE_KEY_VERSIONS, &[], sql::wrapped_key_version).await?,
             fingerprint_key,
             fingerprint_purpose,
         }))
@@ -654,23 +617,26 @@ impl Store for PostgresStore {
         let tx = c.transaction().await?;
         let now = millis(SystemTime::now());
         let v = &material.first_version;
-        tx.execute(
-            "INSERT INTO key_versions (version, nonce, wrapped_key, created_at) VALUES ($1, $2, $3, $4)",
-            &[&version_i32(v.version), &v.sealed.nonce.as_slice(), &v.sealed.ciphertext, &now],
+        execute(
+            &tx,
+            sql::INSERT_KEY_VERSION,
+            &values![
+                v.version,
+                v.sealed.nonce.as_slice(),
+                &v.sealed.ciphertext,
+                now
+            ],
         )
         .await
-        .map_err(|e| match e.code() {
-            Some(c) if *c == SqlState::UNIQUE_VIOLATION => StoreError::VersionTaken(v.version),
-            _ => classify(e),
+        .map_err(|e| match e {
+            StoreError::Conflict(_) => StoreError::VersionTaken(v.version),
+            other => other,
         })?;
-        tx.execute(
-            "INSERT INTO key_material (purpose, nonce, wrapped_key, created_at) VALUES ($1, $2, $3, $4)",
-            &[
-                &FINGERPRINT_KEY,
-                &material.fingerprint_key.nonce.as_slice(),
-                &material.fingerprint_key.ciphertext,
-                &now,
-            ],
+        let f = &material.fingerprint_key;
+        execute(
+            &tx,
+            sql::INSERT_KEY_MATERIAL,
+            &values![FINGERPRINT_KEY, f.nonce.as_slice(), &f.ciphertext, now],
         )
         .await?;
         tx.commit().await?;
@@ -682,78 +648,7 @@ impl Store for PostgresStore {
         record: CredentialRecord,
         event: Event,
     ) -> Result<(CredentialRecord, StoredEvent, u64), StoreError> {
-        let mut c = self.client().await?;
-        let tx = c.transaction().await?;
-        let key = record.data_key.as_ref();
-        let params_json = serde_json::to_string(&record.params)
-            .map_err(|_| StoreError::Corrupt("params do not serialize"))?;
-        tx.execute(
-            "INSERT INTO credentials (workspace_id, provider, status, params, created_at, \
-                 updated_at, disconnected_at, expires_at, key_version, dek_nonce, wrapped_dek, \
-                 last_validation, binding) \
-             VALUES ($1, $2, $3, $4, $5, $5, NULL, $6, $7, $8, $9, $10, $11) \
-             ON CONFLICT (workspace_id, provider) DO UPDATE SET \
-                 status = EXCLUDED.status, params = EXCLUDED.params, \
-                 updated_at = EXCLUDED.updated_at, disconnected_at = NULL, \
-                 expires_at = EXCLUDED.expires_at, key_version = EXCLUDED.key_version, \
-                 dek_nonce = EXCLUDED.dek_nonce, wrapped_dek = EXCLUDED.wrapped_dek, \
-                 last_validation = EXCLUDED.last_validation, binding = EXCLUDED.binding",
-            &[
-                &record.workspace_id,
-                &record.provider,
-                &status_text(record.status),
-                &params_json,
-                &millis(record.updated_at),
-                &record.expires_at.map(millis),
-                &key.map(|k| version_i32(k.key_version)),
-                &key.map(|k| k.sealed.nonce.as_slice()),
-                &key.map(|k| k.sealed.ciphertext.as_slice()),
-                &record.last_validation,
-                &record.binding,
-            ],
-        )
-        .await?;
-        tx.execute(
-            "DELETE FROM credential_secrets WHERE workspace_id = $1 AND provider = $2",
-            &[&record.workspace_id, &record.provider],
-        )
-        .await?;
-        let insert = tx
-            .prepare_cached(
-                "INSERT INTO credential_secrets \
-                 (workspace_id, provider, field, nonce, ciphertext, hint, fingerprint) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
-            )
-            .await?;
-        for s in &record.secrets {
-            tx.execute(
-                &insert,
-                &[
-                    &record.workspace_id,
-                    &record.provider,
-                    &s.field,
-                    &s.sealed.nonce.as_slice(),
-                    &s.sealed.ciphertext,
-                    &s.hint,
-                    &s.fingerprint,
-                ],
-            )
-            .await?;
-        }
-        let row = load_credential(&tx, &record.workspace_id, &record.provider)
-            .await?
-            .ok_or(StoreError::Corrupt("row vanished after write"))?;
-        // Last, the two rows every Store shares (the key version's counter and
-        // the audit head), so their locks are held only until the commit.
-        let encryptions = match key {
-            Some(k) => count_encryptions(&tx, k.key_version, 1).await?,
-            None => 0,
-        };
-        let stored = append_in(&tx, event).await?;
-        tx.commit()
-            .await
-            .map_err(|e| StoreError::Commit(e.to_string()))?;
-        Ok((row, stored, encryptions))
+        self.writer.put(record, event).await
     }
 
     async fn get(
@@ -761,33 +656,17 @@ impl Store for PostgresStore {
         workspace_id: &str,
         provider: &str,
     ) -> Result<Option<CredentialRecord>, StoreError> {
-        let mut c = self.client().await?;
-        let tx = snapshot(&mut c).await?;
-        let record = load_credential(&tx, workspace_id, provider).await?;
-        tx.commit().await?;
-        Ok(record)
+        let c = self.client().await?;
+        Ok(
+            credentials(&c, sql::CREDENTIAL, &values![workspace_id, provider])
+                .await?
+                .pop(),
+        )
     }
 
     async fn list(&self, workspace_id: &str) -> Result<Vec<CredentialRecord>, StoreError> {
-        let mut c = self.client().await?;
-        let tx = snapshot(&mut c).await?;
-        let rows = tx
-            .query(
-                &format!(
-                    "SELECT {CREDENTIAL_COLUMNS} FROM credentials WHERE workspace_id = $1 \
-                     ORDER BY provider"
-                ),
-                &[&workspace_id],
-            )
-            .await?;
-        let mut records = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let provider: &str = row.try_get(1)?;
-            let secrets = load_secrets(&tx, workspace_id, provider).await?;
-            records.push(credential_from(row, secrets)?);
-        }
-        tx.commit().await?;
-        Ok(records)
+        let c = self.client().await?;
+        credentials(&c, sql::WORKSPACE_CREDENTIALS, &values![workspace_id]).await
     }
 
     async fn set_last_validation(
@@ -798,18 +677,17 @@ impl Store for PostgresStore {
         validation: String,
     ) -> Result<bool, StoreError> {
         let c = self.client().await?;
-        let changed = c
-            .execute(
-                "UPDATE credentials SET last_validation = $1 \
-                 WHERE workspace_id = $2 AND provider = $3 AND wrapped_dek = $4",
-                &[
-                    &validation,
-                    &workspace_id,
-                    &provider,
-                    &data_key.sealed.ciphertext,
-                ],
-            )
-            .await?;
+        let changed = execute(
+            &c,
+            sql::SET_LAST_VALIDATION,
+            &values![
+                &validation,
+                workspace_id,
+                provider,
+                &data_key.sealed.ciphertext
+            ],
+        )
+        .await?;
         Ok(changed > 0)
     }
 
@@ -822,29 +700,18 @@ impl Store for PostgresStore {
     ) -> Result<Option<(CredentialRecord, StoredEvent, Shred)>, StoreError> {
         let mut c = self.client().await?;
         let tx = c.transaction().await?;
-        tx.execute(
-            "DELETE FROM credential_secrets WHERE workspace_id = $1 AND provider = $2",
-            &[&workspace_id, &provider],
+        execute(&tx, sql::DELETE_SECRETS, &values![workspace_id, provider]).await?;
+        let row = query_opt(
+            &tx,
+            sql::ZERO_CREDENTIAL,
+            &values![millis(at), workspace_id, provider],
+            sql::credential,
         )
         .await?;
-        let changed = tx
-            .execute(
-                "UPDATE credentials SET \
-                     updated_at = CASE WHEN status = 'connected' THEN $3 ELSE updated_at END, \
-                     disconnected_at = COALESCE(disconnected_at, $3), status = 'disconnected', \
-                     expires_at = NULL, key_version = NULL, dek_nonce = NULL, wrapped_dek = NULL, \
-                     binding = NULL \
-                 WHERE workspace_id = $1 AND provider = $2",
-                &[&workspace_id, &provider, &millis(at)],
-            )
-            .await?;
-        if changed == 0 {
+        let Some(row) = row else {
             tx.rollback().await?;
             return Ok(None);
-        }
-        let row = load_credential(&tx, workspace_id, provider)
-            .await?
-            .ok_or(StoreError::Corrupt("row vanished after write"))?;
+        };
         let stored = append_in(&tx, event).await?;
         let xid: i64 = tx
             .query_one("SELECT txid_current()", &[])
@@ -868,17 +735,9 @@ impl Store for PostgresStore {
     }
 
     async fn connected_credentials(&self) -> Result<Vec<CredentialRecord>, StoreError> {
-        let c = self.client().await?;
-        let rows = c
-            .query(
-                &format!("SELECT {CREDENTIAL_COLUMNS} FROM credentials WHERE status = 'connected'"),
-                &[],
-            )
-            .await?;
         // Secrets are not needed to bind params: the data key is.
-        rows.iter()
-            .map(|row| credential_from(row, Vec::new()))
-            .collect()
+        let c = self.client().await?;
+        query(&c, sql::CONNECTED_CREDENTIALS, &[], sql::credential).await
     }
 
     async fn bind_params(
@@ -890,19 +749,20 @@ impl Store for PostgresStore {
         let mut c = self.client().await?;
         let tx = c.transaction().await?;
         for b in &bindings {
-            tx.execute(
-                "UPDATE credentials SET binding = $1 \
-                 WHERE workspace_id = $2 AND provider = $3 AND wrapped_dek = $4",
-                &[&b.tag, &b.workspace_id, &b.provider, &b.wrapped_dek],
+            execute(
+                &tx,
+                sql::SET_BINDING,
+                &values![&b.tag, &b.workspace_id, &b.provider, &b.wrapped_dek],
             )
             .await?;
         }
         // Another replica starting at the same moment may have done it first:
         // its tags are the same, and either sealing of the key opens.
         insert_key_material(&tx, FINGERPRINT_KEY, &fingerprint_key).await?;
-        tx.execute(
-            "DELETE FROM key_material WHERE purpose = $1",
-            &[&LEGACY_FINGERPRINT_KEY],
+        execute(
+            &tx,
+            sql::DELETE_KEY_MATERIAL,
+            &values![LEGACY_FINGERPRINT_KEY],
         )
         .await?;
         let stored = append_in(&tx, event).await?;
@@ -911,61 +771,50 @@ impl Store for PostgresStore {
     }
 
     async fn append_audit(&self, event: Event) -> Result<StoredEvent, StoreError> {
-        let c = self.client().await?;
-        append_in(&c, event).await
+        self.writer.append(event).await
     }
 
     async fn audit_after(&self, after: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
         let c = self.client().await?;
-        c.query(
-            "SELECT sequence, event, previous_hash, hash FROM audit_events \
-             WHERE sequence > $1 ORDER BY sequence LIMIT $2",
-            &[&seq_i64(after), &i64::try_from(limit).unwrap_or(i64::MAX)],
+        let limit = u64::try_from(limit).unwrap_or(u64::MAX);
+        query(
+            &c,
+            sql::EVENTS_AFTER,
+            &values![after, limit],
+            sql::stored_event,
         )
-        .await?
-        .iter()
-        .map(stored_event)
-        .collect()
+        .await
     }
 
     async fn audit_head(&self) -> Result<Option<StoredEvent>, StoreError> {
         let c = self.client().await?;
-        c.query_opt(
-            "SELECT sequence, event, previous_hash, hash FROM audit_events \
-             ORDER BY sequence DESC LIMIT 1",
-            &[],
-        )
-        .await?
-        .as_ref()
-        .map(stored_event)
-        .transpose()
+        query_opt(&c, sql::LAST_EVENT, &[], sql::stored_event).await
     }
 
     async fn add_checkpoint(&self, cp: Checkpoint) -> Result<(), StoreError> {
         let c = self.client().await?;
-        c.execute(
-            "INSERT INTO audit_checkpoints (sequence, hash, signature, key_id, signed_at) \
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (sequence) DO UPDATE SET \
-             hash = EXCLUDED.hash, signature = EXCLUDED.signature, key_id = EXCLUDED.key_id, \
-             signed_at = EXCLUDED.signed_at",
-            &[
-                &seq_i64(cp.sequence),
+        execute(
+            &c,
+            sql::PUT_CHECKPOINT,
+            &values![
+                cp.sequence,
                 &cp.hash,
                 &cp.signature,
                 &cp.key_id,
-                &cp.signed_at_ms,
+                cp.signed_at_ms
             ],
         )
-        .await?;
-        Ok(())
+        .await
+        .map(drop)
     }
 
     async fn checkpoints(&self) -> Result<Vec<Checkpoint>, StoreError> {
-        read_checkpoints(&self.client().await?).await
+        let c = self.client().await?;
+        query(&c, sql::CHECKPOINTS, &[], sql::checkpoint).await
     }
 
     async fn database_id(&self) -> Result<Option<Vec<u8>>, StoreError> {
-        read_database_id(&self.client().await?).await
+        database_id(&self.client().await?).await
     }
 
     async fn add_key_version(
@@ -977,27 +826,35 @@ impl Store for PostgresStore {
         let mut c = self.client().await?;
         let tx = c.transaction().await?;
         // FOR SHARE waits for a reseal that holds the row, then reads what it wrote.
-        let stored = tx
-            .query_opt(
-                "SELECT nonce, wrapped_key FROM key_material WHERE purpose = $1 FOR SHARE",
-                &[&witness.purpose],
-            )
-            .await?
-            .map(|r| sealed_from(r.try_get(0)?, r.try_get(1)?))
-            .transpose()?;
+        let stored = query_opt(
+            &tx,
+            concat!(
+                "SELECT nonce, wrapped_key FROM key_material WHERE purpose = $1",
+                " FOR SHARE"
+            ),
+            &values![witness.purpose],
+            sql::key_material,
+        )
+        .await?;
         if !witness.holds(stored.as_ref()) {
             return Err(StoreError::RootChanged);
         }
-        tx.execute(
-            "INSERT INTO key_versions (version, nonce, wrapped_key, created_at) VALUES ($1, $2, $3, $4)",
-            &[
-                &version_i32(v.version),
-                &v.sealed.nonce.as_slice(),
+        let now = millis(SystemTime::now());
+        execute(
+            &tx,
+            sql::INSERT_KEY_VERSION,
+            &values![
+                v.version,
+                v.sealed.nonce.as_slice(),
                 &v.sealed.ciphertext,
-                &millis(SystemTime::now()),
+                now
             ],
         )
-        .await?;
+        .await
+        .map_err(|e| match e {
+            StoreError::Conflict(_) => StoreError::VersionTaken(v.version),
+            other => other,
+        })?;
         let stored = append_in(&tx, event).await?;
         tx.commit().await?;
         Ok(stored)
@@ -1005,24 +862,7 @@ impl Store for PostgresStore {
 
     async fn key_versions(&self) -> Result<Vec<KeyVersionRow>, StoreError> {
         let c = self.client().await?;
-        c.query(
-            "SELECT v.version, v.state, v.created_at, v.encryptions, \
-                    (SELECT count(*) FROM credentials c WHERE c.key_version = v.version) \
-             FROM key_versions v ORDER BY v.version",
-            &[],
-        )
-        .await?
-        .iter()
-        .map(|r| {
-            Ok(KeyVersionRow {
-                version: version_u32(r.try_get(0)?)?,
-                retired: r.try_get::<_, &str>(1)? == "retired",
-                created_at: time(r.try_get(2)?),
-                encryptions: seq_u64(r.try_get(3)?)?,
-                credentials: seq_u64(r.try_get(4)?)?,
-            })
-        })
-        .collect()
+        query(&c, sql::KEY_VERSIONS, &[], sql::key_version_row).await
     }
 
     async fn stale_data_keys(
@@ -1031,54 +871,22 @@ impl Store for PostgresStore {
         limit: usize,
     ) -> Result<Vec<StaleDataKey>, StoreError> {
         let c = self.client().await?;
-        c.query(
-            "SELECT workspace_id, provider, key_version, dek_nonce, wrapped_dek FROM credentials \
-             WHERE key_version < $1 LIMIT $2",
-            &[
-                &version_i32(primary),
-                &i64::try_from(limit).unwrap_or(i64::MAX),
-            ],
+        let limit = u64::try_from(limit).unwrap_or(u64::MAX);
+        query(
+            &c,
+            sql::STALE_DATA_KEYS,
+            &values![primary, limit],
+            sql::stale_data_key,
         )
-        .await?
-        .iter()
-        .map(|r| {
-            Ok(StaleDataKey {
-                workspace_id: r.try_get(0)?,
-                provider: r.try_get(1)?,
-                key: WrappedDataKey {
-                    key_version: version_u32(r.try_get(2)?)?,
-                    sealed: sealed_from(r.try_get(3)?, r.try_get(4)?)?,
-                },
-            })
-        })
-        .collect()
+        .await
     }
 
     async fn rewrap(&self, batch: Vec<Rewrapped>, event: Event) -> Result<usize, StoreError> {
         let mut c = self.client().await?;
         let tx = c.transaction().await?;
-        let update = tx
-            .prepare_cached(
-                "UPDATE credentials SET key_version = $1, dek_nonce = $2, wrapped_dek = $3 \
-                 WHERE workspace_id = $4 AND provider = $5 AND key_version = $6 AND wrapped_dek = $7",
-            )
-            .await?;
         let mut applied = 0u64;
         for r in &batch {
-            applied += tx
-                .execute(
-                    &update,
-                    &[
-                        &version_i32(r.new.key_version),
-                        &r.new.sealed.nonce.as_slice(),
-                        &r.new.sealed.ciphertext,
-                        &r.workspace_id,
-                        &r.provider,
-                        &version_i32(r.old.key_version),
-                        &r.old.sealed.ciphertext,
-                    ],
-                )
-                .await?;
+            applied += execute(&tx, sql::REWRAP, &sql::rewrap_values(r)).await?;
         }
         if let Some(first) = batch.first() {
             count_encryptions(&tx, first.new.key_version, applied).await?;
@@ -1095,43 +903,41 @@ impl Store for PostgresStore {
     ) -> Result<(RetireOutcome, Shred), StoreError> {
         let mut c = self.client().await?;
         let tx = c.transaction().await?;
-        let v = version_i32(version);
-        let state: Option<String> = tx
-            .query_opt(
-                "SELECT state FROM key_versions WHERE version = $1 FOR UPDATE",
-                &[&v],
-            )
-            .await?
-            .map(|r| r.try_get(0))
-            .transpose()?;
+        let state = query_opt(
+            &tx,
+            concat!(
+                "SELECT state FROM key_versions WHERE version = $1",
+                " FOR UPDATE"
+            ),
+            &values![version],
+            sql::single_text,
+        )
+        .await?
+        .flatten();
         match state.as_deref() {
             None => return Ok((RetireOutcome::Unknown, Shred::Done)),
             Some("retired") => return Ok((RetireOutcome::AlreadyRetired, Shred::Done)),
             Some(_) => {}
         }
-        let newest: i32 = tx
-            .query_one("SELECT max(version) FROM key_versions", &[])
+        let newest = query_opt(&tx, sql::NEWEST_KEY_VERSION, &[], sql::single_int)
             .await?
-            .try_get(0)?;
-        if v == newest {
+            .flatten();
+        if newest == Some(i64::from(version)) {
             return Ok((RetireOutcome::Newest, Shred::Done));
         }
-        let users: i64 = tx
-            .query_one(
-                "SELECT count(*) FROM credentials WHERE key_version = $1",
-                &[&v],
-            )
-            .await?
-            .try_get(0)?;
-        if users > 0 {
-            return Ok((RetireOutcome::InUse(seq_u64(users)?), Shred::Done));
-        }
-        tx.execute(
-            "UPDATE key_versions SET state = 'retired', nonce = '', wrapped_key = '' \
-             WHERE version = $1",
-            &[&v],
+        let users = query_opt(
+            &tx,
+            sql::CREDENTIALS_OF_VERSION,
+            &values![version],
+            sql::single_int,
         )
-        .await?;
+        .await?
+        .flatten()
+        .unwrap_or(0);
+        if users > 0 {
+            return Ok((RetireOutcome::InUse(sql::count(users)?), Shred::Done));
+        }
+        execute(&tx, sql::RETIRE_KEY_VERSION, &values![&[][..], version]).await?;
         let stored = append_in(&tx, event).await?;
         tx.commit()
             .await
@@ -1150,32 +956,31 @@ impl Store for PostgresStore {
         // waits, then finds its root witness changed.
         tx.batch_execute("LOCK TABLE key_versions IN EXCLUSIVE MODE")
             .await?;
-        let versions = active_key_versions(&tx).await?;
-        let material = tx
-            .query(
-                "SELECT purpose, nonce, wrapped_key FROM key_material FOR UPDATE",
-                &[],
-            )
-            .await?
-            .iter()
-            .map(|r| Ok((r.try_get(0)?, sealed_from(r.try_get(1)?, r.try_get(2)?)?)))
-            .collect::<Result<Vec<_>, StoreError>>()?;
+        let versions = query(&tx, sql::ACTIVE_KEY_VERSIONS, &[], sql::wrapped_key_version).await?;
+        let material = query(
+            &tx,
+            concat!(
+                "SELECT purpose, nonce, wrapped_key FROM key_material",
+                " FOR UPDATE"
+            ),
+            &[],
+            sql::purpose_and_material,
+        )
+        .await?;
         let new = reseal(RootSealed { versions, material }).map_err(StoreError::Refused)?;
         for v in &new.versions {
-            tx.execute(
-                "UPDATE key_versions SET nonce = $2, wrapped_key = $3 WHERE version = $1",
-                &[
-                    &version_i32(v.version),
-                    &v.sealed.nonce.as_slice(),
-                    &v.sealed.ciphertext,
-                ],
+            execute(
+                &tx,
+                sql::RESEAL_KEY_VERSION,
+                &values![v.sealed.nonce.as_slice(), &v.sealed.ciphertext, v.version],
             )
             .await?;
         }
         for (purpose, sealed) in &new.material {
-            tx.execute(
-                "UPDATE key_material SET nonce = $2, wrapped_key = $3 WHERE purpose = $1",
-                &[purpose, &sealed.nonce.as_slice(), &sealed.ciphertext],
+            execute(
+                &tx,
+                sql::RESEAL_KEY_MATERIAL,
+                &values![sealed.nonce.as_slice(), &sealed.ciphertext, purpose],
             )
             .await?;
         }

@@ -1,0 +1,406 @@
+//! Group commit on PostgreSQL: each replica gathers the Stores and audit
+//! appends that arrive while its last transaction commits into the next one.
+//!
+//! A batch is sent as one pipeline, in this order: every Store's statements,
+//! one encryption count per key version, one append of every event. The
+//! server runs a pipeline's statements in the order sent, so the batch means
+//! what its writes would mean one after another. The shared rows (the key
+//! version's counter, the chain head) are taken last and held only until the
+//! commit: one lock of the chain head and one WAL flush per batch, not per
+//! event. Nothing is answered before the commit, so a replica that dies
+//! mid-batch has acknowledged none of it.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::Poll;
+
+use deadpool_postgres::Pool;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{appended, classify, tail};
+use crate::audit::{Event, StoredEvent};
+use crate::store::sql::{self, values, Value};
+use crate::store::{audit_failure, CredentialRecord, StoreError};
+
+/// Most writes one transaction takes.
+const MAX_BATCH: usize = 256;
+
+/// The sending side: hand a write to this replica's writer task and await
+/// its committed result.
+#[derive(Debug, Clone)]
+pub(super) struct Writer {
+    jobs: mpsc::UnboundedSender<Job>,
+}
+
+struct Job {
+    /// The connection to store, or `None` for an event alone.
+    record: Option<CredentialRecord>,
+    /// The event's canonical text after its sequence (see [`tail`]).
+    tail: String,
+    done: oneshot::Sender<Result<Written, StoreError>>,
+}
+
+/// A write as committed.
+struct Written {
+    /// The connection as stored (without its secrets, which the job holds).
+    row: Option<CredentialRecord>,
+    /// Its key version's encryptions so far, this one included.
+    encryptions: u64,
+    event: StoredEvent,
+}
+
+/// Why a batch failed, and whether its writes were certainly undone.
+struct Failed {
+    error: StoreError,
+    /// Rolled back before the commit: each write may be tried again alone.
+    undone: bool,
+}
+
+impl From<StoreError> for Failed {
+    fn from(error: StoreError) -> Self {
+        Failed {
+            error,
+            undone: true,
+        }
+    }
+}
+
+impl From<tokio_postgres::Error> for Failed {
+    fn from(e: tokio_postgres::Error) -> Self {
+        classify(e).into()
+    }
+}
+
+impl Writer {
+    /// Starts the writer task; it ends when every [`Writer`] is dropped.
+    pub(super) fn start(pool: Pool) -> Self {
+        let (jobs, queue) = mpsc::unbounded_channel();
+        tokio::spawn(run(pool, queue));
+        Self { jobs }
+    }
+
+    /// Inserts or replaces a connection with its event, in the next batch.
+    pub(super) async fn put(
+        &self,
+        record: CredentialRecord,
+        event: Event,
+    ) -> Result<(CredentialRecord, StoredEvent, u64), StoreError> {
+        let secrets = record.secrets.clone();
+        let written = self.send(Some(record), event).await?;
+        let mut row = written
+            .row
+            .ok_or(StoreError::Corrupt("a Store returned no row"))?;
+        row.secrets = secrets;
+        Ok((row, written.event, written.encryptions))
+    }
+
+    /// Appends an event for a call that changed nothing, in the next batch.
+    pub(super) async fn append(&self, event: Event) -> Result<StoredEvent, StoreError> {
+        Ok(self.send(None, event).await?.event)
+    }
+
+    async fn send(
+        &self,
+        record: Option<CredentialRecord>,
+        event: Event,
+    ) -> Result<Written, StoreError> {
+        let (done, answer) = oneshot::channel();
+        let job = Job {
+            record,
+            tail: tail(event)?,
+            done,
+        };
+        self.jobs.send(job).map_err(|_| StoreError::WriterGone)?;
+        answer.await.map_err(|_| StoreError::WriterGone)?
+    }
+}
+
+async fn run(pool: Pool, mut queue: mpsc::UnboundedReceiver<Job>) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        commit(&pool, std::mem::take(&mut batch)).await;
+    }
+}
+
+/// Commits a batch and answers each write. If one write fails before the
+/// commit (a key version retired meanwhile, a broken row), the batch was
+/// rolled back whole: each write is then tried alone, so only that one fails.
+async fn commit(pool: &Pool, jobs: Vec<Job>) {
+    match attempt(pool, &jobs).await {
+        Ok(written) => {
+            for (job, written) in jobs.into_iter().zip(written) {
+                let _ = job.done.send(Ok(written));
+            }
+        }
+        Err(Failed {
+            error,
+            undone: true,
+        }) if jobs.len() > 1 && alone_may_differ(&error) => {
+            for job in jobs {
+                let result = attempt(pool, std::slice::from_ref(&job))
+                    .await
+                    .map(|mut w| w.remove(0))
+                    .map_err(|f| f.error);
+                let _ = job.done.send(result);
+            }
+        }
+        Err(Failed { error, .. }) => {
+            for job in jobs {
+                let _ = job.done.send(Err(error.for_another_write()));
+            }
+        }
+    }
+}
+
+/// Whether a failure may belong to one write of the batch rather than to
+/// the database: a full, busy or unreachable database fails every write alike.
+fn alone_may_differ(e: &StoreError) -> bool {
+    !matches!(
+        e,
+        StoreError::Full
+            | StoreError::Busy(_)
+            | StoreError::Unavailable(_)
+            | StoreError::Connect(_)
+    )
+}
+
+/// One statement of a batch's pipeline.
+struct Planned<'a> {
+    statement: tokio_postgres::Statement,
+    values: Vec<Value<'a>>,
+    answers: Kind,
+}
+
+/// What a planned statement's answer is read as.
+enum Kind {
+    Row,
+    Changed,
+    Count,
+}
+
+/// What one statement of the pipeline answered.
+enum Answer {
+    Row(Option<Box<CredentialRecord>>),
+    Changed,
+    Count(Option<i64>),
+    Events(Vec<StoredEvent>),
+}
+
+type Step<'a> = Pin<Box<dyn Future<Output = Result<Answer, StoreError>> + Send + 'a>>;
+
+/// Runs the batch in one transaction; one statement (its own transaction)
+/// when it holds events alone.
+async fn attempt(pool: &Pool, jobs: &[Job]) -> Result<Vec<Written>, Failed> {
+    let mut client = pool.get().await.map_err(|e| match e {
+        deadpool_postgres::PoolError::Backend(db) => classify(db),
+        other => StoreError::Unavailable(other.to_string()),
+    })?;
+    let tails: Vec<&str> = jobs.iter().map(|j| j.tail.as_str()).collect();
+    let append = client
+        .prepare_cached("SELECT * FROM credvault_append_audit_batch($1)")
+        .await?;
+    if jobs.iter().all(|j| j.record.is_none()) {
+        // Appends are not repeatable: a failure here is not retried alone.
+        let rows = client.query(&append, &[&tails]).await.map_err(|e| Failed {
+            error: audit_failure(classify(e)),
+            undone: false,
+        })?;
+        let events = events(&rows, &tails).map_err(|error| Failed {
+            error,
+            undone: false,
+        })?;
+        return Ok(events
+            .into_iter()
+            .map(|event| Written {
+                row: None,
+                encryptions: 0,
+                event,
+            })
+            .collect());
+    }
+    let put = client.prepare_cached(sql::PUT_CREDENTIAL).await?;
+    let delete = client.prepare_cached(sql::DELETE_SECRETS).await?;
+    let count = client.prepare_cached(sql::COUNT_ENCRYPTIONS).await?;
+    let mut inserts = Vec::with_capacity(sql::SECRETS_PER_STATEMENT);
+    for n in 1..=sql::SECRETS_PER_STATEMENT {
+        inserts.push(client.prepare_cached(sql::insert_secrets(n)).await?);
+    }
+    let tx = client.transaction().await?;
+
+    // Every statement of the batch, in the order the server runs them, with
+    // the parameters it binds (owned here while the pipeline runs).
+    let params: Vec<Option<String>> = jobs
+        .iter()
+        .map(|j| j.record.as_ref().map(sql::params_json).transpose())
+        .collect::<Result<_, _>>()?;
+    let mut versions: Vec<(u32, u64)> = Vec::new();
+    let mut plan: Vec<Planned<'_>> = Vec::new();
+    for (job, params_json) in jobs.iter().zip(&params) {
+        let (Some(r), Some(params_json)) = (&job.record, params_json) else {
+            continue;
+        };
+        plan.push(Planned {
+            statement: put.clone(),
+            values: sql::put_values(r, params_json).to_vec(),
+            answers: Kind::Row,
+        });
+        plan.push(Planned {
+            statement: delete.clone(),
+            values: values![&r.workspace_id, &r.provider].to_vec(),
+            answers: Kind::Changed,
+        });
+        for chunk in r.secrets.chunks(sql::SECRETS_PER_STATEMENT) {
+            plan.push(Planned {
+                statement: inserts[chunk.len() - 1].clone(),
+                values: sql::secrets_values(r, chunk),
+                answers: Kind::Changed,
+            });
+        }
+        if let Some(key) = &r.data_key {
+            match versions.iter_mut().find(|(v, _)| *v == key.key_version) {
+                Some((_, n)) => *n += 1,
+                None => versions.push((key.key_version, 1)),
+            }
+        }
+    }
+    // The shared rows last: they stay locked until the commit.
+    for &(version, n) in &versions {
+        plan.push(Planned {
+            statement: count.clone(),
+            values: values![n, version].to_vec(),
+            answers: Kind::Count,
+        });
+    }
+    let tx_ref = &tx;
+    let mut steps: Vec<Step<'_>> = plan
+        .iter()
+        .map(|p| -> Step<'_> {
+            Box::pin(async move {
+                let values = super::pg_values(&p.values);
+                Ok(match p.answers {
+                    Kind::Changed => {
+                        tx_ref.execute(&p.statement, &values).await?;
+                        Answer::Changed
+                    }
+                    Kind::Row => {
+                        let row = tx_ref.query_opt(&p.statement, &values).await?;
+                        Answer::Row(
+                            row.as_ref()
+                                .map(|r| sql::credential(r).map(Box::new))
+                                .transpose()?,
+                        )
+                    }
+                    Kind::Count => {
+                        let row = tx_ref.query_opt(&p.statement, &values).await?;
+                        Answer::Count(
+                            row.as_ref()
+                                .map(|r| sql::single_int(r))
+                                .transpose()?
+                                .flatten(),
+                        )
+                    }
+                })
+            })
+        })
+        .collect();
+    let (append_tx, append, all_tails) = (&tx, &append, &tails);
+    steps.push(Box::pin(async move {
+        let rows = append_tx
+            .query(append, &[all_tails])
+            .await
+            .map_err(|e| audit_failure(classify(e)))?;
+        Ok(Answer::Events(events(&rows, all_tails)?))
+    }));
+
+    let answers = pipeline(steps).await?;
+    let mut rows = Vec::new();
+    let mut totals = Vec::new();
+    let mut events = Vec::new();
+    for answer in answers {
+        match answer {
+            Answer::Row(row) => rows.push(row),
+            Answer::Changed => {}
+            Answer::Count(total) => totals.push(total),
+            Answer::Events(e) => events = e,
+        }
+    }
+    // Each write's own count: the version's total before the batch, plus
+    // the writes of the batch up to it.
+    let mut next = Vec::with_capacity(versions.len());
+    for (&(version, n), total) in versions.iter().zip(totals) {
+        let total = total.ok_or(StoreError::VersionRetired(version))?;
+        next.push((version, sql::count(total)?.saturating_sub(n)));
+    }
+    tx.commit().await.map_err(|e| Failed {
+        error: StoreError::Commit(e.to_string()),
+        undone: false,
+    })?;
+
+    let mut rows = rows.into_iter();
+    let mut written = Vec::with_capacity(jobs.len());
+    for (job, event) in jobs.iter().zip(events) {
+        let Some(record) = &job.record else {
+            written.push(Written {
+                row: None,
+                encryptions: 0,
+                event,
+            });
+            continue;
+        };
+        let encryptions = match &record.data_key {
+            Some(key) => {
+                next.iter_mut()
+                    .find(|(v, _)| *v == key.key_version)
+                    .map_or(0, |(_, before)| {
+                        *before += 1;
+                        *before
+                    })
+            }
+            None => 0,
+        };
+        written.push(Written {
+            row: rows.next().flatten().map(|row| *row),
+            encryptions,
+            event,
+        });
+    }
+    Ok(written)
+}
+
+/// The events the batch append stored, one row per tail, in order.
+fn events(rows: &[tokio_postgres::Row], tails: &[&str]) -> Result<Vec<StoredEvent>, StoreError> {
+    if rows.len() != tails.len() {
+        return Err(StoreError::Audit(
+            "the batch append stored another number of events".into(),
+        ));
+    }
+    rows.iter()
+        .zip(tails)
+        .map(|(row, tail)| appended(row, tail))
+        .collect()
+}
+
+/// Runs every step, first polling each in order: tokio-postgres sends a
+/// statement's request when its future is first polled, so the server gets
+/// them in this order without waiting for one answer before the next. The
+/// first error is returned once every step has finished (a failed statement
+/// fails the rest of the transaction, which is rolled back).
+async fn pipeline(mut steps: Vec<Step<'_>>) -> Result<Vec<Answer>, StoreError> {
+    let mut answers: Vec<Option<Result<Answer, StoreError>>> = steps.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        for (step, answer) in steps.iter_mut().zip(answers.iter_mut()) {
+            if answer.is_none() {
+                if let Poll::Ready(result) = step.as_mut().poll(cx) {
+                    *answer = Some(result);
+                }
+            }
+        }
+        if answers.iter().all(Option::is_some) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
+    answers.into_iter().flatten().collect()
+}

@@ -1,0 +1,715 @@
+//! The store contract: one set of tests, written against the `Store` trait,
+//! run on SQLite and on PostgreSQL. Each test is a module with two cases;
+//! the PostgreSQL case is ignored by a plain `cargo test` and runs in the
+//! PostgreSQL pass of scripts/test (`--include-ignored`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use credvault::audit::{verify_links, Event, StoredEvent, GENESIS};
+use credvault::crypto::{NewKeyMaterial, Sealed, WrappedKeyVersion, FINGERPRINT_KEY_PURPOSE};
+use credvault::store::{
+    CredentialRecord, PostgresSettings, PostgresStore, RetireOutcome, Rewrapped, RootWitness,
+    SecretRecord, SqliteStore, Store, StoreError, StoredStatus, WrappedDataKey,
+};
+
+/// One engine's store on a fresh database, with key version 1.
+struct Fresh {
+    store: Arc<dyn Store>,
+    _dir: tempfile::TempDir,
+    _database: Option<common::TestDatabase>,
+}
+
+async fn sqlite() -> Fresh {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("contract.db");
+    let store = tokio::task::spawn_blocking(move || SqliteStore::open(&path))
+        .await
+        .unwrap()
+        .unwrap();
+    init(Fresh {
+        store: Arc::new(store),
+        _dir: dir,
+        _database: None,
+    })
+    .await
+}
+
+async fn postgres() -> Fresh {
+    let server = common::postgres_server().expect(
+        "needs PostgreSQL: set CREDVAULT_TEST_POSTGRES (scripts/test does in its second pass)",
+    );
+    let database = common::TestDatabase::create(&server);
+    let store = PostgresStore::connect(&PostgresSettings {
+        url: database.url.clone(),
+        password: None,
+        pool_size: 8,
+        ca_file: None,
+    })
+    .await
+    .unwrap();
+    init(Fresh {
+        store: Arc::new(store),
+        _dir: tempfile::tempdir().unwrap(),
+        _database: Some(database),
+    })
+    .await
+}
+
+fn sealed(byte: u8) -> Sealed {
+    Sealed {
+        nonce: [byte; 12],
+        ciphertext: vec![byte; 48],
+    }
+}
+
+async fn init(fresh: Fresh) -> Fresh {
+    fresh
+        .store
+        .init_keys(NewKeyMaterial {
+            first_version: WrappedKeyVersion {
+                version: 1,
+                sealed: sealed(1),
+            },
+            fingerprint_key: sealed(0xf0),
+        })
+        .await
+        .unwrap();
+    fresh
+}
+
+/// Runs a contract test on both engines.
+macro_rules! contract {
+    ($name:ident, $body:expr) => {
+        mod $name {
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                let fresh = super::sqlite().await;
+                ($body)(Arc::clone(&fresh.store)).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            #[ignore = "needs PostgreSQL: set CREDVAULT_TEST_POSTGRES (scripts/test does)"]
+            async fn postgres() {
+                let fresh = super::postgres().await;
+                ($body)(Arc::clone(&fresh.store)).await;
+            }
+        }
+    };
+}
+
+fn event(method: &str, workspace: &str) -> Event {
+    Event {
+        sequence: 0,
+        time_ms: 1,
+        identity: "spiffe://credvault.local/contract".into(),
+        method: method.into(),
+        workspace_id: workspace.into(),
+        provider: "posthog".into(),
+        outcome: "OK".into(),
+        verdict: String::new(),
+        key_version: 1,
+        secrets: BTreeMap::new(),
+        request_id: format!("{method}-{workspace}"),
+        proxy: None,
+        count: None,
+    }
+}
+
+fn record(workspace: &str, version: u32, fields: &[&str]) -> CredentialRecord {
+    let now = SystemTime::now();
+    CredentialRecord {
+        workspace_id: workspace.into(),
+        provider: "posthog".into(),
+        params: [("region".to_owned(), "us".to_owned())].into(),
+        status: StoredStatus::Connected,
+        created_at: now,
+        updated_at: now,
+        disconnected_at: None,
+        expires_at: None,
+        data_key: Some(WrappedDataKey {
+            key_version: version,
+            sealed: sealed(version as u8 + 0x10),
+        }),
+        secrets: fields
+            .iter()
+            .map(|f| SecretRecord {
+                field: (*f).into(),
+                sealed: sealed(0x20),
+                hint: "phx_…Js0".into(),
+                fingerprint: format!("fp-{f}"),
+            })
+            .collect(),
+        last_validation: None,
+        binding: Some(vec![7; 32]),
+    }
+}
+
+async fn whole_log(store: &dyn Store) -> Vec<StoredEvent> {
+    store.audit_after(0, 100_000).await.unwrap()
+}
+
+fn assert_one_chain(events: &[StoredEvent]) {
+    for (i, e) in events.iter().enumerate() {
+        assert_eq!(e.sequence, i as u64 + 1, "the chain has a gap or a fork");
+    }
+    verify_links(events, 0, &GENESIS).unwrap();
+}
+
+fn millis(t: SystemTime) -> u128 {
+    t.duration_since(UNIX_EPOCH).unwrap().as_millis()
+}
+
+contract!(
+    a_put_is_stored_with_its_event,
+    |store: Arc<dyn Store>| async move {
+        let (row, stored, encryptions) = store
+            .put(record("ws-1", 1, &["api_key"]), event("Store", "ws-1"))
+            .await
+            .unwrap();
+        assert_eq!(row.secrets.len(), 1);
+        assert_eq!(encryptions, 1);
+        assert_eq!(stored.sequence, 1);
+        assert_eq!(store.audit_head().await.unwrap().unwrap(), stored);
+        let got = store.get("ws-1", "posthog").await.unwrap().unwrap();
+        assert_eq!(got.secrets.len(), 1);
+        assert_eq!(got.secrets[0].fingerprint, "fp-api_key");
+        assert_eq!(got.params, row.params);
+        assert_eq!(got.binding, Some(vec![7; 32]));
+        assert!(store.get("ws-2", "posthog").await.unwrap().is_none());
+    }
+);
+
+contract!(
+    a_replace_keeps_created_at_and_drops_old_secrets,
+    |store: Arc<dyn Store>| async move {
+        let (first, _, _) = store
+            .put(record("ws-1", 1, &["a", "b"]), event("Store", "ws-1"))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let (second, _, encryptions) = store
+            .put(record("ws-1", 1, &["c"]), event("Store", "ws-1"))
+            .await
+            .unwrap();
+        assert_eq!(encryptions, 2);
+        assert_eq!(millis(second.created_at), millis(first.created_at));
+        let got = store.get("ws-1", "posthog").await.unwrap().unwrap();
+        let fields: Vec<_> = got.secrets.iter().map(|s| s.field.as_str()).collect();
+        assert_eq!(fields, ["c"]);
+        let listed = store.list("ws-1").await.unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].secrets.len(), 1);
+    }
+);
+
+contract!(a_zero_destroys_the_secrets_with_its_event, |store: Arc<
+    dyn Store,
+>| async move {
+    store
+        .put(record("ws-1", 1, &["api_key"]), event("Store", "ws-1"))
+        .await
+        .unwrap();
+    let (row, stored, _) = store
+        .zero("ws-1", "posthog", SystemTime::now(), event("Zero", "ws-1"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.status, StoredStatus::Disconnected);
+    assert!(row.data_key.is_none() && row.binding.is_none());
+    assert_eq!(stored.sequence, 2);
+    let got = store.get("ws-1", "posthog").await.unwrap().unwrap();
+    assert!(got.secrets.is_empty());
+    assert!(got.data_key.is_none());
+    // No such connection: nothing written, no event.
+    assert!(store
+        .zero("ws-9", "posthog", SystemTime::now(), event("Zero", "ws-9"))
+        .await
+        .unwrap()
+        .is_none());
+    assert_eq!(whole_log(&*store).await.len(), 2);
+});
+
+contract!(
+    concurrent_writers_extend_one_chain_and_count_every_encryption,
+    |store: Arc<dyn Store>| async move {
+        let mut tasks = Vec::new();
+        for i in 0..64 {
+            let store = Arc::clone(&store);
+            tasks.push(tokio::spawn(async move {
+                let ws = format!("ws-{i}");
+                if i % 2 == 0 {
+                    let (_, stored, encryptions) = store
+                        .put(record(&ws, 1, &["api_key"]), event("Store", &ws))
+                        .await
+                        .unwrap();
+                    (stored, Some(encryptions))
+                } else {
+                    (
+                        store.append_audit(event("Redact", &ws)).await.unwrap(),
+                        None,
+                    )
+                }
+            }));
+        }
+        let mut answered = Vec::new();
+        let mut counts = Vec::new();
+        for t in tasks {
+            let (stored, encryptions) = t.await.unwrap();
+            answered.push(stored);
+            counts.extend(encryptions);
+        }
+        let log = whole_log(&*store).await;
+        assert_eq!(log.len(), 64);
+        assert_one_chain(&log);
+        // Every answer is the event as stored.
+        for stored in &answered {
+            assert_eq!(&log[stored.sequence as usize - 1], stored);
+        }
+        // Each Store got its own count: 1..=32, each once.
+        counts.sort_unstable();
+        assert_eq!(counts, (1..=32).collect::<Vec<u64>>());
+        let versions = store.key_versions().await.unwrap();
+        assert_eq!(versions[0].encryptions, 32);
+        assert_eq!(versions[0].credentials, 32);
+    }
+);
+
+contract!(a_write_under_a_retired_version_fails_alone, |store: Arc<
+    dyn Store,
+>| async move {
+    let witness = RootWitness {
+        purpose: FINGERPRINT_KEY_PURPOSE,
+        sealed: sealed(0xf0),
+    };
+    store
+        .add_key_version(
+            WrappedKeyVersion {
+                version: 2,
+                sealed: sealed(2),
+            },
+            event("Rotate", ""),
+            witness,
+        )
+        .await
+        .unwrap();
+    let (outcome, _) = store
+        .retire_key_version(1, event("Retire", ""))
+        .await
+        .unwrap();
+    assert!(matches!(outcome, RetireOutcome::Retired(_)));
+    let before = whole_log(&*store).await.len();
+    // Concurrent Stores, one under the retired version: on PostgreSQL
+    // they share a batch, which must not fail the others.
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let store = Arc::clone(&store);
+        tasks.push(tokio::spawn(async move {
+            let ws = format!("ws-{i}");
+            let version = if i == 7 { 1 } else { 2 };
+            store
+                .put(record(&ws, version, &["api_key"]), event("Store", &ws))
+                .await
+        }));
+    }
+    for (i, t) in tasks.into_iter().enumerate() {
+        match t.await.unwrap() {
+            Err(StoreError::VersionRetired(1)) if i == 7 => {}
+            Ok(_) if i != 7 => {}
+            other => panic!("write {i}: {other:?}"),
+        }
+    }
+    assert!(store.get("ws-7", "posthog").await.unwrap().is_none());
+    let log = whole_log(&*store).await;
+    assert_eq!(log.len(), before + 15, "the refused write left an event");
+    assert_one_chain(&log);
+});
+
+contract!(
+    retire_refuses_the_newest_and_a_version_in_use,
+    |store: Arc<dyn Store>| async move {
+        store
+            .put(record("ws-1", 1, &["api_key"]), event("Store", "ws-1"))
+            .await
+            .unwrap();
+        let retire = |v| {
+            let store = Arc::clone(&store);
+            async move {
+                store
+                    .retire_key_version(v, event("Retire", ""))
+                    .await
+                    .unwrap()
+                    .0
+            }
+        };
+        assert_eq!(retire(1).await, RetireOutcome::Newest);
+        assert_eq!(retire(9).await, RetireOutcome::Unknown);
+        let witness = RootWitness {
+            purpose: FINGERPRINT_KEY_PURPOSE,
+            sealed: sealed(0xf0),
+        };
+        store
+            .add_key_version(
+                WrappedKeyVersion {
+                    version: 2,
+                    sealed: sealed(2),
+                },
+                event("Rotate", ""),
+                witness.clone(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(retire(1).await, RetireOutcome::InUse(1));
+        // The same version again: another replica rotated first.
+        let again = store
+            .add_key_version(
+                WrappedKeyVersion {
+                    version: 2,
+                    sealed: sealed(3),
+                },
+                event("Rotate", ""),
+                witness,
+            )
+            .await;
+        assert!(
+            matches!(again, Err(StoreError::VersionTaken(2))),
+            "{again:?}"
+        );
+        // A witness that no longer holds: the root key changed.
+        let stale = RootWitness {
+            purpose: FINGERPRINT_KEY_PURPOSE,
+            sealed: sealed(0xee),
+        };
+        let refused = store
+            .add_key_version(
+                WrappedKeyVersion {
+                    version: 3,
+                    sealed: sealed(3),
+                },
+                event("Rotate", ""),
+                stale,
+            )
+            .await;
+        assert!(
+            matches!(refused, Err(StoreError::RootChanged)),
+            "{refused:?}"
+        );
+    }
+);
+
+contract!(
+    rewrap_applies_only_where_the_old_key_is_still_stored,
+    |store: Arc<dyn Store>| async move {
+        let (row, _, _) = store
+            .put(record("ws-1", 1, &["api_key"]), event("Store", "ws-1"))
+            .await
+            .unwrap();
+        let witness = RootWitness {
+            purpose: FINGERPRINT_KEY_PURPOSE,
+            sealed: sealed(0xf0),
+        };
+        store
+            .add_key_version(
+                WrappedKeyVersion {
+                    version: 2,
+                    sealed: sealed(2),
+                },
+                event("Rotate", ""),
+                witness,
+            )
+            .await
+            .unwrap();
+        let stale = store.stale_data_keys(2, 10).await.unwrap();
+        assert_eq!(stale.len(), 1);
+        let old = row.data_key.unwrap();
+        let new = WrappedDataKey {
+            key_version: 2,
+            sealed: sealed(0x42),
+        };
+        let outdated = Rewrapped {
+            workspace_id: "ws-1".into(),
+            provider: "posthog".into(),
+            old: WrappedDataKey {
+                key_version: 1,
+                sealed: sealed(0x99),
+            },
+            new: new.clone(),
+        };
+        assert_eq!(
+            store
+                .rewrap(vec![outdated], event("Rewrap", ""))
+                .await
+                .unwrap(),
+            0
+        );
+        let current = Rewrapped {
+            workspace_id: "ws-1".into(),
+            provider: "posthog".into(),
+            old,
+            new,
+        };
+        assert_eq!(
+            store
+                .rewrap(vec![current], event("Rewrap", ""))
+                .await
+                .unwrap(),
+            1
+        );
+        assert!(store.stale_data_keys(2, 10).await.unwrap().is_empty());
+        let got = store.get("ws-1", "posthog").await.unwrap().unwrap();
+        assert_eq!(got.data_key.unwrap().key_version, 2);
+        assert_one_chain(&whole_log(&*store).await);
+    }
+);
+
+contract!(
+    a_validation_verdict_never_labels_newer_secrets,
+    |store: Arc<dyn Store>| async move {
+        let (row, _, _) = store
+            .put(record("ws-1", 1, &["api_key"]), event("Store", "ws-1"))
+            .await
+            .unwrap();
+        let key = row.data_key.unwrap();
+        assert!(store
+            .set_last_validation("ws-1", "posthog", &key, "valid".into())
+            .await
+            .unwrap());
+        let mut replaced = record("ws-1", 1, &["api_key"]);
+        replaced.data_key = Some(WrappedDataKey {
+            key_version: 1,
+            sealed: sealed(0x77),
+        });
+        store.put(replaced, event("Store", "ws-1")).await.unwrap();
+        assert!(!store
+            .set_last_validation("ws-1", "posthog", &key, "valid".into())
+            .await
+            .unwrap());
+    }
+);
+
+contract!(
+    checkpoints_and_the_database_identity_read_back,
+    |store: Arc<dyn Store>| async move {
+        let stored = store.append_audit(event("Redact", "ws-1")).await.unwrap();
+        let id = store.database_id().await.unwrap().unwrap();
+        assert_eq!(id.len(), 16);
+        let checkpoint = credvault::audit::Checkpoint {
+            sequence: stored.sequence,
+            hash: stored.hash.to_vec(),
+            signature: vec![5; 64],
+            key_id: "k".into(),
+            database_id: id.clone(),
+            signed_at_ms: Some(42),
+        };
+        store.add_checkpoint(checkpoint.clone()).await.unwrap();
+        // Written again (a restart signing the same head): replaced, not doubled.
+        store.add_checkpoint(checkpoint.clone()).await.unwrap();
+        assert_eq!(store.checkpoints().await.unwrap(), vec![checkpoint]);
+    }
+);
+
+/// A write blocked by another session's lock fails as busy after the
+/// engine's wait (5 s on both), instead of hanging: on SQLite another
+/// connection's exclusive transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_blocked_by_another_session_is_busy_on_sqlite() {
+    let fresh = sqlite().await;
+    let path = fresh._dir.path().join("contract.db");
+    let holder = rusqlite::Connection::open(&path).unwrap();
+    holder.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let result = tokio::time::timeout(
+        Duration::from_secs(20),
+        fresh.store.append_audit(event("Redact", "ws-1")),
+    )
+    .await
+    .expect("a blocked write waited without end");
+    assert!(matches!(result, Err(StoreError::Busy(_))), "{result:?}");
+    holder.execute_batch("ROLLBACK").unwrap();
+    fresh
+        .store
+        .append_audit(event("Redact", "ws-1"))
+        .await
+        .unwrap();
+}
+
+/// On PostgreSQL, a session holding the chain head's table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL: set CREDVAULT_TEST_POSTGRES (scripts/test does)"]
+async fn a_write_blocked_by_another_session_is_busy_on_postgres() {
+    let fresh = postgres().await;
+    let url = fresh._database.as_ref().unwrap().url.clone();
+    let (holder, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    holder
+        .batch_execute("BEGIN; LOCK TABLE audit_head IN EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let result = tokio::time::timeout(
+        Duration::from_secs(20),
+        fresh.store.append_audit(event("Redact", "ws-1")),
+    )
+    .await
+    .expect("a blocked write waited without end");
+    assert!(matches!(result, Err(StoreError::Busy(_))), "{result:?}");
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    fresh
+        .store
+        .append_audit(event("Redact", "ws-1"))
+        .await
+        .unwrap();
+}
+
+/// On a full disk every write path reports `Full` (RESOURCE_EXHAUSTED to a
+/// caller), never an engine error: Retire, Rewrap, key material,
+/// checkpoints and root resealing included. SQLite on a 1 MiB tmpfs, so
+/// root only; scripts/test runs it as root.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "mounts a tmpfs: needs root (scripts/test runs it as root)"]
+async fn disk_full_is_reported_as_full_on_every_write_path_on_sqlite() {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "mounting a small tmpfs needs root: run this test as root (CI does)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let small = dir.path().join("small");
+    std::fs::create_dir(&small).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "credvault-test"])
+        .arg(&small)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mount a 1 MiB tmpfs");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(small.clone());
+    let path = small.join("contract.db");
+    let store: Arc<dyn Store> = Arc::new(
+        tokio::task::spawn_blocking(move || SqliteStore::open(&path))
+            .await
+            .unwrap()
+            .unwrap(),
+    );
+    let fresh = init(Fresh {
+        store,
+        _dir: tempfile::tempdir().unwrap(),
+        _database: None,
+    })
+    .await;
+    let store = fresh.store;
+    let witness = RootWitness {
+        purpose: FINGERPRINT_KEY_PURPOSE,
+        sealed: sealed(0xf0),
+    };
+    store
+        .add_key_version(
+            WrappedKeyVersion {
+                version: 2,
+                sealed: sealed(2),
+            },
+            event("Rotate", ""),
+            witness,
+        )
+        .await
+        .unwrap();
+    let (first, _, _) = store
+        .put(
+            record("ws-first", 2, &["api_key"]),
+            event("Store", "ws-first"),
+        )
+        .await
+        .unwrap();
+    let mut full = false;
+    for i in 0..100_000 {
+        let ws = format!("ws-{i}-{}", "x".repeat(200));
+        match store
+            .put(record(&ws, 2, &["a", "b"]), event("Store", &ws))
+            .await
+        {
+            Ok(_) => {}
+            Err(StoreError::Full) => {
+                eprintln!("full after {i} Stores");
+                full = true;
+                break;
+            }
+            Err(other) => panic!("a Store on a full disk: {other:?}"),
+        }
+    }
+    assert!(full, "a 1 MiB filesystem fills up");
+    let old = first.data_key.unwrap();
+    let rewrapped = Rewrapped {
+        workspace_id: "ws-first".into(),
+        provider: "posthog".into(),
+        new: WrappedDataKey {
+            key_version: 2,
+            sealed: sealed(0x55),
+        },
+        old,
+    };
+    let reseal: credvault::store::Reseal = Box::new(Ok);
+    let checkpoint = credvault::audit::Checkpoint {
+        sequence: 1,
+        hash: vec![0; 32],
+        signature: vec![0; 64],
+        key_id: "k".into(),
+        database_id: Vec::new(),
+        signed_at_ms: Some(1),
+    };
+    let results: Vec<(&str, Result<(), StoreError>)> = vec![
+        (
+            "append",
+            store.append_audit(event("Redact", "ws")).await.map(drop),
+        ),
+        (
+            "retire",
+            store
+                .retire_key_version(1, event("Retire", ""))
+                .await
+                .map(drop),
+        ),
+        (
+            "rewrap",
+            store
+                .rewrap(vec![rewrapped], event("Rewrap", ""))
+                .await
+                .map(drop),
+        ),
+        (
+            "key material",
+            store.put_key_material("another", sealed(9)).await,
+        ),
+        ("checkpoint", store.add_checkpoint(checkpoint).await),
+        (
+            "reseal",
+            store
+                .reseal_root(reseal, event("RotateRoot", ""))
+                .await
+                .map(drop),
+        ),
+    ];
+    let mut failed = 0;
+    for (name, result) in results {
+        eprintln!("{name}: {result:?}");
+        match result {
+            Ok(()) => {}
+            Err(StoreError::Full) => failed += 1,
+            Err(other) => panic!("{name} on a full disk: {other:?}"),
+        }
+    }
+    assert!(failed > 0, "no write failed on a full disk");
+}
