@@ -373,6 +373,34 @@ fn check_config_passes_a_good_configuration_and_names_what_is_wrong() {
     );
 }
 
+/// check-config tells an unreachable database from a root key that does not
+/// open it, and says where it tried.
+#[test]
+fn check_config_names_an_unreachable_postgres_database() {
+    let dir = VaultDir::new();
+    let path = dir.path().join("credvault.toml");
+    let mut config = dir.config();
+    config.storage.backend = credvault::config::Backend::Postgres;
+    config.storage.url = Some("postgres://vault@127.0.0.1:1/credvault?sslmode=disable".into());
+    config.storage.password_file = None;
+    config.storage.password_env = None;
+    std::fs::write(&path, config.to_toml()).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_credvault"))
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("✗ the database opens")
+            && text.contains("vault@127.0.0.1:1/credvault")
+            && text.contains("is PostgreSQL running"),
+        "{text}"
+    );
+    assert!(!text.contains("the root key opens"), "{text}");
+}
+
 #[tokio::test]
 async fn shutdown_ends_open_audit_streams() {
     let dir = VaultDir::new();

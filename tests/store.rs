@@ -713,3 +713,55 @@ async fn disk_full_is_reported_as_full_on_every_write_path_on_sqlite() {
     }
     assert!(failed > 0, "no write failed on a full disk");
 }
+
+/// A database that cannot be reached is named (never with a password),
+/// with what to check.
+#[tokio::test]
+async fn an_unreachable_postgres_is_named_with_what_to_check() {
+    let refused = PostgresStore::connect(&PostgresSettings {
+        url: "postgres://vault@127.0.0.1:1/credvault?sslmode=disable".into(),
+        password: Some(zeroize::Zeroizing::new("do-not-print-me".into())),
+        pool_size: 2,
+        ca_file: None,
+    })
+    .await
+    .unwrap_err()
+    .to_string();
+    eprintln!("{refused}");
+    assert!(refused.contains("vault@127.0.0.1:1/credvault"), "{refused}");
+    assert!(refused.contains("is PostgreSQL running"), "{refused}");
+    assert!(!refused.contains("do-not-print-me"), "{refused}");
+}
+
+/// A wrong password and a missing database say which, and what to fix.
+#[tokio::test]
+#[ignore = "needs PostgreSQL: set CREDVAULT_TEST_POSTGRES (scripts/test does)"]
+async fn a_wrong_password_and_a_missing_database_say_which() {
+    let server = common::postgres_server().expect("needs PostgreSQL");
+    let mut url = url::Url::parse(&server).unwrap();
+    url.set_password(Some("not-the-password")).unwrap();
+    let wrong = PostgresStore::connect(&PostgresSettings {
+        url: url.to_string(),
+        password: None,
+        pool_size: 2,
+        ca_file: None,
+    })
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(wrong.contains("storage.password_file"), "{wrong}");
+    assert!(!wrong.contains("not-the-password"), "{wrong}");
+    let mut missing = url::Url::parse(&server).unwrap();
+    missing.set_path("credvault_no_such_database");
+    let missing = PostgresStore::connect(&PostgresSettings {
+        url: missing.to_string(),
+        password: None,
+        pool_size: 2,
+        ca_file: None,
+    })
+    .await
+    .unwrap_err()
+    .to_string();
+    eprintln!("{wrong}\n{missing}");
+    assert!(missing.contains("create the database"), "{missing}");
+}

@@ -53,10 +53,19 @@ pub async fn run(path: &Path) -> Result<(), String> {
         .map(|_| String::new())
         .map_err(ToString::to_string);
     report("root key (file mode 0600, 64 hex characters)", root_ok);
-    if let Ok(root) = root {
+    let store = open_store(&config).await;
+    report(
+        "the database opens",
+        match &store {
+            Ok(Some(_)) => Ok(format!(" ({})", crate::store::describe(&config.storage))),
+            Ok(None) => Ok(not_created_yet(&config)),
+            Err(e) => Err(e.clone()),
+        },
+    );
+    if let (Ok(root), Ok(Some(store))) = (root, store) {
         report(
             "the root key opens the database",
-            open_database(&config, &root).await,
+            open_keys(store, &root).await,
         );
     }
     report(
@@ -178,10 +187,8 @@ async fn anchor_reached(config: &Config, anchor: &Path) -> Result<String, String
     }
 }
 
-async fn open_database(config: &Config, root: &RootKey) -> Result<String, String> {
-    let Some(store) = open_store(config).await? else {
-        return Ok(not_created_yet(config));
-    };
+/// Whether the root key unwraps the stored key material, as `serve` would.
+async fn open_keys(store: Arc<dyn Store>, root: &RootKey) -> Result<String, String> {
     let Some(keys) = store.load_keys().await.map_err(|e| e.to_string())? else {
         return Ok(" (no keys yet; serve creates them)".to_owned());
     };

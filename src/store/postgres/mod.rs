@@ -242,6 +242,7 @@ impl PostgresStore {
             LOCK_TIMEOUT.as_millis()
         );
         config.options(options.trim_start());
+        let target = target(&config);
         let manager_config = ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         };
@@ -258,7 +259,10 @@ impl PostgresStore {
             writer: batch::Writer::start(pool.clone()),
             pool,
         };
-        let mut client = store.client().await?;
+        let mut client = store
+            .client()
+            .await
+            .map_err(|e| unreachable_database(&target, &e))?;
         migrate(&mut client).await?;
         Ok(store)
     }
@@ -337,6 +341,58 @@ impl PostgresStore {
     }
 }
 
+/// Where a URL points, for messages: `user@host:port/database`, never a password.
+fn target(config: &tokio_postgres::Config) -> String {
+    use tokio_postgres::config::Host;
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            let port = config
+                .get_ports()
+                .get(i)
+                .or(config.get_ports().first())
+                .copied()
+                .unwrap_or(5432);
+            match host {
+                Host::Tcp(name) => format!("{name}:{port}"),
+                Host::Unix(path) => format!("{}:{port}", path.display()),
+            }
+        })
+        .collect();
+    format!(
+        "{}@{}/{}",
+        config.get_user().unwrap_or("(no user)"),
+        hosts.join(","),
+        config.get_dbname().unwrap_or("(default database)")
+    )
+}
+
+/// The first connection's failure, with where it went and what to check.
+fn unreachable_database(target: &str, e: &StoreError) -> StoreError {
+    let text = match e {
+        StoreError::Unavailable(text) | StoreError::Engine(text) => text.as_str(),
+        other => return StoreError::Connect(format!("PostgreSQL at {target}: {other}")),
+    };
+    let hint = if text.contains("28P01") || text.contains("28000") {
+        ": check the password in storage.password_file or storage.password_env, and the user \
+         in storage.url"
+    } else if text.contains("3D000") {
+        ": create the database, or fix the name at the end of storage.url"
+    } else if text.contains("password missing") {
+        ": the server asks for a password; give it in storage.password_file (a file of mode \
+         0600) or storage.password_env"
+    } else if text.starts_with("error connecting") {
+        ": is PostgreSQL running, and listening on that address? (storage.url)"
+    } else if text.contains("TLS") || text.contains("tls") {
+        ": check sslmode in storage.url, and storage.ca_file for the server's CA"
+    } else {
+        ""
+    };
+    StoreError::Connect(format!("PostgreSQL at {target}: {text}{hint}"))
+}
+
 fn tls(
     ca_file: Option<&std::path::Path>,
 ) -> Result<tokio_postgres_rustls::MakeRustlsConnect, StoreError> {
@@ -392,8 +448,17 @@ async fn migrate(client: &mut deadpool_postgres::Object) -> Result<(), StoreErro
 /// can quote a row).
 fn classify(e: tokio_postgres::Error) -> StoreError {
     let Some(db) = e.as_db_error() else {
-        // No SQLSTATE: the connection failed or closed, or a value did not convert.
-        let text = e.to_string();
+        // No SQLSTATE: the connection failed or closed, or a value did not
+        // convert. The cause (connection refused, a TLS alert) is in the source.
+        let mut text = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(cause) = source {
+            let cause_text = cause.to_string();
+            if !text.contains(&cause_text) {
+                text = format!("{text}: {cause_text}");
+            }
+            source = cause.source();
+        }
         return if e.is_closed()
             || text.starts_with("error connecting")
             || text.contains("timed out")
