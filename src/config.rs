@@ -256,7 +256,8 @@ pub struct StorageConfig {
     /// transaction and its fsync. Off only to measure what it buys.
     #[serde(default = "default_true")]
     pub group_commit: bool,
-    /// PostgreSQL: `postgres://user@host:port/database[?sslmode=require]`.
+    /// PostgreSQL: `postgres://user@host:port/database[?sslmode=verify-full]`; `sslmode`
+    /// as in libpq, `verify-full` when absent.
     /// Leave the password out; give it in `password_file` or `password_env`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,

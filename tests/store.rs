@@ -765,3 +765,87 @@ async fn a_wrong_password_and_a_missing_database_say_which() {
     eprintln!("{wrong}\n{missing}");
     assert!(missing.contains("create the database"), "{missing}");
 }
+
+/// `sslmode` means what it means to libpq users, against the local cluster's
+/// TLS (Debian's self-signed "snakeoil" certificate for `localhost`, which
+/// scripts/test's cluster serves): `require` encrypts without checking,
+/// `verify-ca` checks the CA, `verify-full` (also the default) the CA and the
+/// host name.
+#[tokio::test]
+#[ignore = "needs PostgreSQL: set CREDVAULT_TEST_POSTGRES (scripts/test does)"]
+async fn postgres_sslmode_means_what_it_means_in_libpq() {
+    const SNAKEOIL: &str = "/etc/ssl/certs/ssl-cert-snakeoil.pem";
+    assert!(
+        std::path::Path::new(SNAKEOIL).exists(),
+        "needs the Debian cluster's TLS certificate {SNAKEOIL} (scripts/test's local cluster)"
+    );
+    let server = common::postgres_server().expect("needs PostgreSQL");
+    let database = common::TestDatabase::create(&server);
+    let with = |mode: Option<&str>, host: &str| {
+        let mut url = url::Url::parse(&database.url).unwrap();
+        url.set_host(Some(host)).unwrap();
+        let rest: Vec<(String, String)> = url
+            .query_pairs()
+            .filter(|(k, _)| k != "sslmode")
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+        url.set_query(None);
+        url.query_pairs_mut().extend_pairs(rest);
+        if let Some(mode) = mode {
+            url.query_pairs_mut().append_pair("sslmode", mode);
+        }
+        url.to_string()
+    };
+    let connect = |url: String, ca: bool| async move {
+        PostgresStore::connect(&PostgresSettings {
+            url,
+            password: None,
+            pool_size: 2,
+            ca_file: ca.then(|| SNAKEOIL.into()),
+        })
+        .await
+    };
+    // require: encrypted, the self-signed certificate accepted, as in libpq.
+    let store = connect(with(Some("require"), "127.0.0.1"), false)
+        .await
+        .unwrap();
+    let (admin, connection) = tokio_postgres::connect(&server, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let name = url::Url::parse(&database.url).unwrap().path()[1..].to_owned();
+    let encrypted: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+             WHERE a.datname = $1 AND s.ssl",
+            &[&name],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(encrypted > 0, "sslmode=require did not use TLS");
+    drop(store);
+    // No sslmode: verify-full. The snakeoil certificate is refused, as not
+    // trusted or (where the system roots hold it) not naming 127.0.0.1.
+    let err = connect(with(None, "127.0.0.1"), false)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("storage.ca_file") || err.contains("verify-ca"),
+        "{err}"
+    );
+    // verify-full with its CA, but by an address the certificate does not name.
+    let err = connect(with(Some("verify-full"), "127.0.0.1"), true)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("verify-ca"), "{err}");
+    // verify-ca checks the CA only; verify-full by the name it holds.
+    connect(with(Some("verify-ca"), "127.0.0.1"), true)
+        .await
+        .unwrap();
+    connect(with(Some("verify-full"), "localhost"), true)
+        .await
+        .unwrap();
+}

@@ -26,6 +26,7 @@ use crate::audit::{chain_hash, Checkpoint, Event, StoredEvent};
 use crate::crypto::{NewKeyMaterial, Sealed, WrappedKeyVersion};
 
 mod batch;
+mod tls;
 
 const FINGERPRINT_KEY: &str = crate::crypto::FINGERPRINT_KEY_PURPOSE;
 const LEGACY_FINGERPRINT_KEY: &str = crate::crypto::LEGACY_FINGERPRINT_KEY_PURPOSE;
@@ -230,9 +231,16 @@ pub struct RewrapLock(#[allow(dead_code)] deadpool_postgres::ClientWrapper);
 impl PostgresStore {
     /// Connects, and migrates the schema (once, whichever replica gets there first).
     pub async fn connect(settings: &PostgresSettings) -> Result<Self, StoreError> {
-        let mut config: tokio_postgres::Config = settings.url.parse().map_err(|e| {
+        let (url, sslmode) = tls::split_sslmode(&settings.url).map_err(StoreError::Connect)?;
+        let mut config: tokio_postgres::Config = url.parse().map_err(|e| {
             StoreError::Connect(format!("storage.url is not a PostgreSQL URL: {e}"))
         })?;
+        config.ssl_mode(sslmode.negotiation());
+        if let Some(warning) =
+            tls::weakness(sslmode, settings.ca_file.is_some(), on_loopback(&config))
+        {
+            tracing::warn!("{warning}");
+        }
         if let Some(password) = &settings.password {
             config.password(password.as_bytes());
         }
@@ -246,10 +254,11 @@ impl PostgresStore {
         let manager_config = ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         };
-        let manager = if config.get_ssl_mode() == tokio_postgres::config::SslMode::Disable {
+        let manager = if sslmode == tls::SslMode::Disable {
             Manager::from_config(config, tokio_postgres::NoTls, manager_config)
         } else {
-            Manager::from_config(config, tls(settings.ca_file.as_deref())?, manager_config)
+            let connector = tls::connector(sslmode, settings.ca_file.as_deref())?;
+            Manager::from_config(config, connector, manager_config)
         };
         let pool = Pool::builder(manager)
             .max_size(settings.pool_size.max(2))
@@ -385,6 +394,15 @@ fn unreachable_database(target: &str, e: &StoreError) -> StoreError {
          0600) or storage.password_env"
     } else if text.starts_with("error connecting") {
         ": is PostgreSQL running, and listening on that address? (storage.url)"
+    } else if text.contains("does not support TLS") {
+        ": the server offers no TLS; storage.url without sslmode means verify-full. Turn on \
+         TLS in PostgreSQL, or, for a database on this machine only, add sslmode=disable"
+    } else if text.contains("not valid for name") {
+        ": the server's certificate does not name this host; connect by a name it holds, or \
+         use sslmode=verify-ca (the CA is still checked)"
+    } else if text.contains("UnknownIssuer") || text.contains("invalid peer certificate") {
+        ": the server's certificate is not from a CA this vault trusts; put its CA in \
+         storage.ca_file (sslmode=require encrypts without checking, as in libpq)"
     } else if text.contains("TLS") || text.contains("tls") {
         ": check sslmode in storage.url, and storage.ca_file for the server's CA"
     } else {
@@ -393,28 +411,18 @@ fn unreachable_database(target: &str, e: &StoreError) -> StoreError {
     StoreError::Connect(format!("PostgreSQL at {target}: {text}{hint}"))
 }
 
-fn tls(
-    ca_file: Option<&std::path::Path>,
-) -> Result<tokio_postgres_rustls::MakeRustlsConnect, StoreError> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
-    if let Some(path) = ca_file {
-        let certs = crate::hardening::read_trusted_certs("storage.ca_file", path)
-            .map_err(StoreError::Connect)?;
-        for cert in certs {
-            roots
-                .add(cert)
-                .map_err(|e| StoreError::Connect(format!("storage.ca_file: {e}")))?;
+/// Whether every host the URL names is this machine (a Unix socket, or a loopback address).
+fn on_loopback(config: &tokio_postgres::Config) -> bool {
+    use tokio_postgres::config::Host;
+    config.get_hosts().iter().all(|host| match host {
+        Host::Unix(_) => true,
+        Host::Tcp(name) => {
+            name == "localhost"
+                || name
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
         }
-    }
-    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| StoreError::Connect(e.to_string()))?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+    })
 }
 
 async fn migrate(client: &mut deadpool_postgres::Object) -> Result<(), StoreError> {
