@@ -481,36 +481,9 @@ async fn odd_secrets_are_refused_or_stored_byte_exact() {
 #[tokio::test]
 #[ignore = "mounts a tmpfs, so needs root: scripts/test runs it with --ignored as root"]
 async fn disk_full_fails_cleanly_and_recovers_without_restart() {
-    assert!(
-        rustix::process::geteuid().is_root(),
-        "mounting a small tmpfs needs root: run this test as root (CI does)"
-    );
     let dir = VaultDir::new();
     let small = dir.path().join("small");
-    std::fs::create_dir(&small).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args([
-            "-t",
-            "tmpfs",
-            "-o",
-            "size=1m",
-            "credvault-test",
-            small.to_str().unwrap(),
-        ])
-        .status()
-        .unwrap();
-    assert!(mounted.success(), "mount a 1 MiB tmpfs");
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            // Lazy: the vault's writer thread may still hold the file for a moment.
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(&self.0)
-                .status();
-        }
-    }
-    let _unmount = Unmount(small.clone());
+    let _tmpfs = common::SmallTmpfs::mount(small.clone());
     let mut config = dir.config();
     config.storage.path = small.join("vault.db");
     let vault = dir.start_with(config).await;

@@ -152,6 +152,29 @@ fn record(workspace: &str, version: u32, fields: &[&str]) -> CredentialRecord {
     }
 }
 
+/// Adds key version `version` under the root key the store was created with.
+async fn rotate_to(store: &dyn Store, version: u32) {
+    store
+        .add_key_version(
+            WrappedKeyVersion {
+                version,
+                sealed: sealed(version as u8),
+            },
+            event("Rotate", ""),
+            witness(),
+        )
+        .await
+        .unwrap();
+}
+
+/// The fingerprint key as [`init`] stored it: what a rotation checks.
+fn witness() -> RootWitness {
+    RootWitness {
+        purpose: FINGERPRINT_KEY_PURPOSE,
+        sealed: sealed(0xf0),
+    }
+}
+
 async fn whole_log(store: &dyn Store) -> Vec<StoredEvent> {
     store.audit_after(0, 100_000).await.unwrap()
 }
@@ -285,21 +308,7 @@ contract!(
 contract!(a_write_under_a_retired_version_fails_alone, |store: Arc<
     dyn Store,
 >| async move {
-    let witness = RootWitness {
-        purpose: FINGERPRINT_KEY_PURPOSE,
-        sealed: sealed(0xf0),
-    };
-    store
-        .add_key_version(
-            WrappedKeyVersion {
-                version: 2,
-                sealed: sealed(2),
-            },
-            event("Rotate", ""),
-            witness,
-        )
-        .await
-        .unwrap();
+    rotate_to(&*store, 2).await;
     let (outcome, _) = store
         .retire_key_version(1, event("Retire", ""))
         .await
@@ -351,21 +360,7 @@ contract!(
         };
         assert_eq!(retire(1).await, RetireOutcome::Newest);
         assert_eq!(retire(9).await, RetireOutcome::Unknown);
-        let witness = RootWitness {
-            purpose: FINGERPRINT_KEY_PURPOSE,
-            sealed: sealed(0xf0),
-        };
-        store
-            .add_key_version(
-                WrappedKeyVersion {
-                    version: 2,
-                    sealed: sealed(2),
-                },
-                event("Rotate", ""),
-                witness.clone(),
-            )
-            .await
-            .unwrap();
+        rotate_to(&*store, 2).await;
         assert_eq!(retire(1).await, RetireOutcome::InUse(1));
         // The same version again: another replica rotated first.
         let again = store
@@ -375,7 +370,7 @@ contract!(
                     sealed: sealed(3),
                 },
                 event("Rotate", ""),
-                witness,
+                witness(),
             )
             .await;
         assert!(
@@ -411,21 +406,7 @@ contract!(
             .put(record("ws-1", 1, &["api_key"]), event("Store", "ws-1"))
             .await
             .unwrap();
-        let witness = RootWitness {
-            purpose: FINGERPRINT_KEY_PURPOSE,
-            sealed: sealed(0xf0),
-        };
-        store
-            .add_key_version(
-                WrappedKeyVersion {
-                    version: 2,
-                    sealed: sealed(2),
-                },
-                event("Rotate", ""),
-                witness,
-            )
-            .await
-            .unwrap();
+        rotate_to(&*store, 2).await;
         let stale = store.stale_data_keys(2, 10).await.unwrap();
         assert_eq!(stale.len(), 1);
         let old = row.data_key.unwrap();
@@ -515,6 +496,18 @@ contract!(
     }
 );
 
+/// A write while another session holds the database fails as busy, within
+/// the engine's wait (5 s), instead of hanging.
+async fn assert_busy(store: &dyn Store) {
+    let result = tokio::time::timeout(
+        Duration::from_secs(20),
+        store.append_audit(event("Redact", "ws-1")),
+    )
+    .await
+    .expect("a blocked write waited without end");
+    assert!(matches!(result, Err(StoreError::Busy(_))), "{result:?}");
+}
+
 /// A write blocked by another session's lock fails as busy after the
 /// engine's wait (5 s on both), instead of hanging: on SQLite another
 /// connection's exclusive transaction.
@@ -524,13 +517,7 @@ async fn a_write_blocked_by_another_session_is_busy_on_sqlite() {
     let path = fresh._dir.path().join("contract.db");
     let holder = rusqlite::Connection::open(&path).unwrap();
     holder.execute_batch("BEGIN EXCLUSIVE").unwrap();
-    let result = tokio::time::timeout(
-        Duration::from_secs(20),
-        fresh.store.append_audit(event("Redact", "ws-1")),
-    )
-    .await
-    .expect("a blocked write waited without end");
-    assert!(matches!(result, Err(StoreError::Busy(_))), "{result:?}");
+    assert_busy(&*fresh.store).await;
     holder.execute_batch("ROLLBACK").unwrap();
     fresh
         .store
@@ -553,13 +540,7 @@ async fn a_write_blocked_by_another_session_is_busy_on_postgres() {
         .batch_execute("BEGIN; LOCK TABLE audit_head IN EXCLUSIVE MODE")
         .await
         .unwrap();
-    let result = tokio::time::timeout(
-        Duration::from_secs(20),
-        fresh.store.append_audit(event("Redact", "ws-1")),
-    )
-    .await
-    .expect("a blocked write waited without end");
-    assert!(matches!(result, Err(StoreError::Busy(_))), "{result:?}");
+    assert_busy(&*fresh.store).await;
     holder.batch_execute("ROLLBACK").await.unwrap();
     fresh
         .store
@@ -575,29 +556,9 @@ async fn a_write_blocked_by_another_session_is_busy_on_postgres() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "mounts a tmpfs: needs root (scripts/test runs it as root)"]
 async fn disk_full_is_reported_as_full_on_every_write_path_on_sqlite() {
-    assert!(
-        rustix::process::geteuid().is_root(),
-        "mounting a small tmpfs needs root: run this test as root (CI does)"
-    );
     let dir = tempfile::tempdir().unwrap();
     let small = dir.path().join("small");
-    std::fs::create_dir(&small).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=1m", "credvault-test"])
-        .arg(&small)
-        .status()
-        .unwrap();
-    assert!(mounted.success(), "mount a 1 MiB tmpfs");
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(&self.0)
-                .status();
-        }
-    }
-    let _unmount = Unmount(small.clone());
+    let _tmpfs = common::SmallTmpfs::mount(small.clone());
     let path = small.join("contract.db");
     let store: Arc<dyn Store> = Arc::new(
         tokio::task::spawn_blocking(move || SqliteStore::open(&path))
@@ -612,21 +573,7 @@ async fn disk_full_is_reported_as_full_on_every_write_path_on_sqlite() {
     })
     .await;
     let store = fresh.store;
-    let witness = RootWitness {
-        purpose: FINGERPRINT_KEY_PURPOSE,
-        sealed: sealed(0xf0),
-    };
-    store
-        .add_key_version(
-            WrappedKeyVersion {
-                version: 2,
-                sealed: sealed(2),
-            },
-            event("Rotate", ""),
-            witness,
-        )
-        .await
-        .unwrap();
+    rotate_to(&*store, 2).await;
     let (first, _, _) = store
         .put(
             record("ws-first", 2, &["api_key"]),

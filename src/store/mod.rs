@@ -350,6 +350,18 @@ fn held_message(wanted: Hold) -> &'static str {
     }
 }
 
+const FINGERPRINT_KEY: &str = crate::crypto::FINGERPRINT_KEY_PURPOSE;
+const LEGACY_FINGERPRINT_KEY: &str = crate::crypto::LEGACY_FINGERPRINT_KEY_PURPOSE;
+
+/// A key version's insert that broke its primary key: another replica added
+/// that version first.
+fn taken(version: u32) -> impl FnOnce(StoreError) -> StoreError {
+    move |e| match e {
+        StoreError::Conflict(_) => StoreError::VersionTaken(version),
+        other => other,
+    }
+}
+
 /// An audit append's failure: the change it recorded was not made. Full,
 /// busy and unavailable keep their own kind (the caller may act on them).
 pub(crate) fn audit_failure(e: StoreError) -> StoreError {

@@ -220,6 +220,12 @@ impl From<u64> for Value<'_> {
     }
 }
 
+impl From<usize> for Value<'_> {
+    fn from(v: usize) -> Self {
+        Value::Int(i64::try_from(v).unwrap_or(i64::MAX))
+    }
+}
+
 impl From<i64> for Value<'_> {
     fn from(v: i64) -> Self {
         Value::Int(v)
@@ -505,6 +511,16 @@ pub(super) fn secrets_values<'a>(
             ]
         })
         .collect()
+}
+
+/// A new key version's parameters for [`INSERT_KEY_VERSION`].
+pub(super) fn key_version_values(v: &WrappedKeyVersion, created_at: i64) -> [Value<'_>; 4] {
+    values![
+        v.version,
+        v.sealed.nonce.as_slice(),
+        &v.sealed.ciphertext,
+        created_at
+    ]
 }
 
 pub(super) fn rewrap_values(r: &super::Rewrapped) -> [Value<'_>; 7] {

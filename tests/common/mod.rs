@@ -44,6 +44,37 @@ pub fn on_sqlite() -> bool {
     postgres_server().is_none()
 }
 
+/// A 1 MiB tmpfs mounted on `folder` (created) until dropped: a disk that
+/// fills up. Mounting needs root.
+pub struct SmallTmpfs(pub std::path::PathBuf);
+
+impl SmallTmpfs {
+    pub fn mount(folder: std::path::PathBuf) -> Self {
+        assert!(
+            rustix::process::geteuid().is_root(),
+            "mounting a small tmpfs needs root: run this test as root (CI does)"
+        );
+        std::fs::create_dir_all(&folder).unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m", "credvault-test"])
+            .arg(&folder)
+            .status()
+            .unwrap();
+        assert!(mounted.success(), "mount a 1 MiB tmpfs");
+        Self(folder)
+    }
+}
+
+impl Drop for SmallTmpfs {
+    fn drop(&mut self) {
+        // Lazy: a writer thread may still hold a file for a moment.
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
 /// A throwaway database, dropped with the value.
 pub struct TestDatabase {
     pub url: String,

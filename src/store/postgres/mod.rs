@@ -18,9 +18,9 @@ use zeroize::Zeroizing;
 
 use super::sql::{self, values, SqlRow, Value};
 use super::{
-    audit_failure, millis, AuditRecord, CredentialRecord, Hold, KeyVersionRow, ParamsBinding,
-    Reseal, RetireOutcome, Rewrapped, RootSealed, RootWitness, Shred, StaleDataKey, Store,
-    StoreError, StoredKeys, WrappedDataKey,
+    audit_failure, millis, taken, AuditRecord, CredentialRecord, Hold, KeyVersionRow,
+    ParamsBinding, Reseal, RetireOutcome, Rewrapped, RootSealed, RootWitness, Shred, StaleDataKey,
+    Store, StoreError, StoredKeys, WrappedDataKey, FINGERPRINT_KEY, LEGACY_FINGERPRINT_KEY,
 };
 use crate::audit::{chain_hash, Checkpoint, Event, StoredEvent};
 use crate::crypto::{NewKeyMaterial, Sealed, WrappedKeyVersion};
@@ -28,8 +28,6 @@ use crate::crypto::{NewKeyMaterial, Sealed, WrappedKeyVersion};
 mod batch;
 mod tls;
 
-const FINGERPRINT_KEY: &str = crate::crypto::FINGERPRINT_KEY_PURPOSE;
-const LEGACY_FINGERPRINT_KEY: &str = crate::crypto::LEGACY_FINGERPRINT_KEY_PURPOSE;
 /// Advisory lock keys: "credvaul" and the next value.
 const MIGRATION_LOCK: i64 = 0x6372_6564_7661_756c;
 const REWRAP_LOCK: i64 = MIGRATION_LOCK + 1;
@@ -693,18 +691,10 @@ impl Store for PostgresStore {
         execute(
             &tx,
             sql::INSERT_KEY_VERSION,
-            &values![
-                v.version,
-                v.sealed.nonce.as_slice(),
-                &v.sealed.ciphertext,
-                now
-            ],
+            &sql::key_version_values(v, now),
         )
         .await
-        .map_err(|e| match e {
-            StoreError::Conflict(_) => StoreError::VersionTaken(v.version),
-            other => other,
-        })?;
+        .map_err(taken(v.version))?;
         let f = &material.fingerprint_key;
         execute(
             &tx,
@@ -849,7 +839,6 @@ impl Store for PostgresStore {
 
     async fn audit_after(&self, after: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
         let c = self.client().await?;
-        let limit = u64::try_from(limit).unwrap_or(u64::MAX);
         query(
             &c,
             sql::EVENTS_AFTER,
@@ -916,18 +905,10 @@ impl Store for PostgresStore {
         execute(
             &tx,
             sql::INSERT_KEY_VERSION,
-            &values![
-                v.version,
-                v.sealed.nonce.as_slice(),
-                &v.sealed.ciphertext,
-                now
-            ],
+            &sql::key_version_values(&v, now),
         )
         .await
-        .map_err(|e| match e {
-            StoreError::Conflict(_) => StoreError::VersionTaken(v.version),
-            other => other,
-        })?;
+        .map_err(taken(v.version))?;
         let stored = append_in(&tx, event).await?;
         tx.commit().await?;
         Ok(stored)
@@ -944,7 +925,6 @@ impl Store for PostgresStore {
         limit: usize,
     ) -> Result<Vec<StaleDataKey>, StoreError> {
         let c = self.client().await?;
-        let limit = u64::try_from(limit).unwrap_or(u64::MAX);
         query(
             &c,
             sql::STALE_DATA_KEYS,

@@ -10,9 +10,9 @@ use rusqlite::{Connection, ErrorCode};
 
 use super::sql::{self, values, SqlRow, Value};
 use super::{
-    audit_failure, millis, AuditRecord, CredentialRecord, Hold, KeyVersionRow, ParamsBinding,
-    Reseal, RetireOutcome, Rewrapped, RootSealed, RootWitness, Shred, StaleDataKey, Store,
-    StoreError, StoredKeys, WrappedDataKey,
+    audit_failure, millis, taken, AuditRecord, CredentialRecord, Hold, KeyVersionRow,
+    ParamsBinding, Reseal, RetireOutcome, Rewrapped, RootSealed, RootWitness, Shred, StaleDataKey,
+    Store, StoreError, StoredKeys, WrappedDataKey, FINGERPRINT_KEY, LEGACY_FINGERPRINT_KEY,
 };
 use crate::audit::{chain_hash, Checkpoint, Event, StoredEvent, GENESIS};
 use crate::crypto::{NewKeyMaterial, Sealed, WrappedKeyVersion};
@@ -20,8 +20,6 @@ use writer::{Destroys, Writer};
 
 mod writer;
 
-const FINGERPRINT_KEY: &str = crate::crypto::FINGERPRINT_KEY_PURPOSE;
-const LEGACY_FINGERPRINT_KEY: &str = crate::crypto::LEGACY_FINGERPRINT_KEY_PURPOSE;
 const READERS: usize = 4;
 
 /// Schema versions, applied in order; `PRAGMA user_version` records how many ran.
@@ -517,12 +515,7 @@ impl Store for SqliteStore {
             execute(
                 conn,
                 sql::INSERT_KEY_VERSION,
-                &values![
-                    v.version,
-                    v.sealed.nonce.as_slice(),
-                    &v.sealed.ciphertext,
-                    now
-                ],
+                &sql::key_version_values(v, now),
             )?;
             let f = &material.fingerprint_key;
             execute(
@@ -659,7 +652,6 @@ impl Store for SqliteStore {
 
     async fn audit_after(&self, after: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
         self.read(move |conn| {
-            let limit = u64::try_from(limit).unwrap_or(u64::MAX);
             query(
                 conn,
                 sql::EVENTS_AFTER,
@@ -716,17 +708,9 @@ impl Store for SqliteStore {
             execute(
                 conn,
                 sql::INSERT_KEY_VERSION,
-                &values![
-                    v.version,
-                    v.sealed.nonce.as_slice(),
-                    &v.sealed.ciphertext,
-                    now
-                ],
+                &sql::key_version_values(&v, now),
             )
-            .map_err(|e| match e {
-                StoreError::Conflict(_) => StoreError::VersionTaken(v.version),
-                other => other,
-            })?;
+            .map_err(taken(v.version))?;
             append_in(conn, event)
         })
         .await
@@ -743,7 +727,6 @@ impl Store for SqliteStore {
         limit: usize,
     ) -> Result<Vec<StaleDataKey>, StoreError> {
         self.read(move |conn| {
-            let limit = u64::try_from(limit).unwrap_or(u64::MAX);
             query(
                 conn,
                 sql::STALE_DATA_KEYS,
