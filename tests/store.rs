@@ -796,3 +796,158 @@ async fn postgres_sslmode_means_what_it_means_in_libpq() {
         .await
         .unwrap();
 }
+
+/// Two replicas storing the same connections in opposite orders, beside a
+/// tenant storing its own: no write fails (no deadlock between the
+/// replicas' batches, and a write that was rolled back with a batch is
+/// retried alone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL: set CREDVAULT_TEST_POSTGRES (scripts/test does)"]
+async fn replicas_storing_the_same_connections_never_fail_each_other() {
+    let first = postgres().await;
+    let url = first._database.as_ref().unwrap().url.clone();
+    let second: Arc<dyn Store> = Arc::new(
+        PostgresStore::connect(&PostgresSettings {
+            url,
+            password: None,
+            pool_size: 8,
+            ca_file: None,
+        })
+        .await
+        .unwrap(),
+    );
+    let replicas = [Arc::clone(&first.store), second];
+    let mut tasks = Vec::new();
+    for task in 0..16usize {
+        let store = Arc::clone(&replicas[task % 2]);
+        tasks.push(tokio::spawn(async move {
+            for i in 0..60usize {
+                // Attackers cycle through four shared connections, the two
+                // replicas' tasks in opposite directions; victims store their own.
+                let ws = if task % 4 == 3 {
+                    format!("victim-{task}-{i}")
+                } else if task % 2 == 0 {
+                    format!("shared-{}", (i + task) % 4)
+                } else {
+                    format!("shared-{}", 3 - (i + task) % 4)
+                };
+                store
+                    .put(record(&ws, 1, &["api_key"]), event("Store", &ws))
+                    .await
+                    .unwrap_or_else(|e| panic!("store {ws}: {e}"));
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_one_chain(&whole_log(&*first.store).await);
+}
+
+/// A connection's row held by another session (a forgotten `psql`
+/// transaction) delays only the Stores of that connection: the replica's
+/// other writes commit meanwhile, and the blocked one fails as busy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL: set CREDVAULT_TEST_POSTGRES (scripts/test does)"]
+async fn a_locked_connection_does_not_hold_up_the_others() {
+    let fresh = postgres().await;
+    let store = Arc::clone(&fresh.store);
+    store
+        .put(record("locked", 1, &["api_key"]), event("Store", "locked"))
+        .await
+        .unwrap();
+    let url = fresh._database.as_ref().unwrap().url.clone();
+    let (holder, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    holder
+        .batch_execute("BEGIN; SELECT * FROM credentials WHERE workspace_id = 'locked' FOR UPDATE")
+        .await
+        .unwrap();
+    let blocked = {
+        let store = Arc::clone(&store);
+        tokio::spawn(async move {
+            store
+                .put(record("locked", 1, &["api_key"]), event("Store", "locked"))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    let mut others = Vec::new();
+    for i in 0..20 {
+        let store = Arc::clone(&store);
+        others.push(tokio::spawn(async move {
+            let ws = format!("free-{i}");
+            store
+                .put(record(&ws, 1, &["api_key"]), event("Store", &ws))
+                .await
+                .unwrap_or_else(|e| panic!("{ws}: {e}"));
+        }));
+    }
+    for t in others {
+        t.await.unwrap();
+    }
+    // Well inside the 5 s the blocked Store waits for its lock.
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "the other Stores waited {:?} behind the locked one",
+        started.elapsed()
+    );
+    let result = blocked.await.unwrap();
+    assert!(matches!(result, Err(StoreError::Busy(_))), "{result:?}");
+    holder.batch_execute("ROLLBACK").await.unwrap();
+}
+
+/// A write the database refuses only at COMMIT (a deferred constraint) fails
+/// alone: the server's refusal means the batch was rolled back, so its
+/// other writes are retried and commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL: set CREDVAULT_TEST_POSTGRES (scripts/test does)"]
+async fn a_write_refused_at_commit_fails_alone() {
+    let fresh = postgres().await;
+    let url = fresh._database.as_ref().unwrap().url.clone();
+    let (admin, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    admin
+        .batch_execute(
+            "CREATE FUNCTION refuse_late() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN IF NEW.workspace_id LIKE 'late%' THEN RAISE EXCEPTION 'late row refused'; \
+             END IF; RETURN NEW; END $$; \
+             CREATE CONSTRAINT TRIGGER late AFTER INSERT ON credentials \
+             DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse_late();",
+        )
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..24 {
+        let store = Arc::clone(&fresh.store);
+        tasks.push(tokio::spawn(async move {
+            let ws = if i % 8 == 0 {
+                format!("late-{i}")
+            } else {
+                format!("on-time-{i}")
+            };
+            let result = store
+                .put(record(&ws, 1, &["api_key"]), event("Store", &ws))
+                .await;
+            (ws, result)
+        }));
+    }
+    for t in tasks {
+        let (ws, result) = t.await.unwrap();
+        match result {
+            Ok(_) if ws.starts_with("on-time") => {}
+            Err(StoreError::Commit(text)) if ws.starts_with("late") => {
+                assert!(text.contains("late row refused"), "{text}");
+            }
+            other => panic!("{ws}: {other:?}"),
+        }
+    }
+    let log = whole_log(&*fresh.store).await;
+    assert_eq!(log.len(), 21);
+    assert_one_chain(&log);
+}

@@ -379,6 +379,7 @@ impl StoreError {
             StoreError::Full => StoreError::Full,
             StoreError::Busy(m) => StoreError::Busy(m.clone()),
             StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
+            StoreError::Commit(m) => StoreError::Commit(m.clone()),
             other => StoreError::Commit(other.to_string()),
         }
     }

@@ -53,6 +53,34 @@ macro_rules! credential_columns {
     };
 }
 
+/// The columns a Store writes, in the order of [`put_values`]' placeholders
+/// (`created_at` and `updated_at` both take the fifth).
+macro_rules! put_columns {
+    () => {
+        "workspace_id, provider, status, params, created_at, updated_at, disconnected_at, \
+         expires_at, key_version, dek_nonce, wrapped_dek, last_validation, binding"
+    };
+}
+pub(super) use put_columns;
+
+/// How a Store replaces a connection that exists (keeping its `created_at`),
+/// returning the row as stored.
+macro_rules! put_conflict {
+    () => {
+        concat!(
+            " ON CONFLICT (workspace_id, provider) DO UPDATE SET \
+                 status = excluded.status, params = excluded.params, \
+                 updated_at = excluded.updated_at, disconnected_at = NULL, \
+                 expires_at = excluded.expires_at, key_version = excluded.key_version, \
+                 dek_nonce = excluded.dek_nonce, wrapped_dek = excluded.wrapped_dek, \
+                 last_validation = excluded.last_validation, binding = excluded.binding \
+             RETURNING ",
+            $crate::store::sql::credential_columns!()
+        )
+    };
+}
+pub(super) use {credential_columns, put_conflict};
+
 /// How many columns [`credential`] reads; a secret's columns follow them.
 const CREDENTIAL_WIDTH: usize = 13;
 
@@ -90,17 +118,9 @@ statements! {
     );
     /// Inserts or replaces a connection, keeping its `created_at`; returns the row.
     PUT_CREDENTIAL = concat!(
-        "INSERT INTO credentials (workspace_id, provider, status, params, created_at, \
-             updated_at, disconnected_at, expires_at, key_version, dek_nonce, wrapped_dek, \
-             last_validation, binding) \
-         VALUES ($1, $2, $3, $4, $5, $5, NULL, $6, $7, $8, $9, $10, $11) \
-         ON CONFLICT (workspace_id, provider) DO UPDATE SET \
-             status = excluded.status, params = excluded.params, \
-             updated_at = excluded.updated_at, disconnected_at = NULL, \
-             expires_at = excluded.expires_at, key_version = excluded.key_version, \
-             dek_nonce = excluded.dek_nonce, wrapped_dek = excluded.wrapped_dek, \
-             last_validation = excluded.last_validation, binding = excluded.binding \
-         RETURNING ", credential_columns!()
+        "INSERT INTO credentials (", put_columns!(), ") \
+         VALUES ($1, $2, $3, $4, $5, $5, NULL, $6, $7, $8, $9, $10, $11)",
+        put_conflict!()
     );
     DELETE_SECRETS = "DELETE FROM credential_secrets WHERE workspace_id = $1 AND provider = $2";
     /// Marks a connection disconnected at `$1` (unless it already was) and

@@ -15,15 +15,42 @@ use std::pin::Pin;
 use std::task::Poll;
 
 use deadpool_postgres::Pool;
-use tokio::sync::{mpsc, oneshot};
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use super::{appended, classify, tail};
 use crate::audit::{Event, StoredEvent};
 use crate::store::sql::{self, values, Value};
-use crate::store::{audit_failure, CredentialRecord, StoreError};
+use crate::store::{audit_failure, millis, CredentialRecord, StoreError};
+use tokio_postgres::types::ToSql;
+
+/// Every Store of a batch in one statement, its columns bound as arrays; a
+/// key twice in one batch fails it, and each write is then tried alone.
+const PUT_ALL: &str = concat!(
+    "INSERT INTO credentials (",
+    sql::put_columns!(),
+    ") SELECT t.w, t.p, t.s, t.pa, t.u, t.u, NULL, t.e, t.k, t.n, t.d, t.l, t.b \
+     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::int8[], \
+                 $7::int4[], $8::bytea[], $9::bytea[], $10::text[], $11::bytea[]) \
+          AS t(w, p, s, pa, u, e, k, n, d, l, b)",
+    sql::put_conflict!()
+);
+/// The old secrets of every connection the batch stores.
+const DELETE_ALL_SECRETS: &str = "DELETE FROM credential_secrets s \
+     USING unnest($1::text[], $2::text[]) AS t(w, p) \
+     WHERE s.workspace_id = t.w AND s.provider = t.p";
+/// Every secret the batch stores.
+const INSERT_ALL_SECRETS: &str = "INSERT INTO credential_secrets \
+     (workspace_id, provider, field, nonce, ciphertext, hint, fingerprint) \
+     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[], $5::bytea[], \
+                          $6::text[], $7::text[])";
 
 /// Most writes one transaction takes.
 const MAX_BATCH: usize = 256;
+/// Batches a replica commits at once, each on its own connection: a batch
+/// waiting on a row another session holds does not stop the others.
+const BATCHES_IN_FLIGHT: usize = 4;
 
 /// The sending side: hand a write to this replica's writer task and await
 /// its committed result.
@@ -47,6 +74,114 @@ struct Written {
     /// Its key version's encryptions so far, this one included.
     encryptions: u64,
     event: StoredEvent,
+}
+
+/// A batch's Stores as columns, for [`PUT_ALL`] and [`DELETE_ALL_SECRETS`].
+struct Rows<'a> {
+    workspace_id: Vec<&'a str>,
+    provider: Vec<&'a str>,
+    status: Vec<&'static str>,
+    params: Vec<String>,
+    updated_at: Vec<i64>,
+    expires_at: Vec<Option<i64>>,
+    key_version: Vec<Option<i32>>,
+    dek_nonce: Vec<Option<&'a [u8]>>,
+    wrapped_dek: Vec<Option<&'a [u8]>>,
+    last_validation: Vec<Option<&'a str>>,
+    binding: Vec<Option<&'a [u8]>>,
+}
+
+impl<'a> Rows<'a> {
+    fn of(records: &[&'a CredentialRecord]) -> Result<Self, StoreError> {
+        let key = |r: &'a CredentialRecord| r.data_key.as_ref();
+        Ok(Self {
+            workspace_id: records.iter().map(|r| r.workspace_id.as_str()).collect(),
+            provider: records.iter().map(|r| r.provider.as_str()).collect(),
+            status: records.iter().map(|r| sql::status_text(r.status)).collect(),
+            params: records
+                .iter()
+                .map(|r| sql::params_json(r))
+                .collect::<Result<_, _>>()?,
+            updated_at: records.iter().map(|r| millis(r.updated_at)).collect(),
+            expires_at: records.iter().map(|r| r.expires_at.map(millis)).collect(),
+            key_version: records
+                .iter()
+                .map(|r| key(r).map(|k| i32::try_from(k.key_version)).transpose())
+                .collect::<Result<_, _>>()
+                .map_err(|_| StoreError::Corrupt("a key version is out of range"))?,
+            dek_nonce: records
+                .iter()
+                .map(|r| key(r).map(|k| k.sealed.nonce.as_slice()))
+                .collect(),
+            wrapped_dek: records
+                .iter()
+                .map(|r| key(r).map(|k| k.sealed.ciphertext.as_slice()))
+                .collect(),
+            last_validation: records
+                .iter()
+                .map(|r| r.last_validation.as_deref())
+                .collect(),
+            binding: records.iter().map(|r| r.binding.as_deref()).collect(),
+        })
+    }
+
+    fn params(&self) -> [&(dyn ToSql + Sync); 11] {
+        [
+            &self.workspace_id,
+            &self.provider,
+            &self.status,
+            &self.params,
+            &self.updated_at,
+            &self.expires_at,
+            &self.key_version,
+            &self.dek_nonce,
+            &self.wrapped_dek,
+            &self.last_validation,
+            &self.binding,
+        ]
+    }
+}
+
+/// Every secret of a batch's Stores as columns, for [`INSERT_ALL_SECRETS`].
+struct Secrets<'a> {
+    workspace_id: Vec<&'a str>,
+    provider: Vec<&'a str>,
+    field: Vec<&'a str>,
+    nonce: Vec<&'a [u8]>,
+    ciphertext: Vec<&'a [u8]>,
+    hint: Vec<&'a str>,
+    fingerprint: Vec<&'a str>,
+}
+
+impl<'a> Secrets<'a> {
+    fn of(records: &[&'a CredentialRecord]) -> Self {
+        let all = || {
+            records
+                .iter()
+                .flat_map(|r| r.secrets.iter().map(move |s| (*r, s)))
+        };
+        Self {
+            workspace_id: all().map(|(r, _)| r.workspace_id.as_str()).collect(),
+            provider: all().map(|(r, _)| r.provider.as_str()).collect(),
+            field: all().map(|(_, s)| s.field.as_str()).collect(),
+            nonce: all().map(|(_, s)| s.sealed.nonce.as_slice()).collect(),
+            ciphertext: all().map(|(_, s)| s.sealed.ciphertext.as_slice()).collect(),
+            hint: all().map(|(_, s)| s.hint.as_str()).collect(),
+            fingerprint: all().map(|(_, s)| s.fingerprint.as_str()).collect(),
+        }
+    }
+
+    fn params(&self) -> [&(dyn ToSql + Sync); 7] {
+        [
+            &self.workspace_id,
+            &self.provider,
+            &self.field,
+            &self.nonce,
+            &self.ciphertext,
+            &self.hint,
+            &self.fingerprint,
+        ]
+    }
 }
 
 /// Why a batch failed, and whether its writes were certainly undone.
@@ -116,15 +251,46 @@ impl Writer {
 }
 
 async fn run(pool: Pool, mut queue: mpsc::UnboundedReceiver<Job>) {
+    let in_flight = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        commit(&pool, std::mem::take(&mut batch)).await;
+    let mut later: Vec<Job> = Vec::new();
+    loop {
+        if later.is_empty() && queue.recv_many(&mut batch, MAX_BATCH).await == 0 {
+            return;
+        }
+        batch.splice(0..0, later.drain(..));
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        // A connection twice in one batch would make its one statement
+        // touch a row twice: the second Store waits for the next batch.
+        let mut seen = std::collections::HashSet::new();
+        let (now, again): (Vec<Job>, Vec<Job>) =
+            std::mem::take(&mut batch)
+                .into_iter()
+                .partition(|job| match &job.record {
+                    Some(r) => seen.insert((r.workspace_id.clone(), r.provider.clone())),
+                    None => true,
+                });
+        later = again;
+        let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else {
+            return;
+        };
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            commit(&pool, now).await;
+            drop(permit);
+        });
     }
 }
 
-/// Commits a batch and answers each write. If one write fails before the
-/// commit (a key version retired meanwhile, a broken row), the batch was
-/// rolled back whole: each write is then tried alone, so only that one fails.
+/// Commits a batch and answers each write. If the batch was certainly
+/// rolled back (a write failed before the commit, a deadlock, a lock
+/// timeout, a commit the server refused), each write is tried again alone,
+/// so only a write that fails alone fails.
 async fn commit(pool: &Pool, jobs: Vec<Job>) {
     match attempt(pool, &jobs).await {
         Ok(written) => {
@@ -144,6 +310,11 @@ async fn commit(pool: &Pool, jobs: Vec<Job>) {
                 let _ = job.done.send(result);
             }
         }
+        Err(Failed { error, .. }) if jobs.len() == 1 => {
+            if let Some(job) = jobs.into_iter().next() {
+                let _ = job.done.send(Err(error));
+            }
+        }
         Err(Failed { error, .. }) => {
             for job in jobs {
                 let _ = job.done.send(Err(error.for_another_write()));
@@ -153,34 +324,19 @@ async fn commit(pool: &Pool, jobs: Vec<Job>) {
 }
 
 /// Whether a failure may belong to one write of the batch rather than to
-/// the database: a full, busy or unreachable database fails every write alike.
+/// the database: a full or unreachable database fails every write alike.
+/// A busy one (a deadlock, another session's lock) may hold only one
+/// write's row.
 fn alone_may_differ(e: &StoreError) -> bool {
     !matches!(
         e,
-        StoreError::Full
-            | StoreError::Busy(_)
-            | StoreError::Unavailable(_)
-            | StoreError::Connect(_)
+        StoreError::Full | StoreError::Unavailable(_) | StoreError::Connect(_)
     )
-}
-
-/// One statement of a batch's pipeline.
-struct Planned<'a> {
-    statement: tokio_postgres::Statement,
-    values: Vec<Value<'a>>,
-    answers: Kind,
-}
-
-/// What a planned statement's answer is read as.
-enum Kind {
-    Row,
-    Changed,
-    Count,
 }
 
 /// What one statement of the pipeline answered.
 enum Answer {
-    Row(Option<Box<CredentialRecord>>),
+    Rows(Vec<CredentialRecord>),
     Changed,
     Count(Option<i64>),
     Events(Vec<StoredEvent>),
@@ -218,91 +374,69 @@ async fn attempt(pool: &Pool, jobs: &[Job]) -> Result<Vec<Written>, Failed> {
             })
             .collect());
     }
-    let put = client.prepare_cached(sql::PUT_CREDENTIAL).await?;
-    let delete = client.prepare_cached(sql::DELETE_SECRETS).await?;
+    let put = client.prepare_cached(PUT_ALL).await?;
+    let delete = client.prepare_cached(DELETE_ALL_SECRETS).await?;
+    let insert = client.prepare_cached(INSERT_ALL_SECRETS).await?;
     let count = client.prepare_cached(sql::COUNT_ENCRYPTIONS).await?;
-    let mut inserts = Vec::with_capacity(sql::SECRETS_PER_STATEMENT);
-    for n in 1..=sql::SECRETS_PER_STATEMENT {
-        inserts.push(client.prepare_cached(sql::insert_secrets(n)).await?);
-    }
     let tx = client.transaction().await?;
 
-    // Every statement of the batch, in the order the server runs them, with
-    // the parameters it binds (owned here while the pipeline runs).
-    let params: Vec<Option<String>> = jobs
-        .iter()
-        .map(|j| j.record.as_ref().map(sql::params_json).transpose())
-        .collect::<Result<_, _>>()?;
+    // The batch's Stores as columns, bound as arrays: three statements for
+    // the whole batch, whatever its size.
+    // In key order: every transaction that locks several connections'
+    // rows takes them in this order, so replicas never deadlock on them.
+    let mut records: Vec<&CredentialRecord> =
+        jobs.iter().filter_map(|j| j.record.as_ref()).collect();
+    records.sort_by(|a, b| by_key(a, b));
+    let rows = Rows::of(&records)?;
+    let secrets = Secrets::of(&records);
     let mut versions: Vec<(u32, u64)> = Vec::new();
-    let mut plan: Vec<Planned<'_>> = Vec::new();
-    for (job, params_json) in jobs.iter().zip(&params) {
-        let (Some(r), Some(params_json)) = (&job.record, params_json) else {
-            continue;
-        };
-        plan.push(Planned {
-            statement: put.clone(),
-            values: sql::put_values(r, params_json).to_vec(),
-            answers: Kind::Row,
-        });
-        plan.push(Planned {
-            statement: delete.clone(),
-            values: values![&r.workspace_id, &r.provider].to_vec(),
-            answers: Kind::Changed,
-        });
-        for chunk in r.secrets.chunks(sql::SECRETS_PER_STATEMENT) {
-            plan.push(Planned {
-                statement: inserts[chunk.len() - 1].clone(),
-                values: sql::secrets_values(r, chunk),
-                answers: Kind::Changed,
-            });
+    for key in records.iter().filter_map(|r| r.data_key.as_ref()) {
+        match versions.iter_mut().find(|(v, _)| *v == key.key_version) {
+            Some((_, n)) => *n += 1,
+            None => versions.push((key.key_version, 1)),
         }
-        if let Some(key) = &r.data_key {
-            match versions.iter_mut().find(|(v, _)| *v == key.key_version) {
-                Some((_, n)) => *n += 1,
-                None => versions.push((key.key_version, 1)),
-            }
-        }
+    }
+    let counts: Vec<[Value<'_>; 2]> = versions.iter().map(|&(v, n)| values![n, v]).collect();
+
+    let tx_ref = &tx;
+    let mut steps: Vec<Step<'_>> = Vec::new();
+    let (put, delete, insert, count) = (&put, &delete, &insert, &count);
+    let (rows, secrets) = (&rows, &secrets);
+    steps.push(Box::pin(async move {
+        let stored = tx_ref.query(put, &rows.params()).await?;
+        Ok(Answer::Rows(
+            stored
+                .iter()
+                .map(|r| sql::credential(r))
+                .collect::<Result<_, _>>()?,
+        ))
+    }));
+    steps.push(Box::pin(async move {
+        tx_ref
+            .execute(delete, &[&rows.workspace_id, &rows.provider])
+            .await?;
+        Ok(Answer::Changed)
+    }));
+    if !secrets.field.is_empty() {
+        steps.push(Box::pin(async move {
+            tx_ref.execute(insert, &secrets.params()).await?;
+            Ok(Answer::Changed)
+        }));
     }
     // The shared rows last: they stay locked until the commit.
-    for &(version, n) in &versions {
-        plan.push(Planned {
-            statement: count.clone(),
-            values: values![n, version].to_vec(),
-            answers: Kind::Count,
-        });
+    for count_values in &counts {
+        steps.push(Box::pin(async move {
+            let row = tx_ref
+                .query_opt(count, &super::pg_values(count_values))
+                .await?;
+            Ok(Answer::Count(
+                row.as_ref()
+                    .map(|r| sql::single_int(r))
+                    .transpose()?
+                    .flatten(),
+            ))
+        }));
     }
-    let tx_ref = &tx;
-    let mut steps: Vec<Step<'_>> = plan
-        .iter()
-        .map(|p| -> Step<'_> {
-            Box::pin(async move {
-                let values = super::pg_values(&p.values);
-                Ok(match p.answers {
-                    Kind::Changed => {
-                        tx_ref.execute(&p.statement, &values).await?;
-                        Answer::Changed
-                    }
-                    Kind::Row => {
-                        let row = tx_ref.query_opt(&p.statement, &values).await?;
-                        Answer::Row(
-                            row.as_ref()
-                                .map(|r| sql::credential(r).map(Box::new))
-                                .transpose()?,
-                        )
-                    }
-                    Kind::Count => {
-                        let row = tx_ref.query_opt(&p.statement, &values).await?;
-                        Answer::Count(
-                            row.as_ref()
-                                .map(|r| sql::single_int(r))
-                                .transpose()?
-                                .flatten(),
-                        )
-                    }
-                })
-            })
-        })
-        .collect();
     let (append_tx, append, all_tails) = (&tx, &append, &tails);
     steps.push(Box::pin(async move {
         let rows = append_tx
@@ -313,12 +447,12 @@ async fn attempt(pool: &Pool, jobs: &[Job]) -> Result<Vec<Written>, Failed> {
     }));
 
     let answers = pipeline(steps).await?;
-    let mut rows = Vec::new();
+    let mut stored = Vec::new();
     let mut totals = Vec::new();
     let mut events = Vec::new();
     for answer in answers {
         match answer {
-            Answer::Row(row) => rows.push(row),
+            Answer::Rows(rows) => stored = rows,
             Answer::Changed => {}
             Answer::Count(total) => totals.push(total),
             Answer::Events(e) => events = e,
@@ -332,11 +466,12 @@ async fn attempt(pool: &Pool, jobs: &[Job]) -> Result<Vec<Written>, Failed> {
         next.push((version, sql::count(total)?.saturating_sub(n)));
     }
     tx.commit().await.map_err(|e| Failed {
-        error: StoreError::Commit(e.to_string()),
-        undone: false,
+        // The server's error answer to COMMIT means it rolled back; no
+        // answer (a lost connection) leaves the outcome unknown.
+        undone: e.code().is_some(),
+        error: StoreError::Commit(classify(e).to_string()),
     })?;
 
-    let mut rows = rows.into_iter();
     let mut written = Vec::with_capacity(jobs.len());
     for (job, event) in jobs.iter().zip(events) {
         let Some(record) = &job.record else {
@@ -358,13 +493,23 @@ async fn attempt(pool: &Pool, jobs: &[Job]) -> Result<Vec<Written>, Failed> {
             }
             None => 0,
         };
+        // Each Store's row as stored, by its key (RETURNING keeps no order).
+        let row = stored
+            .iter()
+            .position(|r| r.workspace_id == record.workspace_id && r.provider == record.provider)
+            .map(|i| stored.swap_remove(i));
         written.push(Written {
-            row: rows.next().flatten().map(|row| *row),
+            row,
             encryptions,
             event,
         });
     }
     Ok(written)
+}
+
+/// The order in which transactions lock connections' rows.
+pub(super) fn by_key(a: &CredentialRecord, b: &CredentialRecord) -> std::cmp::Ordering {
+    (&a.workspace_id, &a.provider).cmp(&(&b.workspace_id, &b.provider))
 }
 
 /// The events the batch append stored, one row per tail, in order.

@@ -763,7 +763,9 @@ impl Store for PostgresStore {
     ) -> Result<Option<(CredentialRecord, StoredEvent, Shred)>, StoreError> {
         let mut c = self.client().await?;
         let tx = c.transaction().await?;
-        execute(&tx, sql::DELETE_SECRETS, &values![workspace_id, provider]).await?;
+        // The connection's row first, then its secrets: the order every
+        // transaction locks them in (a batch of Stores too), so a Zero and
+        // a Store of the same connection on two replicas cannot deadlock.
         let row = query_opt(
             &tx,
             sql::ZERO_CREDENTIAL,
@@ -775,6 +777,7 @@ impl Store for PostgresStore {
             tx.rollback().await?;
             return Ok(None);
         };
+        execute(&tx, sql::DELETE_SECRETS, &values![workspace_id, provider]).await?;
         let stored = append_in(&tx, event).await?;
         let xid: i64 = tx
             .query_one("SELECT txid_current()", &[])
@@ -805,10 +808,12 @@ impl Store for PostgresStore {
 
     async fn bind_params(
         &self,
-        bindings: Vec<ParamsBinding>,
+        mut bindings: Vec<ParamsBinding>,
         fingerprint_key: Sealed,
         event: Event,
     ) -> Result<StoredEvent, StoreError> {
+        bindings
+            .sort_by(|a, b| (&a.workspace_id, &a.provider).cmp(&(&b.workspace_id, &b.provider)));
         let mut c = self.client().await?;
         let tx = c.transaction().await?;
         for b in &bindings {
@@ -934,7 +939,9 @@ impl Store for PostgresStore {
         .await
     }
 
-    async fn rewrap(&self, batch: Vec<Rewrapped>, event: Event) -> Result<usize, StoreError> {
+    async fn rewrap(&self, mut batch: Vec<Rewrapped>, event: Event) -> Result<usize, StoreError> {
+        // In key order, as every transaction locking several connections.
+        batch.sort_by(|a, b| (&a.workspace_id, &a.provider).cmp(&(&b.workspace_id, &b.provider)));
         let mut c = self.client().await?;
         let tx = c.transaction().await?;
         let mut applied = 0u64;

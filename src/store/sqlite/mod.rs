@@ -467,7 +467,6 @@ fn zero_tx(
     at: SystemTime,
     event: Event,
 ) -> Result<Option<(CredentialRecord, StoredEvent)>, StoreError> {
-    execute(tx, sql::DELETE_SECRETS, &values![workspace_id, provider])?;
     let row = query_opt(
         tx,
         sql::ZERO_CREDENTIAL,
@@ -477,6 +476,7 @@ fn zero_tx(
     let Some(row) = row else {
         return Ok(None);
     };
+    execute(tx, sql::DELETE_SECRETS, &values![workspace_id, provider])?;
     Ok(Some((row, append_in(tx, event)?)))
 }
 
