@@ -61,7 +61,6 @@ macro_rules! put_columns {
          expires_at, key_version, dek_nonce, wrapped_dek, last_validation, binding"
     };
 }
-pub(super) use put_columns;
 
 /// How a Store replaces a connection that exists (keeping its `created_at`),
 /// returning the row as stored.
@@ -79,7 +78,7 @@ macro_rules! put_conflict {
         )
     };
 }
-pub(super) use {credential_columns, put_conflict};
+pub(super) use credential_columns;
 
 /// How many columns [`credential`] reads; a secret's columns follow them.
 const CREDENTIAL_WIDTH: usize = 13;

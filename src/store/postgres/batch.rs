@@ -1,14 +1,19 @@
 //! Group commit on PostgreSQL: each replica gathers the Stores and audit
-//! appends that arrive while its last transaction commits into the next one.
+//! appends that arrive while its last transactions commit into the next one.
 //!
-//! A batch is sent as one pipeline, in this order: every Store's statements,
-//! one encryption count per key version, one append of every event. The
-//! server runs a pipeline's statements in the order sent, so the batch means
-//! what its writes would mean one after another. The shared rows (the key
-//! version's counter, the chain head) are taken last and held only until the
-//! commit: one lock of the chain head and one WAL flush per batch, not per
-//! event. Nothing is answered before the commit, so a replica that dies
-//! mid-batch has acknowledged none of it.
+//! A batch is sent as one pipeline, in this order: every Store's statements
+//! (in key order), one encryption count per key version, one append of every
+//! event. The server runs a pipeline's statements in the order sent, so the
+//! batch means what its writes would mean one after another. The shared rows
+//! (the key versions' counters, the chain head) are taken last and held only
+//! until the commit: one lock of the chain head and one WAL flush per batch,
+//! not per event. Nothing is answered before the commit, so a replica that
+//! dies mid-batch has acknowledged none of it.
+//!
+//! Lock order, for every transaction of the store that takes more than one:
+//! connections' rows in key order (a row before its secrets), then key
+//! versions, then the chain head. Two transactions never wait for each other
+//! in a circle, so replicas do not deadlock.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -22,35 +27,13 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use super::{appended, classify, tail};
 use crate::audit::{Event, StoredEvent};
 use crate::store::sql::{self, values, Value};
-use crate::store::{audit_failure, millis, CredentialRecord, StoreError};
-use tokio_postgres::types::ToSql;
-
-/// Every Store of a batch in one statement, its columns bound as arrays; a
-/// key twice in one batch fails it, and each write is then tried alone.
-const PUT_ALL: &str = concat!(
-    "INSERT INTO credentials (",
-    sql::put_columns!(),
-    ") SELECT t.w, t.p, t.s, t.pa, t.u, t.u, NULL, t.e, t.k, t.n, t.d, t.l, t.b \
-     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::int8[], \
-                 $7::int4[], $8::bytea[], $9::bytea[], $10::text[], $11::bytea[]) \
-          AS t(w, p, s, pa, u, e, k, n, d, l, b)",
-    sql::put_conflict!()
-);
-/// The old secrets of every connection the batch stores.
-const DELETE_ALL_SECRETS: &str = "DELETE FROM credential_secrets s \
-     USING unnest($1::text[], $2::text[]) AS t(w, p) \
-     WHERE s.workspace_id = t.w AND s.provider = t.p";
-/// Every secret the batch stores.
-const INSERT_ALL_SECRETS: &str = "INSERT INTO credential_secrets \
-     (workspace_id, provider, field, nonce, ciphertext, hint, fingerprint) \
-     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[], $5::bytea[], \
-                          $6::text[], $7::text[])";
+use crate::store::{audit_failure, CredentialRecord, StoreError};
 
 /// Most writes one transaction takes.
 const MAX_BATCH: usize = 256;
 /// Batches a replica commits at once, each on its own connection: a batch
 /// waiting on a row another session holds does not stop the others.
-const BATCHES_IN_FLIGHT: usize = 4;
+const BATCHES_IN_FLIGHT: usize = 2;
 
 /// The sending side: hand a write to this replica's writer task and await
 /// its committed result.
@@ -74,114 +57,6 @@ struct Written {
     /// Its key version's encryptions so far, this one included.
     encryptions: u64,
     event: StoredEvent,
-}
-
-/// A batch's Stores as columns, for [`PUT_ALL`] and [`DELETE_ALL_SECRETS`].
-struct Rows<'a> {
-    workspace_id: Vec<&'a str>,
-    provider: Vec<&'a str>,
-    status: Vec<&'static str>,
-    params: Vec<String>,
-    updated_at: Vec<i64>,
-    expires_at: Vec<Option<i64>>,
-    key_version: Vec<Option<i32>>,
-    dek_nonce: Vec<Option<&'a [u8]>>,
-    wrapped_dek: Vec<Option<&'a [u8]>>,
-    last_validation: Vec<Option<&'a str>>,
-    binding: Vec<Option<&'a [u8]>>,
-}
-
-impl<'a> Rows<'a> {
-    fn of(records: &[&'a CredentialRecord]) -> Result<Self, StoreError> {
-        let key = |r: &'a CredentialRecord| r.data_key.as_ref();
-        Ok(Self {
-            workspace_id: records.iter().map(|r| r.workspace_id.as_str()).collect(),
-            provider: records.iter().map(|r| r.provider.as_str()).collect(),
-            status: records.iter().map(|r| sql::status_text(r.status)).collect(),
-            params: records
-                .iter()
-                .map(|r| sql::params_json(r))
-                .collect::<Result<_, _>>()?,
-            updated_at: records.iter().map(|r| millis(r.updated_at)).collect(),
-            expires_at: records.iter().map(|r| r.expires_at.map(millis)).collect(),
-            key_version: records
-                .iter()
-                .map(|r| key(r).map(|k| i32::try_from(k.key_version)).transpose())
-                .collect::<Result<_, _>>()
-                .map_err(|_| StoreError::Corrupt("a key version is out of range"))?,
-            dek_nonce: records
-                .iter()
-                .map(|r| key(r).map(|k| k.sealed.nonce.as_slice()))
-                .collect(),
-            wrapped_dek: records
-                .iter()
-                .map(|r| key(r).map(|k| k.sealed.ciphertext.as_slice()))
-                .collect(),
-            last_validation: records
-                .iter()
-                .map(|r| r.last_validation.as_deref())
-                .collect(),
-            binding: records.iter().map(|r| r.binding.as_deref()).collect(),
-        })
-    }
-
-    fn params(&self) -> [&(dyn ToSql + Sync); 11] {
-        [
-            &self.workspace_id,
-            &self.provider,
-            &self.status,
-            &self.params,
-            &self.updated_at,
-            &self.expires_at,
-            &self.key_version,
-            &self.dek_nonce,
-            &self.wrapped_dek,
-            &self.last_validation,
-            &self.binding,
-        ]
-    }
-}
-
-/// Every secret of a batch's Stores as columns, for [`INSERT_ALL_SECRETS`].
-struct Secrets<'a> {
-    workspace_id: Vec<&'a str>,
-    provider: Vec<&'a str>,
-    field: Vec<&'a str>,
-    nonce: Vec<&'a [u8]>,
-    ciphertext: Vec<&'a [u8]>,
-    hint: Vec<&'a str>,
-    fingerprint: Vec<&'a str>,
-}
-
-impl<'a> Secrets<'a> {
-    fn of(records: &[&'a CredentialRecord]) -> Self {
-        let all = || {
-            records
-                .iter()
-                .flat_map(|r| r.secrets.iter().map(move |s| (*r, s)))
-        };
-        Self {
-            workspace_id: all().map(|(r, _)| r.workspace_id.as_str()).collect(),
-            provider: all().map(|(r, _)| r.provider.as_str()).collect(),
-            field: all().map(|(_, s)| s.field.as_str()).collect(),
-            nonce: all().map(|(_, s)| s.sealed.nonce.as_slice()).collect(),
-            ciphertext: all().map(|(_, s)| s.sealed.ciphertext.as_slice()).collect(),
-            hint: all().map(|(_, s)| s.hint.as_str()).collect(),
-            fingerprint: all().map(|(_, s)| s.fingerprint.as_str()).collect(),
-        }
-    }
-
-    fn params(&self) -> [&(dyn ToSql + Sync); 7] {
-        [
-            &self.workspace_id,
-            &self.provider,
-            &self.field,
-            &self.nonce,
-            &self.ciphertext,
-            &self.hint,
-            &self.fingerprint,
-        ]
-    }
 }
 
 /// Why a batch failed, and whether its writes were certainly undone.
@@ -334,9 +209,22 @@ fn alone_may_differ(e: &StoreError) -> bool {
     )
 }
 
+/// One statement of a batch's pipeline.
+struct Planned<'a> {
+    statement: tokio_postgres::Statement,
+    values: Vec<Value<'a>>,
+    answers: Kind,
+}
+
+/// What a planned statement's answer is read as.
+enum Kind {
+    Row,
+    Changed,
+}
+
 /// What one statement of the pipeline answered.
 enum Answer {
-    Rows(Vec<CredentialRecord>),
+    Row(Option<Box<CredentialRecord>>),
     Changed,
     Count(Option<i64>),
     Events(Vec<StoredEvent>),
@@ -374,56 +262,84 @@ async fn attempt(pool: &Pool, jobs: &[Job]) -> Result<Vec<Written>, Failed> {
             })
             .collect());
     }
-    let put = client.prepare_cached(PUT_ALL).await?;
-    let delete = client.prepare_cached(DELETE_ALL_SECRETS).await?;
-    let insert = client.prepare_cached(INSERT_ALL_SECRETS).await?;
+    let put = client.prepare_cached(sql::PUT_CREDENTIAL).await?;
+    let delete = client.prepare_cached(sql::DELETE_SECRETS).await?;
     let count = client.prepare_cached(sql::COUNT_ENCRYPTIONS).await?;
+    let mut inserts = Vec::with_capacity(sql::SECRETS_PER_STATEMENT);
+    for n in 1..=sql::SECRETS_PER_STATEMENT {
+        inserts.push(client.prepare_cached(sql::insert_secrets(n)).await?);
+    }
     let tx = client.transaction().await?;
 
-    // The batch's Stores as columns, bound as arrays: three statements for
-    // the whole batch, whatever its size.
+    // Every statement of the batch, in the order the server runs them, with
+    // the parameters it binds (owned here while the pipeline runs).
+    let params: Vec<Option<String>> = jobs
+        .iter()
+        .map(|j| j.record.as_ref().map(sql::params_json).transpose())
+        .collect::<Result<_, _>>()?;
+    let mut versions: Vec<(u32, u64)> = Vec::new();
+    let mut plan: Vec<Planned<'_>> = Vec::new();
     // In key order: every transaction that locks several connections'
     // rows takes them in this order, so replicas never deadlock on them.
-    let mut records: Vec<&CredentialRecord> =
-        jobs.iter().filter_map(|j| j.record.as_ref()).collect();
-    records.sort_by(|a, b| by_key(a, b));
-    let rows = Rows::of(&records)?;
-    let secrets = Secrets::of(&records);
-    let mut versions: Vec<(u32, u64)> = Vec::new();
-    for key in records.iter().filter_map(|r| r.data_key.as_ref()) {
-        match versions.iter_mut().find(|(v, _)| *v == key.key_version) {
-            Some((_, n)) => *n += 1,
-            None => versions.push((key.key_version, 1)),
+    let mut stores: Vec<(&CredentialRecord, &String)> = jobs
+        .iter()
+        .zip(&params)
+        .filter_map(|(job, params_json)| Some((job.record.as_ref()?, params_json.as_ref()?)))
+        .collect();
+    stores.sort_by(|a, b| by_key(a.0, b.0));
+    for (r, params_json) in stores {
+        plan.push(Planned {
+            statement: put.clone(),
+            values: sql::put_values(r, params_json).to_vec(),
+            answers: Kind::Row,
+        });
+        plan.push(Planned {
+            statement: delete.clone(),
+            values: values![&r.workspace_id, &r.provider].to_vec(),
+            answers: Kind::Changed,
+        });
+        for chunk in r.secrets.chunks(sql::SECRETS_PER_STATEMENT) {
+            plan.push(Planned {
+                statement: inserts[chunk.len() - 1].clone(),
+                values: sql::secrets_values(r, chunk),
+                answers: Kind::Changed,
+            });
+        }
+        if let Some(key) = &r.data_key {
+            match versions.iter_mut().find(|(v, _)| *v == key.key_version) {
+                Some((_, n)) => *n += 1,
+                None => versions.push((key.key_version, 1)),
+            }
         }
     }
     let counts: Vec<[Value<'_>; 2]> = versions.iter().map(|&(v, n)| values![n, v]).collect();
-
     let tx_ref = &tx;
-    let mut steps: Vec<Step<'_>> = Vec::new();
-    let (put, delete, insert, count) = (&put, &delete, &insert, &count);
-    let (rows, secrets) = (&rows, &secrets);
-    steps.push(Box::pin(async move {
-        let stored = tx_ref.query(put, &rows.params()).await?;
-        Ok(Answer::Rows(
-            stored
-                .iter()
-                .map(|r| sql::credential(r))
-                .collect::<Result<_, _>>()?,
-        ))
-    }));
-    steps.push(Box::pin(async move {
-        tx_ref
-            .execute(delete, &[&rows.workspace_id, &rows.provider])
-            .await?;
-        Ok(Answer::Changed)
-    }));
-    if !secrets.field.is_empty() {
-        steps.push(Box::pin(async move {
-            tx_ref.execute(insert, &secrets.params()).await?;
-            Ok(Answer::Changed)
-        }));
-    }
-    // The shared rows last: they stay locked until the commit.
+    let mut steps: Vec<Step<'_>> = plan
+        .iter()
+        .map(|p| -> Step<'_> {
+            Box::pin(async move {
+                let values = super::pg_values(&p.values);
+                Ok(match p.answers {
+                    Kind::Changed => {
+                        tx_ref.execute(&p.statement, &values).await?;
+                        Answer::Changed
+                    }
+                    Kind::Row => {
+                        let row = tx_ref.query_opt(&p.statement, &values).await?;
+                        Answer::Row(
+                            row.as_ref()
+                                .map(|r| sql::credential(r).map(Box::new))
+                                .transpose()?,
+                        )
+                    }
+                })
+            })
+        })
+        .collect();
+    // The shared rows last, key versions before the chain head (the order of
+    // every transaction that takes both; a Store's foreign key already holds
+    // its version's row): they stay locked until the commit.
+    let count = &count;
     for count_values in &counts {
         steps.push(Box::pin(async move {
             let row = tx_ref
@@ -452,7 +368,7 @@ async fn attempt(pool: &Pool, jobs: &[Job]) -> Result<Vec<Written>, Failed> {
     let mut events = Vec::new();
     for answer in answers {
         match answer {
-            Answer::Rows(rows) => stored = rows,
+            Answer::Row(row) => stored.extend(row.map(|row| *row)),
             Answer::Changed => {}
             Answer::Count(total) => totals.push(total),
             Answer::Events(e) => events = e,
@@ -493,7 +409,7 @@ async fn attempt(pool: &Pool, jobs: &[Job]) -> Result<Vec<Written>, Failed> {
             }
             None => 0,
         };
-        // Each Store's row as stored, by its key (RETURNING keeps no order).
+        // Each Store's row as stored, by its key (they ran in key order).
         let row = stored
             .iter()
             .position(|r| r.workspace_id == record.workspace_id && r.provider == record.provider)
