@@ -105,6 +105,46 @@ async fn reflection_lists_every_service() {
     }
 }
 
+/// Python's official `grpcio-reflection` speaks only reflection v1alpha:
+/// it lists the services and reads their descriptors (tests/clients/reflection.py).
+#[tokio::test]
+#[ignore = "needs Python with grpcio-reflection: scripts/test sets CREDVAULT_TEST_PYTHON"]
+async fn reflection_v1alpha_answers_python_grpcio_reflection() {
+    let python = std::env::var("CREDVAULT_TEST_PYTHON").expect(
+        "CREDVAULT_TEST_PYTHON names a Python with grpcio-reflection (scripts/test sets it)",
+    );
+    let dir = VaultDir::new();
+    let vault = dir.start().await;
+    let (cert, key) = (dir.path().join("app.pem"), dir.path().join("app-key.pem"));
+    std::fs::write(&cert, &dir.app.cert_pem).unwrap();
+    std::fs::write(&key, &dir.app.key_pem).unwrap();
+    let out = tokio::process::Command::new(python)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/clients/reflection.py"
+        ))
+        .arg(vault.addr.to_string())
+        .arg(dir.path().join("ca.pem"))
+        .args([&cert, &key])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("credvault.v1.Credentials") && stdout.contains("credvault.v1.KeyAdmin"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("Store") && stdout.contains("ValidateConnection"),
+        "{stdout}"
+    );
+}
+
 #[tokio::test]
 async fn metrics_count_calls_and_never_carry_a_secret() {
     let dir = VaultDir::new();

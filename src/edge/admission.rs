@@ -243,6 +243,12 @@ const STANDARD: &[(&str, Kind, &str, &str)] = &[
         "grpc.reflection.v1.ServerReflection",
         "ServerReflectionInfo",
     ),
+    (
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        Kind::Reflection,
+        "grpc.reflection.v1alpha.ServerReflection",
+        "ServerReflectionInfo",
+    ),
 ];
 
 /// What `path` calls, as (kind, service, method), when the vault serves it.

@@ -84,14 +84,18 @@ pub async fn serve(
         health,
         stopping,
     } = edge;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| {
-            tracing::warn!(error = %e, "server reflection is unavailable");
-        })
-        .ok();
+    // v1, and v1alpha for the clients that speak only it (Python's
+    // grpcio-reflection, Evans, older grpcurl).
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let unavailable = |e: tonic_reflection::server::Error| {
+        tracing::warn!(error = %e, "server reflection is unavailable");
+    };
+    let reflection_v1alpha = reflection().build_v1alpha().map_err(unavailable).ok();
+    let reflection = reflection().build_v1().map_err(unavailable).ok();
     let health = HealthServer::new(HealthService::from_health_reporter(health))
         .max_decoding_message_size(limits.max_message_bytes);
     let refusals = Arc::new(refusals::Refusals::new(Arc::clone(&vault)));
@@ -146,6 +150,9 @@ pub async fn serve(
         .add_service(health)
         .add_optional_service(
             reflection.map(|r| r.max_decoding_message_size(limits.max_message_bytes)),
+        )
+        .add_optional_service(
+            reflection_v1alpha.map(|r| r.max_decoding_message_size(limits.max_message_bytes)),
         )
         .add_service(credentials)
         .add_service(audit)

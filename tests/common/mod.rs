@@ -107,19 +107,23 @@ impl TestDatabase {
 }
 
 impl Drop for TestDatabase {
-    /// Best effort, on a detached thread: the test's own runtime still owns
-    /// the vault's connections, and DROP DATABASE can wait for them to be
-    /// told to go. A database left behind by an interrupted run is harmless.
+    /// On a thread of its own (the test's runtime still owns the vault's
+    /// connections, which `WITH (FORCE)` ends), waited for up to 5 s: a
+    /// detached thread would die with the test process, leaving the database
+    /// behind. scripts/test drops any that an interrupted run left.
     fn drop(&mut self) {
         let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
         let server = self.server.clone();
+        let (done, finished) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let _ = std::panic::catch_unwind(|| {
                 on_postgres(server, move |client| async move {
                     let _ = client.batch_execute(&sql).await;
                 });
             });
+            let _ = done.send(());
         });
+        let _ = finished.recv_timeout(std::time::Duration::from_secs(5));
     }
 }
 
