@@ -141,6 +141,9 @@ fn new_user_stores_redacts_lists_and_zeroes_with_the_cli_and_no_secret_leaks() {
     }
     let first_log = std::fs::read_to_string(&server.log).unwrap();
     assert!(first_log.contains("CREATED A NEW DEVELOPMENT VAULT"));
+    // The suggested command works as printed: the binary as it was started.
+    let suggested = format!("Try: {} providers", env!("CARGO_BIN_EXE_credvault"));
+    assert!(first_log.contains(&suggested), "{first_log}");
 
     let secrets = format!("api_key={API_KEY_CANARY}\nsecret_key={SECRET_CANARY}\n");
     let store = [
@@ -531,4 +534,27 @@ async fn the_cli_names_a_wrong_data_dir_and_missing_params_before_the_secrets() 
         0,
         "refused before the vault was asked"
     );
+}
+
+/// A port in use is said in one line that names the fix, before any of the
+/// configuration is logged.
+#[test]
+fn a_port_in_use_is_one_clear_line() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_credvault"))
+        .args(["serve", "--dev", "--data-dir"])
+        .arg(tmp.path().join("vault"))
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot listen on 127.0.0.1:{port}"))
+            && stderr.contains("--listen"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("configuration:"), "{stderr}");
 }

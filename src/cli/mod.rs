@@ -204,10 +204,18 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     if let Some(listen) = args.listen {
         config.listen = listen;
     }
-    tracing::info!(config = %config_path.display(), "configuration:\n{}", config.to_toml());
+    // The port first: a port in use is one line, not one after the whole configuration.
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
-        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+        .map_err(|e| {
+            format!(
+                "cannot listen on {}: {e} (another process has it? choose another with \
+                 --listen ADDR, or `listen` in {})",
+                config.listen,
+                config_path.display()
+            )
+        })?;
+    tracing::info!(config = %config_path.display(), "configuration:\n{}", config.to_toml());
     crate::run(config, listener, shutdown_signal())
         .await
         .map_err(|e| e.to_string())?;
@@ -232,6 +240,12 @@ fn withhold_panic_messages() {
 
 fn announce_dev_vault(dir: &Path) {
     let d = dir.display();
+    // The command as this process was started (`target/release/credvault`
+    // after `cargo run`), so the suggestion works as printed.
+    let me = std::env::args()
+        .next()
+        .filter(|arg0| arg0.contains('/'))
+        .unwrap_or_else(|| "credvault".to_owned());
     eprintln!(
         "\n\
          ================================================================\n\
@@ -243,7 +257,7 @@ fn announce_dev_vault(dir: &Path) {
          \x20 {d}/credvault.toml                     the configuration in use\n\
          \x20 {d}/credvault.db                       the database\n\
          Not for production: the root key sits beside the database.\n\
-         Try: credvault providers --data-dir {d}\n\
+         Try: {me} providers --data-dir {d}\n\
          ================================================================\n"
     );
 }
