@@ -459,3 +459,90 @@ async fn shutdown_ends_open_audit_streams() {
     // The default grace is 10 s; an audit stream must not hold shutdown that long.
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+/// The container image's start-up, outside a container: the vault as the
+/// image's non-root user (uid 65532), its configuration, certificates and
+/// keys on a read-only mount, and an empty data folder owned by that user
+/// (as the image creates it for a new volume). It creates its database and
+/// serves; check-config passes as that user.
+#[tokio::test]
+#[ignore = "runs the vault as another user on a read-only mount: needs root (scripts/test runs it as root)"]
+async fn the_image_start_up_works_as_non_root_on_an_empty_volume() {
+    use std::os::unix::fs::{chown, PermissionsExt};
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "needs root to switch users and mount: run as root (CI does)"
+    );
+    const NONROOT: u32 = 65532;
+    let dir = VaultDir::new();
+    let etc = dir.path();
+    std::fs::set_permissions(etc, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for private in ["server-key.pem", "root.key"] {
+        chown(etc.join(private), Some(NONROOT), Some(NONROOT)).unwrap();
+    }
+    let volume = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(volume.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let data = volume.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    chown(&data, Some(NONROOT), Some(NONROOT)).unwrap();
+    let mut config = dir.config();
+    config.storage.path = data.join("credvault.db");
+    config.audit.public_key_file = Some(data.join("audit-signing.pub"));
+    config.audit.anchor_file = Some(data.join("audit-anchor.jsonl"));
+    let config_file = etc.join("credvault.toml");
+    std::fs::write(&config_file, config.to_toml()).unwrap();
+    // /etc/credvault mounted read-only, as `-v …:/etc/credvault:ro`.
+    let mount = |args: &[&str]| {
+        let status = std::process::Command::new("mount")
+            .args(args)
+            .arg(etc)
+            .arg(etc)
+            .status()
+            .unwrap();
+        assert!(status.success(), "mount {args:?}");
+    };
+    mount(&["--bind"]);
+    mount(&["-o", "remount,ro,bind"]);
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(etc.to_owned());
+    assert!(
+        std::fs::write(etc.join("probe"), "x").is_err(),
+        "the mount is read-only"
+    );
+
+    let as_nonroot = [
+        "setpriv",
+        "--reuid=65532",
+        "--regid=65532",
+        "--clear-groups",
+        "--",
+    ];
+    let check = std::process::Command::new(as_nonroot[0])
+        .args(&as_nonroot[1..])
+        .arg(env!("CARGO_BIN_EXE_credvault"))
+        .args(["check-config", "--config"])
+        .arg(&config_file)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        check.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let mut vault = common::spawn_server_as(&config_file, &as_nonroot).await;
+    use std::os::unix::fs::MetadataExt;
+    let db = std::fs::metadata(data.join("credvault.db")).unwrap();
+    assert_eq!(
+        db.uid(),
+        NONROOT,
+        "the database belongs to the vault's user"
+    );
+    assert!(data.join("audit-signing.pub").exists());
+    vault.process.kill().await.unwrap();
+}

@@ -609,8 +609,23 @@ pub struct ServerProcess {
 /// Starts `credvault serve --listen 127.0.0.1:0 --config FILE` and waits
 /// until it logs that it serves, reading the port from that line.
 pub async fn spawn_server(config: &Path) -> ServerProcess {
+    spawn_server_as(config, &[]).await
+}
+
+/// As [`spawn_server`], started through `wrapper` (e.g. `setpriv` and its
+/// arguments, to run the vault as another user).
+pub async fn spawn_server_as(config: &Path, wrapper: &[&str]) -> ServerProcess {
     use tokio::io::{AsyncBufReadExt, BufReader};
-    let mut process = tokio::process::Command::new(env!("CARGO_BIN_EXE_credvault"))
+    let credvault = env!("CARGO_BIN_EXE_credvault");
+    let mut command = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut c = tokio::process::Command::new(program);
+            c.args(args).arg(credvault);
+            c
+        }
+        None => tokio::process::Command::new(credvault),
+    };
+    let mut process = command
         .args(["serve", "--listen", "127.0.0.1:0", "--config"])
         .arg(config)
         .env("RUST_LOG", "warn,credvault::server=info")
