@@ -276,6 +276,10 @@ pub struct StorageConfig {
     pub ca_file: Option<PathBuf>,
 }
 
+const PASSWORD_IN_URL: &str = "storage.url holds a password; remove it from the URL and give \
+     it in storage.password_file (a file of mode 0600) or storage.password_env (an environment \
+     variable)";
+
 impl StorageConfig {
     /// Refuses a password inside `url`: the whole configuration is logged at
     /// start-up and shown by `check-config`, so it may hold no secret.
@@ -283,6 +287,15 @@ impl StorageConfig {
         let Some(url) = &self.url else {
             return Ok(());
         };
+        // A URL's query keys are read decoded (`p%61ssword` is `password`).
+        if let Ok(parsed) = url::Url::parse(url) {
+            let in_query = parsed
+                .query_pairs()
+                .any(|(key, _)| key.eq_ignore_ascii_case("password"));
+            if parsed.password().is_some() || in_query {
+                return Err(PASSWORD_IN_URL.to_owned());
+            }
+        }
         let parsed: Result<tokio_postgres::Config, _> = url.parse();
         let has_password = match parsed {
             Ok(config) => config.get_password().is_some(),
@@ -296,12 +309,7 @@ impl StorageConfig {
             }
         };
         if has_password {
-            return Err(
-                "storage.url holds a password; remove it from the URL and give it in \
-                        storage.password_file (a file of mode 0600) or storage.password_env \
-                        (an environment variable)"
-                    .to_owned(),
-            );
+            return Err(PASSWORD_IN_URL.to_owned());
         }
         Ok(())
     }
@@ -645,6 +653,9 @@ mod tests {
             "host=127.0.0.1 user=credvault dbname=cv PASSWORD=hunter2-canary",
             "host=127.0.0.1 password = hunter2-canary bogus=1",
             "postgres://credvault@db.internal/cv?Password=hunter2-canary",
+            // Encoded keys, beside an sslmode tokio-postgres cannot parse.
+            "postgres://credvault@db.internal/cv?sslmode=verify-full&p%61ssword=hunter2-canary",
+            "postgres://credvault@db.internal/cv?sslmode=allow&%50ASSWORD=hunter2-canary",
         ] {
             let path = dir.path().join("c.toml");
             std::fs::write(

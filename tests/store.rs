@@ -845,8 +845,9 @@ async fn replicas_storing_the_same_connections_never_fail_each_other() {
 }
 
 /// A connection's row held by another session (a forgotten `psql`
-/// transaction) delays only the Stores of that connection: the replica's
-/// other writes commit meanwhile, and the blocked one fails as busy.
+/// transaction) delays only the Stores of that connection, however many
+/// callers keep storing it: the replica's other writes and reads' events
+/// commit meanwhile, and the blocked one fails as busy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs PostgreSQL: set CREDVAULT_TEST_POSTGRES (scripts/test does)"]
 async fn a_locked_connection_does_not_hold_up_the_others() {
@@ -873,6 +874,17 @@ async fn a_locked_connection_does_not_hold_up_the_others() {
                 .await
         })
     };
+    // Two more callers keep storing the locked connection meanwhile.
+    for _ in 0..2 {
+        let store = Arc::clone(&store);
+        tokio::spawn(async move {
+            for _ in 0..3 {
+                let _ = store
+                    .put(record("locked", 1, &["api_key"]), event("Store", "locked"))
+                    .await;
+            }
+        });
+    }
     tokio::time::sleep(Duration::from_millis(200)).await;
     let started = std::time::Instant::now();
     let mut others = Vec::new();
@@ -882,6 +894,11 @@ async fn a_locked_connection_does_not_hold_up_the_others() {
             let ws = format!("free-{i}");
             store
                 .put(record(&ws, 1, &["api_key"]), event("Store", &ws))
+                .await
+                .unwrap_or_else(|e| panic!("{ws}: {e}"));
+            // A read's audit event, too.
+            store
+                .append_audit(event("Redact", &ws))
                 .await
                 .unwrap_or_else(|e| panic!("{ws}: {e}"));
         }));

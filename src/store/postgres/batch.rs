@@ -22,7 +22,9 @@ use std::task::Poll;
 use deadpool_postgres::Pool;
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use std::collections::HashSet;
+
+use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 
 use super::{appended, classify, tail};
 use crate::audit::{Event, StoredEvent};
@@ -31,8 +33,9 @@ use crate::store::{audit_failure, CredentialRecord, StoreError};
 
 /// Most writes one transaction takes.
 const MAX_BATCH: usize = 256;
-/// Batches a replica commits at once, each on its own connection: a batch
-/// waiting on a row another session holds does not stop the others.
+/// Batches of each kind (appends, Stores) a replica commits at once, each on
+/// its own connection: a batch waiting on a row another session holds does
+/// not stop the others.
 const BATCHES_IN_FLIGHT: usize = 2;
 
 /// The sending side: hand a write to this replica's writer task and await
@@ -125,47 +128,124 @@ impl Writer {
     }
 }
 
+/// A connection, as batches hold it.
+type Key = (String, String);
+
+fn key(job: &Job) -> Option<Key> {
+    job.record
+        .as_ref()
+        .map(|r| (r.workspace_id.clone(), r.provider.clone()))
+}
+
+/// Forms batches and starts them. Audit appends and Stores go in separate
+/// batches with slots of their own, so a Store waiting on a row another
+/// session holds delays no read's event. A Store of a connection that a batch
+/// in flight holds waits for that batch (at most one slot ever waits on one
+/// row), and so does one that repeats a connection of its own batch.
 async fn run(pool: Pool, mut queue: mpsc::UnboundedReceiver<Job>) {
-    let in_flight = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    let mut later: Vec<Job> = Vec::new();
+    let appending = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
+    let storing = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
+    let held: Arc<std::sync::Mutex<HashSet<Key>>> = Arc::default();
+    let finished = Arc::new(Notify::new());
+    let mut waiting: Vec<Job> = Vec::new();
+    let mut open = true;
     loop {
-        if later.is_empty() && queue.recv_many(&mut batch, MAX_BATCH).await == 0 {
-            return;
+        let mut incoming = Vec::new();
+        if waiting.is_empty() {
+            if !open || queue.recv_many(&mut incoming, MAX_BATCH).await == 0 {
+                return;
+            }
+        } else if open {
+            tokio::select! {
+                n = queue.recv_many(&mut incoming, MAX_BATCH) => open = n > 0,
+                () = finished.notified() => {}
+            }
+        } else {
+            finished.notified().await;
         }
-        batch.splice(0..0, later.drain(..));
-        while batch.len() < MAX_BATCH {
+        while incoming.len() < MAX_BATCH {
             match queue.try_recv() {
-                Ok(job) => batch.push(job),
+                Ok(job) => incoming.push(job),
                 Err(_) => break,
             }
         }
-        // A connection twice in one batch would make its one statement
-        // touch a row twice: the second Store waits for the next batch.
-        let mut seen = std::collections::HashSet::new();
-        let (now, again): (Vec<Job>, Vec<Job>) =
-            std::mem::take(&mut batch)
-                .into_iter()
-                .partition(|job| match &job.record {
-                    Some(r) => seen.insert((r.workspace_id.clone(), r.provider.clone())),
-                    None => true,
-                });
-        later = again;
-        let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else {
-            return;
-        };
-        let pool = pool.clone();
-        tokio::spawn(async move {
-            commit(&pool, now).await;
-            drop(permit);
-        });
+        waiting.append(&mut incoming);
+
+        let (appends, stores): (Vec<Job>, Vec<Job>) = std::mem::take(&mut waiting)
+            .into_iter()
+            .partition(|j| j.record.is_none());
+        let mut appends = appends.into_iter();
+        while appends.len() > 0 {
+            let Ok(permit) = Arc::clone(&appending).try_acquire_owned() else {
+                break;
+            };
+            let batch: Vec<Job> = appends.by_ref().take(MAX_BATCH).collect();
+            start(&pool, batch, permit, Vec::new(), &held, &finished);
+        }
+        waiting.extend(appends);
+
+        let mut batch = Vec::new();
+        let mut keys = Vec::new();
+        {
+            // A poisoned lock: a batch task panicked; the set itself is whole.
+            let mut held = held.lock().unwrap_or_else(|p| p.into_inner());
+            for job in stores {
+                match key(&job) {
+                    Some(k) if batch.len() < MAX_BATCH && !held.contains(&k) => {
+                        held.insert(k.clone());
+                        keys.push(k);
+                        batch.push(job);
+                    }
+                    _ => waiting.push(job),
+                }
+            }
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        match Arc::clone(&storing).try_acquire_owned() {
+            Ok(permit) => start(&pool, batch, permit, keys, &held, &finished),
+            Err(_) => {
+                // No slot: the batch waits (and grows) until one frees.
+                let mut held = held.lock().unwrap_or_else(|p| p.into_inner());
+                for k in &keys {
+                    held.remove(k);
+                }
+                waiting.splice(0..0, batch);
+            }
+        }
     }
+}
+
+/// Commits `batch` on a task of its own, then lets go of its slot and its
+/// connections and wakes the loop.
+fn start(
+    pool: &Pool,
+    batch: Vec<Job>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    keys: Vec<Key>,
+    held: &Arc<std::sync::Mutex<HashSet<Key>>>,
+    finished: &Arc<Notify>,
+) {
+    let (pool, held, finished) = (pool.clone(), Arc::clone(held), Arc::clone(finished));
+    tokio::spawn(async move {
+        commit(&pool, batch).await;
+        {
+            let mut held = held.lock().unwrap_or_else(|p| p.into_inner());
+            for k in &keys {
+                held.remove(k);
+            }
+        }
+        drop(permit);
+        finished.notify_one();
+    });
 }
 
 /// Commits a batch and answers each write. If the batch was certainly
 /// rolled back (a write failed before the commit, a deadlock, a lock
 /// timeout, a commit the server refused), each write is tried again alone,
-/// so only a write that fails alone fails.
+/// all at once, so only a write that fails alone fails, and a write waiting
+/// on a locked row delays no other.
 async fn commit(pool: &Pool, jobs: Vec<Job>) {
     match attempt(pool, &jobs).await {
         Ok(written) => {
@@ -177,13 +257,14 @@ async fn commit(pool: &Pool, jobs: Vec<Job>) {
             error,
             undone: true,
         }) if jobs.len() > 1 && alone_may_differ(&error) => {
-            for job in jobs {
+            let alone = jobs.into_iter().map(|job| async move {
                 let result = attempt(pool, std::slice::from_ref(&job))
                     .await
                     .map(|mut w| w.remove(0))
                     .map_err(|f| f.error);
                 let _ = job.done.send(result);
-            }
+            });
+            futures_util::future::join_all(alone).await;
         }
         Err(Failed { error, .. }) if jobs.len() == 1 => {
             if let Some(job) = jobs.into_iter().next() {
@@ -312,6 +393,8 @@ async fn attempt(pool: &Pool, jobs: &[Job]) -> Result<Vec<Written>, Failed> {
             }
         }
     }
+    // Key versions in version order, as every transaction that locks several.
+    versions.sort_unstable();
     let counts: Vec<[Value<'_>; 2]> = versions.iter().map(|&(v, n)| values![n, v]).collect();
     let tx_ref = &tx;
     let mut steps: Vec<Step<'_>> = plan

@@ -233,6 +233,12 @@ impl PostgresStore {
         let mut config: tokio_postgres::Config = url.parse().map_err(|e| {
             StoreError::Connect(format!("storage.url is not a PostgreSQL URL: {e}"))
         })?;
+        // As in libpq, a Unix socket is never TLS (it does not leave the machine).
+        let sslmode = if on_unix_sockets(&config) {
+            tls::SslMode::Disable
+        } else {
+            sslmode
+        };
         config.ssl_mode(sslmode.negotiation());
         if let Some(warning) =
             tls::weakness(sslmode, settings.ca_file.is_some(), on_loopback(&config))
@@ -407,6 +413,16 @@ fn unreachable_database(target: &str, e: &StoreError) -> StoreError {
         ""
     };
     StoreError::Connect(format!("PostgreSQL at {target}: {text}{hint}"))
+}
+
+/// Whether every host the URL names is a Unix socket.
+fn on_unix_sockets(config: &tokio_postgres::Config) -> bool {
+    use tokio_postgres::config::Host;
+    !config.get_hosts().is_empty()
+        && config
+            .get_hosts()
+            .iter()
+            .all(|host| matches!(host, Host::Unix(_)))
 }
 
 /// Whether every host the URL names is this machine (a Unix socket, or a loopback address).

@@ -63,20 +63,27 @@ impl SslMode {
 /// The URL without its `sslmode` (for tokio-postgres), and the mode:
 /// `verify-full` when the URL names none.
 pub fn split_sslmode(url: &str) -> Result<(String, SslMode), String> {
-    let Ok(mut parsed) = url::Url::parse(url) else {
-        // Not a URL (a `key=value` string): tokio-postgres reads it, sslmode included.
-        return Ok((url.to_owned(), SslMode::VerifyFull));
-    };
-    let mut mode = SslMode::VerifyFull;
+    let mut parsed = url::Url::parse(url)
+        .ok()
+        .filter(|u| matches!(u.scheme(), "postgres" | "postgresql"))
+        .ok_or(
+            "storage.url is not a postgres:// URL (write postgres://user@host:port/database\
+             ?sslmode=…; key=value connection strings are not read here)",
+        )?;
+    let mut mode = None;
     let mut rest = Vec::new();
     for (key, value) in parsed.query_pairs() {
         if key == "sslmode" {
-            mode = SslMode::parse(&value).ok_or_else(|| {
+            if mode.is_some() {
+                // libpq takes the last; a URL reading as two things is refused.
+                return Err("storage.url names sslmode twice".to_owned());
+            }
+            mode = Some(SslMode::parse(&value).ok_or_else(|| {
                 format!(
                     "storage.url: sslmode={value} is not one of disable, allow, prefer, \
                      require, verify-ca, verify-full"
                 )
-            })?;
+            })?);
         } else {
             rest.push((key.into_owned(), value.into_owned()));
         }
@@ -86,7 +93,7 @@ pub fn split_sslmode(url: &str) -> Result<(String, SslMode), String> {
     } else {
         parsed.query_pairs_mut().clear().extend_pairs(rest);
     }
-    Ok((parsed.to_string(), mode))
+    Ok((parsed.to_string(), mode.unwrap_or(SslMode::VerifyFull)))
 }
 
 /// What an operator should know about a mode before trusting it, for the
@@ -278,6 +285,12 @@ mod tests {
         assert_eq!(mode.negotiation(), tokio_postgres::config::SslMode::Require);
         let err = split_sslmode("postgres://u@db/v?sslmode=verify").unwrap_err();
         assert!(err.contains("verify-full"), "{err}");
+        // Read decoded, once: an encoded or repeated key cannot turn TLS off.
+        let err =
+            split_sslmode("postgres://u@db/v?sslmode=verify-full&ssl%6Dode=disable").unwrap_err();
+        assert!(err.contains("twice"), "{err}");
+        let err = split_sslmode("host=db user=u sslmode=disable").unwrap_err();
+        assert!(err.contains("postgres://"), "{err}");
     }
 
     #[test]
