@@ -496,6 +496,19 @@ contract!(
     }
 );
 
+/// Another session on a fresh PostgreSQL store's database, as `psql` would be.
+async fn session(fresh: &Fresh) -> tokio_postgres::Client {
+    connect_to(&fresh._database.as_ref().expect("a PostgreSQL store").url).await
+}
+
+async fn connect_to(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+}
+
 /// A write while another session holds the database fails as busy, within
 /// the engine's wait (5 s), instead of hanging.
 async fn assert_busy(store: &dyn Store) {
@@ -531,11 +544,7 @@ async fn a_write_blocked_by_another_session_is_busy_on_sqlite() {
 #[ignore = "needs PostgreSQL: set CREDVAULT_TEST_POSTGRES (scripts/test does)"]
 async fn a_write_blocked_by_another_session_is_busy_on_postgres() {
     let fresh = postgres().await;
-    let url = fresh._database.as_ref().unwrap().url.clone();
-    let (holder, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
+    let holder = session(&fresh).await;
     holder
         .batch_execute("BEGIN; LOCK TABLE audit_head IN EXCLUSIVE MODE")
         .await
@@ -756,10 +765,7 @@ async fn postgres_sslmode_means_what_it_means_in_libpq() {
     let store = connect(with(Some("require"), "127.0.0.1"), false)
         .await
         .unwrap();
-    let (admin, connection) = tokio_postgres::connect(&server, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
+    let admin = connect_to(&server).await;
     let name = url::Url::parse(&database.url).unwrap().path()[1..].to_owned();
     let encrypted: i64 = admin
         .query_one(
@@ -857,11 +863,7 @@ async fn a_locked_connection_does_not_hold_up_the_others() {
         .put(record("locked", 1, &["api_key"]), event("Store", "locked"))
         .await
         .unwrap();
-    let url = fresh._database.as_ref().unwrap().url.clone();
-    let (holder, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
+    let holder = session(&fresh).await;
     holder
         .batch_execute("BEGIN; SELECT * FROM credentials WHERE workspace_id = 'locked' FOR UPDATE")
         .await
@@ -924,11 +926,7 @@ async fn a_locked_connection_does_not_hold_up_the_others() {
 #[ignore = "needs PostgreSQL: set CREDVAULT_TEST_POSTGRES (scripts/test does)"]
 async fn a_write_refused_at_commit_fails_alone() {
     let fresh = postgres().await;
-    let url = fresh._database.as_ref().unwrap().url.clone();
-    let (admin, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
+    let admin = session(&fresh).await;
     admin
         .batch_execute(
             "CREATE FUNCTION refuse_late() RETURNS trigger LANGUAGE plpgsql AS $$ \
