@@ -28,6 +28,11 @@ struct Fresh {
 async fn sqlite() -> Fresh {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("contract.db");
+    sqlite_at(path, dir).await
+}
+
+/// A SQLite store at `path`, which `dir` holds (and removes when dropped).
+async fn sqlite_at(path: std::path::PathBuf, dir: tempfile::TempDir) -> Fresh {
     let store = tokio::task::spawn_blocking(move || SqliteStore::open(&path))
         .await
         .unwrap()
@@ -568,20 +573,8 @@ async fn disk_full_is_reported_as_full_on_every_write_path_on_sqlite() {
     let dir = tempfile::tempdir().unwrap();
     let small = dir.path().join("small");
     let _tmpfs = common::SmallTmpfs::mount(small.clone());
-    let path = small.join("contract.db");
-    let store: Arc<dyn Store> = Arc::new(
-        tokio::task::spawn_blocking(move || SqliteStore::open(&path))
-            .await
-            .unwrap()
-            .unwrap(),
-    );
-    let fresh = init(Fresh {
-        store,
-        _dir: tempfile::tempdir().unwrap(),
-        _database: None,
-    })
-    .await;
-    let store = fresh.store;
+    let fresh = sqlite_at(small.join("contract.db"), tempfile::tempdir().unwrap()).await;
+    let store = Arc::clone(&fresh.store);
     rotate_to(&*store, 2).await;
     let (first, _, _) = store
         .put(

@@ -53,33 +53,6 @@ macro_rules! credential_columns {
     };
 }
 
-/// The columns a Store writes, in the order of [`put_values`]' placeholders
-/// (`created_at` and `updated_at` both take the fifth).
-macro_rules! put_columns {
-    () => {
-        "workspace_id, provider, status, params, created_at, updated_at, disconnected_at, \
-         expires_at, key_version, dek_nonce, wrapped_dek, last_validation, binding"
-    };
-}
-
-/// How a Store replaces a connection that exists (keeping its `created_at`),
-/// returning the row as stored.
-macro_rules! put_conflict {
-    () => {
-        concat!(
-            " ON CONFLICT (workspace_id, provider) DO UPDATE SET \
-                 status = excluded.status, params = excluded.params, \
-                 updated_at = excluded.updated_at, disconnected_at = NULL, \
-                 expires_at = excluded.expires_at, key_version = excluded.key_version, \
-                 dek_nonce = excluded.dek_nonce, wrapped_dek = excluded.wrapped_dek, \
-                 last_validation = excluded.last_validation, binding = excluded.binding \
-             RETURNING ",
-            $crate::store::sql::credential_columns!()
-        )
-    };
-}
-pub(super) use credential_columns;
-
 /// How many columns [`credential`] reads; a secret's columns follow them.
 const CREDENTIAL_WIDTH: usize = 13;
 
@@ -116,10 +89,18 @@ statements! {
         "SELECT ", credential_columns!("c"), " FROM credentials c WHERE c.status = 'connected'"
     );
     /// Inserts or replaces a connection, keeping its `created_at`; returns the row.
+    /// Its columns are [`credential`]'s, in [`put_values`]' order (`created_at`
+    /// and `updated_at` both take `$5`).
     PUT_CREDENTIAL = concat!(
-        "INSERT INTO credentials (", put_columns!(), ") \
-         VALUES ($1, $2, $3, $4, $5, $5, NULL, $6, $7, $8, $9, $10, $11)",
-        put_conflict!()
+        "INSERT INTO credentials (", credential_columns!(), ") \
+         VALUES ($1, $2, $3, $4, $5, $5, NULL, $6, $7, $8, $9, $10, $11) \
+         ON CONFLICT (workspace_id, provider) DO UPDATE SET \
+             status = excluded.status, params = excluded.params, \
+             updated_at = excluded.updated_at, disconnected_at = NULL, \
+             expires_at = excluded.expires_at, key_version = excluded.key_version, \
+             dek_nonce = excluded.dek_nonce, wrapped_dek = excluded.wrapped_dek, \
+             last_validation = excluded.last_validation, binding = excluded.binding \
+         RETURNING ", credential_columns!()
     );
     DELETE_SECRETS = "DELETE FROM credential_secrets WHERE workspace_id = $1 AND provider = $2";
     /// Marks a connection disconnected at `$1` (unless it already was) and
@@ -538,6 +519,20 @@ pub(super) fn key_version_values(v: &WrappedKeyVersion, created_at: i64) -> [Val
         v.version,
         v.sealed.nonce.as_slice(),
         &v.sealed.ciphertext,
+        created_at
+    ]
+}
+
+/// Root-sealed key material's parameters for [`INSERT_KEY_MATERIAL`].
+pub(super) fn key_material_values<'a>(
+    purpose: &'a str,
+    sealed: &'a Sealed,
+    created_at: i64,
+) -> [Value<'a>; 4] {
+    values![
+        purpose,
+        sealed.nonce.as_slice(),
+        &sealed.ciphertext,
         created_at
     ]
 }

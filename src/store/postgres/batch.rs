@@ -15,18 +15,16 @@
 //! versions, then the chain head. Two transactions never wait for each other
 //! in a circle, so replicas do not deadlock.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::Poll;
 
 use deadpool_postgres::Pool;
-use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 
-use std::collections::HashSet;
-
-use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
-
-use super::{appended, classify, tail};
+use super::{appended, classify, in_lock_order, tail};
 use crate::audit::{Event, StoredEvent};
 use crate::store::sql::{self, values, Value};
 use crate::store::{audit_failure, CredentialRecord, StoreError};
@@ -55,7 +53,7 @@ struct Job {
 
 /// A write as committed.
 struct Written {
-    /// The connection as stored (without its secrets, which the job holds).
+    /// The connection as stored, its secrets those the job wrote.
     row: Option<CredentialRecord>,
     /// Its key version's encryptions so far, this one included.
     encryptions: u64,
@@ -98,12 +96,10 @@ impl Writer {
         record: CredentialRecord,
         event: Event,
     ) -> Result<(CredentialRecord, StoredEvent, u64), StoreError> {
-        let secrets = record.secrets.clone();
         let written = self.send(Some(record), event).await?;
-        let mut row = written
+        let row = written
             .row
             .ok_or(StoreError::Corrupt("a Store returned no row"))?;
-        row.secrets = secrets;
         Ok((row, written.event, written.encryptions))
     }
 
@@ -145,7 +141,7 @@ fn key(job: &Job) -> Option<Key> {
 async fn run(pool: Pool, mut queue: mpsc::UnboundedReceiver<Job>) {
     let appending = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
     let storing = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
-    let held: Arc<std::sync::Mutex<HashSet<Key>>> = Arc::default();
+    let held: Arc<Mutex<HashSet<Key>>> = Arc::default();
     let finished = Arc::new(Notify::new());
     let mut waiting: Vec<Job> = Vec::new();
     let mut open = true;
@@ -207,10 +203,7 @@ async fn run(pool: Pool, mut queue: mpsc::UnboundedReceiver<Job>) {
             Ok(permit) => start(&pool, batch, permit, keys, &held, &finished),
             Err(_) => {
                 // No slot: the batch waits (and grows) until one frees.
-                let mut held = held.lock().unwrap_or_else(|p| p.into_inner());
-                for k in &keys {
-                    held.remove(k);
-                }
+                release(&held, &keys);
                 waiting.splice(0..0, batch);
             }
         }
@@ -222,23 +215,39 @@ async fn run(pool: Pool, mut queue: mpsc::UnboundedReceiver<Job>) {
 fn start(
     pool: &Pool,
     batch: Vec<Job>,
-    permit: tokio::sync::OwnedSemaphorePermit,
+    permit: OwnedSemaphorePermit,
     keys: Vec<Key>,
-    held: &Arc<std::sync::Mutex<HashSet<Key>>>,
+    held: &Arc<Mutex<HashSet<Key>>>,
     finished: &Arc<Notify>,
 ) {
     let (pool, held, finished) = (pool.clone(), Arc::clone(held), Arc::clone(finished));
     tokio::spawn(async move {
         commit(&pool, batch).await;
-        {
-            let mut held = held.lock().unwrap_or_else(|p| p.into_inner());
-            for k in &keys {
-                held.remove(k);
-            }
-        }
+        release(&held, &keys);
         drop(permit);
         finished.notify_one();
     });
+}
+
+/// Lets go of connections a batch held.
+fn release(held: &Mutex<HashSet<Key>>, keys: &[Key]) {
+    // A poisoned lock: a batch task panicked; the set itself is whole.
+    let mut held = held.lock().unwrap_or_else(|p| p.into_inner());
+    for k in keys {
+        held.remove(k);
+    }
+}
+
+/// Answers a write; a Store's row gets the secrets the job wrote (moved,
+/// not copied).
+fn finish(job: Job, result: Result<Written, StoreError>) {
+    let result = result.map(|mut written| {
+        if let (Some(row), Some(record)) = (&mut written.row, job.record) {
+            row.secrets = record.secrets;
+        }
+        written
+    });
+    let _ = job.done.send(result);
 }
 
 /// Commits a batch and answers each write. If the batch was certainly
@@ -250,7 +259,7 @@ async fn commit(pool: &Pool, jobs: Vec<Job>) {
     match attempt(pool, &jobs).await {
         Ok(written) => {
             for (job, written) in jobs.into_iter().zip(written) {
-                let _ = job.done.send(Ok(written));
+                finish(job, Ok(written));
             }
         }
         Err(Failed {
@@ -262,18 +271,18 @@ async fn commit(pool: &Pool, jobs: Vec<Job>) {
                     .await
                     .map(|mut w| w.remove(0))
                     .map_err(|f| f.error);
-                let _ = job.done.send(result);
+                finish(job, result);
             });
             futures_util::future::join_all(alone).await;
         }
         Err(Failed { error, .. }) if jobs.len() == 1 => {
             if let Some(job) = jobs.into_iter().next() {
-                let _ = job.done.send(Err(error));
+                finish(job, Err(error));
             }
         }
         Err(Failed { error, .. }) => {
             for job in jobs {
-                let _ = job.done.send(Err(error.for_another_write()));
+                finish(job, Err(error.for_another_write()));
             }
         }
     }
@@ -360,14 +369,12 @@ async fn attempt(pool: &Pool, jobs: &[Job]) -> Result<Vec<Written>, Failed> {
         .collect::<Result<_, _>>()?;
     let mut versions: Vec<(u32, u64)> = Vec::new();
     let mut plan: Vec<Planned<'_>> = Vec::new();
-    // In key order: every transaction that locks several connections'
-    // rows takes them in this order, so replicas never deadlock on them.
     let mut stores: Vec<(&CredentialRecord, &String)> = jobs
         .iter()
         .zip(&params)
         .filter_map(|(job, params_json)| Some((job.record.as_ref()?, params_json.as_ref()?)))
         .collect();
-    stores.sort_by(|a, b| by_key(a.0, b.0));
+    in_lock_order(&mut stores, |(r, _)| (&r.workspace_id, &r.provider));
     for (r, params_json) in stores {
         plan.push(Planned {
             statement: put.clone(),
@@ -504,11 +511,6 @@ async fn attempt(pool: &Pool, jobs: &[Job]) -> Result<Vec<Written>, Failed> {
         });
     }
     Ok(written)
-}
-
-/// The order in which transactions lock connections' rows.
-pub(super) fn by_key(a: &CredentialRecord, b: &CredentialRecord) -> std::cmp::Ordering {
-    (&a.workspace_id, &a.provider).cmp(&(&b.workspace_id, &b.provider))
 }
 
 /// The events the batch append stored, one row per tail, in order.

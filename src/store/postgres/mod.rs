@@ -415,6 +415,14 @@ fn unreachable_database(target: &str, e: &StoreError) -> StoreError {
     StoreError::Connect(format!("PostgreSQL at {target}: {text}{hint}"))
 }
 
+/// Sorts writes to several connections into the order every transaction of
+/// this store locks connections' rows in: by workspace, then provider (see
+/// batch.rs for the whole lock order). Two replicas then never hold one row
+/// each while waiting for the other's.
+fn in_lock_order<T>(writes: &mut [T], connection: impl Fn(&T) -> (&String, &String)) {
+    writes.sort_by(|a, b| connection(a).cmp(&connection(b)));
+}
+
 /// Whether every host the URL names is a Unix socket.
 fn on_unix_sockets(config: &tokio_postgres::Config) -> bool {
     use tokio_postgres::config::Host;
@@ -652,7 +660,7 @@ async fn insert_key_material(
     execute(
         c,
         sql::INSERT_KEY_MATERIAL,
-        &values![purpose, sealed.nonce.as_slice(), &sealed.ciphertext, now],
+        &sql::key_material_values(purpose, sealed, now),
     )
     .await
     .map(drop)
@@ -711,13 +719,7 @@ impl Store for PostgresStore {
         )
         .await
         .map_err(taken(v.version))?;
-        let f = &material.fingerprint_key;
-        execute(
-            &tx,
-            sql::INSERT_KEY_MATERIAL,
-            &values![FINGERPRINT_KEY, f.nonce.as_slice(), &f.ciphertext, now],
-        )
-        .await?;
+        insert_key_material(&tx, FINGERPRINT_KEY, &material.fingerprint_key).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -828,8 +830,7 @@ impl Store for PostgresStore {
         fingerprint_key: Sealed,
         event: Event,
     ) -> Result<StoredEvent, StoreError> {
-        bindings
-            .sort_by(|a, b| (&a.workspace_id, &a.provider).cmp(&(&b.workspace_id, &b.provider)));
+        in_lock_order(&mut bindings, |b| (&b.workspace_id, &b.provider));
         let mut c = self.client().await?;
         let tx = c.transaction().await?;
         for b in &bindings {
@@ -956,8 +957,7 @@ impl Store for PostgresStore {
     }
 
     async fn rewrap(&self, mut batch: Vec<Rewrapped>, event: Event) -> Result<usize, StoreError> {
-        // In key order, as every transaction locking several connections.
-        batch.sort_by(|a, b| (&a.workspace_id, &a.provider).cmp(&(&b.workspace_id, &b.provider)));
+        in_lock_order(&mut batch, |r| (&r.workspace_id, &r.provider));
         let mut c = self.client().await?;
         let tx = c.transaction().await?;
         let mut applied = 0u64;

@@ -393,6 +393,21 @@ fn count_encryptions(tx: &Connection, version: u32, n: u64) -> Result<u64, Store
     sql::count(total)
 }
 
+/// Stores root-sealed material under `purpose`, unless some is there already.
+fn insert_key_material(
+    conn: &Connection,
+    purpose: &str,
+    sealed: &Sealed,
+) -> Result<(), StoreError> {
+    let now = millis(SystemTime::now());
+    execute(
+        conn,
+        sql::INSERT_KEY_MATERIAL,
+        &sql::key_material_values(purpose, sealed, now),
+    )
+    .map(drop)
+}
+
 fn sealed_material(conn: &Connection, purpose: &str) -> Result<Option<Sealed>, StoreError> {
     query_opt(
         conn,
@@ -517,13 +532,7 @@ impl Store for SqliteStore {
                 sql::INSERT_KEY_VERSION,
                 &sql::key_version_values(v, now),
             )?;
-            let f = &material.fingerprint_key;
-            execute(
-                conn,
-                sql::INSERT_KEY_MATERIAL,
-                &values![FINGERPRINT_KEY, f.nonce.as_slice(), &f.ciphertext, now],
-            )?;
-            Ok(())
+            insert_key_material(conn, FINGERPRINT_KEY, &material.fingerprint_key)
         })
         .await
     }
@@ -624,17 +633,7 @@ impl Store for SqliteStore {
                     &values![&b.tag, &b.workspace_id, &b.provider, &b.wrapped_dek],
                 )?;
             }
-            let f = &fingerprint_key;
-            execute(
-                conn,
-                sql::INSERT_KEY_MATERIAL,
-                &values![
-                    FINGERPRINT_KEY,
-                    f.nonce.as_slice(),
-                    &f.ciphertext,
-                    millis(SystemTime::now())
-                ],
-            )?;
+            insert_key_material(conn, FINGERPRINT_KEY, &fingerprint_key)?;
             execute(
                 conn,
                 sql::DELETE_KEY_MATERIAL,
@@ -870,16 +869,8 @@ impl Store for SqliteStore {
 
     async fn put_key_material(&self, purpose: &str, sealed: Sealed) -> Result<(), StoreError> {
         let purpose = purpose.to_owned();
-        self.write(move |conn| {
-            let now = millis(SystemTime::now());
-            execute(
-                conn,
-                sql::INSERT_KEY_MATERIAL,
-                &values![&purpose, sealed.nonce.as_slice(), &sealed.ciphertext, now],
-            )
-            .map(drop)
-        })
-        .await
+        self.write(move |conn| insert_key_material(conn, &purpose, &sealed))
+            .await
     }
 }
 
