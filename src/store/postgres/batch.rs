@@ -24,7 +24,7 @@ use std::task::Poll;
 use deadpool_postgres::Pool;
 use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 
-use super::{appended, classify, in_lock_order, tail};
+use super::{appended, classify, in_lock_order, pooled, tail};
 use crate::audit::{Event, StoredEvent};
 use crate::store::sql::{self, values, Value};
 use crate::store::{audit_failure, CredentialRecord, StoreError};
@@ -325,10 +325,7 @@ type Step<'a> = Pin<Box<dyn Future<Output = Result<Answer, StoreError>> + Send +
 /// Runs the batch in one transaction; one statement (its own transaction)
 /// when it holds events alone.
 async fn attempt(pool: &Pool, jobs: &[Job]) -> Result<Vec<Written>, Failed> {
-    let mut client = pool.get().await.map_err(|e| match e {
-        deadpool_postgres::PoolError::Backend(db) => classify(db),
-        other => StoreError::Unavailable(other.to_string()),
-    })?;
+    let mut client = pooled(pool).await?;
     let tails: Vec<&str> = jobs.iter().map(|j| j.tail.as_str()).collect();
     let append = client
         .prepare_cached("SELECT * FROM credvault_append_audit_batch($1)")

@@ -303,10 +303,7 @@ impl PostgresStore {
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
-        self.pool.get().await.map_err(|e| match e {
-            deadpool_postgres::PoolError::Backend(db) => classify(db),
-            other => StoreError::Connect(other.to_string()),
-        })
+        pooled(&self.pool).await
     }
 
     /// Runs `VACUUM` on `tables` after a write that destroyed material, so
@@ -413,6 +410,16 @@ fn unreachable_database(target: &str, e: &StoreError) -> StoreError {
         ""
     };
     StoreError::Connect(format!("PostgreSQL at {target}: {text}{hint}"))
+}
+
+/// A connection from the pool. Its failures are the database's (sorted by
+/// [`classify`]) or the pool's (no connection free in time, the pool
+/// closed): unavailable, worth a retry.
+async fn pooled(pool: &Pool) -> Result<deadpool_postgres::Object, StoreError> {
+    pool.get().await.map_err(|e| match e {
+        deadpool_postgres::PoolError::Backend(db) => classify(db),
+        other => StoreError::Unavailable(other.to_string()),
+    })
 }
 
 /// Sorts writes to several connections into the order every transaction of
