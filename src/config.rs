@@ -95,6 +95,13 @@ pub struct AuditConfig {
     /// last one (truncated, or an older copy restored).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub anchor_file: Option<PathBuf>,
+    /// `"every-call"` (the default): every call's event is durable before
+    /// its answer. `"changes"`: the event of a call that changed nothing and
+    /// used no plaintext (Redact, List, ListProviders, Audit.Head, refusals)
+    /// is answered once queued and made durable by the next group commit; a
+    /// crash can lose those events of the last few milliseconds, never a
+    /// change's.
+    pub durability: crate::audit::Durability,
 }
 
 impl Default for AuditConfig {
@@ -104,6 +111,7 @@ impl Default for AuditConfig {
             checkpoint_interval_ms: 10_000,
             public_key_file: None,
             anchor_file: None,
+            durability: crate::audit::Durability::default(),
         }
     }
 }

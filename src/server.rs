@@ -86,6 +86,8 @@ pub async fn run(
             VaultError::DataLoss => ServeError::Corrupt(config.storage.path.clone()),
             other => ServeError::Keyring(other),
         })?;
+    let mut vault = vault;
+    vault.set_audit_durability(config.audit.durability);
     let vault = Arc::new(vault);
     if let Some(path) = &config.audit.public_key_file {
         let hex = data_encoding::HEXLOWER.encode(vault.audit().public_key());
@@ -184,7 +186,9 @@ pub async fn run(
         }
     };
     drop(tasks);
-    // The head as the vault leaves it, signed, stored and anchored.
+    // Every event answered before it was durable, committed...
+    last_checkpoint.audit().settle().await;
+    // ...then the head as the vault leaves it, signed, stored and anchored.
     checkpoint(&last_checkpoint, 0, config.audit.anchor_file.as_deref()).await;
     result
 }

@@ -853,3 +853,113 @@ async fn a_steady_trickle_of_events_does_not_hold_off_the_checkpoint() {
     drop(c);
     vault.stop().await;
 }
+
+fn changes_durability(dir: &VaultDir) -> credvault::config::Config {
+    let mut config = dir.config();
+    config.audit.durability = credvault::audit::Durability::Changes;
+    config
+}
+
+/// Under `changes`, a Redact is answered before its event is durable; the
+/// event still arrives, in order, with nothing else written after the
+/// answer, and stopping the vault commits every answered event first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_changes_durability_every_answered_read_is_logged_in_order() {
+    let dir = VaultDir::new();
+    let vault = dir.start_with(changes_durability(&dir)).await;
+    let mut c = vault.client().await;
+    c.store(amplitude("ws", CANARY, CANARY)).await.unwrap();
+    const READS: usize = 300;
+    let mut answered = Vec::new();
+    for i in 0..READS {
+        let mut req = tonic::Request::new(reference("ws", "amplitude"));
+        let id = format!("read-{i}");
+        req.metadata_mut()
+            .insert("x-request-id", id.parse().unwrap());
+        c.redact(req).await.unwrap();
+        answered.push(id);
+    }
+    // Made durable by the next group commit, with no other call to push it.
+    let mut audit = auditor(&dir, &vault).await;
+    let events = read(&mut audit, 0, 1 + READS).await;
+    let ids: Vec<_> = events[1..]
+        .iter()
+        .map(|e| (e.method.as_str(), e.request_id.as_str()))
+        .collect();
+    let expected: Vec<_> = answered
+        .iter()
+        .map(|id| ("Credentials.Redact", id.as_str()))
+        .collect();
+    assert_eq!(ids, expected, "every answered Redact, in answer order");
+
+    // A burst answered just before a graceful stop is committed by the stop.
+    let mut burst = Vec::new();
+    for i in 0..64 {
+        let mut c = c.clone();
+        burst.push(tokio::spawn(async move {
+            let mut req = tonic::Request::new(reference("ws", "amplitude"));
+            req.metadata_mut()
+                .insert("x-request-id", format!("burst-{i}").parse().unwrap());
+            c.redact(req).await.unwrap();
+        }));
+    }
+    for b in burst {
+        b.await.unwrap();
+    }
+    drop(audit);
+    vault.stop().await;
+    let logged = dir.texts("SELECT event FROM audit_events");
+    for i in 0..64 {
+        let id = format!("\"request_id\":\"burst-{i}\"");
+        assert!(
+            logged.iter().any(|e| e.contains(&id)),
+            "burst-{i} was answered and is not in the log after a graceful stop"
+        );
+    }
+    assert_eq!(
+        dir.number("SELECT max(sequence) FROM audit_checkpoints"),
+        dir.number("SELECT max(sequence) FROM audit_events"),
+        "the last checkpoint covers every answered event"
+    );
+    let (ok, out) = verify(&["--config"], &config_file(&dir));
+    assert!(ok, "{out}");
+}
+
+/// Under `changes`, a log that cannot be written still fails calls closed:
+/// a change at once, a read after at most the events already answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_changes_durability_a_failing_log_fails_reads_closed() {
+    let dir = VaultDir::new();
+    let vault = dir.start_with(changes_durability(&dir)).await;
+    let mut c = vault.client().await;
+    c.store(amplitude("ws", CANARY, CANARY)).await.unwrap();
+    dir.fail_audit_writes();
+    let store = c
+        .store(amplitude("ws", CANARY, "Another0secret1value2xyzXYZ34567"))
+        .await
+        .unwrap_err();
+    assert_eq!(store.code(), Code::Unavailable, "{store:?}");
+    // A read may be answered on its queued event until one such event fails
+    // to commit; from then on every read waits for its own, and fails.
+    let mut outcomes = Vec::new();
+    for _ in 0..20 {
+        outcomes.push(c.redact(reference("ws", "amplitude")).await.map(drop));
+    }
+    let first_refused = outcomes
+        .iter()
+        .position(|o| matches!(o, Err(s) if s.code() == Code::Unavailable))
+        .expect("reads are refused once the log fails");
+    assert!(first_refused <= 4, "{outcomes:?}");
+    assert!(
+        outcomes[first_refused..]
+            .iter()
+            .all(|o| matches!(o, Err(s) if s.code() == Code::Unavailable)),
+        "{outcomes:?}"
+    );
+    dir.restore_audit_writes();
+    c.redact(reference("ws", "amplitude")).await.unwrap();
+    // Back to answering on a queued event, which is then logged.
+    let mut audit = auditor(&dir, &vault).await;
+    let events = read(&mut audit, 0, 2).await;
+    assert_eq!(events[1].method, "Credentials.Redact");
+}

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{amplitude, map, reference, VaultDir};
+use credvault::audit::Durability;
 use credvault::config::Config;
 use credvault::dev::certs::{DevCa, Subject};
 use credvault::dev::fake::{FakeProvider, Reply};
@@ -79,22 +80,51 @@ async fn open_vault(config: &Path) -> Result<Vault, VaultError> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_during_store_load_loses_no_acknowledged_credential() {
-    let cycles: usize = std::env::var("CREDVAULT_FAULT_CYCLES")
+    let lost_reads = kill_9_under_load(Durability::EveryCall, fault_cycles(50)).await;
+    assert_eq!(
+        lost_reads, 0,
+        "every-call: an answered Redact's event was lost"
+    );
+}
+
+/// Under `audit.durability = "changes"` a crash may lose the events of
+/// Redacts answered in its last milliseconds, and nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_under_changes_durability_loses_no_change_and_the_chain_verifies() {
+    kill_9_under_load(Durability::Changes, fault_cycles(25)).await;
+}
+
+fn fault_cycles(default: usize) -> usize {
+    std::env::var("CREDVAULT_FAULT_CYCLES")
         .ok()
         .and_then(|c| c.parse().ok())
-        .unwrap_or(50);
+        .unwrap_or(default)
+}
+
+/// Kills a vault with `kill -9` during Stores, Redacts and validations,
+/// `cycles` times. Checks that every acknowledged Store is there and
+/// decrypts, that every answered validation's event is in the log, that the
+/// database is whole and the chain verifies. Returns how many answered
+/// Redacts have no event.
+async fn kill_9_under_load(durability: Durability, cycles: usize) -> usize {
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos() as u64
         | 1;
-    eprintln!("kill -9 cycles: {cycles}, seed {seed}");
+    eprintln!("kill -9 cycles: {cycles}, durability {durability:?}, seed {seed}");
     let mut rng = XorShift(seed);
     let tmp = tempfile::tempdir().unwrap();
     let fake_ca = DevCa::generate("provider CA").unwrap();
     let fake = FakeProvider::start(&fake_ca, |_| Reply::json(200, r#"{"data":[]}"#)).await;
     let config = prepare(tmp.path(), &fake, &fake_ca);
+    let mut loaded = Config::load(&config).unwrap();
+    loaded.audit.durability = durability;
+    std::fs::write(&config, loaded.to_toml()).unwrap();
     let acknowledged = Arc::new(Mutex::new(Vec::<String>::new()));
+    // Request ids of answered Redacts and validations.
+    let redacted = Arc::new(Mutex::new(Vec::<String>::new()));
+    let validated = Arc::new(Mutex::new(Vec::<String>::new()));
     let mut attempted = 0usize;
     for cycle in 0..cycles {
         let mut child = common::spawn_server(&config).await;
@@ -115,11 +145,41 @@ async fn kill_9_during_store_load_loses_no_acknowledged_credential() {
                 n
             }));
         }
+        let mut readers = Vec::new();
+        for r in 0..4 {
+            let mut c = app_client(&config, &child.url).await;
+            let (redacted, validated) = (Arc::clone(&redacted), Arc::clone(&validated));
+            let ws = format!("c{cycle}-reader");
+            readers.push(tokio::spawn(async move {
+                if c.store(amplitude(&ws, SECRET, SECRET)).await.is_err() {
+                    return;
+                }
+                for i in 0.. {
+                    let id = format!("c{cycle}-r{r}-{i}");
+                    let mut req = tonic::Request::new(reference(&ws, "amplitude"));
+                    req.metadata_mut()
+                        .insert("x-request-id", id.parse().unwrap());
+                    // One call in eight needs its event durable first.
+                    let (answered, into) = if i % 8 == 0 {
+                        (c.validate_connection(req).await.map(drop), &validated)
+                    } else {
+                        (c.redact(req).await.map(drop), &redacted)
+                    };
+                    if answered.is_err() {
+                        break;
+                    }
+                    into.lock().unwrap().push(id);
+                }
+            }));
+        }
         tokio::time::sleep(Duration::from_millis(20 + rng.next() % 130)).await;
         child.process.start_kill().unwrap();
         child.process.wait().await.unwrap();
         for w in writers {
             attempted += w.await.unwrap();
+        }
+        for r in readers {
+            r.await.unwrap();
         }
     }
     let acknowledged = acknowledged.lock().unwrap().clone();
@@ -147,6 +207,36 @@ async fn kill_9_during_store_load_loses_no_acknowledged_credential() {
     }
     drop(vault);
     let db_path = Config::load(&config).unwrap().storage.path;
+
+    // Every answered validation has its event; count the Redacts that lost theirs.
+    let log = credvault::store::read_audit_log(&db_path).unwrap();
+    let logged: std::collections::HashSet<(String, String)> = log
+        .events
+        .iter()
+        .map(|e| {
+            let e = e.event().unwrap();
+            (e.method, e.request_id)
+        })
+        .collect();
+    let validated = validated.lock().unwrap().clone();
+    assert!(!validated.is_empty(), "the load validated something");
+    for id in &validated {
+        assert!(
+            logged.contains(&("Credentials.ValidateConnection".to_owned(), id.clone())),
+            "validation {id} was answered, and its event is lost"
+        );
+    }
+    let redacted = redacted.lock().unwrap().clone();
+    let lost_reads = redacted
+        .iter()
+        .filter(|id| !logged.contains(&("Credentials.Redact".to_owned(), (*id).clone())))
+        .count();
+    eprintln!(
+        "{} Redacts and {} validations answered; {lost_reads} Redacts' events lost",
+        redacted.len(),
+        validated.len()
+    );
+
     let db = rusqlite::Connection::open(&db_path).unwrap();
     let check: String = db
         .query_row("PRAGMA integrity_check", [], |r| r.get(0))
@@ -186,6 +276,7 @@ async fn kill_9_during_store_load_loses_no_acknowledged_credential() {
         "{}",
         String::from_utf8_lossy(&verify.stdout)
     );
+    lost_reads
 }
 
 /// Stores three credentials and copies the database and its WAL while the vault holds them open.

@@ -23,6 +23,21 @@ const HEAD_V2_PURPOSE: &[u8] = b"credvault/v2/audit-head";
 /// Bytes in a database identity.
 pub const DATABASE_ID_LEN: usize = 16;
 
+/// When a call's event must be durable, relative to its answer
+/// (`audit.durability`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Durability {
+    /// Every event is committed before its call is answered.
+    #[default]
+    EveryCall,
+    /// An event of a call that changed nothing and used no plaintext is
+    /// answered once queued in order, and committed by the next group commit
+    /// (see `domain::audit_log::UNDURABLE_MAX`); every other event as
+    /// `every-call`.
+    Changes,
+}
+
 /// Who did what, as the gate saw it before the call ran.
 #[derive(Debug, Clone)]
 pub struct Context {

@@ -1,16 +1,37 @@
 //! The audit log as the vault keeps it: appends that notify subscribers, and signed heads.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use ring::rand::SystemRandom;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 
 use super::VaultError;
-use crate::audit::{verify_links, Checkpoint, Event, SignedHead, Signer, StoredEvent, GENESIS};
+use crate::audit::{
+    verify_links, Checkpoint, Durability, Event, SignedHead, Signer, StoredEvent, GENESIS,
+};
 use crate::crypto::RootKey;
-use crate::store::{RootWitness, Store};
+use crate::store::{RootWitness, Store, StoreError};
 
 const SIGNING_KEY: &str = "audit-signing";
+/// Under [`Durability::Changes`], the most events answered and not yet
+/// durable: past this, calls wait for their event's commit again. It bounds
+/// what a crash can lose, with the time a group commit takes.
+pub const UNDURABLE_MAX: u32 = 1024;
+/// How long stopping waits for answered events to become durable.
+const SETTLE_WAIT: Duration = Duration::from_secs(10);
+
+/// What a call did, as its event's durability depends on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Effect {
+    /// It changed no state and used no plaintext (Redact, List,
+    /// ListProviders, Audit.Head, a refusal): under
+    /// [`Durability::Changes`] it is answered once its event is queued.
+    Inert,
+    /// Everything else: answered only once its event is durable.
+    Consequential,
+}
 
 pub struct AuditLog {
     store: Arc<dyn Store>,
@@ -18,7 +39,13 @@ pub struct AuditLog {
     witness: RootWitness,
     /// Fixed when the database was created; every signed head names it.
     database_id: Vec<u8>,
-    head: watch::Sender<u64>,
+    head: Arc<watch::Sender<u64>>,
+    durability: Durability,
+    /// Permits for events answered before they are durable.
+    undurable: Arc<Semaphore>,
+    /// Set when an event answered early failed to commit, cleared by the
+    /// next commit: meanwhile every call waits for its own event.
+    failing: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -72,8 +99,16 @@ impl AuditLog {
                 sealed,
             },
             database_id,
-            head: watch::Sender::new(head),
+            head: Arc::new(watch::Sender::new(head)),
+            durability: Durability::default(),
+            undurable: Arc::new(Semaphore::new(UNDURABLE_MAX as usize)),
+            failing: Arc::default(),
         })
+    }
+
+    /// When an event of an [`Effect::Inert`] call may be answered.
+    pub(super) fn set_durability(&mut self, durability: Durability) {
+        self.durability = durability;
     }
 
     /// The signing key as this vault found it sealed under its root key.
@@ -81,15 +116,58 @@ impl AuditLog {
         &self.witness
     }
 
-    /// Appends an event for a call that changed nothing. Fails closed: the
-    /// caller must not answer if this fails.
-    pub async fn record(&self, event: Event) -> Result<(), VaultError> {
-        let stored = self.store.append_audit(event).await.map_err(|e| {
-            tracing::warn!(error = %e, "audit append failed");
-            VaultError::AuditUnavailable
-        })?;
-        self.appended(&stored);
+    /// Appends the event of a call whose change, if any, is already
+    /// committed. Fails closed: the caller must not answer if this fails.
+    ///
+    /// Returns once the event is durable, except under
+    /// [`Durability::Changes`] for an [`Effect::Inert`] call: then once the
+    /// writer holds it, in order, while fewer than [`UNDURABLE_MAX`] events
+    /// wait for their commit and the last commit succeeded.
+    pub async fn record(&self, event: Event, effect: Effect) -> Result<(), VaultError> {
+        let early = self.durability == Durability::Changes
+            && effect == Effect::Inert
+            && !self.failing.load(Ordering::Relaxed);
+        let permit = early
+            .then(|| Arc::clone(&self.undurable).try_acquire_owned().ok())
+            .flatten();
+        let queued = self.store.queue_audit(event).map_err(audit_unavailable)?;
+        let Some(permit) = permit else {
+            let stored = queued.durable().await.map_err(audit_unavailable)?;
+            self.failing.store(false, Ordering::Relaxed);
+            self.appended(&stored);
+            return Ok(());
+        };
+        let (head, failing) = (Arc::clone(&self.head), Arc::clone(&self.failing));
+        tokio::spawn(async move {
+            match queued.durable().await {
+                Ok(stored) => {
+                    failing.store(false, Ordering::Relaxed);
+                    advance(&head, &stored);
+                }
+                Err(e) => {
+                    failing.store(true, Ordering::Relaxed);
+                    tracing::error!(
+                        error = %e,
+                        "an audit event of a call already answered could not be written; \
+                         calls now wait for their events until a commit succeeds"
+                    );
+                }
+            }
+            drop(permit);
+        });
         Ok(())
+    }
+
+    /// Waits (a bounded time) until every event answered early is durable
+    /// or failed: before the last checkpoint, when the vault stops.
+    pub async fn settle(&self) {
+        let all = tokio::time::timeout(SETTLE_WAIT, self.undurable.acquire_many(UNDURABLE_MAX));
+        if all.await.is_err() {
+            tracing::warn!(
+                "audit events answered before they were durable were still not written after {} s",
+                SETTLE_WAIT.as_secs()
+            );
+        }
     }
 
     /// Catches up with events other replicas appended to the shared database.
@@ -102,13 +180,7 @@ impl AuditLog {
 
     /// Tells subscribers about an event appended (possibly inside another transaction).
     pub(super) fn appended(&self, stored: &StoredEvent) {
-        self.head.send_if_modified(|head| {
-            let newer = stored.sequence > *head;
-            if newer {
-                *head = stored.sequence;
-            }
-            newer
-        });
+        advance(&self.head, stored);
     }
 
     /// The newest sequence, watched: it changes whenever an event is appended.
@@ -154,6 +226,21 @@ impl AuditLog {
     pub fn public_key(&self) -> &[u8] {
         self.signer.public_key()
     }
+}
+
+fn advance(head: &watch::Sender<u64>, stored: &StoredEvent) {
+    head.send_if_modified(|head| {
+        let newer = stored.sequence > *head;
+        if newer {
+            *head = stored.sequence;
+        }
+        newer
+    });
+}
+
+fn audit_unavailable(e: StoreError) -> VaultError {
+    tracing::warn!(error = %e, "audit append failed");
+    VaultError::AuditUnavailable
 }
 
 /// Why the log in `store` does not continue from `head`, or `None` when it

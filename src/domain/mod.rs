@@ -28,7 +28,7 @@ use crate::store::{
 };
 use validate::Validator;
 
-pub use audit_log::{continues_from, AuditLog};
+pub use audit_log::{continues_from, AuditLog, Effect, UNDURABLE_MAX};
 pub use error::VaultError;
 pub use ids::{parse_provider, CredentialRef, WorkspaceId};
 pub use input::NewCredential;
@@ -213,6 +213,12 @@ impl Vault {
 
     pub fn audit(&self) -> &AuditLog {
         &self.audit
+    }
+
+    /// When the events of calls that changed nothing may be answered
+    /// (`audit.durability`); [`audit::Durability::EveryCall`] unless set.
+    pub fn set_audit_durability(&mut self, durability: audit::Durability) {
+        self.audit.set_durability(durability);
     }
 
     /// Encrypts and stores a credential, replacing any secrets the connection
@@ -469,7 +475,10 @@ impl Vault {
         details: audit::Details,
     ) -> Result<(), VaultError> {
         self.audit
-            .record(Event::new(context, audit::OUTCOME_STARTED, details))
+            .record(
+                Event::new(context, audit::OUTCOME_STARTED, details),
+                Effect::Consequential,
+            )
             .await
     }
 

@@ -15,7 +15,7 @@ use super::status::to_status;
 use super::tls::PeerInfo;
 
 use crate::audit::{self, Event};
-use crate::domain::{Vault, VaultError, WorkspaceId};
+use crate::domain::{Effect, Vault, VaultError, WorkspaceId};
 use crate::policy::{Call, Grant, SharedPolicy};
 use crate::proto;
 use crate::providers::Provider;
@@ -260,7 +260,12 @@ impl Gate {
             };
             let result = match pending {
                 // Fail closed: no answer leaves without its audit event.
-                Some(event) => match self.vault.audit().record(event).await {
+                Some(event) => match self
+                    .vault
+                    .audit()
+                    .record(event, effect(service, method))
+                    .await
+                {
                     Ok(()) => result,
                     Err(e) => Err(to_status(e)),
                 },
@@ -280,6 +285,19 @@ impl Gate {
         }
         .instrument(span)
         .await
+    }
+}
+
+/// Whether a call of `service.method` may change state or use plaintext,
+/// for its event's durability (`audit.durability`). A method not named here
+/// is consequential, so a new one is never answered before its event is
+/// durable by mistake.
+fn effect(service: &str, method: &str) -> Effect {
+    match (service, method) {
+        ("Credentials", "Redact" | "List" | "ListProviders") | ("Audit", "Head" | "Subscribe") => {
+            Effect::Inert
+        }
+        _ => Effect::Consequential,
     }
 }
 

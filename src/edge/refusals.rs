@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::audit::{self, Event};
-use crate::domain::Vault;
+use crate::domain::{Effect, Vault};
 
 /// How long repeated refusals are counted before their event is written.
 pub const WINDOW: Duration = Duration::from_secs(1);
@@ -91,7 +91,7 @@ impl Refusals {
     /// first of its key in this window.
     pub async fn refuse(&self, context: &audit::Context, outcome: &'static str) {
         if let Some(event) = self.count(context, outcome) {
-            if let Err(e) = self.vault.audit().record(event).await {
+            if let Err(e) = self.vault.audit().record(event, Effect::Inert).await {
                 tracing::warn!(error = %e, "could not audit a refused call");
             }
         }
@@ -106,7 +106,7 @@ impl Refusals {
             let mut event = Event::new(&tally.context, key.outcome, audit::Details::default());
             event.identity = key.identity;
             event.count = Some(tally.count);
-            if let Err(e) = self.vault.audit().record(event).await {
+            if let Err(e) = self.vault.audit().record(event, Effect::Inert).await {
                 tracing::warn!(error = %e, count = tally.count, "could not audit refused calls");
             }
         }

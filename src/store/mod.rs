@@ -6,6 +6,8 @@ mod sql;
 mod sqlite;
 
 use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -385,6 +387,23 @@ impl StoreError {
     }
 }
 
+/// An audit event in its writer's hands, not yet known to be durable.
+#[must_use = "an event is durable only once `durable` answers"]
+pub struct Queued(Pin<Box<dyn Future<Output = Result<StoredEvent, StoreError>> + Send>>);
+
+impl Queued {
+    pub(crate) fn new(
+        durable: impl Future<Output = Result<StoredEvent, StoreError>> + Send + 'static,
+    ) -> Self {
+        Self(Box::pin(durable))
+    }
+
+    /// The event as committed, or why it was not.
+    pub async fn durable(self) -> Result<StoredEvent, StoreError> {
+        self.0.await
+    }
+}
+
 /// Where credentials and key material live. Every write is atomic and durable
 /// when it returns.
 #[async_trait]
@@ -447,8 +466,15 @@ pub trait Store: Send + Sync + 'static {
         fingerprint_key: Sealed,
         event: Event,
     ) -> Result<StoredEvent, StoreError>;
-    /// Appends an event for a call that changed nothing.
-    async fn append_audit(&self, event: Event) -> Result<StoredEvent, StoreError>;
+    /// Appends an event for a call that changed nothing; returns once it is durable.
+    async fn append_audit(&self, event: Event) -> Result<StoredEvent, StoreError> {
+        self.queue_audit(event)?.durable().await
+    }
+    /// Hands an event for a call that changed nothing to this process's
+    /// writer, behind every write handed over before it, and returns at
+    /// once: [`Queued::durable`] answers once it is committed. Fails when the
+    /// writer is gone.
+    fn queue_audit(&self, event: Event) -> Result<Queued, StoreError>;
     /// Up to `limit` events after `after`, in order.
     async fn audit_after(&self, after: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError>;
     /// The newest event, if any.

@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 use super::{appended, classify, in_lock_order, pooled, tail};
 use crate::audit::{Event, StoredEvent};
 use crate::store::sql::{self, values, Value};
-use crate::store::{audit_failure, CredentialRecord, StoreError};
+use crate::store::{audit_failure, CredentialRecord, Queued, StoreError};
 
 /// Most writes one transaction takes.
 const MAX_BATCH: usize = 256;
@@ -103,9 +103,12 @@ impl Writer {
         Ok((row, written.event, written.encryptions))
     }
 
-    /// Appends an event for a call that changed nothing, in the next batch.
-    pub(super) async fn append(&self, event: Event) -> Result<StoredEvent, StoreError> {
-        Ok(self.send(None, event).await?.event)
+    /// Queues an event for a call that changed nothing for the next batch.
+    pub(super) fn queue_append(&self, event: Event) -> Result<Queued, StoreError> {
+        let answer = self.submit(None, event)?;
+        Ok(Queued::new(async move {
+            Ok(answer.await.map_err(|_| StoreError::WriterGone)??.event)
+        }))
     }
 
     async fn send(
@@ -113,6 +116,16 @@ impl Writer {
         record: Option<CredentialRecord>,
         event: Event,
     ) -> Result<Written, StoreError> {
+        self.submit(record, event)?
+            .await
+            .map_err(|_| StoreError::WriterGone)?
+    }
+
+    fn submit(
+        &self,
+        record: Option<CredentialRecord>,
+        event: Event,
+    ) -> Result<oneshot::Receiver<Result<Written, StoreError>>, StoreError> {
         let (done, answer) = oneshot::channel();
         let job = Job {
             record,
@@ -120,7 +133,7 @@ impl Writer {
             done,
         };
         self.jobs.send(job).map_err(|_| StoreError::WriterGone)?;
-        answer.await.map_err(|_| StoreError::WriterGone)?
+        Ok(answer)
     }
 }
 

@@ -19,8 +19,9 @@ use zeroize::Zeroizing;
 use super::sql::{self, values, SqlRow, Value};
 use super::{
     audit_failure, millis, taken, AuditRecord, CredentialRecord, Hold, KeyVersionRow,
-    ParamsBinding, Reseal, RetireOutcome, Rewrapped, RootSealed, RootWitness, Shred, StaleDataKey,
-    Store, StoreError, StoredKeys, WrappedDataKey, FINGERPRINT_KEY, LEGACY_FINGERPRINT_KEY,
+    ParamsBinding, Queued, Reseal, RetireOutcome, Rewrapped, RootSealed, RootWitness, Shred,
+    StaleDataKey, Store, StoreError, StoredKeys, WrappedDataKey, FINGERPRINT_KEY,
+    LEGACY_FINGERPRINT_KEY,
 };
 use crate::audit::{chain_hash, Checkpoint, Event, StoredEvent};
 use crate::crypto::{NewKeyMaterial, Sealed, WrappedKeyVersion};
@@ -862,8 +863,8 @@ impl Store for PostgresStore {
         Ok(stored)
     }
 
-    async fn append_audit(&self, event: Event) -> Result<StoredEvent, StoreError> {
-        self.writer.append(event).await
+    fn queue_audit(&self, event: Event) -> Result<Queued, StoreError> {
+        self.writer.queue_append(event)
     }
 
     async fn audit_after(&self, after: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {

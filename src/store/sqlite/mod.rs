@@ -6,13 +6,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use async_trait::async_trait;
-use rusqlite::{Connection, ErrorCode};
+use rusqlite::{Connection, ErrorCode, OptionalExtension};
 
 use super::sql::{self, values, SqlRow, Value};
 use super::{
     audit_failure, millis, taken, AuditRecord, CredentialRecord, Hold, KeyVersionRow,
-    ParamsBinding, Reseal, RetireOutcome, Rewrapped, RootSealed, RootWitness, Shred, StaleDataKey,
-    Store, StoreError, StoredKeys, WrappedDataKey, FINGERPRINT_KEY, LEGACY_FINGERPRINT_KEY,
+    ParamsBinding, Queued, Reseal, RetireOutcome, Rewrapped, RootSealed, RootWitness, Shred,
+    StaleDataKey, Store, StoreError, StoredKeys, WrappedDataKey, FINGERPRINT_KEY,
+    LEGACY_FINGERPRINT_KEY,
 };
 use crate::audit::{chain_hash, Checkpoint, Event, StoredEvent, GENESIS};
 use crate::crypto::{NewKeyMaterial, Sealed, WrappedKeyVersion};
@@ -421,9 +422,21 @@ fn sealed_material(conn: &Connection, purpose: &str) -> Result<Option<Sealed>, S
 /// previous event's hash and this event's canonical text.
 fn append_in(tx: &Connection, mut event: Event) -> Result<StoredEvent, StoreError> {
     let mut append = || {
-        let last = query_opt(tx, sql::LAST_EVENT, &[], sql::stored_event)?;
+        // Only the head's place: not its text.
+        let last = tx
+            .prepare_cached(
+                "SELECT sequence, hash FROM audit_events ORDER BY sequence DESC LIMIT 1",
+            )?
+            .query_row([], |row| {
+                Ok((row.get::<_, u64>(0)?, row.get::<_, Vec<u8>>(1)?))
+            })
+            .optional()?;
         let (sequence, previous_hash) = match last {
-            Some(last) => (last.sequence + 1, last.hash),
+            Some((last, hash)) => (
+                last + 1,
+                hash.try_into()
+                    .map_err(|_| StoreError::Corrupt("an audit event's hash has a wrong length"))?,
+            ),
             None => (1, GENESIS),
         };
         event.sequence = sequence;
@@ -645,8 +658,15 @@ impl Store for SqliteStore {
         .map(|(stored, _)| stored)
     }
 
-    async fn append_audit(&self, event: Event) -> Result<StoredEvent, StoreError> {
-        self.write(move |conn| append_in(conn, event)).await
+    fn queue_audit(&self, event: Event) -> Result<Queued, StoreError> {
+        let settled = self
+            .inner
+            .writer
+            .submit(move |conn| append_in(conn, event), |_| Destroys::Nothing)?;
+        Ok(Queued::new(async move {
+            let (stored, _) = settled.await.map_err(|_| StoreError::WriterGone)??;
+            Ok(stored)
+        }))
     }
 
     async fn audit_after(&self, after: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {

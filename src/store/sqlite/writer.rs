@@ -49,7 +49,12 @@ struct Ran {
     finish: Finish,
     ok: bool,
     destroys: Destroys,
+    /// Why it failed, as the other writes of its transaction would hear it.
+    failure: Option<StoreError>,
 }
+
+/// What a submitted write reports once its transaction is settled.
+pub type Settled<T> = oneshot::Receiver<Result<(T, Shred), StoreError>>;
 
 /// One write: runs inside the batch's transaction, in its own savepoint.
 struct Job {
@@ -100,10 +105,28 @@ impl Writer {
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
         D: FnOnce(&T) -> Destroys + Send + 'static,
     {
+        self.submit(f, destroys)?
+            .await
+            .map_err(|_| StoreError::WriterGone)?
+    }
+
+    /// As [`Self::write`], but returns as soon as the writer holds the write:
+    /// it runs after every write handed over before it, and the receiver
+    /// gets the result once its transaction is settled.
+    pub fn submit<T, F, D>(&self, f: F, destroys: D) -> Result<Settled<T>, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+        D: FnOnce(&T) -> Destroys + Send + 'static,
+    {
         let (done, result) = oneshot::channel();
         let run = Box::new(move |conn: Option<&Connection>| {
             let outcome = conn.map(f);
             let ok = matches!(outcome, Some(Ok(_)));
+            let failure = match &outcome {
+                Some(Err(e)) => Some(e.for_another_write()),
+                _ => None,
+            };
             let destroys = match &outcome {
                 Some(Ok(value)) => destroys(value),
                 _ => Destroys::Nothing,
@@ -122,12 +145,13 @@ impl Writer {
                 finish,
                 ok,
                 destroys,
+                failure,
             }
         });
         self.jobs
             .send(Job { run })
             .map_err(|_| StoreError::WriterGone)?;
-        result.await.map_err(|_| StoreError::WriterGone)?
+        Ok(result)
     }
 }
 
@@ -177,7 +201,15 @@ fn run(conn: &Connection, queue: &mpsc::Receiver<Job>, max_batch: usize, pending
         }
         let (mut now, mut soon) = (false, false);
         let mut finishers = Vec::with_capacity(batch.len());
+        // Set when SQLite rolled the whole transaction back on its own (it
+        // does after SQLITE_FULL, IOERR, NOMEM): every write of the batch is
+        // undone, and a write run now would commit alone, in autocommit mode.
+        let mut aborted: Option<StoreError> = None;
         for job in batch {
+            if aborted.is_some() {
+                finishers.push(((job.run)(None).finish, false));
+                continue;
+            }
             // A savepoint per write: one write's failure undoes only itself.
             let savepoint = statement(conn, "SAVEPOINT job");
             let (finish, ok) = if savepoint.is_ok() {
@@ -185,6 +217,13 @@ fn run(conn: &Connection, queue: &mpsc::Receiver<Job>, max_batch: usize, pending
                 if ran.ok {
                     now |= ran.destroys == Destroys::Now;
                     soon |= ran.destroys == Destroys::Soon;
+                }
+                if conn.is_autocommit() {
+                    aborted = Some(ran.failure.unwrap_or_else(|| {
+                        StoreError::Commit("SQLite rolled the transaction back".into())
+                    }));
+                    finishers.push((ran.finish, false));
+                    continue;
                 }
                 (ran.finish, ran.ok)
             } else {
@@ -202,10 +241,15 @@ fn run(conn: &Connection, queue: &mpsc::Receiver<Job>, max_batch: usize, pending
             }
             finishers.push((finish, ok));
         }
-        let committed = conn.execute_batch("COMMIT").map_err(super::classify);
+        let committed = match aborted {
+            Some(e) => Err(e),
+            None => conn.execute_batch("COMMIT").map_err(super::classify),
+        };
         let mut shred = Shred::Done;
         if committed.is_err() {
-            let _ = conn.execute_batch("ROLLBACK");
+            if !conn.is_autocommit() {
+                let _ = conn.execute_batch("ROLLBACK");
+            }
         } else if now {
             shred = shred_wal(conn, SHRED_WAIT);
             last_try = Instant::now();
@@ -279,5 +323,79 @@ fn retry_shred(conn: &Connection, pending: &AtomicU64, since: &mut Option<Instan
              `audit verify`) holds an old snapshot; it is removed once the reader lets go",
             SHRED_WARN_AFTER.as_secs()
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn count(conn: &Connection) -> i64 {
+        conn.query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    /// SQLite rolls a whole transaction back on its own after some errors
+    /// (FULL, IOERR, NOMEM); a write run after that would commit alone, in
+    /// autocommit mode, and then be reported as failed with the batch.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn after_sqlite_rolls_a_batch_back_no_later_write_commits_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let conn = super::super::connect(&path).unwrap();
+        conn.execute_batch("CREATE TABLE t (x INTEGER)").unwrap();
+        let writer = Writer::start(conn, true).unwrap();
+        // Holds the writer in a first batch so the next writes share one.
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let (running, started) = std::sync::mpsc::channel::<()>();
+        let first = writer
+            .submit(
+                move |_| {
+                    let _ = running.send(());
+                    let _ = held.recv();
+                    Ok(())
+                },
+                |_| Destroys::Nothing,
+            )
+            .unwrap();
+        started.recv().unwrap();
+        // As SQLite does after SQLITE_FULL: the transaction is gone.
+        let rolled_back = writer
+            .submit(
+                |c| {
+                    c.execute_batch("ROLLBACK")?;
+                    Err::<(), _>(StoreError::Full)
+                },
+                |_| Destroys::Nothing,
+            )
+            .unwrap();
+        let later = writer
+            .submit(
+                |c| {
+                    c.execute("INSERT INTO t VALUES (1)", [])?;
+                    Ok(())
+                },
+                |_| Destroys::Nothing,
+            )
+            .unwrap();
+        release.send(()).unwrap();
+        first.await.unwrap().unwrap();
+        assert!(matches!(rolled_back.await.unwrap(), Err(StoreError::Full)));
+        let later = later.await.unwrap();
+        let check = super::super::connect(&path).unwrap();
+        assert_eq!(count(&check), 0, "a write reported as failed was committed");
+        assert!(matches!(later, Err(StoreError::Full)), "{later:?}");
+        // The writer goes on.
+        writer
+            .write(
+                |c| {
+                    c.execute("INSERT INTO t VALUES (2)", [])?;
+                    Ok(())
+                },
+                |_| Destroys::Nothing,
+            )
+            .await
+            .unwrap();
+        assert_eq!(count(&check), 1);
     }
 }
