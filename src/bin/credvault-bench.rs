@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use credvault::audit::Durability;
 use credvault::config::Config;
 use credvault::dev::certs::DevCertPaths;
 use credvault::dev::fake::{FakeProvider, Reply};
@@ -463,23 +464,8 @@ async fn bench(args: &Args) -> Result<(), String> {
         channels.push(vault.channel("app").await?);
     }
     let channels = Arc::new(channels);
+    store_read_fixtures(&channels[0]).await?;
     let mut setup = CredentialsClient::new(channels[0].clone());
-    for i in 0..10 {
-        setup
-            .store(amplitude(&format!("hot-{i}")))
-            .await
-            .map_err(|e| e.to_string())?;
-    }
-    // A workspace holds one connection per provider, so `list` reads a
-    // workspace with both providers' connections (the 10 do not fit).
-    setup
-        .store(amplitude("list-ws"))
-        .await
-        .map_err(|e| e.to_string())?;
-    setup
-        .store(posthog("list-ws"))
-        .await
-        .map_err(|e| e.to_string())?;
     for i in 0..64 {
         setup
             .store(posthog(&format!("val-{i}")))
@@ -506,20 +492,7 @@ async fn bench(args: &Args) -> Result<(), String> {
     let scenarios: Vec<(&str, Op)> = vec![
         ("noop", health(Arc::clone(&channels))),
         ("redact", redact_op(Arc::clone(&channels))),
-        ("list", {
-            let ch = Arc::clone(&channels);
-            Arc::new(move |w, _| {
-                let mut c = creds(&ch, w);
-                boxed(async move {
-                    c.list(ListRequest {
-                        workspace_id: "list-ws".into(),
-                    })
-                    .await
-                    .map(drop)
-                    .map_err(|e| e.to_string())
-                })
-            })
-        }),
+        ("list", list_op(Arc::clone(&channels))),
         ("store-new", store_new_op(Arc::clone(&channels))),
         ("store-replace", {
             let ch = Arc::clone(&channels);
@@ -595,6 +568,41 @@ async fn bench(args: &Args) -> Result<(), String> {
                 rss_before.unwrap_or(0), rss_after.unwrap_or(0)
             );
             report.rows.push(row);
+        }
+    }
+    // The reads again, on a vault that answers them once their events are
+    // queued (`audit.durability = "changes"`).
+    let lazy_reads: Vec<(&str, OpOn)> =
+        vec![("redact-changes", redact_op), ("list-changes", list_op)];
+    if lazy_reads.iter().any(|(name, _)| wanted(name)) {
+        let (config, data) =
+            prepare_vault(tmp.path(), "vault-changes", &fake, &fake_ca_file, |c| {
+                c.audit.durability = Durability::Changes;
+            })?;
+        let lazy = spawn_vault(&config, &data).await?;
+        let mut chans = Vec::new();
+        for _ in 0..CONNECTIONS {
+            chans.push(lazy.channel("app").await?);
+        }
+        let chans = Arc::new(chans);
+        store_read_fixtures(&chans[0]).await?;
+        for (name, op) in lazy_reads.into_iter().filter(|(name, _)| wanted(name)) {
+            for concurrency in CONCURRENCY {
+                let row = measure(
+                    name,
+                    concurrency,
+                    warmup,
+                    duration,
+                    op(Arc::clone(&chans)),
+                    Some(&lazy),
+                )
+                .await;
+                eprintln!(
+                    "  {name:<14} c={concurrency:<3} {:>9.0}/s  p50 {:>6} µs  p99 {:>6} µs  errors {}  vault CPU {:>5.1} µs/call",
+                    row.ops_per_sec, row.p50_us, row.p99_us, row.errors, row.server_cpu_us.unwrap_or(0.0),
+                );
+                report.rows.push(row);
+            }
         }
     }
     fake.clear_requests();
@@ -744,6 +752,45 @@ async fn replicas(
 }
 
 /// Redact of one of the ten `hot-*` connections, over worker `w`'s channel.
+/// A scenario's calls, on the given connections.
+type OpOn = fn(Arc<Vec<Channel>>) -> Op;
+
+/// The connections the read scenarios read.
+async fn store_read_fixtures(channel: &Channel) -> Result<(), String> {
+    let mut setup = CredentialsClient::new(channel.clone());
+    for i in 0..10 {
+        setup
+            .store(amplitude(&format!("hot-{i}")))
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    // A workspace holds one connection per provider, so `list` reads a
+    // workspace with both providers' connections (the 10 do not fit).
+    setup
+        .store(amplitude("list-ws"))
+        .await
+        .map_err(|e| e.to_string())?;
+    setup
+        .store(posthog("list-ws"))
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+fn list_op(channels: Arc<Vec<Channel>>) -> Op {
+    Arc::new(move |w, _| {
+        let mut c = CredentialsClient::new(channels[w % channels.len()].clone());
+        boxed(async move {
+            c.list(ListRequest {
+                workspace_id: "list-ws".into(),
+            })
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string())
+        })
+    })
+}
+
 fn redact_op(channels: Arc<Vec<Channel>>) -> Op {
     Arc::new(move |w, i| {
         let mut c = CredentialsClient::new(channels[w % channels.len()].clone());

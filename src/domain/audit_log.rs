@@ -12,7 +12,7 @@ use crate::audit::{
     verify_links, Checkpoint, Durability, Event, SignedHead, Signer, StoredEvent, GENESIS,
 };
 use crate::crypto::RootKey;
-use crate::store::{RootWitness, Store, StoreError};
+use crate::store::{Awaited, RootWitness, Store, StoreError};
 
 const SIGNING_KEY: &str = "audit-signing";
 /// Under [`Durability::Changes`], the most events answered and not yet
@@ -130,7 +130,15 @@ impl AuditLog {
         let permit = early
             .then(|| Arc::clone(&self.undurable).try_acquire_owned().ok())
             .flatten();
-        let queued = self.store.queue_audit(event).map_err(audit_unavailable)?;
+        let awaited = if permit.is_some() {
+            Awaited::No
+        } else {
+            Awaited::Yes
+        };
+        let queued = self
+            .store
+            .queue_audit(event, awaited)
+            .map_err(audit_unavailable)?;
         let Some(permit) = permit else {
             let stored = queued.durable().await.map_err(audit_unavailable)?;
             self.failing.store(false, Ordering::Relaxed);

@@ -387,6 +387,14 @@ impl StoreError {
     }
 }
 
+/// Whether a caller waits for a write's commit before it answers. A writer
+/// may hold writes no one waits for a little, to commit more at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Awaited {
+    Yes,
+    No,
+}
+
 /// An audit event in its writer's hands, not yet known to be durable.
 #[must_use = "an event is durable only once `durable` answers"]
 pub struct Queued(Pin<Box<dyn Future<Output = Result<StoredEvent, StoreError>> + Send>>);
@@ -468,13 +476,13 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<StoredEvent, StoreError>;
     /// Appends an event for a call that changed nothing; returns once it is durable.
     async fn append_audit(&self, event: Event) -> Result<StoredEvent, StoreError> {
-        self.queue_audit(event)?.durable().await
+        self.queue_audit(event, Awaited::Yes)?.durable().await
     }
     /// Hands an event for a call that changed nothing to this process's
     /// writer, behind every write handed over before it, and returns at
     /// once: [`Queued::durable`] answers once it is committed. Fails when the
     /// writer is gone.
-    fn queue_audit(&self, event: Event) -> Result<Queued, StoreError>;
+    fn queue_audit(&self, event: Event, awaited: Awaited) -> Result<Queued, StoreError>;
     /// Up to `limit` events after `after`, in order.
     async fn audit_after(&self, after: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError>;
     /// The newest event, if any.

@@ -18,7 +18,7 @@ use zeroize::Zeroizing;
 
 use super::sql::{self, values, SqlRow, Value};
 use super::{
-    audit_failure, millis, taken, AuditRecord, CredentialRecord, Hold, KeyVersionRow,
+    audit_failure, millis, taken, AuditRecord, Awaited, CredentialRecord, Hold, KeyVersionRow,
     ParamsBinding, Queued, Reseal, RetireOutcome, Rewrapped, RootSealed, RootWitness, Shred,
     StaleDataKey, Store, StoreError, StoredKeys, WrappedDataKey, FINGERPRINT_KEY,
     LEGACY_FINGERPRINT_KEY,
@@ -863,7 +863,9 @@ impl Store for PostgresStore {
         Ok(stored)
     }
 
-    fn queue_audit(&self, event: Event) -> Result<Queued, StoreError> {
+    /// Each batch's round trips already gather what arrives meanwhile: no
+    /// write waits on purpose, awaited or not.
+    fn queue_audit(&self, event: Event, _: Awaited) -> Result<Queued, StoreError> {
         self.writer.queue_append(event)
     }
 

@@ -10,7 +10,7 @@ use rusqlite::{Connection, ErrorCode, OptionalExtension};
 
 use super::sql::{self, values, SqlRow, Value};
 use super::{
-    audit_failure, millis, taken, AuditRecord, CredentialRecord, Hold, KeyVersionRow,
+    audit_failure, millis, taken, AuditRecord, Awaited, CredentialRecord, Hold, KeyVersionRow,
     ParamsBinding, Queued, Reseal, RetireOutcome, Rewrapped, RootSealed, RootWitness, Shred,
     StaleDataKey, Store, StoreError, StoredKeys, WrappedDataKey, FINGERPRINT_KEY,
     LEGACY_FINGERPRINT_KEY,
@@ -658,11 +658,12 @@ impl Store for SqliteStore {
         .map(|(stored, _)| stored)
     }
 
-    fn queue_audit(&self, event: Event) -> Result<Queued, StoreError> {
-        let settled = self
-            .inner
-            .writer
-            .submit(move |conn| append_in(conn, event), |_| Destroys::Nothing)?;
+    fn queue_audit(&self, event: Event, awaited: Awaited) -> Result<Queued, StoreError> {
+        let settled = self.inner.writer.submit(
+            move |conn| append_in(conn, event),
+            |_| Destroys::Nothing,
+            awaited,
+        )?;
         Ok(Queued::new(async move {
             let (stored, _) = settled.await.map_err(|_| StoreError::WriterGone)??;
             Ok(stored)

@@ -8,10 +8,14 @@ use std::time::{Duration, Instant};
 use rusqlite::Connection;
 use tokio::sync::oneshot;
 
-use crate::store::{Shred, StoreError};
+use crate::store::{Awaited, Shred, StoreError};
 
 /// Most writes one transaction takes.
 const MAX_BATCH: usize = 256;
+/// How long the writer gathers writes that no caller waits for (the
+/// events of reads under `audit.durability = "changes"`) before it commits
+/// them: part of the bound on what a crash can lose in that mode.
+pub const UNAWAITED_WINDOW: Duration = Duration::from_millis(2);
 /// How often a shred that readers held up is tried again.
 const SHRED_RETRY: Duration = Duration::from_millis(250);
 /// How long a destroying write waits for readers to let go of old pages
@@ -59,6 +63,7 @@ pub type Settled<T> = oneshot::Receiver<Result<(T, Shred), StoreError>>;
 /// One write: runs inside the batch's transaction, in its own savepoint.
 struct Job {
     run: Run,
+    awaited: Awaited,
 }
 
 /// The sending side: hand a write to the writer thread and await its durable result.
@@ -105,7 +110,7 @@ impl Writer {
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
         D: FnOnce(&T) -> Destroys + Send + 'static,
     {
-        self.submit(f, destroys)?
+        self.submit(f, destroys, Awaited::Yes)?
             .await
             .map_err(|_| StoreError::WriterGone)?
     }
@@ -113,7 +118,12 @@ impl Writer {
     /// As [`Self::write`], but returns as soon as the writer holds the write:
     /// it runs after every write handed over before it, and the receiver
     /// gets the result once its transaction is settled.
-    pub fn submit<T, F, D>(&self, f: F, destroys: D) -> Result<Settled<T>, StoreError>
+    pub fn submit<T, F, D>(
+        &self,
+        f: F,
+        destroys: D,
+        awaited: Awaited,
+    ) -> Result<Settled<T>, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
@@ -149,7 +159,7 @@ impl Writer {
             }
         });
         self.jobs
-            .send(Job { run })
+            .send(Job { run, awaited })
             .map_err(|_| StoreError::WriterGone)?;
         Ok(result)
     }
@@ -183,9 +193,21 @@ fn run(conn: &Connection, queue: &mpsc::Receiver<Job>, max_batch: usize, pending
                 Err(_) => return,
             }
         };
+        let gathering = Instant::now();
         let mut batch = vec![first];
         while batch.len() < max_batch {
             match queue.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        // No one waits for this batch's commit: gather more for a moment,
+        // so that one commit serves more of them.
+        while batch.len() < max_batch && batch.iter().all(|j| j.awaited == Awaited::No) {
+            let Some(left) = UNAWAITED_WINDOW.checked_sub(gathering.elapsed()) else {
+                break;
+            };
+            match queue.recv_timeout(left) {
                 Ok(job) => batch.push(job),
                 Err(_) => break,
             }
@@ -356,6 +378,7 @@ mod tests {
                     Ok(())
                 },
                 |_| Destroys::Nothing,
+                Awaited::Yes,
             )
             .unwrap();
         started.recv().unwrap();
@@ -367,6 +390,7 @@ mod tests {
                     Err::<(), _>(StoreError::Full)
                 },
                 |_| Destroys::Nothing,
+                Awaited::Yes,
             )
             .unwrap();
         let later = writer
@@ -376,6 +400,7 @@ mod tests {
                     Ok(())
                 },
                 |_| Destroys::Nothing,
+                Awaited::Yes,
             )
             .unwrap();
         release.send(()).unwrap();
