@@ -121,8 +121,10 @@ impl AuditLog {
     ///
     /// Returns once the event is durable, except under
     /// [`Durability::Changes`] for an [`Effect::Inert`] call: then once the
-    /// writer holds it, in order, while fewer than [`UNDURABLE_MAX`] events
-    /// wait for their commit and the last commit succeeded.
+    /// writer holds it, while fewer than [`UNDURABLE_MAX`] events wait for
+    /// their commit, the last commit succeeded, and the writer commits in
+    /// the order it was handed events (SQLite's; not PostgreSQL's, whose
+    /// batches in flight may take the chain's head in either order).
     pub async fn record(&self, event: Event, effect: Effect) -> Result<(), VaultError> {
         let early = self.durability == Durability::Changes
             && effect == Effect::Inert
@@ -139,7 +141,7 @@ impl AuditLog {
             .store
             .queue_audit(event, awaited)
             .map_err(audit_unavailable)?;
-        let Some(permit) = permit else {
+        let Some(permit) = permit.filter(|_| queued.in_order()) else {
             let stored = queued.durable().await.map_err(audit_unavailable)?;
             self.failing.store(false, Ordering::Relaxed);
             self.appended(&stored);

@@ -397,18 +397,34 @@ pub enum Awaited {
 
 /// An audit event in its writer's hands, not yet known to be durable.
 #[must_use = "an event is durable only once `durable` answers"]
-pub struct Queued(Pin<Box<dyn Future<Output = Result<StoredEvent, StoreError>> + Send>>);
+pub struct Queued {
+    durable: Pin<Box<dyn Future<Output = Result<StoredEvent, StoreError>> + Send>>,
+    in_order: bool,
+}
 
 impl Queued {
+    /// `in_order`: the writer commits events in the order they were
+    /// queued, so an event queued before a call's answer precedes, in the
+    /// chain, the event of any call made after that answer.
     pub(crate) fn new(
         durable: impl Future<Output = Result<StoredEvent, StoreError>> + Send + 'static,
+        in_order: bool,
     ) -> Self {
-        Self(Box::pin(durable))
+        Self {
+            durable: Box::pin(durable),
+            in_order,
+        }
+    }
+
+    /// Whether a call may be answered before its event is durable without
+    /// the chain putting that event after a later call's.
+    pub fn in_order(&self) -> bool {
+        self.in_order
     }
 
     /// The event as committed, or why it was not.
     pub async fn durable(self) -> Result<StoredEvent, StoreError> {
-        self.0.await
+        self.durable.await
     }
 }
 

@@ -106,9 +106,14 @@ impl Writer {
     /// Queues an event for a call that changed nothing for the next batch.
     pub(super) fn queue_append(&self, event: Event) -> Result<Queued, StoreError> {
         let answer = self.submit(None, event)?;
-        Ok(Queued::new(async move {
-            Ok(answer.await.map_err(|_| StoreError::WriterGone)??.event)
-        }))
+        // Two batches in flight take the chain's head in either order: an
+        // event answered before its batch commits could follow, in the
+        // chain, the event of a call made after that answer.
+        let in_order = false;
+        Ok(Queued::new(
+            async move { Ok(answer.await.map_err(|_| StoreError::WriterGone)??.event) },
+            in_order,
+        ))
     }
 
     async fn send(

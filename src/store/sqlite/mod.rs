@@ -664,10 +664,15 @@ impl Store for SqliteStore {
             |_| Destroys::Nothing,
             awaited,
         )?;
-        Ok(Queued::new(async move {
-            let (stored, _) = settled.await.map_err(|_| StoreError::WriterGone)??;
-            Ok(stored)
-        }))
+        // One writer thread takes writes first in, first out.
+        let in_order = true;
+        Ok(Queued::new(
+            async move {
+                let (stored, _) = settled.await.map_err(|_| StoreError::WriterGone)??;
+                Ok(stored)
+            },
+            in_order,
+        ))
     }
 
     async fn audit_after(&self, after: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
