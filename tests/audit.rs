@@ -958,8 +958,169 @@ async fn under_changes_durability_a_failing_log_fails_reads_closed() {
     );
     dir.restore_audit_writes();
     c.redact(reference("ws", "amplitude")).await.unwrap();
-    // Back to answering on a queued event, which is then logged.
+    // The reads answered and never logged are counted in the log itself.
     let mut audit = auditor(&dir, &vault).await;
     let events = read(&mut audit, 0, 2).await;
     assert_eq!(events[1].method, "Credentials.Redact");
+    let lost: Vec<_> = dir
+        .texts("SELECT event FROM audit_events")
+        .into_iter()
+        .filter(|e| e.contains("\"Audit.EventsLost\""))
+        .collect();
+    if first_refused == 0 {
+        assert!(lost.is_empty(), "{lost:?}");
+    } else {
+        assert_eq!(lost.len(), 1, "{lost:?}");
+        assert!(
+            lost[0].contains(&format!("\"count\":{first_refused}")),
+            "{lost:?} should count {first_refused}"
+        );
+    }
+}
+
+/// An insider makes only List's events fail while calls that commit keep
+/// coming: under `changes`, Lists are refused after the first lost event,
+/// not answered for as long as other events commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_changes_durability_one_lost_event_ends_early_answers_for_good() {
+    let dir = VaultDir::new();
+    let vault = dir.start_with(changes_durability(&dir)).await;
+    let mut c = vault.client().await;
+    c.store(amplitude("ws", CANARY, CANARY)).await.unwrap();
+    dir.execute_batch(if common::on_sqlite() {
+        "CREATE TRIGGER lists_down BEFORE INSERT ON audit_events \
+         WHEN NEW.event LIKE '%\"Credentials.List\"%' BEGIN SELECT RAISE(ABORT, 'x'); END;"
+    } else {
+        "CREATE FUNCTION lists_down() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN IF NEW.event LIKE '%\"Credentials.List\"%' THEN RAISE EXCEPTION 'x'; \
+         END IF; RETURN NEW; END $$; \
+         CREATE TRIGGER lists_down BEFORE INSERT ON audit_events \
+         FOR EACH ROW EXECUTE FUNCTION lists_down();"
+    });
+    // Other calls keep committing their events meanwhile (on PostgreSQL a
+    // Head that shares a batch with a List fails with it).
+    let mut heads = auditor(&dir, &vault).await;
+    let committing = tokio::spawn(async move {
+        let mut committed = 0;
+        for _ in 0..400 {
+            committed += usize::from(heads.head(HeadRequest {}).await.is_ok());
+        }
+        committed
+    });
+    let mut answered = 0;
+    for _ in 0..400 {
+        if c.list(ListRequest {
+            workspace_id: "ws".into(),
+        })
+        .await
+        .is_ok()
+        {
+            answered += 1;
+        }
+    }
+    assert!(committing.await.unwrap() > 0, "other events committed");
+    assert!(
+        answered <= 4,
+        "{answered} Lists answered whose events were never written"
+    );
+}
+
+/// A writer stalled by a reader's snapshot (a Zero's shred waits up to 1 s
+/// for it) stops early answers once the oldest waiting event is 10 ms old:
+/// a crash then would not lose the events of calls answered during the stall.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_changes_durability_a_stalled_writer_stops_early_answers() {
+    if !common::on_sqlite() {
+        return; // The stall is SQLite's shred; PostgreSQL answers after the commit anyway.
+    }
+    let dir = VaultDir::new();
+    let vault = dir.start_with(changes_durability(&dir)).await;
+    let mut c = vault.client().await;
+    c.store(amplitude("ws", CANARY, CANARY)).await.unwrap();
+    c.store(amplitude("other", CANARY, CANARY)).await.unwrap();
+    // A reader holding a snapshot, as a backup would.
+    let db = rusqlite::Connection::open(dir.db()).unwrap();
+    db.execute_batch("BEGIN").unwrap();
+    let _: i64 = db
+        .query_row("SELECT count(*) FROM audit_events", [], |r| r.get(0))
+        .unwrap();
+    let mut z = c.clone();
+    let zero = tokio::spawn(async move { z.zero(reference("other", "amplitude")).await });
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    // The writer now waits for the reader; count what is answered meanwhile.
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut readers = Vec::new();
+    for _ in 0..4 {
+        let (mut c, answered) = (c.clone(), std::sync::Arc::clone(&answered));
+        readers.push(tokio::spawn(async move {
+            let until = std::time::Instant::now() + std::time::Duration::from_millis(400);
+            while std::time::Instant::now() < until {
+                let call = c.list(ListRequest {
+                    workspace_id: "ws".into(),
+                });
+                if tokio::time::timeout(std::time::Duration::from_millis(500), call)
+                    .await
+                    .is_ok_and(|r| r.is_ok())
+                {
+                    answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    for r in readers {
+        r.await.unwrap();
+    }
+    let during_stall = answered.load(std::sync::atomic::Ordering::Relaxed);
+    db.execute_batch("COMMIT").unwrap();
+    zero.await.unwrap().unwrap();
+    assert!(
+        during_stall <= 64,
+        "{during_stall} Lists answered early while the writer was stalled"
+    );
+}
+
+/// An insider adds a trigger that drops Store and Zero events (before the
+/// insert, or by deleting the row after it). The chain would show no gap:
+/// so the vault refuses the change rather than commit it without its event.
+#[tokio::test]
+async fn a_trigger_that_drops_events_makes_changes_fail_not_go_unlogged() {
+    if !common::on_sqlite() {
+        return; // SQLite triggers on the file; on PostgreSQL the head moves, and verify sees the gap.
+    }
+    for trigger in [
+        "CREATE TRIGGER drop_changes BEFORE INSERT ON audit_events \
+         WHEN NEW.event LIKE '%\"Credentials.Store\"%' OR NEW.event LIKE '%\"Credentials.Zero\"%' \
+         BEGIN SELECT RAISE(IGNORE); END;",
+        "CREATE TRIGGER drop_changes AFTER INSERT ON audit_events \
+         WHEN NEW.event LIKE '%\"Credentials.Store\"%' OR NEW.event LIKE '%\"Credentials.Zero\"%' \
+         BEGIN DELETE FROM audit_events WHERE sequence = NEW.sequence; END;",
+    ] {
+        let dir = VaultDir::new();
+        let vault = dir.start().await;
+        let mut c = vault.client().await;
+        let before = c
+            .store(amplitude("ws", CANARY, CANARY))
+            .await
+            .unwrap()
+            .into_inner();
+        dir.execute_batch(trigger);
+        let store = c
+            .store(amplitude("ws", CANARY, "Another0secret1value2xyzXYZ34567"))
+            .await
+            .unwrap_err();
+        assert_eq!(store.code(), Code::Unavailable, "{trigger}: {store:?}");
+        let zero = c.zero(reference("ws", "amplitude")).await.unwrap_err();
+        assert_eq!(zero.code(), Code::Unavailable, "{trigger}: {zero:?}");
+        let after = c
+            .redact(reference("ws", "amplitude"))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            after.secrets, before.secrets,
+            "{trigger}: the Store happened"
+        );
+        assert_eq!(after.status, before.status, "{trigger}: the Zero happened");
+        vault.stop().await;
+    }
 }

@@ -1,11 +1,12 @@
 //! The audit log as the vault keeps it: appends that notify subscribers, and signed heads.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use ring::rand::SystemRandom;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use super::VaultError;
 use crate::audit::{
@@ -19,6 +20,13 @@ const SIGNING_KEY: &str = "audit-signing";
 /// durable: past this, calls wait for their event's commit again. It bounds
 /// what a crash can lose, with the time a group commit takes.
 pub const UNDURABLE_MAX: u32 = 1024;
+/// Under [`Durability::Changes`], once the oldest event answered and not
+/// yet durable has waited this long (the writer is stalled: a busy lock, a
+/// shred waiting for a reader), calls wait for their own events again. With
+/// [`UNDURABLE_MAX`], it bounds what a crash can lose.
+pub const UNDURABLE_AGE: Duration = Duration::from_millis(10);
+/// The method of the event that counts events answered early and lost.
+pub const EVENTS_LOST: &str = "Audit.EventsLost";
 /// How long stopping waits for answered events to become durable.
 const SETTLE_WAIT: Duration = Duration::from_secs(10);
 
@@ -43,9 +51,20 @@ pub struct AuditLog {
     durability: Durability,
     /// Permits for events answered before they are durable.
     undurable: Arc<Semaphore>,
-    /// Set when an event answered early failed to commit, cleared by the
-    /// next commit: meanwhile every call waits for its own event.
-    failing: Arc<AtomicBool>,
+    early: Arc<Early>,
+}
+
+/// Events answered before they were durable, as this process tracks them.
+#[derive(Debug, Default)]
+struct Early {
+    /// When each event waiting for its commit was queued, oldest first
+    /// (the writer commits them in this order).
+    waiting: Mutex<VecDeque<Instant>>,
+    /// Set for good when one failed to commit: from then on every call
+    /// waits for its own event.
+    stopped: AtomicBool,
+    /// Events answered early and never written, not yet counted in the chain.
+    lost: AtomicU64,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -102,7 +121,7 @@ impl AuditLog {
             head: Arc::new(watch::Sender::new(head)),
             durability: Durability::default(),
             undurable: Arc::new(Semaphore::new(UNDURABLE_MAX as usize)),
-            failing: Arc::default(),
+            early: Arc::default(),
         })
     }
 
@@ -121,51 +140,129 @@ impl AuditLog {
     ///
     /// Returns once the event is durable, except under
     /// [`Durability::Changes`] for an [`Effect::Inert`] call: then once the
-    /// writer holds it, while fewer than [`UNDURABLE_MAX`] events wait for
-    /// their commit, the last commit succeeded, and the writer commits in
-    /// the order it was handed events (SQLite's; not PostgreSQL's, whose
-    /// batches in flight may take the chain's head in either order).
+    /// writer holds it, if the writer commits in the order it was handed
+    /// events (SQLite's does; PostgreSQL's batches in flight take the chain's
+    /// head in either order), fewer than [`UNDURABLE_MAX`] events wait for
+    /// their commit, the oldest of them has waited less than
+    /// [`UNDURABLE_AGE`], and no event answered early has ever failed to
+    /// commit in this process.
     pub async fn record(&self, event: Event, effect: Effect) -> Result<(), VaultError> {
-        let early = self.durability == Durability::Changes
+        if self.durability == Durability::Changes
             && effect == Effect::Inert
-            && !self.failing.load(Ordering::Relaxed);
-        let permit = early
-            .then(|| Arc::clone(&self.undurable).try_acquire_owned().ok())
-            .flatten();
-        let awaited = if permit.is_some() {
-            Awaited::No
-        } else {
-            Awaited::Yes
-        };
+            && !self.early.stopped.load(Ordering::Relaxed)
+        {
+            if let Ok(permit) = Arc::clone(&self.undurable).try_acquire_owned() {
+                return self.record_early(event, permit).await;
+            }
+        }
+        self.record_durable(event).await
+    }
+
+    async fn record_durable(&self, event: Event) -> Result<(), VaultError> {
         let queued = self
             .store
-            .queue_audit(event, awaited)
+            .queue_audit(event, Awaited::Yes)
             .map_err(audit_unavailable)?;
-        let Some(permit) = permit.filter(|_| queued.in_order()) else {
+        let stored = queued.durable().await.map_err(audit_unavailable)?;
+        self.appended(&stored);
+        self.report_lost().await;
+        Ok(())
+    }
+
+    /// Queues `event` and returns at once, unless the writer's order is not
+    /// the chain's or it has fallen behind: then as [`Self::record_durable`].
+    async fn record_early(
+        &self,
+        event: Event,
+        permit: OwnedSemaphorePermit,
+    ) -> Result<(), VaultError> {
+        let queued = {
+            // Held while queueing, so `waiting` is in the writer's order.
+            let mut waiting = self.early.waiting.lock().unwrap_or_else(|p| p.into_inner());
+            let behind = waiting
+                .front()
+                .is_some_and(|oldest| oldest.elapsed() >= UNDURABLE_AGE);
+            if behind {
+                Err(event)
+            } else {
+                let queued = self
+                    .store
+                    .queue_audit(event, Awaited::No)
+                    .map_err(audit_unavailable)?;
+                if queued.in_order() {
+                    waiting.push_back(Instant::now());
+                }
+                Ok(queued)
+            }
+        };
+        let queued = match queued {
+            Ok(queued) => queued,
+            Err(event) => {
+                drop(permit);
+                return self.record_durable(event).await;
+            }
+        };
+        if !queued.in_order() {
+            drop(permit);
             let stored = queued.durable().await.map_err(audit_unavailable)?;
-            self.failing.store(false, Ordering::Relaxed);
             self.appended(&stored);
             return Ok(());
-        };
-        let (head, failing) = (Arc::clone(&self.head), Arc::clone(&self.failing));
+        }
+        let (head, early) = (Arc::clone(&self.head), Arc::clone(&self.early));
         tokio::spawn(async move {
-            match queued.durable().await {
-                Ok(stored) => {
-                    failing.store(false, Ordering::Relaxed);
-                    advance(&head, &stored);
-                }
+            let durable = queued.durable().await;
+            early
+                .waiting
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pop_front();
+            match durable {
+                Ok(stored) => advance(&head, &stored),
                 Err(e) => {
-                    failing.store(true, Ordering::Relaxed);
+                    early.stopped.store(true, Ordering::Relaxed);
+                    let lost = early.lost.fetch_add(1, Ordering::Relaxed) + 1;
                     tracing::error!(
                         error = %e,
-                        "an audit event of a call already answered could not be written; \
-                         calls now wait for their events until a commit succeeds"
+                        lost,
+                        "the audit event of a call already answered could not be written: \
+                         from now on every call waits for its own event (audit.durability \
+                         \"changes\" is off until the vault restarts), and the loss is \
+                         recorded in the log once it can be written"
                     );
                 }
             }
             drop(permit);
         });
         Ok(())
+    }
+
+    /// Writes one event counting the events answered early that could not
+    /// be written, once the log can be written again: the loss is in the
+    /// chain, not only in a log line.
+    async fn report_lost(&self) {
+        let lost = self.early.lost.swap(0, Ordering::Relaxed);
+        if lost == 0 {
+            return;
+        }
+        let mut event = Event::new(
+            &crate::audit::Context {
+                identity: "credvault".into(),
+                method: EVENTS_LOST.into(),
+                workspace_id: String::new(),
+                provider: String::new(),
+                request_id: String::new(),
+            },
+            "DATA_LOSS",
+            crate::audit::Details::default(),
+        );
+        event.count = Some(lost);
+        match self.store.append_audit(event).await {
+            Ok(stored) => self.appended(&stored),
+            Err(e) => {
+                self.early.lost.fetch_add(lost, Ordering::Relaxed);
+                tracing::warn!(error = %e, lost, "could not record lost audit events yet");
+            }
+        }
     }
 
     /// Waits (a bounded time) until every event answered early is durable

@@ -452,6 +452,20 @@ fn append_in(tx: &Connection, mut event: Event) -> Result<StoredEvent, StoreErro
             previous_hash.as_slice(),
             hash.as_slice()
         ])?;
+        // Read back inside the transaction: a trigger someone added to the
+        // file may have dropped the row (RAISE(IGNORE), a DELETE after the
+        // insert), and the next event would then link to the one before it,
+        // leaving no gap for `audit verify` to find. Then nothing commits.
+        let kept: Option<Vec<u8>> = tx
+            .prepare_cached("SELECT hash FROM audit_events WHERE sequence = $1")?
+            .query_row([sequence], |row| row.get(0))
+            .optional()?;
+        if kept.as_deref() != Some(hash.as_slice()) {
+            return Err(StoreError::Corrupt(
+                "the audit log did not keep an event it was given: look for triggers on \
+                 audit_events (`SELECT sql FROM sqlite_master WHERE type = 'trigger'`)",
+            ));
+        }
         Ok(StoredEvent {
             sequence,
             canonical,
