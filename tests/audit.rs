@@ -854,6 +854,11 @@ async fn a_steady_trickle_of_events_does_not_hold_off_the_checkpoint() {
     vault.stop().await;
 }
 
+/// Sequential calls one caller can get answered early before the first
+/// failed commit is known (at most the 10 ms age limit's worth; 351 before
+/// one failure ended early answers).
+const EARLY_BEFORE_A_FAILURE: usize = 32;
+
 fn changes_durability(dir: &VaultDir) -> credvault::config::Config {
     let mut config = dir.config();
     config.audit.durability = credvault::audit::Durability::Changes;
@@ -942,14 +947,17 @@ async fn under_changes_durability_a_failing_log_fails_reads_closed() {
     // A read may be answered on its queued event until one such event fails
     // to commit; from then on every read waits for its own, and fails.
     let mut outcomes = Vec::new();
-    for _ in 0..20 {
+    for _ in 0..100 {
         outcomes.push(c.redact(reference("ws", "amplitude")).await.map(drop));
     }
     let first_refused = outcomes
         .iter()
         .position(|o| matches!(o, Err(s) if s.code() == Code::Unavailable))
         .expect("reads are refused once the log fails");
-    assert!(first_refused <= 4, "{outcomes:?}");
+    // At most what one caller gets answered while the failed event waited
+    // for its commit: the writer's 2 ms gathering window, never past the
+    // 10 ms age limit.
+    assert!(first_refused <= EARLY_BEFORE_A_FAILURE, "{outcomes:?}");
     assert!(
         outcomes[first_refused..]
             .iter()
@@ -1020,7 +1028,7 @@ async fn under_changes_durability_one_lost_event_ends_early_answers_for_good() {
     }
     assert!(committing.await.unwrap() > 0, "other events committed");
     assert!(
-        answered <= 4,
+        answered <= EARLY_BEFORE_A_FAILURE,
         "{answered} Lists answered whose events were never written"
     );
 }
