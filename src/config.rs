@@ -360,6 +360,9 @@ pub struct KeysConfig {
     /// The environment variable holding 64 hex characters, used when no file is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub root_key_env: Option<String>,
+    /// The root key on a PKCS#11 token (an HSM) instead: it never leaves it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pkcs11: Option<crate::crypto::TokenSettings>,
     /// The vault rotates by itself when the primary key version has wrapped
     /// this many data keys (well under AES-GCM's limit for random nonces).
     #[serde(default = "default_max_encryptions")]
@@ -462,6 +465,34 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
 }
 
+impl KeysConfig {
+    /// Where the root key is: `root_key_file`, else `root_key_env` (by
+    /// default `CREDVAULT_ROOT_KEY`), or `[keys.pkcs11]` alone.
+    pub fn root_source(&self) -> Result<crate::crypto::RootSource<'_>, String> {
+        use crate::crypto::RootSource;
+        match (&self.root_key_file, &self.root_key_env, &self.pkcs11) {
+            // A file wins over an environment variable, as it always has.
+            (Some(path), _, None) => Ok(RootSource::File(path)),
+            (None, env, None) => Ok(RootSource::Env(env.as_deref().unwrap_or(ROOT_KEY_ENV))),
+            (None, None, Some(token)) => {
+                if token.pin_file.is_some() == token.pin_env.is_some() {
+                    return Err(
+                        "[keys.pkcs11] needs exactly one of pin_file and pin_env (never the PIN \
+                         itself)"
+                            .into(),
+                    );
+                }
+                Ok(RootSource::Token(token))
+            }
+            _ => Err(
+                "[keys] names more than one root key: keep exactly one of root_key_file, \
+                 root_key_env and [keys.pkcs11]"
+                    .into(),
+            ),
+        }
+    }
+}
+
 impl Config {
     /// Reads a TOML file; relative paths in it are taken relative to its folder.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -481,6 +512,7 @@ impl Config {
             .providers
             .check()
             .and_then(|()| config.storage.check())
+            .and_then(|()| config.keys.root_source().map(drop))
             .and_then(|()| Policy::compile(&config.policy).map(drop))
             .map_err(|message| ConfigError::Parse {
                 path: path.to_owned(),
@@ -517,6 +549,11 @@ impl Config {
         }
         if let Some(p) = &mut self.keys.root_key_file {
             fix(p);
+        }
+        if let Some(token) = &mut self.keys.pkcs11 {
+            if let Some(p) = &mut token.pin_file {
+                fix(p);
+            }
         }
         if let Some(p) = &mut self.outbound.extra_ca_file {
             fix(p);

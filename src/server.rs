@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
-use crate::config::{AuditConfig, Backend, Config, ROOT_KEY_ENV};
+use crate::config::{AuditConfig, Backend, Config};
 use crate::crypto::{RootKey, RootKeyError};
 use crate::domain::{Vault, VaultError};
 use crate::edge::tls::{SharedTls, TlsError};
@@ -44,6 +44,8 @@ pub enum ServeError {
     Metrics(std::io::Error),
     #[error("policy: {0}")]
     Policy(String),
+    #[error("configuration: {0}")]
+    Config(String),
     #[error(
         "the audit log in the database does not reach the last head in audit.anchor_file {path} \
          (event {sequence}): {why}. `credvault audit verify --config` names what is wrong. To \
@@ -66,10 +68,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     crate::hardening::disable_core_dumps();
-    let root = match &config.keys.root_key_file {
-        Some(path) => RootKey::from_file(path)?,
-        None => RootKey::from_env(config.keys.root_key_env.as_deref().unwrap_or(ROOT_KEY_ENV))?,
-    };
+    let root = RootKey::load(config.keys.root_source().map_err(ServeError::Config)?)?;
     let tls = SharedTls::load(&config.tls)?;
     let store = crate::store::open(&config.storage).await?;
     // Held until `run` returns: `keys rotate-root` and `bind-params` refuse

@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::config::{Backend, Config, ROOT_KEY_ENV};
+use crate::config::{Backend, Config};
 use crate::crypto::{Keyring, RootKey};
 use crate::edge::tls;
 use crate::policy::Policy;
@@ -44,15 +44,19 @@ pub async fn run(path: &Path) -> Result<(), String> {
             }
         }),
     );
-    let root = match &config.keys.root_key_file {
-        Some(file) => RootKey::from_file(file),
-        None => RootKey::from_env(config.keys.root_key_env.as_deref().unwrap_or(ROOT_KEY_ENV)),
+    let source = config.keys.root_source();
+    let what = match &source {
+        Ok(crate::crypto::RootSource::Token(_)) => {
+            "root key (the token, its PIN, a non-extractable AES-256 key)"
+        }
+        _ => "root key (file mode 0600, 64 hex characters)",
     };
+    let root = source.and_then(|source| RootKey::load(source).map_err(|e| e.to_string()));
     let root_ok = root
         .as_ref()
         .map(|_| String::new())
         .map_err(ToString::to_string);
-    report("root key (file mode 0600, 64 hex characters)", root_ok);
+    report(what, root_ok);
     let store = open_store(&config).await;
     report(
         "the database opens",

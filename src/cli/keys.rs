@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use super::client::{status_error, Connect};
-use crate::config::{Config, ROOT_KEY_ENV};
+use crate::config::Config;
 use crate::crypto::RootKey;
 use crate::proto::key_admin_client::KeyAdminClient;
 use crate::proto::key_version_info::State;
@@ -145,11 +145,7 @@ async fn bind_params(config_path: &std::path::Path) -> Result<(), String> {
 
 /// The root key the configuration names.
 fn root_key(config: &Config) -> Result<RootKey, String> {
-    match &config.keys.root_key_file {
-        Some(path) => RootKey::from_file(path),
-        None => RootKey::from_env(config.keys.root_key_env.as_deref().unwrap_or(ROOT_KEY_ENV)),
-    }
-    .map_err(|e| e.to_string())
+    RootKey::load(config.keys.root_source()?).map_err(|e| e.to_string())
 }
 
 async fn rotate_root(

@@ -33,12 +33,47 @@ pub enum RootKeyError {
     Malformed { origin: String },
     #[error("environment variable {0} is not set")]
     MissingEnv(String),
+    #[error(transparent)]
+    Token(#[from] super::TokenError),
+}
+
+/// Where the root key is: the choice `[keys]` makes.
+#[derive(Debug, Clone, Copy)]
+pub enum RootSource<'a> {
+    /// 64 hex characters in a file of mode 0600.
+    File(&'a Path),
+    /// 64 hex characters in an environment variable.
+    Env(&'a str),
+    /// An AES-256 key on a PKCS#11 token, which seals and opens itself.
+    Token(&'a super::TokenSettings),
 }
 
 /// The key that wraps key-encryption keys and nothing else.
-pub struct RootKey(Key);
+pub struct RootKey(Root);
+
+enum Root {
+    Software(Key),
+    /// The key never leaves the token.
+    Token(super::TokenKey),
+}
 
 impl RootKey {
+    /// Loads the root key from where the configuration says it is.
+    pub fn load(source: RootSource<'_>) -> Result<Self, RootKeyError> {
+        match source {
+            RootSource::File(path) => Self::from_file(path),
+            RootSource::Env(name) => Self::from_env(name),
+            RootSource::Token(settings) => {
+                Ok(Self(Root::Token(super::TokenKey::connect(settings)?)))
+            }
+        }
+    }
+
+    /// Whether the root key is on a token (and so never in this process).
+    pub fn on_token(&self) -> bool {
+        matches!(self.0, Root::Token(_))
+    }
+
     /// Reads 64 hex characters from a file that only its owner may read.
     pub fn from_file(path: &Path) -> Result<Self, RootKeyError> {
         let text = crate::hardening::read_private("root key file", path)?;
@@ -71,18 +106,41 @@ impl RootKey {
                 .decode(trimmed)
                 .map_err(|_| malformed())?,
         );
-        Key::from_slice(&mut bytes).map(Self).ok_or_else(malformed)
+        Key::from_slice(&mut bytes)
+            .map(|key| Self(Root::Software(key)))
+            .ok_or_else(malformed)
     }
 
     /// A fresh root key and its hex form, for a new development vault.
     pub fn generate(rng: &SystemRandom) -> Result<(Self, Zeroizing<String>), CryptoError> {
         let key = Key::generate(rng)?;
         let hex = Zeroizing::new(HEXLOWER_PERMISSIVE.encode(key.expose_secret()));
-        Ok((Self(key), hex))
+        Ok((Self(Root::Software(key)), hex))
     }
 }
 
 impl RootKey {
+    /// AES-256-GCM under the root key, in this process or on the token: the
+    /// same bytes either way for the same key.
+    fn seal_bytes(
+        &self,
+        rng: &SystemRandom,
+        bytes: &[u8],
+        aad: &[u8],
+    ) -> Result<Sealed, CryptoError> {
+        match &self.0 {
+            Root::Software(key) => seal(rng, key, bytes, aad),
+            Root::Token(token) => token.seal(rng, bytes, aad),
+        }
+    }
+
+    fn open_bytes(&self, sealed: &Sealed, aad: &[u8]) -> Result<super::Plaintext, CryptoError> {
+        match &self.0 {
+            Root::Software(key) => open(key, sealed, aad),
+            Root::Token(token) => token.open(sealed, aad),
+        }
+    }
+
     /// Seals other key material (the audit signing key) under the root key.
     pub fn seal(
         &self,
@@ -90,17 +148,15 @@ impl RootKey {
         purpose: &str,
         bytes: &[u8],
     ) -> Result<Sealed, CryptoError> {
-        seal(
+        self.seal_bytes(
             rng,
-            &self.0,
             bytes,
             &associated_data(ROOT_SEALED_PURPOSE, &[purpose.as_bytes()]),
         )
     }
 
     pub fn open(&self, purpose: &str, sealed: &Sealed) -> Result<super::Plaintext, CryptoError> {
-        open(
-            &self.0,
+        self.open_bytes(
             sealed,
             &associated_data(ROOT_SEALED_PURPOSE, &[purpose.as_bytes()]),
         )
@@ -115,13 +171,13 @@ impl RootKey {
     ) -> Result<WrappedKeyVersion, CryptoError> {
         Ok(WrappedKeyVersion {
             version,
-            sealed: seal(rng, &self.0, key.expose_secret(), &kek_aad(version))?,
+            sealed: self.seal_bytes(rng, key.expose_secret(), &kek_aad(version))?,
         })
     }
 
     /// Unseals a key-encryption key version.
     pub fn open_key_version(&self, wrapped: &WrappedKeyVersion) -> Result<Key, CryptoError> {
-        let plain = open(&self.0, &wrapped.sealed, &kek_aad(wrapped.version))?;
+        let plain = self.open_bytes(&wrapped.sealed, &kek_aad(wrapped.version))?;
         let mut bytes = plain.expose_secret().to_vec();
         Key::from_slice(&mut bytes).ok_or(CryptoError::Decrypt)
     }

@@ -3,13 +3,15 @@
 mod envelope;
 mod keyring;
 mod secret;
+mod token;
 
 pub use envelope::{associated_data, bind, open, seal, verify_binding, Sealed, NONCE_LEN};
 pub use keyring::{
-    Keyring, NewKeyMaterial, RootKey, RootKeyError, WrappedKeyVersion, FINGERPRINT_KEY_PURPOSE,
-    LEGACY_FINGERPRINT_KEY_PURPOSE,
+    Keyring, NewKeyMaterial, RootKey, RootKeyError, RootSource, WrappedKeyVersion,
+    FINGERPRINT_KEY_PURPOSE, LEGACY_FINGERPRINT_KEY_PURPOSE,
 };
 pub use secret::{Key, Plaintext};
+pub use token::{TokenError, TokenKey, TokenSettings};
 
 /// A decryption or key failure. Deliberately says nothing more than that: which
 /// check failed is no business of whoever reads the message.
@@ -22,4 +24,6 @@ pub enum CryptoError {
     Random,
     #[error("key version {0} is not in the keyring")]
     UnknownKeyVersion(u32),
+    #[error("the hardware security module holding the root key is unavailable")]
+    Token,
 }

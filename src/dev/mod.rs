@@ -107,6 +107,7 @@ fn dev_config() -> Config {
         keys: KeysConfig {
             root_key_file: Some(ROOT_KEY_FILE.into()),
             root_key_env: None,
+            pkcs11: None,
             max_encryptions_per_version: 1 << 30,
             rewrap_batch: crate::config::DEFAULT_REWRAP_BATCH,
         },

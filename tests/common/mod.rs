@@ -205,6 +205,7 @@ impl VaultDir {
             keys: KeysConfig {
                 root_key_file: Some(p.join("root.key")),
                 root_key_env: None,
+                pkcs11: None,
                 max_encryptions_per_version: 1 << 30,
                 rewrap_batch: 500,
             },

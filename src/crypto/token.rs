@@ -1,0 +1,312 @@
+//! A root key that never leaves a hardware security module: the token seals
+//! and opens with AES-256-GCM itself, through PKCS#11 (`cryptoki`).
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::{Error as P11Error, RvError};
+use cryptoki::mechanism::aead::GcmParams;
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, UserType};
+use cryptoki::types::AuthPin;
+use ring::rand::{SecureRandom, SystemRandom};
+use zeroize::Zeroizing;
+
+use super::{CryptoError, Plaintext, Sealed, NONCE_LEN};
+
+/// Bits in a GCM tag, as the software path writes it.
+const TAG_BITS: u64 = 128;
+
+/// Where the token and its key are, and where its user PIN comes from
+/// (`[keys.pkcs11]`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenSettings {
+    /// The PKCS#11 module (a shared library), e.g. `/usr/lib/softhsm/libsofthsm2.so`.
+    pub module: PathBuf,
+    /// The token's label.
+    pub token_label: String,
+    /// The label of the AES-256 key on the token.
+    pub key_label: String,
+    /// A file holding the user PIN, mode 0600 or stricter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pin_file: Option<PathBuf>,
+    /// An environment variable holding the user PIN (removed once read).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pin_env: Option<String>,
+    /// Accept a key the token would let out. For development only: an
+    /// extractable key can be copied off the token with the PIN.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_extractable: bool,
+}
+
+/// Why the token's key could not be used. Never carries the PIN.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TokenError {
+    #[error("the PKCS#11 module {module} could not be loaded ({reason}): check keys.pkcs11.module names the token's library (for SoftHSMv2, /usr/lib/softhsm/libsofthsm2.so)")]
+    Module { module: PathBuf, reason: String },
+    #[error("no token is labelled `{label}` in {module} (tokens present: {present}); check keys.pkcs11.token_label")]
+    NoToken {
+        label: String,
+        module: PathBuf,
+        present: String,
+    },
+    #[error("the user PIN for token `{label}` is wrong: check keys.pkcs11.pin_file or pin_env (the token may lock after more failed attempts)")]
+    WrongPin { label: String },
+    #[error(
+        "the user PIN of token `{label}` is locked: the token's security officer must unlock it"
+    )]
+    PinLocked { label: String },
+    #[error("token `{token}` has no secret key labelled `{key}`: create one (README, \"The root key in an HSM\") or check keys.pkcs11.key_label")]
+    NoKey { token: String, key: String },
+    #[error("token `{token}` has {count} secret keys labelled `{key}`: labels must name one key")]
+    ManyKeys {
+        token: String,
+        key: String,
+        count: usize,
+    },
+    #[error("the key `{key}` on token `{token}` is extractable, so it can be copied off the token: create a non-extractable key, or set keys.pkcs11.allow_extractable = true for development")]
+    Extractable { token: String, key: String },
+    #[error(
+        "the key `{key}` on token `{token}` is not an AES-256 key that may encrypt and decrypt"
+    )]
+    NotAes { token: String, key: String },
+    #[error("configure exactly one of keys.pkcs11.pin_file and keys.pkcs11.pin_env")]
+    PinSource,
+    #[error("environment variable {0} (keys.pkcs11.pin_env) is not set")]
+    MissingPinEnv(String),
+    #[error(transparent)]
+    PinFile(#[from] crate::hardening::FileError),
+    #[error("the HSM PIN is not UTF-8 text")]
+    PinNotText,
+    #[error("the token failed: {0}")]
+    Token(String),
+}
+
+/// A key on a token, with a logged-in session to use it.
+pub struct TokenKey {
+    session: Mutex<Session>,
+    key: ObjectHandle,
+    label: String,
+}
+
+impl std::fmt::Debug for TokenKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TokenKey({})", self.label)
+    }
+}
+
+impl TokenKey {
+    /// Loads the module, finds the token and the key, logs in, and checks
+    /// that the key is a non-extractable AES-256 key (unless allowed).
+    pub fn connect(settings: &TokenSettings) -> Result<Self, TokenError> {
+        let pin = read_pin(settings)?;
+        let module = &settings.module;
+        let pkcs11 = Pkcs11::new(module).map_err(|e| TokenError::Module {
+            module: module.clone(),
+            reason: e.to_string(),
+        })?;
+        match pkcs11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+            Ok(()) | Err(P11Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+            Err(e) => {
+                return Err(TokenError::Module {
+                    module: module.clone(),
+                    reason: e.to_string(),
+                })
+            }
+        }
+        let token = settings.token_label.as_str();
+        let failed = |e: P11Error| TokenError::Token(e.to_string());
+        let mut present = Vec::new();
+        let mut slot = None;
+        for s in pkcs11.get_slots_with_token().map_err(failed)? {
+            let info = pkcs11.get_token_info(s).map_err(failed)?;
+            if info.label() == token {
+                slot = Some(s);
+                break;
+            }
+            present.push(format!("`{}`", info.label()));
+        }
+        let slot = slot.ok_or_else(|| TokenError::NoToken {
+            label: token.to_owned(),
+            module: module.clone(),
+            present: if present.is_empty() {
+                "none".into()
+            } else {
+                present.join(", ")
+            },
+        })?;
+        let session = pkcs11.open_ro_session(slot).map_err(failed)?;
+        match session.login(UserType::User, Some(&pin)) {
+            Ok(()) | Err(P11Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
+            Err(P11Error::Pkcs11(RvError::PinIncorrect, _)) => {
+                return Err(TokenError::WrongPin {
+                    label: token.to_owned(),
+                })
+            }
+            Err(P11Error::Pkcs11(RvError::PinLocked, _)) => {
+                return Err(TokenError::PinLocked {
+                    label: token.to_owned(),
+                })
+            }
+            Err(e) => return Err(failed(e)),
+        }
+        let key_label = settings.key_label.as_str();
+        let found = session
+            .find_objects(&[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::Label(key_label.as_bytes().to_vec()),
+            ])
+            .map_err(failed)?;
+        let key = match found.as_slice() {
+            [key] => *key,
+            [] => {
+                return Err(TokenError::NoKey {
+                    token: token.to_owned(),
+                    key: key_label.to_owned(),
+                })
+            }
+            many => {
+                return Err(TokenError::ManyKeys {
+                    token: token.to_owned(),
+                    key: key_label.to_owned(),
+                    count: many.len(),
+                })
+            }
+        };
+        let attributes = session
+            .get_attributes(
+                key,
+                &[
+                    AttributeType::KeyType,
+                    AttributeType::ValueLen,
+                    AttributeType::Extractable,
+                    AttributeType::Encrypt,
+                    AttributeType::Decrypt,
+                ],
+            )
+            .map_err(failed)?;
+        let (mut aes, mut len, mut extractable, mut encrypt, mut decrypt) =
+            (false, 0u64, true, false, false);
+        for attribute in attributes {
+            match attribute {
+                Attribute::KeyType(t) => aes = t == KeyType::AES,
+                Attribute::ValueLen(n) => len = n.into(),
+                Attribute::Extractable(e) => extractable = e,
+                Attribute::Encrypt(e) => encrypt = e,
+                Attribute::Decrypt(d) => decrypt = d,
+                _ => {}
+            }
+        }
+        if !(aes && len == 32 && encrypt && decrypt) {
+            return Err(TokenError::NotAes {
+                token: token.to_owned(),
+                key: key_label.to_owned(),
+            });
+        }
+        if extractable && !settings.allow_extractable {
+            return Err(TokenError::Extractable {
+                token: token.to_owned(),
+                key: key_label.to_owned(),
+            });
+        }
+        if extractable {
+            tracing::warn!(
+                token,
+                key = key_label,
+                "the root key is extractable (keys.pkcs11.allow_extractable): acceptable for \
+                 development only"
+            );
+        }
+        Ok(Self {
+            session: Mutex::new(session),
+            key,
+            label: format!("{token}/{key_label}"),
+        })
+    }
+
+    /// AES-256-GCM on the token, with a nonce from `rng`: the same bytes the
+    /// software path writes for the same key.
+    pub fn seal(
+        &self,
+        rng: &SystemRandom,
+        plaintext: &[u8],
+        aad: &[u8],
+    ) -> Result<Sealed, CryptoError> {
+        let mut nonce = [0u8; NONCE_LEN];
+        rng.fill(&mut nonce).map_err(|_| CryptoError::Random)?;
+        let mut iv = nonce;
+        let params =
+            GcmParams::new(&mut iv, aad, TAG_BITS.into()).map_err(|_| CryptoError::Token)?;
+        let session = self.session.lock().unwrap_or_else(|p| p.into_inner());
+        let ciphertext = session
+            .encrypt(&Mechanism::AesGcm(params), self.key, plaintext)
+            .map_err(|e| {
+                tracing::warn!(key = %self.label, error = %e, "the token could not seal");
+                CryptoError::Token
+            })?;
+        Ok(Sealed { nonce, ciphertext })
+    }
+
+    pub fn open(&self, sealed: &Sealed, aad: &[u8]) -> Result<Plaintext, CryptoError> {
+        let mut iv = sealed.nonce;
+        let params =
+            GcmParams::new(&mut iv, aad, TAG_BITS.into()).map_err(|_| CryptoError::Decrypt)?;
+        let session = self.session.lock().unwrap_or_else(|p| p.into_inner());
+        session
+            .decrypt(&Mechanism::AesGcm(params), self.key, &sealed.ciphertext)
+            .map(Plaintext::new)
+            .map_err(|e| {
+                if unavailable(&e) {
+                    tracing::warn!(key = %self.label, error = %e, "the token could not open a sealed key");
+                    CryptoError::Token
+                } else {
+                    // A wrong tag is GeneralError on some tokens (SoftHSMv2):
+                    // anything but the token being gone is a failed check.
+                    CryptoError::Decrypt
+                }
+            })
+    }
+}
+
+fn read_pin(settings: &TokenSettings) -> Result<AuthPin, TokenError> {
+    let text: Zeroizing<Vec<u8>> = match (&settings.pin_file, &settings.pin_env) {
+        (Some(path), None) => crate::hardening::read_private("HSM PIN file", path)?,
+        (None, Some(name)) => {
+            let value = Zeroizing::new(
+                std::env::var(name).map_err(|_| TokenError::MissingPinEnv(name.clone()))?,
+            );
+            // Not thread-safe in general: this runs once, at start-up, before
+            // the vault starts any thread that reads the environment.
+            #[allow(clippy::disallowed_methods)]
+            std::env::remove_var(name);
+            Zeroizing::new(value.as_bytes().to_vec())
+        }
+        _ => return Err(TokenError::PinSource),
+    };
+    let pin = std::str::from_utf8(text.trim_ascii()).map_err(|_| TokenError::PinNotText)?;
+    Ok(AuthPin::from(pin.to_owned()))
+}
+
+/// Whether an error means the token or its session is gone, rather than
+/// that the data did not check out.
+fn unavailable(e: &P11Error) -> bool {
+    matches!(
+        e,
+        P11Error::Pkcs11(
+            RvError::DeviceRemoved
+                | RvError::DeviceError
+                | RvError::DeviceMemory
+                | RvError::TokenNotPresent
+                | RvError::TokenNotRecognized
+                | RvError::SessionClosed
+                | RvError::SessionHandleInvalid
+                | RvError::UserNotLoggedIn
+                | RvError::CryptokiNotInitialized,
+            _
+        )
+    )
+}

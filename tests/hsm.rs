@@ -1,0 +1,315 @@
+//! The root key on a PKCS#11 token: real SoftHSMv2 tokens (made with
+//! `softhsm2-util` and `pkcs11-tool` in a throwaway SOFTHSM2_CONF folder)
+//! and real `credvault serve` processes. Ignored unless SoftHSMv2 is
+//! installed; scripts/test installs it and runs them with --ignored.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{amplitude, reference};
+use credvault::config::Config;
+use credvault::crypto::TokenSettings;
+use credvault::dev::certs::DevCa;
+use credvault::dev::fake::{FakeProvider, Reply};
+use credvault::proto::validation::Verdict;
+
+const BIN: &str = env!("CARGO_BIN_EXE_credvault");
+const SECRET: &str = "Hq7Rt2Vb9Nc4Lm8Xw3Kd6Fj1Gs5Zp0Ye";
+const PIN: &str = "1234";
+const TOKEN: &str = "credvault";
+const IGNORED: &str = "needs SoftHSMv2 and opensc: scripts/test runs it with --ignored";
+
+fn module() -> PathBuf {
+    std::env::var_os("CREDVAULT_TEST_SOFTHSM_MODULE")
+        .map_or_else(|| "/usr/lib/softhsm/libsofthsm2.so".into(), PathBuf::from)
+}
+
+/// A SoftHSMv2 token store of its own, with one token `credvault`.
+struct SoftHsm {
+    conf: PathBuf,
+}
+
+impl SoftHsm {
+    fn new(dir: &Path) -> Self {
+        let tokens = dir.join("tokens");
+        std::fs::create_dir_all(&tokens).unwrap();
+        let conf = dir.join("softhsm2.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+                tokens.display()
+            ),
+        )
+        .unwrap();
+        let hsm = Self { conf };
+        hsm.run(
+            "softhsm2-util",
+            &[
+                "--init-token",
+                "--free",
+                "--label",
+                TOKEN,
+                "--pin",
+                PIN,
+                "--so-pin",
+                "5678",
+            ],
+        );
+        hsm
+    }
+
+    fn run(&self, program: &str, args: &[&str]) {
+        let out = Command::new(program)
+            .args(args)
+            .env("SOFTHSM2_CONF", &self.conf)
+            .output()
+            .unwrap_or_else(|e| panic!("{program}: {e} ({IGNORED})"));
+        assert!(
+            out.status.success(),
+            "{program} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// An AES-256 key on the token; `extra` adds pkcs11-tool flags.
+    fn keygen(&self, label: &str, extra: &[&str]) {
+        let module = module();
+        let mut args = vec![
+            "--module",
+            module.to_str().unwrap(),
+            "--token-label",
+            TOKEN,
+            "--login",
+            "--pin",
+            PIN,
+            "--keygen",
+            "--key-type",
+            "AES:32",
+            "--sensitive",
+            "--label",
+            label,
+        ];
+        args.extend_from_slice(extra);
+        self.run("pkcs11-tool", &args);
+    }
+
+    /// `env SOFTHSM2_CONF=…`, to start a process on this token store.
+    fn env(&self) -> String {
+        format!("SOFTHSM2_CONF={}", self.conf.display())
+    }
+}
+
+/// A dev vault folder whose root key is `key` on the token (its PIN in a
+/// file holding `pin`), whose key file is deleted, and whose Amplitude host
+/// is `fake`.
+fn vault_on_token(
+    dir: &Path,
+    key: &str,
+    pin: &str,
+    fake: Option<(&FakeProvider, &DevCa)>,
+) -> PathBuf {
+    let prepared = credvault::dev::prepare(&dir.join("vault")).unwrap();
+    let mut config = Config::load(&prepared.config_path).unwrap();
+    std::fs::remove_file(config.keys.root_key_file.take().unwrap()).unwrap();
+    let pin_file = dir.join("hsm-pin");
+    common::write_private(&pin_file, pin.as_bytes());
+    config.keys.pkcs11 = Some(TokenSettings {
+        module: module(),
+        token_label: TOKEN.into(),
+        key_label: key.into(),
+        pin_file: Some(pin_file),
+        pin_env: None,
+        allow_extractable: false,
+    });
+    if let Some((fake, ca)) = fake {
+        let ca_file = dir.join("provider-ca.pem");
+        std::fs::write(&ca_file, ca.cert_pem()).unwrap();
+        config.outbound.extra_ca_file = Some(ca_file);
+        config.outbound.allow_private_addresses = true;
+        config
+            .providers
+            .amplitude
+            .base_urls
+            .insert("us".into(), fake.url());
+    }
+    std::fs::write(&prepared.config_path, config.to_toml()).unwrap();
+    prepared.config_path
+}
+
+fn check_config(hsm: &SoftHsm, config: &Path) -> (bool, String) {
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(config)
+        .env("SOFTHSM2_CONF", &hsm.conf)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+async fn client(
+    config: &Path,
+    url: &str,
+) -> credvault::proto::credentials_client::CredentialsClient<tonic::transport::Channel> {
+    let certs = credvault::dev::certs::DevCertPaths::new(&config.parent().unwrap().join("certs"));
+    credvault::cli::client::connect(
+        url,
+        &std::fs::read(&certs.ca).unwrap(),
+        &std::fs::read(certs.client_cert("app")).unwrap(),
+        &std::fs::read(certs.client_key("app")).unwrap(),
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs SoftHSMv2 and opensc: scripts/test runs it with --ignored"]
+async fn a_vault_on_a_token_stores_survives_kill_9_and_serves() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hsm = SoftHsm::new(tmp.path());
+    hsm.keygen("credvault-root", &[]);
+    let ca = DevCa::generate("provider CA").unwrap();
+    let fake = FakeProvider::start(&ca, |_| Reply::json(200, r#"{"data":[]}"#)).await;
+    let config = vault_on_token(tmp.path(), "credvault-root", PIN, Some((&fake, &ca)));
+    let (ok, text) = check_config(&hsm, &config);
+    assert!(ok, "{text}");
+    assert!(text.contains("the token, its PIN"), "{text}");
+
+    let env = hsm.env();
+    let mut first = common::spawn_server_as(&config, &["env", &env]).await;
+    let mut c = client(&config, &first.url).await;
+    let stored = c
+        .store(amplitude("ws", SECRET, SECRET))
+        .await
+        .unwrap()
+        .into_inner();
+    first.process.start_kill().unwrap();
+    first.process.wait().await.unwrap();
+
+    let again = common::spawn_server_as(&config, &["env", &env]).await;
+    let mut c = client(&config, &again.url).await;
+    let redacted = c
+        .redact(reference("ws", "amplitude"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(redacted.secrets, stored.secrets);
+    let v = c
+        .validate_connection(reference("ws", "amplitude"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(v.verdict, Verdict::Valid as i32);
+    let sent = fake.requests();
+    assert!(
+        sent.iter().any(|r| r
+            .headers
+            .get("authorization")
+            .is_some_and(|a| a.starts_with("Basic "))),
+        "the provider got the decrypted credentials"
+    );
+    // Without the token the database opens nothing.
+    let (ok, text) = check_config(&SoftHsm::new(&tmp.path().join("another")), &config);
+    assert!(!ok, "{text}");
+
+    // Disaster recovery while the token is still there: `keys rotate-root`
+    // moves the database from the token to a key file, and the token is
+    // needed no more.
+    drop(again);
+    let file = tmp.path().join("recovery.key");
+    common::write_private(&file, "5a".repeat(32).as_bytes());
+    let out = Command::new(BIN)
+        .args(["keys", "rotate-root", "--config"])
+        .arg(&config)
+        .arg("--new-root-key")
+        .arg(&file)
+        .env("SOFTHSM2_CONF", &hsm.conf)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut loaded = Config::load(&config).unwrap();
+    loaded.keys.pkcs11 = None;
+    loaded.keys.root_key_file = Some(file);
+    std::fs::write(&config, loaded.to_toml()).unwrap();
+    let on_file = common::spawn_server(&config).await;
+    let mut c = client(&config, &on_file.url).await;
+    let redacted = c
+        .redact(reference("ws", "amplitude"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(redacted.secrets, stored.secrets);
+}
+
+#[tokio::test]
+#[ignore = "needs SoftHSMv2 and opensc: scripts/test runs it with --ignored"]
+async fn a_wrong_pin_a_missing_key_and_an_extractable_key_are_refused_with_their_message() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hsm = SoftHsm::new(tmp.path());
+    hsm.keygen("credvault-root", &[]);
+    hsm.keygen("extractable-root", &["--extractable"]);
+    let cases = [
+        (
+            "wrong-pin",
+            "credvault-root",
+            "0000",
+            "PIN for token `credvault` is wrong",
+        ),
+        (
+            "missing",
+            "absent-root",
+            PIN,
+            "has no secret key labelled `absent-root`",
+        ),
+        ("extractable", "extractable-root", PIN, "is extractable"),
+    ];
+    for (name, key, pin, expected) in cases {
+        let dir = tmp.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = vault_on_token(&dir, key, pin, None);
+        let (ok, text) = check_config(&hsm, &config);
+        assert!(!ok, "{name}: {text}");
+        assert!(text.contains(expected), "{name}: {text}");
+        assert!(
+            !text.contains(pin) || pin == PIN,
+            "{name}: the PIN is in the output"
+        );
+        let out = Command::new(BIN)
+            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+            .arg(&config)
+            .env("SOFTHSM2_CONF", &hsm.conf)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{name} served");
+        assert!(err.contains(expected), "{name}: {err}");
+    }
+    // Allowed on purpose, for development: it serves, with a warning.
+    let dir = tmp.path().join("allowed");
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = vault_on_token(&dir, "extractable-root", PIN, None);
+    let mut loaded = Config::load(&config).unwrap();
+    loaded.keys.pkcs11.as_mut().unwrap().allow_extractable = true;
+    std::fs::write(&config, loaded.to_toml()).unwrap();
+    let (ok, text) = check_config(&hsm, &config);
+    assert!(ok, "{text}");
+    // Two root keys configured is a configuration error.
+    loaded.keys.root_key_file = Some(dir.join("root.key"));
+    std::fs::write(&config, loaded.to_toml()).unwrap();
+    let (ok, text) = check_config(&hsm, &config);
+    assert!(!ok, "{text}");
+    assert!(text.contains("more than one root key"), "{text}");
+}
