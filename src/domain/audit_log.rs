@@ -147,6 +147,8 @@ impl AuditLog {
     /// [`UNDURABLE_AGE`], and no event answered early has ever failed to
     /// commit in this process.
     pub async fn record(&self, event: Event, effect: Effect) -> Result<(), VaultError> {
+        // A known loss goes into the chain before anything else is answered.
+        self.report_lost().await?;
         if self.durability == Durability::Changes
             && effect == Effect::Inert
             && !self.early.stopped.load(Ordering::Relaxed)
@@ -165,7 +167,6 @@ impl AuditLog {
             .map_err(audit_unavailable)?;
         let stored = queued.durable().await.map_err(audit_unavailable)?;
         self.appended(&stored);
-        self.report_lost().await;
         Ok(())
     }
 
@@ -238,11 +239,12 @@ impl AuditLog {
 
     /// Writes one event counting the events answered early that could not
     /// be written, once the log can be written again: the loss is in the
-    /// chain, not only in a log line.
-    async fn report_lost(&self) {
+    /// chain, not only in a log line. Until it is written, every call fails
+    /// closed.
+    async fn report_lost(&self) -> Result<(), VaultError> {
         let lost = self.early.lost.swap(0, Ordering::Relaxed);
         if lost == 0 {
-            return;
+            return Ok(());
         }
         let mut event = Event::new(
             &crate::audit::Context {
@@ -257,10 +259,14 @@ impl AuditLog {
         );
         event.count = Some(lost);
         match self.store.append_audit(event).await {
-            Ok(stored) => self.appended(&stored),
+            Ok(stored) => {
+                self.appended(&stored);
+                Ok(())
+            }
             Err(e) => {
                 self.early.lost.fetch_add(lost, Ordering::Relaxed);
-                tracing::warn!(error = %e, lost, "could not record lost audit events yet");
+                tracing::debug!(error = %e, lost, "could not record lost audit events yet");
+                Err(VaultError::AuditUnavailable)
             }
         }
     }
@@ -273,6 +279,13 @@ impl AuditLog {
             tracing::warn!(
                 "audit events answered before they were durable were still not written after {} s",
                 SETTLE_WAIT.as_secs()
+            );
+        }
+        if self.report_lost().await.is_err() {
+            tracing::error!(
+                lost = self.early.lost.load(Ordering::Relaxed),
+                "stopping with audit events answered and lost, and no event in the log that \
+                 counts them: this line is the only record"
             );
         }
     }
