@@ -313,3 +313,120 @@ async fn a_wrong_pin_a_missing_key_and_an_extractable_key_are_refused_with_their
     assert!(!ok, "{text}");
     assert!(text.contains("more than one root key"), "{text}");
 }
+
+/// From a file root to the token and back (`keys rotate-root
+/// --new-root-config`), and, on the token, a token that goes away while
+/// the vault serves: calls go on, a rotation is UNAVAILABLE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs SoftHSMv2 and opensc: scripts/test runs it with --ignored"]
+async fn a_file_vault_moves_onto_the_token_and_serves_when_the_token_goes_away() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hsm = SoftHsm::new(tmp.path());
+    hsm.keygen("credvault-root", &[]);
+    // A vault on a file root key, as `credvault dev` makes it.
+    let prepared = credvault::dev::prepare(&tmp.path().join("vault")).unwrap();
+    let config = prepared.config_path.clone();
+    let first = common::spawn_server(&config).await;
+    let mut c = client(&config, &first.url).await;
+    let stored = c
+        .store(amplitude("ws", SECRET, SECRET))
+        .await
+        .unwrap()
+        .into_inner();
+    drop(first);
+    // The configuration the vault will have, on the token.
+    let on_token = vault_on_token(&tmp.path().join("target"), "credvault-root", PIN, None);
+    let token_keys = Config::load(&on_token).unwrap().keys;
+    let env = hsm.env();
+    let out = Command::new(BIN)
+        .args(["keys", "rotate-root", "--config"])
+        .arg(&config)
+        .arg("--new-root-config")
+        .arg(&on_token)
+        .env("SOFTHSM2_CONF", &hsm.conf)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Again to the same key: refused, nothing changes.
+    let again = Command::new(BIN)
+        .args(["keys", "rotate-root", "--config"])
+        .arg(&config)
+        .arg("--new-root-config")
+        .arg(&on_token)
+        .env("SOFTHSM2_CONF", &hsm.conf)
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    let mut loaded = Config::load(&config).unwrap();
+    let file = loaded.keys.root_key_file.take().unwrap();
+    loaded.keys.pkcs11 = token_keys.pkcs11;
+    std::fs::write(&config, loaded.to_toml()).unwrap();
+    // The old file opens nothing any more; move it out of the way.
+    std::fs::remove_file(&file).unwrap();
+
+    let served = common::spawn_server_as(&config, &["env", &env]).await;
+    let mut c = client(&config, &served.url).await;
+    let redacted = c
+        .redact(reference("ws", "amplitude"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(redacted.secrets, stored.secrets);
+
+    // The key leaves the token while the vault runs.
+    let module = module();
+    hsm.run(
+        "pkcs11-tool",
+        &[
+            "--module",
+            module.to_str().unwrap(),
+            "--token-label",
+            TOKEN,
+            "--login",
+            "--pin",
+            PIN,
+            "--delete-object",
+            "--type",
+            "secrkey",
+            "--label",
+            "credvault-root",
+        ],
+    );
+    let redacted = c
+        .redact(reference("ws", "amplitude"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(redacted.secrets, stored.secrets, "calls go on");
+    c.store(amplitude("ws2", SECRET, SECRET)).await.unwrap();
+    let mut admin = admin_client(&config, &served.url).await;
+    let rotate = admin
+        .rotate(credvault::proto::RotateRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(rotate.code(), tonic::Code::Unavailable, "{rotate:?}");
+    assert!(
+        rotate.message().contains("hardware security module"),
+        "{rotate:?}"
+    );
+}
+
+async fn admin_client(
+    config: &Path,
+    url: &str,
+) -> credvault::proto::key_admin_client::KeyAdminClient<tonic::transport::Channel> {
+    let certs = credvault::dev::certs::DevCertPaths::new(&config.parent().unwrap().join("certs"));
+    let channel = credvault::cli::client::connect_channel(
+        url,
+        &std::fs::read(&certs.ca).unwrap(),
+        &std::fs::read(certs.client_cert("admin")).unwrap(),
+        &std::fs::read(certs.client_key("admin")).unwrap(),
+    )
+    .await
+    .unwrap();
+    credvault::proto::key_admin_client::KeyAdminClient::new(channel)
+}

@@ -36,8 +36,17 @@ pub enum KeysCommand {
         #[arg(long)]
         config: PathBuf,
         /// A file with the new root key: 64 hex characters, mode 0600.
+        #[arg(
+            long,
+            required_unless_present = "new_root_config",
+            conflicts_with = "new_root_config"
+        )]
+        new_root_key: Option<PathBuf>,
+        /// A configuration whose `[keys]` names the new root key instead: a
+        /// `[keys.pkcs11]` token key (to move onto an HSM, or to another key
+        /// on it), or a file. Only its `[keys]` is read.
         #[arg(long)]
-        new_root_key: PathBuf,
+        new_root_config: Option<PathBuf>,
     },
 }
 
@@ -84,7 +93,8 @@ pub async fn run(command: KeysCommand) -> Result<(), String> {
         KeysCommand::RotateRoot {
             config,
             new_root_key,
-        } => rotate_root(&config, &new_root_key).await?,
+            new_root_config,
+        } => rotate_root(&config, new_root_key.as_deref(), new_root_config.as_deref()).await?,
         KeysCommand::BindParams { config } => bind_params(&config).await?,
     }
     Ok(())
@@ -150,11 +160,35 @@ fn root_key(config: &Config) -> Result<RootKey, String> {
 
 async fn rotate_root(
     config_path: &std::path::Path,
-    new_root_key: &std::path::Path,
+    new_root_key: Option<&std::path::Path>,
+    new_root_config: Option<&std::path::Path>,
 ) -> Result<(), String> {
     let config = Config::load(config_path).map_err(|e| e.to_string())?;
     let old = root_key(&config)?;
-    let new = RootKey::from_file(new_root_key).map_err(|e| e.to_string())?;
+    let (new, new_place) = match (new_root_key, new_root_config) {
+        (Some(file), _) => (
+            RootKey::from_file(file).map_err(|e| e.to_string())?,
+            format!(
+                "Point `keys.root_key_file` in {} at {}\n(or put the new key in place of the old \
+                 file), keep a backup of it",
+                config_path.display(),
+                file.display()
+            ),
+        ),
+        (None, Some(other)) => {
+            let other_config = Config::load(other).map_err(|e| e.to_string())?;
+            (
+                root_key(&other_config)?,
+                format!(
+                    "Copy the [keys] root key settings of {} into {}, keep a backup of the new \
+                     root key (for a token: its own backup)",
+                    other.display(),
+                    config_path.display()
+                ),
+            )
+        }
+        (None, None) => return Err("give --new-root-key or --new-root-config".into()),
+    };
     if config.storage.backend == crate::config::Backend::Sqlite && !config.storage.path.exists() {
         return Err(format!(
             "{} does not exist: check storage.path in {}; nothing was changed",
@@ -170,11 +204,8 @@ async fn rotate_root(
         .map_err(|e| e.to_string())?;
     println!(
         "resealed {count} keys under the new root key in {}.\n\
-         The old root key no longer opens this database. Point `keys.root_key_file` in {} at {}\n\
-         (or put the new key in place of the old file), keep a backup of it, then start the vault.",
+         The old root key no longer opens this database. {new_place}, then start the vault.",
         crate::store::describe(&config.storage),
-        config_path.display(),
-        new_root_key.display()
     );
     Ok(())
 }

@@ -31,6 +31,10 @@ pub enum VaultError {
     /// The database is busy or cannot be reached: worth retrying.
     #[error("storage is unavailable: {0}")]
     StorageUnavailable(String),
+    /// The token holding the root key is unavailable: sealing under it
+    /// (a rotation) cannot happen; keys already unsealed keep serving.
+    #[error("the hardware security module holding the root key is unavailable")]
+    RootKeyUnavailable,
     /// The audit event could not be written, so the call was not carried out.
     #[error("the audit log could not be written")]
     AuditUnavailable,
@@ -75,6 +79,7 @@ impl From<CryptoError> for VaultError {
     fn from(e: CryptoError) -> Self {
         match e {
             CryptoError::Decrypt | CryptoError::UnknownKeyVersion(_) => VaultError::DataLoss,
+            CryptoError::Token => VaultError::RootKeyUnavailable,
             other => VaultError::Internal(other.to_string()),
         }
     }

@@ -23,6 +23,11 @@ pub fn to_status(e: VaultError) -> Status {
             tracing::warn!(%detail, "storage unavailable");
             Status::unavailable("the vault's storage is busy or unreachable; retry shortly")
         }
+        VaultError::RootKeyUnavailable => Status::unavailable(
+            "the hardware security module holding the root key is unavailable, so no key can \
+             be sealed under it; calls keep being served with the keys unsealed at start-up. \
+             Retry once the token is back",
+        ),
         VaultError::AuditUnavailable => Status::unavailable(
             "the audit log could not be written, so the call was not carried out",
         ),
