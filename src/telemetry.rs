@@ -57,6 +57,7 @@ pub struct Metrics {
     audit_sequence: Gauge,
     primary_key_version: Gauge,
     key_versions_in_use: Gauge,
+    root_key_available: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -127,6 +128,13 @@ impl Metrics {
             "The primary key version",
             primary_key_version.clone(),
         );
+        let root_key_available = Gauge::default();
+        registry.register(
+            "root_key_available",
+            "1 when the root key can seal (a key file always; an HSM token when it answers and \
+             holds the key), 0 when its token does not: calls go on, rotations fail",
+            root_key_available.clone(),
+        );
         let key_versions_in_use = Gauge::default();
         registry.register(
             "key_versions_in_use",
@@ -145,6 +153,7 @@ impl Metrics {
             audit_sequence,
             primary_key_version,
             key_versions_in_use,
+            root_key_available,
         }
     }
 
@@ -196,6 +205,8 @@ impl Metrics {
         }
         self.shreds_pending
             .set(i64::try_from(vault.shreds_pending()).unwrap_or(i64::MAX));
+        self.root_key_available
+            .set(i64::from(vault.root_key_available()));
         let head = *vault.audit().watch().borrow();
         self.audit_sequence
             .set(i64::try_from(head).unwrap_or(i64::MAX));

@@ -74,6 +74,15 @@ impl RootKey {
         matches!(self.0, Root::Token(_))
     }
 
+    /// Whether the root key can seal now: a key in this process always can;
+    /// a token when it answers and still holds the key.
+    pub fn available(&self) -> bool {
+        match &self.0 {
+            Root::Software(_) => true,
+            Root::Token(token) => token.available(),
+        }
+    }
+
     /// Reads 64 hex characters from a file that only its owner may read.
     pub fn from_file(path: &Path) -> Result<Self, RootKeyError> {
         let text = crate::hardening::read_private("root key file", path)?;

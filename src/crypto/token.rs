@@ -228,6 +228,15 @@ impl TokenKey {
         })
     }
 
+    /// Whether the token answers and still holds the key.
+    pub fn available(&self) -> bool {
+        let session = self.session.lock().unwrap_or_else(|p| p.into_inner());
+        session.get_session_info().is_ok()
+            && session
+                .get_attributes(self.key, &[AttributeType::KeyType])
+                .is_ok_and(|found| !found.is_empty())
+    }
+
     /// AES-256-GCM on the token, with a nonce from `rng`: the same bytes the
     /// software path writes for the same key.
     pub fn seal(

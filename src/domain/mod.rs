@@ -215,6 +215,12 @@ impl Vault {
         &self.audit
     }
 
+    /// Whether the root key can seal now (see [`RootKey::available`]); a
+    /// token that does not answer stops rotations, not calls.
+    pub fn root_key_available(&self) -> bool {
+        self.root.available()
+    }
+
     /// When the events of calls that changed nothing may be answered
     /// (`audit.durability`); [`audit::Durability::EveryCall`] unless set.
     pub fn set_audit_durability(&mut self, durability: audit::Durability) {
