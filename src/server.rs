@@ -127,8 +127,6 @@ pub async fn run(
             Arc::clone(&vault),
         )));
     }
-    let tasks = AbortOnDrop(tasks);
-
     // Storage is open and the keys unwrapped: only now is the vault SERVING.
     let health = tonic_health::server::HealthReporter::new();
     for service in edge::SERVICES {
@@ -136,6 +134,11 @@ pub async fn run(
             .set_service_status(service, tonic_health::ServingStatus::Serving)
             .await;
     }
+    tasks.push(tokio::spawn(watch_root_key(
+        Arc::clone(&vault),
+        health.clone(),
+    )));
+    let tasks = AbortOnDrop(tasks);
     tracing::info!(
         listen = %listener.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()),
         key_version = vault.primary_key_version(),
@@ -190,6 +193,42 @@ pub async fn run(
     // ...then the head as the vault leaves it, signed, stored and anchored.
     checkpoint(&last_checkpoint, 0, config.audit.anchor_file.as_deref()).await;
     result
+}
+
+/// How often the root key's token is asked whether it still answers.
+const ROOT_KEY_CHECK: Duration = Duration::from_secs(2);
+
+/// Keeps the health status of [`edge::ROOT_KEY_HEALTH`] true to whether the
+/// root key can seal: NOT_SERVING while its token does not answer (calls go
+/// on; rotations fail), with a log line when that changes.
+async fn watch_root_key(vault: Arc<Vault>, health: tonic_health::server::HealthReporter) {
+    let mut was = None;
+    loop {
+        let vault = Arc::clone(&vault);
+        // A token call may block: off the runtime's threads.
+        let available = tokio::task::spawn_blocking(move || vault.root_key_available())
+            .await
+            .unwrap_or(false);
+        if was != Some(available) {
+            let status = if available {
+                tonic_health::ServingStatus::Serving
+            } else {
+                tracing::error!(
+                    "the root key's hardware security module does not answer: calls go on with \
+                     the keys unsealed at start-up; rotations fail until it is back"
+                );
+                tonic_health::ServingStatus::NotServing
+            };
+            if was == Some(false) {
+                tracing::info!("the root key's hardware security module answers again");
+            }
+            health
+                .set_service_status(edge::ROOT_KEY_HEALTH, status)
+                .await;
+            was = Some(available);
+        }
+        tokio::time::sleep(ROOT_KEY_CHECK).await;
+    }
 }
 
 /// Aborts background tasks when dropped.

@@ -427,6 +427,29 @@ async fn a_file_vault_moves_onto_the_token_and_serves_when_the_token_goes_away()
         available().await.as_deref(),
         Some("credvault_root_key_available 0")
     );
+    // And the health service says so, under its own name.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(
+        admin_channel(&config, &served.url).await,
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let status = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: credvault::edge::ROOT_KEY_HEALTH.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        if status == tonic_health::pb::health_check_response::ServingStatus::NotServing as i32 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "health still says {status}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
     c.store(amplitude("ws2", SECRET, SECRET)).await.unwrap();
     let mut admin = admin_client(&config, &served.url).await;
     let rotate = admin
@@ -444,16 +467,19 @@ async fn admin_client(
     config: &Path,
     url: &str,
 ) -> credvault::proto::key_admin_client::KeyAdminClient<tonic::transport::Channel> {
+    credvault::proto::key_admin_client::KeyAdminClient::new(admin_channel(config, url).await)
+}
+
+async fn admin_channel(config: &Path, url: &str) -> tonic::transport::Channel {
     let certs = credvault::dev::certs::DevCertPaths::new(&config.parent().unwrap().join("certs"));
-    let channel = credvault::cli::client::connect_channel(
+    credvault::cli::client::connect_channel(
         url,
         &std::fs::read(&certs.ca).unwrap(),
         &std::fs::read(certs.client_cert("admin")).unwrap(),
         &std::fs::read(certs.client_key("admin")).unwrap(),
     )
     .await
-    .unwrap();
-    credvault::proto::key_admin_client::KeyAdminClient::new(channel)
+    .unwrap()
 }
 
 /// A root key whose bytes the test knows (imported onto the token as a

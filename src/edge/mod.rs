@@ -49,6 +49,10 @@ const PROXY_REQUEST_MESSAGE: usize = MAX_REQUEST_BODY + MAX_PATH_BYTES + 64 * 10
 /// The largest Proxy answer; clients must accept messages this large.
 pub const PROXY_RESPONSE_MESSAGE: usize = MAX_RESPONSE_BODY + 64 * 1024;
 
+/// The health service name whose status says whether the root key can seal
+/// (NOT_SERVING while its HSM token does not answer). Not a gRPC service.
+pub const ROOT_KEY_HEALTH: &str = "credvault.RootKey";
+
 pub const SERVICES: [&str; 3] = [
     "credvault.v1.Credentials",
     "credvault.v1.Audit",
