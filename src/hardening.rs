@@ -115,6 +115,23 @@ pub fn read_trusted(what: &'static str, path: &Path) -> Result<Vec<u8>, FileErro
     Ok(bytes)
 }
 
+/// Checks a file the vault trusts without reading it (a library it loads):
+/// refused if group or others may write it, or if a user other than this
+/// one or root owns it.
+pub fn check_trusted(what: &'static str, path: &Path) -> Result<(), FileError> {
+    let meta = std::fs::metadata(path).map_err(io_error(what, path))?;
+    check_owner(what, path, &meta)?;
+    let mode = meta.mode() & 0o777;
+    if mode & 0o022 != 0 {
+        return Err(FileError::Writable {
+            what,
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    Ok(())
+}
+
 /// Names the file and what it is for in an I/O error.
 fn io_error<'a>(
     what: &'static str,

@@ -42,29 +42,13 @@ fn prepare(dir: &Path, fake: &FakeProvider, fake_ca: &DevCa) -> PathBuf {
     let data = dir.join("vault");
     let prepared = credvault::dev::prepare(&data).unwrap();
     let mut config = Config::load(&prepared.config_path).unwrap();
-    let ca = dir.join("provider-ca.pem");
-    std::fs::write(&ca, fake_ca.cert_pem()).unwrap();
-    config.outbound.extra_ca_file = Some(ca);
-    config.outbound.allow_private_addresses = true;
-    config
-        .providers
-        .amplitude
-        .base_urls
-        .insert("us".into(), fake.url());
+    common::use_fake_amplitude(&mut config, dir, fake, fake_ca);
     std::fs::write(&prepared.config_path, config.to_toml()).unwrap();
     prepared.config_path
 }
 
 async fn app_client(config: &Path, url: &str) -> CredentialsClient<tonic::transport::Channel> {
-    let certs = credvault::dev::certs::DevCertPaths::new(&config.parent().unwrap().join("certs"));
-    credvault::cli::client::connect(
-        url,
-        &std::fs::read(&certs.ca).unwrap(),
-        &std::fs::read(certs.client_cert("app")).unwrap(),
-        &std::fs::read(certs.client_key("app")).unwrap(),
-    )
-    .await
-    .unwrap()
+    CredentialsClient::new(common::dev_channel(config, url, "app").await)
 }
 
 async fn open_vault(config: &Path) -> Result<Vault, VaultError> {

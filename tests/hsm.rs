@@ -76,8 +76,14 @@ impl SoftHsm {
         );
     }
 
-    /// An AES-256 key on the token; `extra` adds pkcs11-tool flags.
+    /// A private, sensitive, non-extractable AES-256 key on the token, as
+    /// the README makes it; `extra` adds pkcs11-tool flags.
     fn keygen(&self, label: &str, extra: &[&str]) {
+        self.keygen_with(label, &[&["--private", "--sensitive"], extra].concat());
+    }
+
+    /// An AES-256 key made with exactly `flags`.
+    fn keygen_with(&self, label: &str, flags: &[&str]) {
         let module = module();
         let mut args = vec![
             "--module",
@@ -90,11 +96,10 @@ impl SoftHsm {
             "--keygen",
             "--key-type",
             "AES:32",
-            "--sensitive",
             "--label",
             label,
         ];
-        args.extend_from_slice(extra);
+        args.extend_from_slice(flags);
         self.run("pkcs11-tool", &args);
     }
 
@@ -127,15 +132,7 @@ fn vault_on_token(
         allow_extractable: false,
     });
     if let Some((fake, ca)) = fake {
-        let ca_file = dir.join("provider-ca.pem");
-        std::fs::write(&ca_file, ca.cert_pem()).unwrap();
-        config.outbound.extra_ca_file = Some(ca_file);
-        config.outbound.allow_private_addresses = true;
-        config
-            .providers
-            .amplitude
-            .base_urls
-            .insert("us".into(), fake.url());
+        common::use_fake_amplitude(&mut config, dir, fake, ca);
     }
     std::fs::write(&prepared.config_path, config.to_toml()).unwrap();
     prepared.config_path
@@ -160,15 +157,9 @@ async fn client(
     config: &Path,
     url: &str,
 ) -> credvault::proto::credentials_client::CredentialsClient<tonic::transport::Channel> {
-    let certs = credvault::dev::certs::DevCertPaths::new(&config.parent().unwrap().join("certs"));
-    credvault::cli::client::connect(
-        url,
-        &std::fs::read(&certs.ca).unwrap(),
-        &std::fs::read(certs.client_cert("app")).unwrap(),
-        &std::fs::read(certs.client_key("app")).unwrap(),
+    credvault::proto::credentials_client::CredentialsClient::new(
+        common::dev_channel(config, url, "app").await,
     )
-    .await
-    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -261,7 +252,11 @@ async fn a_wrong_pin_a_missing_key_and_an_extractable_key_are_refused_with_their
     let hsm = SoftHsm::new(tmp.path());
     hsm.keygen("credvault-root", &[]);
     hsm.keygen("extractable-root", &["--extractable"]);
+    // pkcs11-tool's default: a public object, which SoftHSMv2 stores
+    // unencrypted in its token directory (adversarial review).
+    hsm.keygen_with("public-root", &["--sensitive"]);
     let cases = [
+        ("public", "public-root", PIN, "is a public object"),
         (
             "wrong-pin",
             "credvault-root",
@@ -471,15 +466,7 @@ async fn admin_client(
 }
 
 async fn admin_channel(config: &Path, url: &str) -> tonic::transport::Channel {
-    let certs = credvault::dev::certs::DevCertPaths::new(&config.parent().unwrap().join("certs"));
-    credvault::cli::client::connect_channel(
-        url,
-        &std::fs::read(&certs.ca).unwrap(),
-        &std::fs::read(certs.client_cert("admin")).unwrap(),
-        &std::fs::read(certs.client_key("admin")).unwrap(),
-    )
-    .await
-    .unwrap()
+    common::dev_channel(config, url, "admin").await
 }
 
 /// A root key whose bytes the test knows (imported onto the token as a
@@ -514,6 +501,7 @@ async fn no_byte_of_the_root_key_is_in_the_vaults_files() {
             "secrkey",
             "--key-type",
             "AES:32",
+            "--private",
             "--sensitive",
             "--label",
             "known-root",
@@ -523,6 +511,10 @@ async fn no_byte_of_the_root_key_is_in_the_vaults_files() {
     let ca = DevCa::generate("provider CA").unwrap();
     let fake = FakeProvider::start(&ca, |_| Reply::json(200, r#"{"data":[]}"#)).await;
     let config = vault_on_token(tmp.path(), "known-root", PIN, Some((&fake, &ca)));
+    // An imported key was readable once: accepted only as development allows.
+    let mut loaded = Config::load(&config).unwrap();
+    loaded.keys.pkcs11.as_mut().unwrap().allow_extractable = true;
+    std::fs::write(&config, loaded.to_toml()).unwrap();
     let env = hsm.env();
     let mut child = common::spawn_server_as(&config, &["env", &env]).await;
     let mut c = client(&config, &child.url).await;
@@ -542,7 +534,12 @@ async fn no_byte_of_the_root_key_is_in_the_vaults_files() {
     ];
     let holds = |bytes: &[u8]| forms.iter().any(|f| common::contains_bytes(bytes, f));
     let vault_dir = config.parent().unwrap();
-    for entry in walk(vault_dir) {
+    // The vault's files, and the token's own (a private object is stored
+    // encrypted under the PIN).
+    for entry in walk(vault_dir)
+        .into_iter()
+        .chain(walk(&tmp.path().join("tokens")))
+    {
         let bytes = std::fs::read(&entry).unwrap();
         assert!(!holds(&bytes), "{} holds the root key", entry.display());
     }

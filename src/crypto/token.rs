@@ -54,6 +54,8 @@ pub enum TokenError {
         module: PathBuf,
         present: String,
     },
+    #[error("{count} tokens are labelled `{label}`: a label must name one token (someone who can write the token store may have added one); remove the others or relabel")]
+    ManyTokens { label: String, count: usize },
     #[error("the user PIN for token `{label}` is wrong: check keys.pkcs11.pin_file or pin_env (the token may lock after more failed attempts)")]
     WrongPin { label: String },
     #[error(
@@ -68,8 +70,12 @@ pub enum TokenError {
         key: String,
         count: usize,
     },
-    #[error("the key `{key}` on token `{token}` is extractable, so it can be copied off the token: create a non-extractable key, or set keys.pkcs11.allow_extractable = true for development")]
-    Extractable { token: String, key: String },
+    #[error("the key `{key}` on token `{token}` is {why}, so it can be or may have been copied off the token: create a new key with `pkcs11-tool --keygen --private --sensitive` (README, \"The root key in an HSM\"), or set keys.pkcs11.allow_extractable = true for development")]
+    Extractable {
+        token: String,
+        key: String,
+        why: &'static str,
+    },
     #[error(
         "the key `{key}` on token `{token}` is not an AES-256 key that may encrypt and decrypt"
     )]
@@ -105,6 +111,15 @@ impl TokenKey {
     pub fn connect(settings: &TokenSettings) -> Result<Self, TokenError> {
         let pin = read_pin(settings)?;
         let module = &settings.module;
+        // The vault runs whatever code this library holds, PIN in hand: an
+        // absolute path to a file only root or this user may change.
+        if !module.is_absolute() {
+            return Err(TokenError::Module {
+                module: module.clone(),
+                reason: "the path must be absolute".into(),
+            });
+        }
+        crate::hardening::check_trusted("PKCS#11 module", module)?;
         let pkcs11 = Pkcs11::new(module).map_err(|e| TokenError::Module {
             module: module.clone(),
             reason: e.to_string(),
@@ -121,16 +136,21 @@ impl TokenKey {
         let token = settings.token_label.as_str();
         let failed = |e: P11Error| TokenError::Token(e.to_string());
         let mut present = Vec::new();
-        let mut slot = None;
+        let mut matching = Vec::new();
         for s in pkcs11.get_slots_with_token().map_err(failed)? {
             let info = pkcs11.get_token_info(s).map_err(failed)?;
             if info.label() == token {
-                slot = Some(s);
-                break;
+                matching.push(s);
             }
             present.push(format!("`{}`", info.label()));
         }
-        let slot = slot.ok_or_else(|| TokenError::NoToken {
+        if matching.len() > 1 {
+            return Err(TokenError::ManyTokens {
+                label: token.to_owned(),
+                count: matching.len(),
+            });
+        }
+        let slot = matching.pop().ok_or_else(|| TokenError::NoToken {
             label: token.to_owned(),
             module: module.clone(),
             present: if present.is_empty() {
@@ -186,11 +206,17 @@ impl TokenKey {
                     AttributeType::Extractable,
                     AttributeType::Encrypt,
                     AttributeType::Decrypt,
+                    AttributeType::Private,
+                    AttributeType::Sensitive,
+                    AttributeType::AlwaysSensitive,
+                    AttributeType::NeverExtractable,
                 ],
             )
             .map_err(failed)?;
-        let (mut aes, mut len, mut extractable, mut encrypt, mut decrypt) =
-            (false, 0u64, true, false, false);
+        let (mut aes, mut len, mut encrypt, mut decrypt) = (false, 0u64, false, false);
+        // Assume the worst of what the token does not say.
+        let (mut extractable, mut private, mut sensitive) = (true, false, false);
+        let (mut always_sensitive, mut never_extractable) = (false, false);
         for attribute in attributes {
             match attribute {
                 Attribute::KeyType(t) => aes = t == KeyType::AES,
@@ -198,28 +224,49 @@ impl TokenKey {
                 Attribute::Extractable(e) => extractable = e,
                 Attribute::Encrypt(e) => encrypt = e,
                 Attribute::Decrypt(d) => decrypt = d,
+                Attribute::Private(p) => private = p,
+                Attribute::Sensitive(s) => sensitive = s,
+                Attribute::AlwaysSensitive(s) => always_sensitive = s,
+                Attribute::NeverExtractable(n) => never_extractable = n,
                 _ => {}
             }
         }
+        // Why the key's value is, or may once have been, readable off the token.
+        let exposed = if extractable {
+            Some("extractable")
+        } else if !private {
+            // A public object may be used without logging in, and SoftHSMv2
+            // stores its value unencrypted in the token directory.
+            Some("a public object (CKA_PRIVATE false)")
+        } else if !sensitive {
+            Some("not sensitive")
+        } else if !never_extractable || !always_sensitive {
+            Some("once extractable or readable (imported, or changed after it was made)")
+        } else {
+            None
+        };
         if !(aes && len == 32 && encrypt && decrypt) {
             return Err(TokenError::NotAes {
                 token: token.to_owned(),
                 key: key_label.to_owned(),
             });
         }
-        if extractable && !settings.allow_extractable {
-            return Err(TokenError::Extractable {
-                token: token.to_owned(),
-                key: key_label.to_owned(),
-            });
-        }
-        if extractable {
-            tracing::warn!(
+        match exposed {
+            Some(why) if !settings.allow_extractable => {
+                return Err(TokenError::Extractable {
+                    token: token.to_owned(),
+                    key: key_label.to_owned(),
+                    why,
+                })
+            }
+            Some(why) => tracing::warn!(
                 token,
                 key = key_label,
-                "the root key is extractable (keys.pkcs11.allow_extractable): acceptable for \
-                 development only"
-            );
+                why,
+                "the root key could be copied off the token (keys.pkcs11.allow_extractable): \
+                 acceptable for development only"
+            ),
+            None => {}
         }
         Ok(Self {
             session: Mutex::new(session),

@@ -706,3 +706,37 @@ pub async fn raw_h2(
     });
     (sender, connection)
 }
+
+/// A channel to a dev vault (a `credvault dev` folder, its configuration at
+/// `config`) served at `url`, presenting the dev certificate of `identity`
+/// (`app`, `admin` or `auditor`).
+pub async fn dev_channel(config: &Path, url: &str, identity: &str) -> Channel {
+    let certs = credvault::dev::certs::DevCertPaths::new(&config.parent().unwrap().join("certs"));
+    credvault::cli::client::connect_channel(
+        url,
+        &std::fs::read(&certs.ca).unwrap(),
+        &std::fs::read(certs.client_cert(identity)).unwrap(),
+        &std::fs::read(certs.client_key(identity)).unwrap(),
+    )
+    .await
+    .unwrap()
+}
+
+/// Points a dev vault's Amplitude (US) at `fake`, trusting `fake_ca` (its
+/// certificate written into `dir`).
+pub fn use_fake_amplitude(
+    config: &mut Config,
+    dir: &Path,
+    fake: &credvault::dev::fake::FakeProvider,
+    fake_ca: &credvault::dev::certs::DevCa,
+) {
+    let ca = dir.join("provider-ca.pem");
+    std::fs::write(&ca, fake_ca.cert_pem()).unwrap();
+    config.outbound.extra_ca_file = Some(ca);
+    config.outbound.allow_private_addresses = true;
+    config
+        .providers
+        .amplitude
+        .base_urls
+        .insert("us".into(), fake.url());
+}
