@@ -569,3 +569,54 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     files
 }
+
+/// The vault runs the module's code with the PIN in hand, and takes the
+/// token its label names (adversarial review): a relative or writable
+/// module, and a label two tokens share, are refused at start-up.
+#[tokio::test]
+#[ignore = "needs SoftHSMv2 and opensc: scripts/test runs it with --ignored"]
+async fn a_writable_or_relative_module_and_a_shared_token_label_are_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let hsm = SoftHsm::new(tmp.path());
+    hsm.keygen("credvault-root", &[]);
+    let config = vault_on_token(tmp.path(), "credvault-root", PIN, None);
+    let (ok, text) = check_config(&hsm, &config);
+    assert!(ok, "{text}");
+    let with_module = |module: PathBuf| {
+        let mut loaded = Config::load(&config).unwrap();
+        loaded.keys.pkcs11.as_mut().unwrap().module = module;
+        std::fs::write(&config, loaded.to_toml()).unwrap();
+        check_config(&hsm, &config)
+    };
+    let copy = tmp.path().join("libsofthsm2.so");
+    std::fs::copy(module(), &copy).unwrap();
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let (ok, text) = with_module(copy.clone());
+    assert!(!ok, "{text}");
+    assert!(text.contains("PKCS#11 module"), "{text}");
+    let (ok, text) = with_module("libsofthsm2.so".into());
+    assert!(!ok, "{text}");
+    assert!(text.contains("must be absolute"), "{text}");
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (ok, text) = with_module(copy);
+    assert!(ok, "a copy only its owner may write loads: {text}");
+
+    // Someone who can write the token store adds a second `credvault`.
+    hsm.run(
+        "softhsm2-util",
+        &[
+            "--init-token",
+            "--free",
+            "--label",
+            TOKEN,
+            "--pin",
+            "9999",
+            "--so-pin",
+            "5678",
+        ],
+    );
+    let (ok, text) = check_config(&hsm, &config);
+    assert!(!ok, "{text}");
+    assert!(text.contains("2 tokens are labelled `credvault`"), "{text}");
+}
