@@ -101,15 +101,7 @@ pub fn read_trusted(what: &'static str, path: &Path) -> Result<Vec<u8>, FileErro
     let io = io_error(what, path);
     let mut file = std::fs::File::open(path).map_err(io)?;
     let meta = file.metadata().map_err(io)?;
-    check_owner(what, path, &meta)?;
-    let mode = meta.mode() & 0o777;
-    if mode & 0o022 != 0 {
-        return Err(FileError::Writable {
-            what,
-            path: path.to_owned(),
-            mode,
-        });
-    }
+    check_unchangeable(what, path, &meta)?;
     let mut bytes = Vec::new();
     file.read_to_end(&mut bytes).map_err(io)?;
     Ok(bytes)
@@ -120,7 +112,16 @@ pub fn read_trusted(what: &'static str, path: &Path) -> Result<Vec<u8>, FileErro
 /// one or root owns it.
 pub fn check_trusted(what: &'static str, path: &Path) -> Result<(), FileError> {
     let meta = std::fs::metadata(path).map_err(io_error(what, path))?;
-    check_owner(what, path, &meta)?;
+    check_unchangeable(what, path, &meta)
+}
+
+/// Owned by root or this user, and writable by neither group nor others.
+fn check_unchangeable(
+    what: &'static str,
+    path: &Path,
+    meta: &std::fs::Metadata,
+) -> Result<(), FileError> {
+    check_owner(what, path, meta)?;
     let mode = meta.mode() & 0o777;
     if mode & 0o022 != 0 {
         return Err(FileError::Writable {

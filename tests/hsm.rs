@@ -138,6 +138,18 @@ fn vault_on_token(
     prepared.config_path
 }
 
+/// `credvault keys rotate-root --config CONFIG FLAG TO` on `hsm`'s tokens.
+fn rotate_root(hsm: &SoftHsm, config: &Path, flag: &str, to: &Path) -> std::process::Output {
+    Command::new(BIN)
+        .args(["keys", "rotate-root", "--config"])
+        .arg(config)
+        .arg(flag)
+        .arg(to)
+        .env("SOFTHSM2_CONF", &hsm.conf)
+        .output()
+        .unwrap()
+}
+
 fn check_config(hsm: &SoftHsm, config: &Path) -> (bool, String) {
     let out = Command::new(BIN)
         .args(["check-config", "--config"])
@@ -218,14 +230,7 @@ async fn a_vault_on_a_token_stores_survives_kill_9_and_serves() {
     drop(again);
     let file = tmp.path().join("recovery.key");
     common::write_private(&file, "5a".repeat(32).as_bytes());
-    let out = Command::new(BIN)
-        .args(["keys", "rotate-root", "--config"])
-        .arg(&config)
-        .arg("--new-root-key")
-        .arg(&file)
-        .env("SOFTHSM2_CONF", &hsm.conf)
-        .output()
-        .unwrap();
+    let out = rotate_root(&hsm, &config, "--new-root-key", &file);
     assert!(
         out.status.success(),
         "{}",
@@ -333,28 +338,14 @@ async fn a_file_vault_moves_onto_the_token_and_serves_when_the_token_goes_away()
     let on_token = vault_on_token(&tmp.path().join("target"), "credvault-root", PIN, None);
     let token_keys = Config::load(&on_token).unwrap().keys;
     let env = hsm.env();
-    let out = Command::new(BIN)
-        .args(["keys", "rotate-root", "--config"])
-        .arg(&config)
-        .arg("--new-root-config")
-        .arg(&on_token)
-        .env("SOFTHSM2_CONF", &hsm.conf)
-        .output()
-        .unwrap();
+    let out = rotate_root(&hsm, &config, "--new-root-config", &on_token);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     // Again to the same key: refused, nothing changes.
-    let again = Command::new(BIN)
-        .args(["keys", "rotate-root", "--config"])
-        .arg(&config)
-        .arg("--new-root-config")
-        .arg(&on_token)
-        .env("SOFTHSM2_CONF", &hsm.conf)
-        .output()
-        .unwrap();
+    let again = rotate_root(&hsm, &config, "--new-root-config", &on_token);
     assert!(!again.status.success());
     let mut loaded = Config::load(&config).unwrap();
     let file = loaded.keys.root_key_file.take().unwrap();

@@ -13,7 +13,7 @@ use crate::audit::{
     verify_links, Checkpoint, Durability, Event, SignedHead, Signer, StoredEvent, GENESIS,
 };
 use crate::crypto::RootKey;
-use crate::store::{Awaited, RootWitness, Store, StoreError};
+use crate::store::{Awaited, Queued, RootWitness, Store, StoreError};
 
 const SIGNING_KEY: &str = "audit-signing";
 /// Under [`Durability::Changes`], the most events answered and not yet
@@ -165,6 +165,10 @@ impl AuditLog {
             .store
             .queue_audit(event, Awaited::Yes)
             .map_err(audit_unavailable)?;
+        self.until_durable(queued).await
+    }
+
+    async fn until_durable(&self, queued: Queued) -> Result<(), VaultError> {
         let stored = queued.durable().await.map_err(audit_unavailable)?;
         self.appended(&stored);
         Ok(())
@@ -205,9 +209,7 @@ impl AuditLog {
         };
         if !queued.in_order() {
             drop(permit);
-            let stored = queued.durable().await.map_err(audit_unavailable)?;
-            self.appended(&stored);
-            return Ok(());
+            return self.until_durable(queued).await;
         }
         let (head, early) = (Arc::clone(&self.head), Arc::clone(&self.early));
         tokio::spawn(async move {
