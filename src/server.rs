@@ -85,6 +85,13 @@ pub async fn run(
             VaultError::DataLoss => ServeError::Corrupt(config.storage.path.clone()),
             other => ServeError::Keyring(other),
         })?;
+    // Only now, with the root key and the database's password read: a secret
+    // written where a variable's name belongs stops start-up before this.
+    tracing::info!(
+        config = %config.source.as_deref().map_or_else(|| "-".into(), |p| p.display().to_string()),
+        "configuration:\n{}",
+        config.to_toml()
+    );
     let mut vault = vault;
     vault.set_audit_durability(config.audit.durability);
     let vault = Arc::new(vault);

@@ -103,6 +103,28 @@ impl SoftHsm {
         self.run("pkcs11-tool", &args);
     }
 
+    /// Deletes the secret key labelled `label` from the token.
+    fn delete_key(&self, label: &str) {
+        let module = module();
+        self.run(
+            "pkcs11-tool",
+            &[
+                "--module",
+                module.to_str().unwrap(),
+                "--token-label",
+                TOKEN,
+                "--login",
+                "--pin",
+                PIN,
+                "--delete-object",
+                "--type",
+                "secrkey",
+                "--label",
+                label,
+            ],
+        );
+    }
+
     /// `env SOFTHSM2_CONF=…`, to start a process on this token store.
     fn env(&self) -> String {
         format!("SOFTHSM2_CONF={}", self.conf.display())
@@ -306,6 +328,16 @@ async fn a_wrong_pin_a_missing_key_and_an_extractable_key_are_refused_with_their
     std::fs::write(&config, loaded.to_toml()).unwrap();
     let (ok, text) = check_config(&hsm, &config);
     assert!(ok, "{text}");
+    // The PIN written where its variable's name belongs is not echoed.
+    let mut in_pin_env = loaded.clone();
+    let token = in_pin_env.keys.pkcs11.as_mut().unwrap();
+    token.pin_file = None;
+    token.pin_env = Some("864209".into());
+    std::fs::write(&config, in_pin_env.to_toml()).unwrap();
+    let (ok, text) = check_config(&hsm, &config);
+    assert!(!ok, "{text}");
+    assert!(text.contains("pin_env names is not set"), "{text}");
+    assert!(!text.contains("864209"), "the PIN is in the output: {text}");
     // Two root keys configured is a configuration error.
     loaded.keys.root_key_file = Some(dir.join("root.key"));
     std::fs::write(&config, loaded.to_toml()).unwrap();
@@ -384,25 +416,12 @@ async fn a_file_vault_moves_onto_the_token_and_serves_when_the_token_goes_away()
         Some("credvault_root_key_available 1")
     );
 
-    // The key leaves the token while the vault runs.
-    let module = module();
-    hsm.run(
-        "pkcs11-tool",
-        &[
-            "--module",
-            module.to_str().unwrap(),
-            "--token-label",
-            TOKEN,
-            "--login",
-            "--pin",
-            PIN,
-            "--delete-object",
-            "--type",
-            "secrkey",
-            "--label",
-            "credvault-root",
-        ],
-    );
+    // The key leaves the token while the vault runs (a copy of the token's
+    // files kept first, as a token backup).
+    let tokens = hsm.conf.with_file_name("tokens");
+    let backup = tmp.path().join("tokens-backup");
+    copy_new_files(&tokens, &backup);
+    hsm.delete_key("credvault-root");
     let redacted = c
         .redact(reference("ws", "amplitude"))
         .await
@@ -447,6 +466,49 @@ async fn a_file_vault_moves_onto_the_token_and_serves_when_the_token_goes_away()
         rotate.message().contains("hardware security module"),
         "{rotate:?}"
     );
+
+    // A new key under the same label is not the key that sealed the vault's
+    // keys: the vault does not take it.
+    hsm.keygen("credvault-root", &[]);
+    assert_eq!(
+        available().await.as_deref(),
+        Some("credvault_root_key_available 0")
+    );
+    let rotate = admin
+        .rotate(credvault::proto::RotateRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(rotate.code(), tonic::Code::Unavailable, "{rotate:?}");
+
+    // The token's key restored from its backup: the vault logs in again by
+    // itself, and rotations work.
+    hsm.delete_key("credvault-root");
+    copy_new_files(&backup, &tokens);
+    assert_eq!(
+        available().await.as_deref(),
+        Some("credvault_root_key_available 1")
+    );
+    admin
+        .rotate(credvault::proto::RotateRequest::default())
+        .await
+        .unwrap();
+    let redacted = c
+        .redact(reference("ws", "amplitude"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(redacted.secrets, stored.secrets);
+}
+
+/// Copies every file under `from` that `to` lacks.
+fn copy_new_files(from: &Path, to: &Path) {
+    for file in walk(from) {
+        let target = to.join(file.strip_prefix(from).unwrap());
+        if !target.exists() {
+            std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+            std::fs::copy(&file, &target).unwrap();
+        }
+    }
 }
 
 async fn admin_client(

@@ -413,6 +413,55 @@ fn check_config_passes_a_good_configuration_and_names_what_is_wrong() {
     );
 }
 
+/// A secret written where the name of its environment variable belongs (the
+/// root key in `root_key_env`, the database password in `password_env`) is
+/// refused without being repeated in the output.
+#[test]
+fn a_secret_written_in_place_of_a_variables_name_is_not_echoed() {
+    let dir = VaultDir::new();
+    let path = dir.path().join("credvault.toml");
+    let root_key = "ab".repeat(32);
+    let mut in_root_key_env = dir.config();
+    in_root_key_env.keys.root_key_file = None;
+    in_root_key_env.keys.root_key_env = Some(root_key.clone());
+    let password = "Hunter2WrittenInTheWrongPlace";
+    let mut in_password_env = dir.config();
+    in_password_env.storage.backend = credvault::config::Backend::Postgres;
+    in_password_env.storage.url =
+        Some("postgres://vault@127.0.0.1:1/credvault?sslmode=disable".into());
+    in_password_env.storage.password_file = None;
+    in_password_env.storage.password_env = Some(password.into());
+    for (config, secret, expected) in [
+        (
+            in_root_key_env,
+            root_key.as_str(),
+            "root_key_env names is not set",
+        ),
+        (in_password_env, password, "password_env names is not set"),
+    ] {
+        std::fs::write(&path, config.to_toml()).unwrap();
+        for args in [&["check-config"][..], &["serve", "--listen", "127.0.0.1:0"]] {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_credvault"))
+                .args(args)
+                .arg("--config")
+                .arg(&path)
+                .output()
+                .unwrap();
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(!out.status.success(), "{args:?}: {text}");
+            assert!(text.contains(expected), "{args:?}: {text}");
+            assert!(
+                !text.contains(secret),
+                "{args:?}: the secret is in the output: {text}"
+            );
+        }
+    }
+}
+
 /// check-config tells an unreachable database from a root key that does not
 /// open it, and says where it tried.
 #[test]

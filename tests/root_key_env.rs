@@ -17,6 +17,6 @@ fn a_root_key_from_the_environment_is_removed_from_it() {
     );
     assert!(matches!(
         RootKey::from_env(name),
-        Err(RootKeyError::MissingEnv(_))
+        Err(RootKeyError::MissingEnv)
     ));
 }

@@ -215,7 +215,6 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
                 config_path.display()
             )
         })?;
-    tracing::info!(config = %config_path.display(), "configuration:\n{}", config.to_toml());
     crate::run(config, listener, shutdown_signal())
         .await
         .map_err(|e| e.to_string())?;

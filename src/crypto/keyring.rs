@@ -31,8 +31,10 @@ pub enum RootKeyError {
     File(#[from] crate::hardening::FileError),
     #[error("root key from {origin} is not 64 hexadecimal characters (32 bytes)")]
     Malformed { origin: String },
-    #[error("environment variable {0} is not set")]
-    MissingEnv(String),
+    /// The variable's name is not repeated: it may be the key itself,
+    /// written in the wrong place.
+    #[error("the environment variable that keys.root_key_env names is not set in the vault's environment (its name is not repeated here, in case the key itself was written there)")]
+    MissingEnv,
     #[error(transparent)]
     Token(#[from] super::TokenError),
 }
@@ -54,7 +56,7 @@ pub struct RootKey(Root);
 enum Root {
     Software(Key),
     /// The key never leaves the token.
-    Token(super::TokenKey),
+    Token(Box<super::TokenKey>),
 }
 
 impl RootKey {
@@ -63,9 +65,9 @@ impl RootKey {
         match source {
             RootSource::File(path) => Self::from_file(path),
             RootSource::Env(name) => Self::from_env(name),
-            RootSource::Token(settings) => {
-                Ok(Self(Root::Token(super::TokenKey::connect(settings)?)))
-            }
+            RootSource::Token(settings) => Ok(Self(Root::Token(Box::new(
+                super::TokenKey::connect(settings)?,
+            )))),
         }
     }
 
@@ -95,9 +97,7 @@ impl RootKey {
     /// `/proc/PID/environ` still shows the environment the process started
     /// with, to its own user and root: prefer `root_key_file`.
     pub fn from_env(name: &str) -> Result<Self, RootKeyError> {
-        let value = Zeroizing::new(
-            std::env::var(name).map_err(|_| RootKeyError::MissingEnv(name.to_owned()))?,
-        );
+        let value = Zeroizing::new(std::env::var(name).map_err(|_| RootKeyError::MissingEnv)?);
         // Not thread-safe in general: this runs once, at start-up, before the
         // vault starts any thread that reads the environment.
         #[allow(clippy::disallowed_methods)]

@@ -62,7 +62,7 @@ pub enum TokenError {
         "the user PIN of token `{label}` is locked: the token's security officer must unlock it"
     )]
     PinLocked { label: String },
-    #[error("token `{token}` has no secret key labelled `{key}`: create one (README, \"The root key in an HSM\") or check keys.pkcs11.key_label")]
+    #[error("token `{token}` has no secret key labelled `{key}`: check keys.pkcs11.key_label. If this vault's keys were sealed under a key of that label, it was deleted: restore the token from its backup, or recover with the break-glass file key (README, \"The root key in an HSM\"); a new key would not open them")]
     NoKey { token: String, key: String },
     #[error("token `{token}` has {count} secret keys labelled `{key}`: labels must name one key")]
     ManyKeys {
@@ -82,8 +82,10 @@ pub enum TokenError {
     NotAes { token: String, key: String },
     #[error("configure exactly one of keys.pkcs11.pin_file and keys.pkcs11.pin_env")]
     PinSource,
-    #[error("environment variable {0} (keys.pkcs11.pin_env) is not set")]
-    MissingPinEnv(String),
+    /// The variable's name is not repeated: it may be the PIN itself, written
+    /// in the wrong place.
+    #[error("the environment variable that keys.pkcs11.pin_env names is not set in the vault's environment (its name is not repeated here, in case the PIN itself was written there)")]
+    MissingPinEnv,
     #[error(transparent)]
     PinFile(#[from] crate::hardening::FileError),
     #[error("the HSM PIN is not UTF-8 text")]
@@ -92,11 +94,31 @@ pub enum TokenError {
     Token(String),
 }
 
-/// A key on a token, with a logged-in session to use it.
+/// The associated data of the probe a token key seals when the vault first
+/// connects, to recognise the same key after a reconnection.
+const PROBE_AAD: &[u8] = b"credvault/v1/token-probe";
+
+/// A key on a token, with a logged-in session to use it, and what it takes to
+/// log in again once the token comes back after going away.
 pub struct TokenKey {
-    session: Mutex<Session>,
-    key: ObjectHandle,
+    settings: TokenSettings,
+    /// `None` while the token is away.
+    connected: Mutex<Option<Connected>>,
+    /// Random bytes the key sealed at start-up. A reconnection uses a key
+    /// only if it opens them: a new key under the same label (made after the
+    /// first was deleted) would seal new key versions that no copy of the
+    /// vault's key could open, and must never be taken for the old one.
+    probe: Sealed,
+    /// Whether the refusal of a different key was logged since the last
+    /// change, so that a check every few seconds does not flood the log.
+    refused_logged: std::sync::atomic::AtomicBool,
     label: String,
+}
+
+/// A logged-in session and the key's handle in it.
+struct Connected {
+    session: Session,
+    key: ObjectHandle,
 }
 
 impl std::fmt::Debug for TokenKey {
@@ -109,7 +131,116 @@ impl TokenKey {
     /// Loads the module, finds the token and the key, logs in, and checks
     /// that the key is a non-extractable AES-256 key (unless allowed).
     pub fn connect(settings: &TokenSettings) -> Result<Self, TokenError> {
-        let pin = read_pin(settings)?;
+        let connected = Connected::log_in(settings, read_pin(settings)?)?;
+        let label = format!("{}/{}", settings.token_label, settings.key_label);
+        let rng = SystemRandom::new();
+        let (mut bytes, mut nonce) = ([0u8; 32], [0u8; NONCE_LEN]);
+        rng.fill(&mut bytes)
+            .and_then(|()| rng.fill(&mut nonce))
+            .map_err(|_| TokenError::Token("no randomness for the probe".into()))?;
+        let probe = connected
+            .seal(nonce, &bytes, PROBE_AAD)
+            .map_err(|e| TokenError::Token(format!("the key could not seal: {e}")))?;
+        Ok(Self {
+            settings: settings.clone(),
+            connected: Mutex::new(Some(connected)),
+            probe,
+            refused_logged: false.into(),
+            label,
+        })
+    }
+
+    /// Whether the token answers and still holds the key. While it does
+    /// not, each check tries to log in again, and takes the key it finds
+    /// only if it is the same key.
+    pub fn available(&self) -> bool {
+        let mut connected = self.lock();
+        if connected.as_ref().is_some_and(Connected::answers) {
+            return true;
+        }
+        // The old session's module context must go before a new one starts:
+        // a context's end finalizes the module for every session in it.
+        *connected = None;
+        let Some(again) = self.reconnect() else {
+            return false;
+        };
+        *connected = Some(again);
+        self.refused_logged
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        true
+    }
+
+    /// A new session, if the token is back with the key that sealed the probe.
+    fn reconnect(&self) -> Option<Connected> {
+        // The PIN source is read again: a PIN taken from the environment is
+        // gone from it, so such a vault reconnects only after a restart.
+        let pin = read_pin(&self.settings).ok()?;
+        let again = Connected::log_in(&self.settings, pin).ok()?;
+        if again.open(&self.probe, PROBE_AAD).is_ok() {
+            tracing::info!(key = %self.label, "logged in to the token again: the same key is back");
+            return Some(again);
+        }
+        if !self
+            .refused_logged
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::error!(
+                key = %self.label,
+                "the token holds a different key under the root key's label: refused. The \
+                 vault's keys were sealed under the key that was deleted; restore the token from \
+                 its backup (README, \"The root key in an HSM\")"
+            );
+        }
+        None
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Connected>> {
+        self.connected.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// AES-256-GCM on the token, with a nonce from `rng`: the same bytes the
+    /// software path writes for the same key.
+    pub fn seal(
+        &self,
+        rng: &SystemRandom,
+        plaintext: &[u8],
+        aad: &[u8],
+    ) -> Result<Sealed, CryptoError> {
+        let mut nonce = [0u8; NONCE_LEN];
+        rng.fill(&mut nonce).map_err(|_| CryptoError::Random)?;
+        let connected = self.lock();
+        let connected = connected.as_ref().ok_or(CryptoError::Token)?;
+        connected.seal(nonce, plaintext, aad).map_err(|e| {
+            tracing::warn!(key = %self.label, error = %e, "the token could not seal");
+            CryptoError::Token
+        })
+    }
+
+    pub fn open(&self, sealed: &Sealed, aad: &[u8]) -> Result<Plaintext, CryptoError> {
+        let connected = self.lock();
+        let connected = connected.as_ref().ok_or(CryptoError::Token)?;
+        connected.open(sealed, aad).map_err(|e| match e {
+            Opened::Unavailable(e) => {
+                tracing::warn!(key = %self.label, error = %e, "the token could not open a sealed key");
+                CryptoError::Token
+            }
+            Opened::Failed => CryptoError::Decrypt,
+        })
+    }
+}
+
+/// Why a token did not open a sealed key.
+enum Opened {
+    /// The token or its session is gone.
+    Unavailable(P11Error),
+    /// The bytes did not check out under this key.
+    Failed,
+}
+
+impl Connected {
+    /// Loads the module, finds the token and the key, logs in, and checks
+    /// the key's kind and attributes.
+    fn log_in(settings: &TokenSettings, pin: AuthPin) -> Result<Self, TokenError> {
         let module = &settings.module;
         // The vault runs whatever code this library holds, PIN in hand: an
         // absolute path to a file only root or this user may change.
@@ -268,61 +399,45 @@ impl TokenKey {
             ),
             None => {}
         }
-        Ok(Self {
-            session: Mutex::new(session),
-            key,
-            label: format!("{token}/{key_label}"),
-        })
+        Ok(Self { session, key })
     }
 
-    /// Whether the token answers and still holds the key.
-    pub fn available(&self) -> bool {
-        let session = self.session.lock().unwrap_or_else(|p| p.into_inner());
-        session.get_session_info().is_ok()
-            && session
+    fn answers(&self) -> bool {
+        self.session.get_session_info().is_ok()
+            && self
+                .session
                 .get_attributes(self.key, &[AttributeType::KeyType])
                 .is_ok_and(|found| !found.is_empty())
     }
 
-    /// AES-256-GCM on the token, with a nonce from `rng`: the same bytes the
-    /// software path writes for the same key.
-    pub fn seal(
+    /// AES-256-GCM under `nonce`, which the caller draws at random.
+    fn seal(
         &self,
-        rng: &SystemRandom,
+        nonce: [u8; NONCE_LEN],
         plaintext: &[u8],
         aad: &[u8],
-    ) -> Result<Sealed, CryptoError> {
-        let mut nonce = [0u8; NONCE_LEN];
-        rng.fill(&mut nonce).map_err(|_| CryptoError::Random)?;
+    ) -> Result<Sealed, P11Error> {
         let mut iv = nonce;
-        let params =
-            GcmParams::new(&mut iv, aad, TAG_BITS.into()).map_err(|_| CryptoError::Token)?;
-        let session = self.session.lock().unwrap_or_else(|p| p.into_inner());
-        let ciphertext = session
-            .encrypt(&Mechanism::AesGcm(params), self.key, plaintext)
-            .map_err(|e| {
-                tracing::warn!(key = %self.label, error = %e, "the token could not seal");
-                CryptoError::Token
-            })?;
+        let params = GcmParams::new(&mut iv, aad, TAG_BITS.into())?;
+        let ciphertext = self
+            .session
+            .encrypt(&Mechanism::AesGcm(params), self.key, plaintext)?;
         Ok(Sealed { nonce, ciphertext })
     }
 
-    pub fn open(&self, sealed: &Sealed, aad: &[u8]) -> Result<Plaintext, CryptoError> {
+    fn open(&self, sealed: &Sealed, aad: &[u8]) -> Result<Plaintext, Opened> {
         let mut iv = sealed.nonce;
-        let params =
-            GcmParams::new(&mut iv, aad, TAG_BITS.into()).map_err(|_| CryptoError::Decrypt)?;
-        let session = self.session.lock().unwrap_or_else(|p| p.into_inner());
-        session
+        let params = GcmParams::new(&mut iv, aad, TAG_BITS.into()).map_err(|_| Opened::Failed)?;
+        self.session
             .decrypt(&Mechanism::AesGcm(params), self.key, &sealed.ciphertext)
             .map(Plaintext::new)
             .map_err(|e| {
                 if unavailable(&e) {
-                    tracing::warn!(key = %self.label, error = %e, "the token could not open a sealed key");
-                    CryptoError::Token
+                    Opened::Unavailable(e)
                 } else {
                     // A wrong tag is GeneralError on some tokens (SoftHSMv2):
                     // anything but the token being gone is a failed check.
-                    CryptoError::Decrypt
+                    Opened::Failed
                 }
             })
     }
@@ -332,9 +447,7 @@ fn read_pin(settings: &TokenSettings) -> Result<AuthPin, TokenError> {
     let text: Zeroizing<Vec<u8>> = match (&settings.pin_file, &settings.pin_env) {
         (Some(path), None) => crate::hardening::read_private("HSM PIN file", path)?,
         (None, Some(name)) => {
-            let value = Zeroizing::new(
-                std::env::var(name).map_err(|_| TokenError::MissingPinEnv(name.clone()))?,
-            );
+            let value = Zeroizing::new(std::env::var(name).map_err(|_| TokenError::MissingPinEnv)?);
             // Not thread-safe in general: this runs once, at start-up, before
             // the vault starts any thread that reads the environment.
             #[allow(clippy::disallowed_methods)]

@@ -368,11 +368,16 @@ pub async fn rotate_root(
     let rng = ring::rand::SystemRandom::new();
     let probe = old.seal(&rng, "rotate-root probe", b"")?;
     if new.open("rotate-root probe", &probe).is_ok() {
-        return Err(VaultError::FailedPrecondition(
+        return Err(VaultError::FailedPrecondition(if new.on_token() {
+            "the new root key is the current root key: make a new key on the token under \
+             another label (README, \"The root key in an HSM\") and name it in the new \
+             configuration's keys.pkcs11.key_label"
+                .into()
+        } else {
             "the new root key is the current root key: generate a new one \
              (for example `head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'`)"
-                .into(),
-        ));
+                .into()
+        }));
     }
     // A vault stopped a moment ago may still hold the database until
     // PostgreSQL sees its session close.

@@ -107,7 +107,14 @@ pub fn postgres_settings(storage: &StorageConfig) -> Result<PostgresSettings, St
             ))
         }
         (None, Some(var)) => Some(Zeroizing::new(std::env::var(var).map_err(|_| {
-            StoreError::Connect(format!("storage.password_env: ${var} is not set"))
+            // The name is not repeated: it may be the password itself,
+            // written in the wrong place.
+            StoreError::Connect(
+                "the environment variable that storage.password_env names is not set in the \
+                 vault's environment (its name is not repeated here, in case the password itself \
+                 was written there)"
+                    .into(),
+            )
         })?)),
         (None, None) => None,
     };
