@@ -504,7 +504,17 @@ impl Config {
         let mut config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
             message: match e.span() {
-                Some(span) => format!("{}: {}", locate(&text, span.start), e.message()),
+                Some(span) => {
+                    let place = locate(&text, span.start);
+                    // A value written under a key that names where a secret
+                    // is may be the secret itself (the PIN in `pin_env`).
+                    let message = if place.key.as_deref().is_some_and(names_a_secret) {
+                        without_values(e.message())
+                    } else {
+                        e.message().to_owned()
+                    };
+                    format!("{place}: {message}")
+                }
                 None => e.message().to_owned(),
             },
         })?;
@@ -571,11 +581,85 @@ impl Config {
         // Every field is a plain string, number or table: serialization cannot fail.
         toml::to_string_pretty(self).unwrap_or_default()
     }
+
+    /// The configuration as the server logs it: as [`Config::to_toml`], with
+    /// the names of environment variables not shown, since a name the vault
+    /// did not need to read (a `root_key_env` beside a `root_key_file`) may
+    /// be the secret itself, written in the wrong place.
+    pub fn to_toml_for_log(&self) -> String {
+        let mut shown = self.clone();
+        let hide = |name: &mut Option<String>| {
+            if name.is_some() {
+                *name = Some("(not shown)".into());
+            }
+        };
+        hide(&mut shown.keys.root_key_env);
+        hide(&mut shown.storage.password_env);
+        if let Some(token) = &mut shown.keys.pkcs11 {
+            hide(&mut token.pin_env);
+        }
+        shown.to_toml()
+    }
 }
 
-/// "line L, column C", and the key written there (`table.key`), for an
-/// error at byte `at` of the configuration's text.
-fn locate(text: &str, at: usize) -> String {
+/// Whether a configuration key says where a secret is (and so a value
+/// written there by mistake may be the secret).
+fn names_a_secret(key: &str) -> bool {
+    let last = key.rsplit('.').next().unwrap_or(key);
+    last.ends_with("_env")
+        || last.ends_with("_file")
+        || ["pin", "password", "key", "url", "secret"]
+            .iter()
+            .any(|word| last.contains(word))
+}
+
+/// A parser's message with every quoted value in it replaced, if it quotes
+/// a value ("invalid type: integer `738215`, expected a string"); messages
+/// that quote only names (an unknown field) are kept.
+fn without_values(message: &str) -> String {
+    if !message.starts_with("invalid") {
+        return message.to_owned();
+    }
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(start) = rest.find(['`', '"']) {
+        let quote = &rest[start..=start];
+        out.push_str(&rest[..start]);
+        match rest[start + 1..].find(quote) {
+            Some(len) => {
+                out.push_str("(a value, not shown)");
+                rest = &rest[start + 1 + len + 1..];
+            }
+            None => {
+                out.push_str("(a value, not shown)");
+                rest = "";
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Where in the configuration's text an error is: "line L, column C", and
+/// the key written there (`table.key`).
+struct Place {
+    line: usize,
+    column: usize,
+    key: Option<String>,
+}
+
+impl std::fmt::Display for Place {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "line {}, column {}", self.line, self.column)?;
+        match &self.key {
+            Some(key) => write!(f, " (`{key}`)"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The [`Place`] of byte `at` of the configuration's text.
+fn locate(text: &str, at: usize) -> Place {
     let at = at.min(text.len());
     let before = &text[..at];
     let line = before.matches('\n').count() + 1;
@@ -592,11 +676,12 @@ fn locate(text: &str, at: usize) -> String {
         .map(str::trim)
         .find(|l| l.starts_with('['))
         .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim());
-    match (table, key) {
-        (Some(table), Some(key)) => format!("line {line}, column {column} (`{table}.{key}`)"),
-        (None, Some(key)) => format!("line {line}, column {column} (`{key}`)"),
-        _ => format!("line {line}, column {column}"),
-    }
+    let key = match (table, key) {
+        (Some(table), Some(key)) => Some(format!("{table}.{key}")),
+        (None, Some(key)) => Some(key.to_owned()),
+        _ => None,
+    };
+    Place { line, column, key }
 }
 
 #[cfg(test)]
@@ -622,6 +707,60 @@ mod tests {
             let err = Config::load(&path).unwrap_err().to_string();
             assert!(err.contains(expected), "{err}");
         }
+    }
+
+    /// A secret written, unquoted, under a key that says where a secret is
+    /// (adversarial review): the type error names the key, not the value.
+    #[test]
+    fn a_type_error_under_a_secrets_key_does_not_repeat_the_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        let base = "[tls]\ncert_file = \"a\"\nkey_file = \"b\"\nclient_ca_file = \"c\"\n";
+        for (text, key) in [
+            (
+                "[storage]\npath = \"d\"\npassword_env = 738215\n[keys]\nroot_key_file = \"r\"\n",
+                "storage.password_env",
+            ),
+            (
+                "[storage]\npath = \"d\"\n[keys.pkcs11]\nmodule = \"/m\"\ntoken_label = \"t\"\n\
+                 key_label = \"k\"\npin_env = 738215\n",
+                "keys.pkcs11.pin_env",
+            ),
+            (
+                "[storage]\npath = \"d\"\n[keys]\nroot_key_env = 738215\n",
+                "keys.root_key_env",
+            ),
+        ] {
+            std::fs::write(&path, format!("{base}{text}")).unwrap();
+            let err = Config::load(&path).unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains("invalid type"), "{err}");
+            assert!(!err.contains("738215"), "the value is in the error: {err}");
+        }
+        // Elsewhere the value helps, and is kept.
+        std::fs::write(
+            &path,
+            format!("{base}[storage]\npath = \"d\"\n[limits]\nmax_message_bytes = \"64KiB\"\n"),
+        )
+        .unwrap();
+        let err = Config::load(&path).unwrap_err().to_string();
+        assert!(err.contains("64KiB"), "{err}");
+    }
+
+    /// The configuration as logged never shows an environment variable's
+    /// name: one the vault did not read may be the secret itself.
+    #[test]
+    fn the_logged_configuration_hides_variable_names() {
+        let mut config: Config = toml::from_str(
+            "[tls]\ncert_file = \"a\"\nkey_file = \"b\"\nclient_ca_file = \"c\"\n\
+             [storage]\npath = \"d\"\npassword_env = \"S3cretDBPassw0rd\"\n\
+             [keys]\nroot_key_file = \"r\"\n",
+        )
+        .unwrap();
+        config.keys.root_key_env = Some("ab".repeat(32));
+        let logged = config.to_toml_for_log();
+        assert!(!logged.contains("S3cretDBPassw0rd"), "{logged}");
+        assert!(!logged.contains(&"ab".repeat(32)), "{logged}");
+        assert!(logged.contains("root_key_file"), "{logged}");
     }
 
     #[test]

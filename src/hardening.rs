@@ -107,12 +107,15 @@ pub fn read_trusted(what: &'static str, path: &Path) -> Result<Vec<u8>, FileErro
     Ok(bytes)
 }
 
-/// Checks a file the vault trusts without reading it (a library it loads):
-/// refused if group or others may write it, or if a user other than this
-/// one or root owns it.
-pub fn check_trusted(what: &'static str, path: &Path) -> Result<(), FileError> {
-    let meta = std::fs::metadata(path).map_err(io_error(what, path))?;
-    check_unchangeable(what, path, &meta)
+/// Opens a file the vault trusts without reading it (a library it loads),
+/// and checks the file opened, not the path: refused if group or others may
+/// write it, or if a user other than this one or root owns it. Use the
+/// returned file (e.g. through `/proc/self/fd`), never the path again.
+pub fn open_trusted(what: &'static str, path: &Path) -> Result<std::fs::File, FileError> {
+    let file = std::fs::File::open(path).map_err(io_error(what, path))?;
+    let meta = file.metadata().map_err(io_error(what, path))?;
+    check_unchangeable(what, path, &meta)?;
+    Ok(file)
 }
 
 /// Owned by root or this user, and writable by neither group nor others.

@@ -90,7 +90,7 @@ pub async fn run(
     tracing::info!(
         config = %config.source.as_deref().map_or_else(|| "-".into(), |p| p.display().to_string()),
         "configuration:\n{}",
-        config.to_toml()
+        config.to_toml_for_log()
     );
     let mut vault = vault;
     vault.set_audit_durability(config.audit.durability);
@@ -211,11 +211,7 @@ const ROOT_KEY_CHECK: Duration = Duration::from_secs(2);
 async fn watch_root_key(vault: Arc<Vault>, health: tonic_health::server::HealthReporter) {
     let mut was = None;
     loop {
-        let vault = Arc::clone(&vault);
-        // A token call may block: off the runtime's threads.
-        let available = tokio::task::spawn_blocking(move || vault.root_key_available())
-            .await
-            .unwrap_or(false);
+        let available = vault.check_root_key().await;
         if was != Some(available) {
             let status = if available {
                 tonic_health::ServingStatus::Serving

@@ -103,6 +103,36 @@ impl SoftHsm {
         self.run("pkcs11-tool", &args);
     }
 
+    /// Whether the token says a login with a wrong PIN failed since the last
+    /// good one.
+    fn pin_count_low(&self) -> bool {
+        let module = module();
+        let out = Command::new("pkcs11-tool")
+            .args(["--module", module.to_str().unwrap(), "--list-token-slots"])
+            .env("SOFTHSM2_CONF", &self.conf)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).contains("user PIN count low")
+    }
+
+    /// Logs in once with `pin`, which must be right.
+    fn log_in(&self, pin: &str) {
+        let module = module();
+        self.run(
+            "pkcs11-tool",
+            &[
+                "--module",
+                module.to_str().unwrap(),
+                "--token-label",
+                TOKEN,
+                "--login",
+                "--pin",
+                pin,
+                "--list-objects",
+            ],
+        );
+    }
+
     /// Deletes the secret key labelled `label` from the token.
     fn delete_key(&self, label: &str) {
         let module = module();
@@ -382,12 +412,7 @@ async fn a_file_vault_moves_onto_the_token_and_serves_when_the_token_goes_away()
     let mut loaded = Config::load(&config).unwrap();
     let file = loaded.keys.root_key_file.take().unwrap();
     loaded.keys.pkcs11 = token_keys.pkcs11;
-    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    loaded.metrics.listen = Some(format!("127.0.0.1:{metrics_port}").parse().unwrap());
+    let metrics_port = with_metrics(&mut loaded);
     std::fs::write(&config, loaded.to_toml()).unwrap();
     // The old file opens nothing any more; move it out of the way.
     std::fs::remove_file(&file).unwrap();
@@ -400,21 +425,7 @@ async fn a_file_vault_moves_onto_the_token_and_serves_when_the_token_goes_away()
         .unwrap()
         .into_inner();
     assert_eq!(redacted.secrets, stored.secrets);
-    let available = || async move {
-        let text = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
-            .find(|l| l.starts_with("credvault_root_key_available "))
-            .map(str::to_owned)
-    };
-    assert_eq!(
-        available().await.as_deref(),
-        Some("credvault_root_key_available 1")
-    );
+    assert_eq!(root_key_metric(metrics_port).await, 1);
 
     // The key leaves the token while the vault runs (a copy of the token's
     // files kept first, as a token backup).
@@ -428,10 +439,7 @@ async fn a_file_vault_moves_onto_the_token_and_serves_when_the_token_goes_away()
         .unwrap()
         .into_inner();
     assert_eq!(redacted.secrets, stored.secrets, "calls go on");
-    assert_eq!(
-        available().await.as_deref(),
-        Some("credvault_root_key_available 0")
-    );
+    wait_for_root_key(metrics_port, 0).await;
     // And the health service says so, under its own name.
     let mut health = tonic_health::pb::health_client::HealthClient::new(
         admin_channel(&config, &served.url).await,
@@ -470,10 +478,9 @@ async fn a_file_vault_moves_onto_the_token_and_serves_when_the_token_goes_away()
     // A new key under the same label is not the key that sealed the vault's
     // keys: the vault does not take it.
     hsm.keygen("credvault-root", &[]);
-    assert_eq!(
-        available().await.as_deref(),
-        Some("credvault_root_key_available 0")
-    );
+    // Two checks of the token (every 2 s) see the new key.
+    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    assert_eq!(root_key_metric(metrics_port).await, 0);
     let rotate = admin
         .rotate(credvault::proto::RotateRequest::default())
         .await
@@ -483,11 +490,8 @@ async fn a_file_vault_moves_onto_the_token_and_serves_when_the_token_goes_away()
     // The token's key restored from its backup: the vault logs in again by
     // itself, and rotations work.
     hsm.delete_key("credvault-root");
-    copy_new_files(&backup, &tokens);
-    assert_eq!(
-        available().await.as_deref(),
-        Some("credvault_root_key_available 1")
-    );
+    restore_token(&hsm, &backup);
+    wait_for_root_key(metrics_port, 1).await;
     admin
         .rotate(credvault::proto::RotateRequest::default())
         .await
@@ -498,6 +502,75 @@ async fn a_file_vault_moves_onto_the_token_and_serves_when_the_token_goes_away()
         .unwrap()
         .into_inner();
     assert_eq!(redacted.secrets, stored.secrets);
+}
+
+/// Sets a free port for `config`'s metrics listener, and returns it.
+fn with_metrics(config: &mut Config) -> u16 {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    config.metrics.listen = Some(format!("127.0.0.1:{port}").parse().unwrap());
+    port
+}
+
+/// `credvault_root_key_available` as the vault on `port` exports it now.
+async fn root_key_metric(port: u16) -> u8 {
+    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("credvault_root_key_available "))
+        .expect("credvault_root_key_available is exported");
+    line.trim().parse().unwrap()
+}
+
+/// Waits until the token check (every 2 s) makes the metric `want`.
+async fn wait_for_root_key(port: u16, want: u8) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while root_key_metric(port).await != want {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "credvault_root_key_available is not {want} after 20 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// Puts the token's key back from `backup`, a copy of the token's files:
+/// the key's object file copied in, then one change made through the module,
+/// so that every SoftHSMv2 instance (the vault's too) reads the token's
+/// files again. A token that comes back needs no such step.
+fn restore_token(hsm: &SoftHsm, backup: &Path) {
+    copy_new_files(backup, &hsm.conf.with_file_name("tokens"));
+    let touch = hsm.conf.with_file_name("touch");
+    std::fs::write(&touch, b"touch").unwrap();
+    let module = module();
+    let common = [
+        "--module",
+        module.to_str().unwrap(),
+        "--token-label",
+        TOKEN,
+        "--login",
+        "--pin",
+        PIN,
+    ];
+    let write = [
+        "--write-object",
+        touch.to_str().unwrap(),
+        "--type",
+        "data",
+        "--label",
+        "touch",
+    ];
+    hsm.run("pkcs11-tool", &[&common[..], &write].concat());
+    let delete = ["--delete-object", "--type", "data", "--label", "touch"];
+    hsm.run("pkcs11-tool", &[&common[..], &delete].concat());
 }
 
 /// Copies every file under `from` that `to` lacks.
@@ -672,4 +745,125 @@ async fn a_writable_or_relative_module_and_a_shared_token_label_are_refused() {
     let (ok, text) = check_config(&hsm, &config);
     assert!(!ok, "{text}");
     assert!(text.contains("2 tokens are labelled `credvault`"), "{text}");
+}
+
+/// A token that hangs (a network HSM that stops answering; here SoftHSMv2
+/// blocked on a FIFO in place of its token's `generation` file) holds no
+/// thread of the vault (adversarial review): Rotate fails UNAVAILABLE,
+/// metrics and calls answer, and SIGTERM stops the vault.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs SoftHSMv2 and opensc: scripts/test runs it with --ignored"]
+async fn a_token_that_hangs_stops_nothing_but_rotation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hsm = SoftHsm::new(tmp.path());
+    hsm.keygen("credvault-root", &[]);
+    let config = vault_on_token(tmp.path(), "credvault-root", PIN, None);
+    let mut loaded = Config::load(&config).unwrap();
+    let metrics_port = with_metrics(&mut loaded);
+    std::fs::write(&config, loaded.to_toml()).unwrap();
+    let mut served = common::spawn_server_as(&config, &["env", &hsm.env()]).await;
+    let mut c = client(&config, &served.url).await;
+    let stored = c
+        .store(amplitude("ws", SECRET, SECRET))
+        .await
+        .unwrap()
+        .into_inner();
+
+    let generation = walk(&hsm.conf.with_file_name("tokens"))
+        .into_iter()
+        .find(|f| f.file_name().is_some_and(|n| n == "generation"))
+        .expect("SoftHSMv2 keeps a generation file");
+    std::fs::remove_file(&generation).unwrap();
+    let made = Command::new("mkfifo").arg(&generation).status().unwrap();
+    assert!(made.success());
+
+    let wait = std::time::Duration::from_secs(20);
+    let mut admin = admin_client(&config, &served.url).await;
+    let rotate = tokio::time::timeout(
+        wait,
+        admin.rotate(credvault::proto::RotateRequest::default()),
+    )
+    .await
+    .expect("Rotate did not answer within 20 s: a hung token holds the vault")
+    .unwrap_err();
+    assert_eq!(rotate.code(), tonic::Code::Unavailable, "{rotate:?}");
+    tokio::time::timeout(wait, wait_for_root_key(metrics_port, 0))
+        .await
+        .expect("metrics did not answer within 20 s: a hung token holds the vault");
+    let redacted = tokio::time::timeout(wait, c.redact(reference("ws", "amplitude")))
+        .await
+        .expect("Redact did not answer within 20 s: a hung token holds the vault")
+        .unwrap()
+        .into_inner();
+    assert_eq!(redacted.secrets, stored.secrets);
+
+    let pid = served.process.id().unwrap().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = tokio::time::timeout(wait, served.process.wait())
+        .await
+        .expect("SIGTERM did not answer within 20 s: a hung token holds the vault")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    // Let SoftHSMv2 in any process go on.
+    std::fs::remove_file(&generation).unwrap();
+}
+
+/// While the token is away, logging in again with a PIN the token refuses
+/// (the PIN file changed meanwhile) is not tried again: a real token locks its
+/// PIN after a few tries (adversarial review: it tried every 2 s). It tries
+/// once more when the PIN file changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs SoftHSMv2 and opensc: scripts/test runs it with --ignored"]
+async fn a_refused_pin_is_not_tried_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hsm = SoftHsm::new(tmp.path());
+    hsm.keygen("credvault-root", &[]);
+    let config = vault_on_token(tmp.path(), "credvault-root", PIN, None);
+    let mut loaded = Config::load(&config).unwrap();
+    let metrics_port = with_metrics(&mut loaded);
+    std::fs::write(&config, loaded.to_toml()).unwrap();
+    let pin_file = loaded
+        .keys
+        .pkcs11
+        .as_ref()
+        .unwrap()
+        .pin_file
+        .clone()
+        .unwrap();
+    let _served = common::spawn_server_as(&config, &["env", &hsm.env()]).await;
+
+    let tokens = hsm.conf.with_file_name("tokens");
+    let backup = tmp.path().join("tokens-backup");
+    copy_new_files(&tokens, &backup);
+    hsm.delete_key("credvault-root");
+    wait_for_root_key(metrics_port, 0).await;
+    common::write_private(&pin_file, b"0000");
+
+    // The vault tries the wrong PIN once: the token says so.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !hsm.pin_count_low() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the vault never tried"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // A good login clears the token's count; the vault must not raise it again.
+    hsm.log_in(PIN);
+    assert!(!hsm.pin_count_low());
+    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    assert!(
+        !hsm.pin_count_low(),
+        "the vault tried the refused PIN again"
+    );
+    assert_eq!(root_key_metric(metrics_port).await, 0);
+
+    // The key back, and the right PIN in the file: the vault logs in again.
+    restore_token(&hsm, &backup);
+    common::write_private(&pin_file, PIN.as_bytes());
+    wait_for_root_key(metrics_port, 1).await;
 }

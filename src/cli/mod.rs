@@ -130,6 +130,8 @@ pub fn main() -> ExitCode {
         Command::Keys(command) => runtime.block_on(keys::run(command)),
         Command::CheckConfig { config } => runtime.block_on(check::run(&config)),
     };
+    // A blocking call stuck in a hung HSM must not hold the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => fail(&message),

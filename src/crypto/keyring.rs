@@ -76,12 +76,22 @@ impl RootKey {
         matches!(self.0, Root::Token(_))
     }
 
-    /// Whether the root key can seal now: a key in this process always can;
-    /// a token when it answers and still holds the key.
+    /// Whether the root key could seal at the last [`RootKey::check`]: a key
+    /// in this process always can; a token when it answered and held the
+    /// key. Never waits on a token.
     pub fn available(&self) -> bool {
         match &self.0 {
             Root::Software(_) => true,
             Root::Token(token) => token.available(),
+        }
+    }
+
+    /// Asks the token whether it answers and holds the key, logging in again
+    /// if it went away and came back. Blocks: call it off the async runtime.
+    pub fn check(&self) -> bool {
+        match &self.0 {
+            Root::Software(_) => true,
+            Root::Token(token) => token.check(),
         }
     }
 
@@ -294,13 +304,12 @@ impl Keyring {
         self.versions.keys().copied()
     }
 
-    /// A new key-encryption key for the next version, sealed under `root`:
-    /// persist the sealed form, then [`Keyring::install`] the key.
-    pub fn next_version(&self, root: &RootKey) -> Result<(Key, WrappedKeyVersion), CryptoError> {
+    /// The next version's number and a fresh key-encryption key for it, not
+    /// yet sealed: seal it with [`RootKey::seal_key_version`], persist the
+    /// sealed form, then [`Keyring::install`] the key.
+    pub fn next_key(&self) -> Result<(u32, Key), CryptoError> {
         let version = self.versions.keys().next_back().map_or(1, |v| v + 1);
-        let key = Key::generate(&self.rng)?;
-        let sealed = root.seal_key_version(&self.rng, version, &key)?;
-        Ok((key, sealed))
+        Ok((version, Key::generate(&self.rng)?))
     }
 
     /// Makes `version` primary: new data keys are wrapped by it from now on.

@@ -1,8 +1,13 @@
 //! A root key that never leaves a hardware security module: the token seals
 //! and opens with AES-256-GCM itself, through PKCS#11 (`cryptoki`).
 
-use std::path::PathBuf;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use secrecy::ExposeSecret;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as P11Error, RvError};
@@ -98,10 +103,17 @@ pub enum TokenError {
 /// connects, to recognise the same key after a reconnection.
 const PROBE_AAD: &[u8] = b"credvault/v1/token-probe";
 
+/// How long a check of the token may take before the key counts as
+/// unavailable (a token, or a network HSM, that hangs).
+const CHECK_WAIT: Duration = Duration::from_secs(5);
+
 /// A key on a token, with a logged-in session to use it, and what it takes to
 /// log in again once the token comes back after going away.
 pub struct TokenKey {
     settings: TokenSettings,
+    /// The module, loaded once at start-up and never again: a second load
+    /// would run whatever file the path names by then.
+    pkcs11: Pkcs11,
     /// `None` while the token is away.
     connected: Mutex<Option<Connected>>,
     /// Random bytes the key sealed at start-up. A reconnection uses a key
@@ -109,10 +121,23 @@ pub struct TokenKey {
     /// first was deleted) would seal new key versions that no copy of the
     /// vault's key could open, and must never be taken for the old one.
     probe: Sealed,
-    /// Whether the refusal of a different key was logged since the last
-    /// change, so that a check every few seconds does not flood the log.
-    refused_logged: std::sync::atomic::AtomicBool,
+    /// What the last check found, for readers that must not wait on the token.
+    health: Health,
     label: String,
+}
+
+/// The last check's result, readable without touching the token.
+struct Health {
+    available: AtomicBool,
+    /// When the check in progress began, in ms after `epoch`; 0 if none.
+    checking_since: AtomicU64,
+    epoch: Instant,
+    /// A digest of the PIN the token refused when logging in again: that PIN
+    /// is not tried again (a token locks its PIN after a few tries), only a
+    /// changed one.
+    pin_refused: Mutex<Option<ring::digest::Digest>>,
+    /// Why the last reconnection failed, to log each new reason once.
+    last_failure: Mutex<Option<String>>,
 }
 
 /// A logged-in session and the key's handle in it.
@@ -131,7 +156,9 @@ impl TokenKey {
     /// Loads the module, finds the token and the key, logs in, and checks
     /// that the key is a non-extractable AES-256 key (unless allowed).
     pub fn connect(settings: &TokenSettings) -> Result<Self, TokenError> {
-        let connected = Connected::log_in(settings, read_pin(settings)?)?;
+        let pin = read_pin(settings)?;
+        let pkcs11 = load_module(&settings.module)?;
+        let connected = Connected::log_in(&pkcs11, settings, pin)?;
         let label = format!("{}/{}", settings.token_label, settings.key_label);
         let rng = SystemRandom::new();
         let (mut bytes, mut nonce) = ([0u8; 32], [0u8; NONCE_LEN]);
@@ -143,55 +170,107 @@ impl TokenKey {
             .map_err(|e| TokenError::Token(format!("the key could not seal: {e}")))?;
         Ok(Self {
             settings: settings.clone(),
+            pkcs11,
             connected: Mutex::new(Some(connected)),
             probe,
-            refused_logged: false.into(),
+            health: Health {
+                available: true.into(),
+                checking_since: 0.into(),
+                epoch: Instant::now(),
+                pin_refused: Mutex::new(None),
+                last_failure: Mutex::new(None),
+            },
             label,
         })
     }
 
-    /// Whether the token answers and still holds the key. While it does
-    /// not, each check tries to log in again, and takes the key it finds
-    /// only if it is the same key.
+    /// What the last [`TokenKey::check`] found, without touching the token:
+    /// false also while a check has hung for longer than [`CHECK_WAIT`].
     pub fn available(&self) -> bool {
+        let since = self.health.checking_since.load(Ordering::Acquire);
+        let hung = since != 0 && self.elapsed_ms().saturating_sub(since) > millis(CHECK_WAIT);
+        !hung && self.health.available.load(Ordering::Acquire)
+    }
+
+    /// Asks the token whether it answers and still holds the key; while it
+    /// does not, tries to log in again, and takes the key it then finds only
+    /// if it is the same key. Blocks: call it off the async runtime.
+    pub fn check(&self) -> bool {
+        self.health
+            .checking_since
+            .store(self.elapsed_ms().max(1), Ordering::Release);
+        let available = self.check_now();
+        self.health.available.store(available, Ordering::Release);
+        self.health.checking_since.store(0, Ordering::Release);
+        available
+    }
+
+    fn check_now(&self) -> bool {
         let mut connected = self.lock();
         if connected.as_ref().is_some_and(Connected::answers) {
             return true;
         }
-        // The old session's module context must go before a new one starts:
-        // a context's end finalizes the module for every session in it.
         *connected = None;
-        let Some(again) = self.reconnect() else {
-            return false;
-        };
-        *connected = Some(again);
-        self.refused_logged
-            .store(false, std::sync::atomic::Ordering::Relaxed);
-        true
+        match self.reconnect() {
+            Ok(again) => {
+                *connected = Some(again);
+                *self.last_failure() = None;
+                tracing::info!(key = %self.label, "logged in to the token again: the same key is back");
+                true
+            }
+            Err(why) => {
+                let text = why.to_string();
+                let mut last = self.last_failure();
+                if last.as_deref() != Some(text.as_str()) {
+                    tracing::error!(key = %self.label, "logging in to the token again failed: {text}");
+                    *last = Some(text);
+                }
+                false
+            }
+        }
     }
 
     /// A new session, if the token is back with the key that sealed the probe.
-    fn reconnect(&self) -> Option<Connected> {
+    fn reconnect(&self) -> Result<Connected, Reconnect> {
         // The PIN source is read again: a PIN taken from the environment is
         // gone from it, so such a vault reconnects only after a restart.
-        let pin = read_pin(&self.settings).ok()?;
-        let again = Connected::log_in(&self.settings, pin).ok()?;
-        if again.open(&self.probe, PROBE_AAD).is_ok() {
-            tracing::info!(key = %self.label, "logged in to the token again: the same key is back");
-            return Some(again);
-        }
-        if !self
-            .refused_logged
-            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        let pin = read_pin(&self.settings).map_err(Reconnect::Token)?;
+        let digest = ring::digest::digest(&ring::digest::SHA256, pin.expose_secret().as_bytes());
+        let mut refused = self
+            .health
+            .pin_refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if refused
+            .as_ref()
+            .is_some_and(|r| r.as_ref() == digest.as_ref())
         {
-            tracing::error!(
-                key = %self.label,
-                "the token holds a different key under the root key's label: refused. The \
-                 vault's keys were sealed under the key that was deleted; restore the token from \
-                 its backup (README, \"The root key in an HSM\")"
-            );
+            return Err(Reconnect::PinRefusedBefore);
         }
-        None
+        let again = match Connected::log_in(&self.pkcs11, &self.settings, pin) {
+            Ok(again) => again,
+            Err(e @ (TokenError::WrongPin { .. } | TokenError::PinLocked { .. })) => {
+                *refused = Some(digest);
+                return Err(Reconnect::Token(e));
+            }
+            Err(e) => return Err(Reconnect::Token(e)),
+        };
+        *refused = None;
+        match again.open(&self.probe, PROBE_AAD) {
+            Ok(_) => Ok(again),
+            Err(_) => Err(Reconnect::DifferentKey),
+        }
+    }
+
+    fn elapsed_ms(&self) -> u64 {
+        millis(self.health.epoch.elapsed())
+    }
+
+    fn last_failure(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.health
+            .last_failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<Connected>> {
@@ -229,6 +308,17 @@ impl TokenKey {
     }
 }
 
+/// Why logging in to the token again failed.
+#[derive(Debug, thiserror::Error)]
+enum Reconnect {
+    #[error(transparent)]
+    Token(TokenError),
+    #[error("the token holds a different key under the root key's label, which does not open what the vault's key sealed: refused. The vault's keys were sealed under the key that was deleted; restore the token from its backup (README, \"The root key in an HSM\")")]
+    DifferentKey,
+    #[error("the token refused this PIN when the vault logged in again: it is not tried again, since a token locks its PIN after a few tries. Put the right PIN in keys.pkcs11.pin_file; the vault tries once more when the PIN there changes")]
+    PinRefusedBefore,
+}
+
 /// Why a token did not open a sealed key.
 enum Opened {
     /// The token or its session is gone.
@@ -238,32 +328,10 @@ enum Opened {
 }
 
 impl Connected {
-    /// Loads the module, finds the token and the key, logs in, and checks
-    /// the key's kind and attributes.
-    fn log_in(settings: &TokenSettings, pin: AuthPin) -> Result<Self, TokenError> {
+    /// Finds the token and the key, logs in, and checks the key's kind and
+    /// attributes.
+    fn log_in(pkcs11: &Pkcs11, settings: &TokenSettings, pin: AuthPin) -> Result<Self, TokenError> {
         let module = &settings.module;
-        // The vault runs whatever code this library holds, PIN in hand: an
-        // absolute path to a file only root or this user may change.
-        if !module.is_absolute() {
-            return Err(TokenError::Module {
-                module: module.clone(),
-                reason: "the path must be absolute".into(),
-            });
-        }
-        crate::hardening::check_trusted("PKCS#11 module", module)?;
-        let pkcs11 = Pkcs11::new(module).map_err(|e| TokenError::Module {
-            module: module.clone(),
-            reason: e.to_string(),
-        })?;
-        match pkcs11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
-            Ok(()) | Err(P11Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
-            Err(e) => {
-                return Err(TokenError::Module {
-                    module: module.clone(),
-                    reason: e.to_string(),
-                })
-            }
-        }
         let token = settings.token_label.as_str();
         let failed = |e: P11Error| TokenError::Token(e.to_string());
         let mut present = Vec::new();
@@ -441,6 +509,38 @@ impl Connected {
                 }
             })
     }
+}
+
+/// Loads the PKCS#11 module at `module` and initializes it. The vault runs
+/// whatever code this library holds, PIN in hand: it must be an absolute
+/// path to a file only root or this user may change, and the file checked
+/// is the file loaded (opened once, then loaded through its descriptor), so
+/// that no one can swap it between the check and the load.
+fn load_module(module: &Path) -> Result<Pkcs11, TokenError> {
+    if !module.is_absolute() {
+        return Err(TokenError::Module {
+            module: module.to_owned(),
+            reason: "the path must be absolute".into(),
+        });
+    }
+    let file = crate::hardening::open_trusted("PKCS#11 module", module)?;
+    let pkcs11 = Pkcs11::new(format!("/proc/self/fd/{}", file.as_raw_fd())).map_err(|e| {
+        TokenError::Module {
+            module: module.to_owned(),
+            reason: e.to_string(),
+        }
+    })?;
+    match pkcs11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) | Err(P11Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => Ok(pkcs11),
+        Err(e) => Err(TokenError::Module {
+            module: module.to_owned(),
+            reason: e.to_string(),
+        }),
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 fn read_pin(settings: &TokenSettings) -> Result<AuthPin, TokenError> {

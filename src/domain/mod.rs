@@ -35,6 +35,8 @@ pub use input::NewCredential;
 pub use redact::hint;
 
 const SECRET_PURPOSE: &str = "credvault/v1/secret";
+/// How long a use of the root key may take (a token may hang).
+const ROOT_KEY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 const PARAMS_PURPOSE: &str = "credvault/v1/params-binding";
 const BIND_PARAMS_METHOD: &str = "KeyAdmin.BindParams";
 const UNBOUND_PARAMS: &str = "this database was written before each connection's params were \
@@ -120,8 +122,9 @@ pub struct Decrypted {
 /// The vault: the only holder of the unwrapped keyring.
 pub struct Vault {
     store: Arc<dyn Store>,
-    /// Kept to seal new key versions.
-    root: RootKey,
+    /// Kept to seal new key versions; shared with the blocking threads that
+    /// use it (a token may block).
+    root: Arc<RootKey>,
     keyring: RwLock<Keyring>,
     validator: Validator,
     audit: AuditLog,
@@ -180,7 +183,7 @@ impl Vault {
             .map_or(0, |v| v.encryptions);
         Ok(Self {
             store,
-            root,
+            root: Arc::new(root),
             keyring: RwLock::new(keyring),
             validator: Validator::new(outbound, providers),
             audit,
@@ -215,10 +218,35 @@ impl Vault {
         &self.audit
     }
 
-    /// Whether the root key can seal now (see [`RootKey::available`]); a
-    /// token that does not answer stops rotations, not calls.
+    /// Whether the root key could seal at the last check (see
+    /// [`RootKey::available`]); a token that does not answer stops
+    /// rotations, not calls. Never waits on a token.
     pub fn root_key_available(&self) -> bool {
         self.root.available()
+    }
+
+    /// Asks the root key's token again (see [`RootKey::check`]), off the
+    /// async runtime; false if it does not answer within [`ROOT_KEY_WAIT`].
+    pub async fn check_root_key(&self) -> bool {
+        self.with_root(|root| Ok(root.check()))
+            .await
+            .unwrap_or(false)
+    }
+
+    /// Runs `f` with the root key on a blocking thread, for at most
+    /// [`ROOT_KEY_WAIT`]: a token that hangs fails the one call that needs
+    /// it with UNAVAILABLE, and holds no thread of the async runtime.
+    async fn with_root<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&RootKey) -> Result<T, crypto::CryptoError> + Send + 'static,
+    ) -> Result<T, VaultError> {
+        let root = Arc::clone(&self.root);
+        match tokio::time::timeout(ROOT_KEY_WAIT, tokio::task::spawn_blocking(move || f(&root)))
+            .await
+        {
+            Ok(Ok(done)) => Ok(done?),
+            Ok(Err(_)) | Err(_) => Err(crypto::CryptoError::Token.into()),
+        }
     }
 
     /// When the events of calls that changed nothing may be answered

@@ -58,7 +58,14 @@ impl Vault {
         self.sync_keyring().await?;
         let mut taken = false;
         let (version, key, stored) = loop {
-            let (key, wrapped) = self.keyring_read().next_version(&self.root)?;
+            let (version, key) = self.keyring_read().next_key()?;
+            let (key, wrapped) = self
+                .with_root(move |root| {
+                    let rng = ring::rand::SystemRandom::new();
+                    let wrapped = root.seal_key_version(&rng, version, &key)?;
+                    Ok((key, wrapped))
+                })
+                .await?;
             let version = wrapped.version;
             let event = Event::new(context, audit::OUTCOME_OK, versioned(version));
             // Persisted first: a data key must never name a version the database lacks.
@@ -99,8 +106,11 @@ impl Vault {
             return Ok(false);
         }
         for wrapped in keys.versions.iter().filter(|v| !held.contains(&v.version)) {
-            let key = self.root.open_key_version(wrapped)?;
-            self.keyring_write().install(wrapped.version, key);
+            let (version, sealed) = (wrapped.version, wrapped.clone());
+            let key = self
+                .with_root(move |root| root.open_key_version(&sealed))
+                .await?;
+            self.keyring_write().install(version, key);
         }
         for retired in held.difference(&stored) {
             self.keyring_write().remove(*retired);
