@@ -5,7 +5,8 @@
 //! - [`edge`]: mutual TLS, caller identity, admission before the body (method, rate,
 //!   limits), the gate (scope, audit, log), the services, and errors to status codes in
 //!   one place.
-//! - [`domain`]: what Store, Redact, Zero, List, Validate, Proxy and key rotation mean.
+//! - [`domain`]: what Store, Redact, Zero, List, Validate, Proxy and key rotation mean,
+//!   and which credentials near their expiry.
 //! - [`crypto`]: envelope encryption (root key → key-encryption keys → data keys), secret types.
 //! - [`store`]: the storage trait, its SQL written once, and SQLite and PostgreSQL
 //!   behind it, each with group commit.
@@ -83,4 +84,4 @@ pub mod proto {
 }
 
 pub use config::Config;
-pub use server::{run, ServeError};
+pub use server::{run, run_with_clock, ServeError};

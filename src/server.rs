@@ -9,6 +9,7 @@ use tokio::net::TcpListener;
 
 use crate::config::{AuditConfig, Backend, Config};
 use crate::crypto::{RootKey, RootKeyError};
+use crate::domain::clock::Clock;
 use crate::domain::{Vault, VaultError};
 use crate::edge::tls::{SharedTls, TlsError};
 use crate::edge::{self};
@@ -67,6 +68,16 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    run_with_clock(config, listener, shutdown, Clock::system()).await
+}
+
+/// As [`run`], judging credentials' expiry by `clock` (which tests move).
+pub async fn run_with_clock(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    clock: Clock,
+) -> Result<(), ServeError> {
     crate::hardening::disable_core_dumps();
     let root = RootKey::load(config.keys.root_source().map_err(ServeError::Config)?)?;
     let tls = SharedTls::load(&config.tls)?;
@@ -94,6 +105,7 @@ pub async fn run(
     );
     let mut vault = vault;
     vault.set_audit_durability(config.audit.durability);
+    vault.set_clock(clock);
     let vault = Arc::new(vault);
     if let Some(path) = &config.audit.public_key_file {
         let hex = data_encoding::HEXLOWER.encode(vault.audit().public_key());
@@ -115,6 +127,7 @@ pub async fn run(
     let mut tasks = vec![
         tokio::spawn(checkpoints(Arc::clone(&vault), config.audit.clone())),
         tokio::spawn(crate::domain::rotation::run(Arc::clone(&vault))),
+        tokio::spawn(crate::domain::expiry::run(Arc::clone(&vault))),
         tokio::spawn(watch_tls_files(
             tls.clone(),
             Duration::from_millis(config.tls.reload_poll_ms.max(100)),

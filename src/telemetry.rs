@@ -37,6 +37,13 @@ struct ProviderLabels {
     provider: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ExpiringLabels {
+    provider: String,
+    /// `1d`, `7d` or `30d`.
+    within: String,
+}
+
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -58,6 +65,8 @@ pub struct Metrics {
     primary_key_version: Gauge,
     key_versions_in_use: Gauge,
     root_key_available: Gauge,
+    credentials_expiring: Family<ExpiringLabels, Gauge>,
+    credentials_expired: Family<ProviderLabels, Gauge>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -135,6 +144,20 @@ impl Metrics {
              holds the key), 0 when its token does not: calls go on, rotations fail",
             root_key_available.clone(),
         );
+        let credentials_expiring = Family::<ExpiringLabels, Gauge>::default();
+        registry.register(
+            "credentials_expiring",
+            "Connected connections whose stored credential expires within 1d, 7d or 30d (each \
+             window includes the nearer ones; expired ones are not counted), as of the last \
+             check (every minute)",
+            credentials_expiring.clone(),
+        );
+        let credentials_expired = Family::<ProviderLabels, Gauge>::default();
+        registry.register(
+            "credentials_expired",
+            "Connected connections whose stored credential has expired, as of the last check",
+            credentials_expired.clone(),
+        );
         let key_versions_in_use = Gauge::default();
         registry.register(
             "key_versions_in_use",
@@ -154,6 +177,8 @@ impl Metrics {
             primary_key_version,
             key_versions_in_use,
             root_key_available,
+            credentials_expiring,
+            credentials_expired,
         }
     }
 
@@ -207,6 +232,24 @@ impl Metrics {
             .set(i64::try_from(vault.shreds_pending()).unwrap_or(i64::MAX));
         self.root_key_available
             .set(i64::from(vault.root_key_available()));
+        for (provider, counts) in vault.expiry_counts() {
+            for (threshold, n) in crate::domain::expiry::THRESHOLDS
+                .iter()
+                .zip(counts.expiring)
+            {
+                self.credentials_expiring
+                    .get_or_create(&ExpiringLabels {
+                        provider: provider.to_owned(),
+                        within: threshold.name.to_owned(),
+                    })
+                    .set(i64::try_from(n).unwrap_or(i64::MAX));
+            }
+            self.credentials_expired
+                .get_or_create(&ProviderLabels {
+                    provider: provider.to_owned(),
+                })
+                .set(i64::try_from(counts.expired).unwrap_or(i64::MAX));
+        }
         let head = *vault.audit().watch().borrow();
         self.audit_sequence
             .set(i64::try_from(head).unwrap_or(i64::MAX));

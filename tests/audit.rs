@@ -55,6 +55,7 @@ async fn every_call_produces_exactly_one_event_in_order() {
     c.redact(reference("ws", "amplitude")).await.unwrap();
     c.list(ListRequest {
         workspace_id: "ws".into(),
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -1016,6 +1017,7 @@ async fn under_changes_durability_one_lost_event_ends_early_answers_for_good() {
     for _ in 0..400 {
         if c.list(ListRequest {
             workspace_id: "ws".into(),
+            ..Default::default()
         })
         .await
         .is_ok()
@@ -1062,6 +1064,7 @@ async fn under_changes_durability_a_stalled_writer_stops_early_answers() {
             while std::time::Instant::now() < until {
                 let call = c.list(ListRequest {
                     workspace_id: "ws".into(),
+                    ..Default::default()
                 });
                 if tokio::time::timeout(std::time::Duration::from_millis(500), call)
                     .await
@@ -1173,12 +1176,14 @@ async fn under_changes_durability_a_loss_is_counted_in_the_chain_before_anything
             for _ in 0..20 {
                 let refused = c.list(ListRequest {
                     workspace_id: "ws".into(),
+                    ..Default::default()
                 });
                 assert_eq!(refused.await.unwrap_err().code(), Code::Unavailable);
             }
             dir.execute_batch("DROP TRIGGER no_count");
             c.list(ListRequest {
                 workspace_id: "ws".into(),
+                ..Default::default()
             })
             .await
             .unwrap();

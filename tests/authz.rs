@@ -28,6 +28,7 @@ async fn codes(c: &mut CredentialsClient<Channel>, workspace: &str) -> Vec<Code>
         code(
             c.list(ListRequest {
                 workspace_id: workspace.into(),
+                ..Default::default()
             })
             .await
             .map(drop),
@@ -188,6 +189,7 @@ async fn a_rule_narrowed_to_providers_lists_only_their_connections() {
     let listed = narrow
         .list(ListRequest {
             workspace_id: "ws".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -213,6 +215,7 @@ async fn a_rule_narrowed_to_providers_lists_only_their_connections() {
     let all = app
         .list(ListRequest {
             workspace_id: "ws".into(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -54,6 +54,7 @@ async fn list_returns_every_connection_of_the_workspace_only() {
     let list = c
         .list(ListRequest {
             workspace_id: "ws1".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -71,6 +72,7 @@ async fn list_returns_every_connection_of_the_workspace_only() {
     let empty = c
         .list(ListRequest {
             workspace_id: "nobody".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -441,6 +443,7 @@ async fn rejects_bad_input_naming_the_field_without_echoing_values() {
     let list = c
         .list(ListRequest {
             workspace_id: "ws".into(),
+            ..Default::default()
         })
         .await
         .unwrap()

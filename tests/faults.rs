@@ -692,6 +692,7 @@ async fn malformed_and_oversized_protobuf_is_refused_without_panic() {
     let list = c
         .list(credvault::proto::ListRequest {
             workspace_id: "ws".into(),
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -201,6 +201,7 @@ async fn three_replicas_under_load_one_killed_lose_nothing_and_keep_one_chain() 
         let listed = c
             .list(ListRequest {
                 workspace_id: ws.clone(),
+                ..Default::default()
             })
             .await
             .unwrap()

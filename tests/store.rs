@@ -125,6 +125,7 @@ fn event(method: &str, workspace: &str) -> Event {
         request_id: format!("{method}-{workspace}"),
         proxy: None,
         count: None,
+        expiry: None,
     }
 }
 

@@ -14,6 +14,8 @@ pub use verify::{verify, verify_links, Broken, Checked, Log};
 pub const HASH_LEN: usize = 32;
 pub const GENESIS: [u8; HASH_LEN] = [0; HASH_LEN];
 pub const OUTCOME_OK: &str = "OK";
+/// The identity of the events the vault writes on its own (no caller's).
+pub const VAULT_IDENTITY: &str = "credvault";
 /// The outcome of the event a call that reaches a provider commits before it
 /// sends anything; the call's own event, with its outcome, follows.
 pub const OUTCOME_STARTED: &str = "STARTED";
@@ -82,6 +84,20 @@ pub struct Event {
     /// canonical encoding.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub count: Option<u64>,
+    /// For the vault's own notice that a connection's credential expires
+    /// soon, or has expired. Absent from every other event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expiry: Option<Expiry>,
+}
+
+/// A connection's expiry, as an expiry notice states it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Expiry {
+    /// The nearest threshold crossed: `30d`, `7d`, `1d`, or `expired`.
+    pub within: String,
+    /// When the stored credential expires, in ms since the Unix epoch.
+    pub expires_at_ms: i64,
 }
 
 /// What a proxied call did: never a raw path, query or body.
@@ -108,6 +124,7 @@ pub struct Details {
     pub key_version: u32,
     pub secrets: BTreeMap<String, SecretSummary>,
     pub proxy: Option<Proxied>,
+    pub expiry: Option<Expiry>,
 }
 
 impl Event {
@@ -130,6 +147,7 @@ impl Event {
             request_id: context.request_id.clone(),
             proxy: details.proxy,
             count: None,
+            expiry: details.expiry,
         }
     }
 

@@ -783,6 +783,7 @@ fn list_op(channels: Arc<Vec<Channel>>) -> Op {
         boxed(async move {
             c.list(ListRequest {
                 workspace_id: "list-ws".into(),
+                ..Default::default()
             })
             .await
             .map(drop)

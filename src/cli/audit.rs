@@ -212,10 +212,7 @@ fn to_line(e: &proto::AuditEvent) -> String {
 
 /// The event exactly as the vault hashed it.
 fn event_from_proto(e: &proto::AuditEvent) -> Event {
-    let time_ms = e
-        .time
-        .as_ref()
-        .map_or(0, |t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000);
+    let time_ms = e.time.as_ref().map_or(0, timestamp_millis);
     Event {
         sequence: e.sequence,
         time_ms,
@@ -249,7 +246,16 @@ fn event_from_proto(e: &proto::AuditEvent) -> Event {
             answered_by_vault: p.answered_by_vault,
         }),
         count: (e.count != 0).then_some(e.count),
+        expiry: e.expiry.as_ref().map(|x| audit::Expiry {
+            within: x.within.clone(),
+            expires_at_ms: x.expires_at.as_ref().map_or(0, timestamp_millis),
+        }),
     }
+}
+
+/// A timestamp as the vault wrote it: milliseconds since the epoch.
+fn timestamp_millis(t: &prost_types::Timestamp) -> i64 {
+    t.seconds * 1000 + i64::from(t.nanos) / 1_000_000
 }
 
 fn read_public_key(path: &Path) -> Result<Vec<u8>, String> {

@@ -102,6 +102,10 @@ pub struct ListArgs {
     /// The workspace (tenant) the connection belongs to, as your product names it.
     #[arg(long)]
     workspace: String,
+    /// Only the connections whose credential expires within this time
+    /// (e.g. `7d`, `36h`), those already expired included.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    expiring_within: Option<std::time::Duration>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -561,12 +565,19 @@ pub async fn list(args: ListArgs) -> Result<(), String> {
     let list = client
         .list(ListRequest {
             workspace_id: workspace_id.clone(),
+            expiring_within_seconds: args.expiring_within.map(|d| d.as_secs()),
         })
         .await
         .map_err(status_error)?
         .into_inner();
     if list.credentials.is_empty() {
-        println!("no connections in workspace {workspace_id}");
+        match args.expiring_within {
+            Some(within) => println!(
+                "no connection in workspace {workspace_id} expires within {}",
+                humantime::format_duration(within)
+            ),
+            None => println!("no connections in workspace {workspace_id}"),
+        }
     }
     for c in &list.credentials {
         print_credential(c);

@@ -250,7 +250,7 @@ impl AuditLog {
         }
         let mut event = Event::new(
             &crate::audit::Context {
-                identity: "credvault".into(),
+                identity: crate::audit::VAULT_IDENTITY.into(),
                 method: EVENTS_LOST.into(),
                 workspace_id: String::new(),
                 provider: String::new(),

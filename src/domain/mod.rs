@@ -1,7 +1,9 @@
 //! What Store, Redact, Zero and List mean, independent of the wire.
 
 mod audit_log;
+pub mod clock;
 mod error;
+pub mod expiry;
 mod ids;
 mod input;
 pub mod proxy;
@@ -134,6 +136,10 @@ pub struct Vault {
     primary_encryptions: AtomicU64,
     max_encryptions: u64,
     rewrap_batch: usize,
+    /// The time expiry is judged by (see [`clock::Clock`]).
+    clock: clock::Clock,
+    /// What the last expiry check counted (see [`expiry`]).
+    expiry: std::sync::Mutex<expiry::ExpiryCounts>,
 }
 
 impl std::fmt::Debug for Vault {
@@ -192,6 +198,8 @@ impl Vault {
             primary_encryptions: AtomicU64::new(primary_encryptions),
             max_encryptions: keys.max_encryptions_per_version,
             rewrap_batch: keys.rewrap_batch.max(1),
+            clock: clock::Clock::system(),
+            expiry: std::sync::Mutex::default(),
         })
     }
 
@@ -247,6 +255,16 @@ impl Vault {
             Ok(Ok(done)) => Ok(done?),
             Ok(Err(_)) | Err(_) => Err(crypto::CryptoError::Token.into()),
         }
+    }
+
+    /// The time by which credentials' expiry is judged; the system's unless
+    /// set (tests move a manual one).
+    pub fn set_clock(&mut self, clock: clock::Clock) {
+        self.clock = clock;
+    }
+
+    pub fn clock(&self) -> &clock::Clock {
+        &self.clock
     }
 
     /// When the events of calls that changed nothing may be answered
@@ -417,8 +435,22 @@ impl Vault {
     }
 
     /// Every connection of a workspace, by provider name.
-    pub async fn list(&self, workspace_id: &WorkspaceId) -> Result<Vec<Connection>, VaultError> {
-        let records = self.store.list(workspace_id.as_str()).await?;
+    /// A workspace's connections; with `expiring_within`, only those whose
+    /// credential expires within that time from now, expired ones included.
+    pub async fn list(
+        &self,
+        workspace_id: &WorkspaceId,
+        expiring_within: Option<std::time::Duration>,
+    ) -> Result<Vec<Connection>, VaultError> {
+        let mut records = self.store.list(workspace_id.as_str()).await?;
+        if let Some(within) = expiring_within {
+            // Past the end of time: every connection that expires at all.
+            let until = self.clock.now().checked_add(within);
+            records.retain(|r| {
+                r.expires_at
+                    .is_some_and(|at| until.is_none_or(|until| at <= until))
+            });
+        }
         Ok(records.into_iter().map(Connection::from).collect())
     }
 
@@ -454,7 +486,7 @@ impl Vault {
                 "the connection is disconnected; store credentials to reconnect it",
             ));
         };
-        if record.expires_at.is_some_and(|at| at <= SystemTime::now()) {
+        if record.expires_at.is_some_and(|at| at <= self.clock.now()) {
             let expired = Validation::new(
                 Verdict::Expired,
                 "the stored credential has expired (its `exp` has passed); store a new one",

@@ -162,8 +162,7 @@ async fn follow(
 
 pub fn encode(stored: &StoredEvent) -> Option<proto::AuditEvent> {
     let e = stored.event()?;
-    let time =
-        std::time::UNIX_EPOCH + std::time::Duration::from_millis(e.time_ms.max(0).unsigned_abs());
+    let time = crate::store::time(e.time_ms);
     Some(proto::AuditEvent {
         sequence: stored.sequence,
         time: Some(time.into()),
@@ -192,5 +191,9 @@ pub fn encode(stored: &StoredEvent) -> Option<proto::AuditEvent> {
         hash: stored.hash.to_vec(),
         previous_hash: stored.previous_hash.to_vec(),
         count: e.count.unwrap_or(0),
+        expiry: e.expiry.map(|x| proto::ExpiryNotice {
+            within: x.within,
+            expires_at: Some(crate::store::time(x.expires_at_ms).into()),
+        }),
     })
 }

@@ -85,7 +85,10 @@ impl proto::credentials_server::Credentials for CredentialsService {
     ) -> Result<Response<proto::ListResponse>, Status> {
         self.call("List", req, |r, _| async move {
             let workspace = WorkspaceId::parse(&r.workspace_id)?;
-            let credentials = self.vault.list(&workspace).await?;
+            let within = r
+                .expiring_within_seconds
+                .map(std::time::Duration::from_secs);
+            let credentials = self.vault.list(&workspace, within).await?;
             let response = proto::ListResponse {
                 credentials: credentials.into_iter().map(encode).collect(),
             };

@@ -31,7 +31,8 @@ pub(crate) fn millis(t: SystemTime) -> i64 {
         .unwrap_or(0)
 }
 
-fn time(ms: i64) -> SystemTime {
+/// The time `ms` milliseconds after the epoch (the epoch for negative `ms`).
+pub(crate) fn time(ms: i64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms.max(0).unsigned_abs())
 }
 
@@ -162,6 +163,25 @@ pub struct ParamsBinding {
     pub provider: String,
     pub wrapped_dek: Vec<u8>,
     pub tag: Vec<u8>,
+}
+
+/// A connection whose credential expires soon, or has expired.
+#[derive(Debug, Clone)]
+pub struct Expiring {
+    pub workspace_id: String,
+    pub provider: String,
+    pub expires_at: SystemTime,
+    /// The last notice written for this connection.
+    pub notice: Option<ExpiryNotice>,
+}
+
+/// That a connection's expiry was announced as within some threshold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExpiryNotice {
+    /// The expiry announced.
+    pub expires_at: SystemTime,
+    /// The threshold it was announced within, in seconds (0: expired).
+    pub within_seconds: i64,
 }
 
 /// A data key sealed under a key-encryption key version.
@@ -497,6 +517,20 @@ pub trait Store: Send + Sync + 'static {
         fingerprint_key: Sealed,
         event: Event,
     ) -> Result<StoredEvent, StoreError>;
+    /// Connected connections whose credential expires at or before
+    /// `before`, with the expiry notice last written for each.
+    async fn expiring(&self, before: SystemTime) -> Result<Vec<Expiring>, StoreError>;
+    /// Records `notice` for the connection and appends `event` in the same
+    /// transaction, unless the connection's expiry is no longer
+    /// `notice.expires_at` or a notice as near was written already (by any
+    /// replica): then `None`, and nothing is written.
+    async fn note_expiry(
+        &self,
+        workspace_id: &str,
+        provider: &str,
+        notice: ExpiryNotice,
+        event: Event,
+    ) -> Result<Option<StoredEvent>, StoreError>;
     /// Appends an event for a call that changed nothing; returns once it is durable.
     async fn append_audit(&self, event: Event) -> Result<StoredEvent, StoreError> {
         self.queue_audit(event, Awaited::Yes)?.durable().await

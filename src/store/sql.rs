@@ -116,6 +116,19 @@ statements! {
     /// Records a verdict unless the secrets changed since the data key `$4` was read.
     SET_LAST_VALIDATION = "UPDATE credentials SET last_validation = $1 \
          WHERE workspace_id = $2 AND provider = $3 AND wrapped_dek = $4";
+    /// Connected connections that expire at or before `$1`, with the expiry
+    /// notice last written for each.
+    EXPIRING = "SELECT workspace_id, provider, expires_at, expiry_notice_for, \
+         expiry_notice_within FROM credentials \
+         WHERE status = 'connected' AND expires_at <= $1 ORDER BY workspace_id, provider";
+    /// Records the notice that the expiry `$1` is within `$2` seconds, unless
+    /// the connection's expiry is no longer `$1`, or a notice for `$1` at
+    /// `$2` or nearer was written already (by this replica or another).
+    NOTE_EXPIRY = "UPDATE credentials SET expiry_notice_for = $1, expiry_notice_within = $2 \
+         WHERE workspace_id = $3 AND provider = $4 AND status = 'connected' \
+           AND expires_at = $1 \
+           AND (expiry_notice_for IS NULL OR expiry_notice_for <> $1 \
+                OR expiry_notice_within > $2)";
     SET_BINDING = "UPDATE credentials SET binding = $1 \
          WHERE workspace_id = $2 AND provider = $3 AND wrapped_dek = $4";
     /// Counts `$1` data keys wrapped under version `$2`, only while it is
@@ -432,6 +445,23 @@ pub(super) fn credential(row: &dyn SqlRow) -> Result<CredentialRecord, StoreErro
         secrets: Vec::new(),
         last_validation: row.text(11)?,
         binding: row.bytes(12)?,
+    })
+}
+
+/// A row of [`EXPIRING`].
+pub(super) fn expiring(row: &dyn SqlRow) -> Result<super::Expiring, StoreError> {
+    let notice = match (row.int(3)?, row.int(4)?) {
+        (Some(expires_at), Some(within)) => Some(super::ExpiryNotice {
+            expires_at: time(expires_at),
+            within_seconds: within,
+        }),
+        _ => None,
+    };
+    Ok(super::Expiring {
+        workspace_id: text(row, 0)?,
+        provider: text(row, 1)?,
+        expires_at: time(int(row, 2)?),
+        notice,
     })
 }
 

@@ -264,6 +264,19 @@ impl VaultDir {
         .into_inner()
     }
 
+    /// The sequence of the newest audit event, as `Audit.Head` says it.
+    pub async fn audit_head(&self, vault: &TestVault) -> u64 {
+        credvault::proto::audit_client::AuditClient::new(
+            self.channel_as(vault, "spiffe://credvault.local/auditor")
+                .await,
+        )
+        .head(credvault::proto::HeadRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .sequence
+    }
+
     pub async fn channel_as(&self, vault: &TestVault, uri: &str) -> tonic::transport::Channel {
         self.channel_for_url(&vault.url(), uri).await
     }
@@ -291,6 +304,15 @@ impl VaultDir {
     pub async fn start_with(&self, config: Config) -> TestVault {
         TestVault::start(config, self.ca.cert_pem().to_owned(), &self.app).await
     }
+
+    /// As [`VaultDir::start_with`], judging expiry by `clock`.
+    pub async fn start_with_clock(
+        &self,
+        config: Config,
+        clock: credvault::domain::clock::Clock,
+    ) -> TestVault {
+        TestVault::start_with_clock(config, self.ca.cert_pem().to_owned(), &self.app, clock).await
+    }
 }
 
 pub fn write_private(path: &Path, bytes: &[u8]) {
@@ -311,12 +333,28 @@ pub struct TestVault {
 
 impl TestVault {
     pub async fn start(config: Config, ca_pem: String, app: &IssuedCert) -> Self {
+        Self::start_with_clock(
+            config,
+            ca_pem,
+            app,
+            credvault::domain::clock::Clock::system(),
+        )
+        .await
+    }
+
+    pub async fn start_with_clock(
+        config: Config,
+        ca_pem: String,
+        app: &IssuedCert,
+        clock: credvault::domain::clock::Clock,
+    ) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(credvault::run(config, listener, async {
+        let shutdown = async {
             let _ = stopped.await;
-        }));
+        };
+        let task = tokio::spawn(credvault::run_with_clock(config, listener, shutdown, clock));
         Self {
             addr,
             ca_pem,

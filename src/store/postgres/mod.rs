@@ -18,10 +18,10 @@ use zeroize::Zeroizing;
 
 use super::sql::{self, values, SqlRow, Value};
 use super::{
-    audit_failure, millis, taken, AuditRecord, Awaited, CredentialRecord, Hold, KeyVersionRow,
-    ParamsBinding, Queued, Reseal, RetireOutcome, Rewrapped, RootSealed, RootWitness, Shred,
-    StaleDataKey, Store, StoreError, StoredKeys, WrappedDataKey, FINGERPRINT_KEY,
-    LEGACY_FINGERPRINT_KEY,
+    audit_failure, millis, taken, AuditRecord, Awaited, CredentialRecord, Expiring, ExpiryNotice,
+    Hold, KeyVersionRow, ParamsBinding, Queued, Reseal, RetireOutcome, Rewrapped, RootSealed,
+    RootWitness, Shred, StaleDataKey, Store, StoreError, StoredKeys, WrappedDataKey,
+    FINGERPRINT_KEY, LEGACY_FINGERPRINT_KEY,
 };
 use crate::audit::{chain_hash, Checkpoint, Event, StoredEvent};
 use crate::crypto::{NewKeyMaterial, Sealed, WrappedKeyVersion};
@@ -176,6 +176,11 @@ BEGIN
 END
 $$;
 "#,
+    r"
+ALTER TABLE credentials ADD COLUMN expiry_notice_for BIGINT;
+ALTER TABLE credentials ADD COLUMN expiry_notice_within BIGINT;
+CREATE INDEX credentials_by_expiry ON credentials (expires_at) WHERE expires_at IS NOT NULL;
+",
 ];
 
 /// Where the database is and how to log in.
@@ -861,6 +866,40 @@ impl Store for PostgresStore {
         let stored = append_in(&tx, event).await?;
         tx.commit().await?;
         Ok(stored)
+    }
+
+    async fn expiring(&self, before: SystemTime) -> Result<Vec<Expiring>, StoreError> {
+        let c = self.client().await?;
+        query(&c, sql::EXPIRING, &values![millis(before)], sql::expiring).await
+    }
+
+    async fn note_expiry(
+        &self,
+        workspace_id: &str,
+        provider: &str,
+        notice: ExpiryNotice,
+        event: Event,
+    ) -> Result<Option<StoredEvent>, StoreError> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await?;
+        // The row first, then the head: the lock order of every transaction.
+        let noted = execute(
+            &tx,
+            sql::NOTE_EXPIRY,
+            &values![
+                millis(notice.expires_at),
+                notice.within_seconds,
+                workspace_id,
+                provider
+            ],
+        )
+        .await?;
+        if noted == 0 {
+            return Ok(None);
+        }
+        let stored = append_in(&tx, event).await?;
+        tx.commit().await?;
+        Ok(Some(stored))
     }
 
     /// Each batch's round trips already gather what arrives meanwhile: no

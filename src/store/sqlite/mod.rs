@@ -10,10 +10,10 @@ use rusqlite::{Connection, ErrorCode, OptionalExtension};
 
 use super::sql::{self, values, SqlRow, Value};
 use super::{
-    audit_failure, millis, taken, AuditRecord, Awaited, CredentialRecord, Hold, KeyVersionRow,
-    ParamsBinding, Queued, Reseal, RetireOutcome, Rewrapped, RootSealed, RootWitness, Shred,
-    StaleDataKey, Store, StoreError, StoredKeys, WrappedDataKey, FINGERPRINT_KEY,
-    LEGACY_FINGERPRINT_KEY,
+    audit_failure, millis, taken, AuditRecord, Awaited, CredentialRecord, Expiring, ExpiryNotice,
+    Hold, KeyVersionRow, ParamsBinding, Queued, Reseal, RetireOutcome, Rewrapped, RootSealed,
+    RootWitness, Shred, StaleDataKey, Store, StoreError, StoredKeys, WrappedDataKey,
+    FINGERPRINT_KEY, LEGACY_FINGERPRINT_KEY,
 };
 use crate::audit::{chain_hash, Checkpoint, Event, StoredEvent, GENESIS};
 use crate::crypto::{NewKeyMaterial, Sealed, WrappedKeyVersion};
@@ -98,6 +98,11 @@ CREATE TABLE vault_identity (
 ) STRICT;
 INSERT INTO vault_identity (one, database_id) VALUES (1, randomblob(16));
 ALTER TABLE audit_checkpoints ADD COLUMN signed_at INTEGER;
+"#,
+    r#"
+ALTER TABLE credentials ADD COLUMN expiry_notice_for INTEGER;
+ALTER TABLE credentials ADD COLUMN expiry_notice_within INTEGER;
+CREATE INDEX credentials_by_expiry ON credentials (expires_at) WHERE expires_at IS NOT NULL;
 "#,
 ];
 
@@ -670,6 +675,35 @@ impl Store for SqliteStore {
         })
         .await
         .map(|(stored, _)| stored)
+    }
+
+    async fn expiring(&self, before: SystemTime) -> Result<Vec<Expiring>, StoreError> {
+        let before = millis(before);
+        self.read(move |conn| query(conn, sql::EXPIRING, &values![before], sql::expiring))
+            .await
+    }
+
+    async fn note_expiry(
+        &self,
+        workspace_id: &str,
+        provider: &str,
+        notice: ExpiryNotice,
+        event: Event,
+    ) -> Result<Option<StoredEvent>, StoreError> {
+        let (w, p) = (workspace_id.to_owned(), provider.to_owned());
+        let expires_at = millis(notice.expires_at);
+        self.write(move |conn| {
+            let noted = execute(
+                conn,
+                sql::NOTE_EXPIRY,
+                &values![expires_at, notice.within_seconds, &w, &p],
+            )?;
+            if noted == 0 {
+                return Ok(None);
+            }
+            append_in(conn, event).map(Some)
+        })
+        .await
     }
 
     fn queue_audit(&self, event: Event, awaited: Awaited) -> Result<Queued, StoreError> {
