@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
@@ -20,36 +18,6 @@ use tonic::Code;
 const API_KEY: &str = "a1b2c3d4e5f6a7b8c9d0e1f2a3b4c5d6";
 const SECRET: &str = "Vq8rKw2Lx7Mz4Nc9Pb3Td6Yf1Gh5Js0U";
 const PHX: &str = "phx_Rk3Vw9Qm2Lx8Tz5Nc1Bd7Yf4Gh6Js0";
-
-/// Every log line of this test binary, at trace level, to search for canaries.
-static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
-
-#[derive(Clone)]
-struct Sink(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Sink {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn capture_logs() -> Arc<Mutex<Vec<u8>>> {
-    LOGS.get_or_init(|| {
-        let buffer = Arc::new(Mutex::new(Vec::new()));
-        let sink = Sink(buffer.clone());
-        tracing_subscriber::fmt()
-            .with_env_filter("trace")
-            .with_ansi(false)
-            .with_writer(move || sink.clone())
-            .init();
-        buffer
-    })
-    .clone()
-}
 
 /// A vault whose providers all point at fakes: `us` and `eu` for the regional
 /// providers, `app` for Amperity.
@@ -70,7 +38,7 @@ async fn world_with(
     us: impl Fn(&Recorded) -> Reply + Send + Sync + 'static,
     tweak: impl FnOnce(&mut Config),
 ) -> World {
-    capture_logs();
+    common::capture_logs();
     let dir = VaultDir::new();
     let us = FakeProvider::start(&dir.ca, us).await;
     let eu = FakeProvider::start(&dir.ca, |_| Reply::json(401, r#"{"error":"invalid"}"#)).await;
@@ -697,7 +665,7 @@ async fn verdict_survives_restart() {
 /// Also searches the logs of every test in this binary that ran before it.
 #[tokio::test]
 async fn canary_secrets_appear_in_no_log_line_response_or_error() {
-    let logs = capture_logs();
+    let logs = common::capture_logs();
     let w = world(|r| {
         // Echo the Authorization header back in every answer, as a hostile provider might.
         let auth = r.headers.get("authorization").cloned().unwrap_or_default();

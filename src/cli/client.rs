@@ -429,16 +429,26 @@ fn read_secrets(
     provider: &proto::ProviderInfo,
 ) -> Result<Vec<(String, Zeroizing<String>)>, String> {
     if std::io::stdin().is_terminal() {
-        return provider
-            .secrets
-            .iter()
-            .map(|f| {
-                let prompt = format!("{} ({}): ", f.name, f.description);
-                let value = rpassword::prompt_password(prompt)
-                    .map_err(|e| format!("cannot read {}: {e}", f.name))?;
-                Ok((f.name.clone(), Zeroizing::new(value)))
-            })
-            .collect();
+        let mut secrets = Vec::new();
+        for f in &provider.secrets {
+            // A field only some shapes use (Amperity's access_token or
+            // client_secret) may be left empty.
+            let optional = if f.required {
+                ""
+            } else {
+                "; leave empty if not used"
+            };
+            let prompt = format!("{} ({}{optional}): ", f.name, f.description);
+            let value = Zeroizing::new(
+                rpassword::prompt_password(prompt)
+                    .map_err(|e| format!("cannot read {}: {e}", f.name))?,
+            );
+            if value.is_empty() && !f.required {
+                continue;
+            }
+            secrets.push((f.name.clone(), value));
+        }
+        return Ok(secrets);
     }
     let mut input = Zeroizing::new(String::new());
     std::io::stdin()

@@ -229,3 +229,79 @@ impl Drop for FakeProvider {
         self.task.abort();
     }
 }
+
+/// An OAuth client-credentials token endpoint, as Amperity's
+/// (`POST /api/v0/oauth2/token`, a form body): mints a new token for the
+/// right client id and secret, refuses others, and knows what it minted.
+pub struct TokenEndpoint {
+    client_id: String,
+    client_secret: String,
+    lifetime_seconds: u64,
+    minted: Mutex<Vec<String>>,
+    /// Every answer is this status instead (429, 503, ...), when set.
+    fail_with: Mutex<Option<u16>>,
+}
+
+impl TokenEndpoint {
+    pub const PATH: &'static str = "/api/v0/oauth2/token";
+
+    pub fn new(client_id: &str, client_secret: &str, lifetime_seconds: u64) -> Arc<Self> {
+        Arc::new(Self {
+            client_id: client_id.to_owned(),
+            client_secret: client_secret.to_owned(),
+            lifetime_seconds,
+            minted: Mutex::new(Vec::new()),
+            fail_with: Mutex::new(None),
+        })
+    }
+
+    /// From now on, every token request is answered with `status`.
+    pub fn fail_with(&self, status: Option<u16>) {
+        *lock(&self.fail_with) = status;
+    }
+
+    /// The answer to `r` if it is a request for this endpoint.
+    pub fn answer(&self, r: &Recorded) -> Option<Reply> {
+        if r.path_and_query != Self::PATH {
+            return None;
+        }
+        if let Some(status) = *lock(&self.fail_with) {
+            return Some(
+                Reply::json(status, r#"{"error":"temporarily_unavailable"}"#)
+                    .header("retry-after", "30"),
+            );
+        }
+        let form: HashMap<String, String> =
+            url::form_urlencoded::parse(&r.body).into_owned().collect();
+        let field = |name: &str| form.get(name).map_or("", String::as_str);
+        if r.method != "POST" || field("grant_type") != "client_credentials" {
+            return Some(Reply::json(400, r#"{"error":"unsupported_grant_type"}"#));
+        }
+        if field("client_id") != self.client_id || field("client_secret") != self.client_secret {
+            return Some(Reply::json(401, r#"{"error":"invalid_client"}"#));
+        }
+        let mut minted = lock(&self.minted);
+        let token = format!("minted-token-{}-Qz7Wm3Xk9", minted.len() + 1);
+        minted.push(token.clone());
+        Some(Reply::json(
+            200,
+            &format!(
+                r#"{{"access_token":"{token}","expires_in":{},"token_type":"Bearer"}}"#,
+                self.lifetime_seconds
+            ),
+        ))
+    }
+
+    /// Every token minted so far, oldest first.
+    pub fn minted(&self) -> Vec<String> {
+        lock(&self.minted).clone()
+    }
+
+    /// Whether `r` carries `Authorization: Bearer` with the newest token.
+    pub fn authorizes(&self, r: &Recorded) -> bool {
+        let newest = lock(&self.minted).last().cloned();
+        newest.is_some_and(|token| {
+            r.headers.get("authorization").map(String::as_str) == Some(&format!("Bearer {token}"))
+        })
+    }
+}

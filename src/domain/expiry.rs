@@ -166,10 +166,13 @@ fn count(c: &mut ProviderExpiry, threshold: Threshold) {
 }
 
 /// Checks expiry on start-up and every [`CHECK_EVERY`] (on a manual clock:
-/// each time it moves), until the vault stops.
+/// each time it moves), until the vault stops; drops expired minted tokens
+/// on the same beat.
 pub async fn run(vault: Arc<Vault>) {
     let mut ticks = vault.clock.ticks(CHECK_EVERY);
     loop {
+        // Minted tokens past their expiry leave memory too.
+        vault.validator.sweep_tokens(vault.clock.now());
         if let Err(e) = vault.check_expiry().await {
             tracing::warn!(error = %e, "checking credentials' expiry failed; trying again later");
         }

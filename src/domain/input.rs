@@ -77,7 +77,11 @@ fn parse_secrets(
     let mut secrets = Secrets::new();
     for field in spec.secrets {
         let Some(value) = given.remove(field.name) else {
-            return Err(missing(provider, Kind::Secret, field));
+            if field.required {
+                return Err(missing(provider, Kind::Secret, field));
+            }
+            // Which optional fields a shape needs, the provider's check says.
+            continue;
         };
         // Into the zeroizing box first, so an error below drops it safely.
         let value = SecretString::from(value);
@@ -102,7 +106,8 @@ fn parse_params(
         let value = match (given.remove(field.name), field.default) {
             (Some(v), _) => v,
             (None, Some(default)) => default.to_owned(),
-            (None, None) => return Err(missing(provider, Kind::Param, field)),
+            (None, None) if field.required => return Err(missing(provider, Kind::Param, field)),
+            (None, None) => continue,
         };
         check_value(Kind::Param, field, &value)?;
         if !field.allowed.is_empty() && !field.allowed.contains(&value.as_str()) {

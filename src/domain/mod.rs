@@ -6,6 +6,7 @@ mod error;
 pub mod expiry;
 mod ids;
 mod input;
+mod mint;
 pub mod proxy;
 mod redact;
 pub mod rotation;
@@ -191,7 +192,7 @@ impl Vault {
             store,
             root: Arc::new(root),
             keyring: RwLock::new(keyring),
-            validator: Validator::new(outbound, providers),
+            validator: Validator::new(outbound, providers)?,
             audit,
             rotation: tokio::sync::Mutex::new(()),
             rewrap_wake: tokio::sync::Notify::new(),
@@ -289,7 +290,7 @@ impl Vault {
                 .await?;
             let v = self
                 .validator
-                .check(target, &new.secrets, &new.params)
+                .check(target, &new.secrets, &new.params, self.clock.now())
                 .await;
             if v.verdict != Verdict::Valid {
                 return Err(VaultError::FailedPrecondition(format!(
@@ -325,6 +326,7 @@ impl Vault {
             }
         };
         self.audit.appended(&appended);
+        self.validator.forget_token(target);
         let primary = self.primary_key_version();
         if key_version == primary {
             self.primary_encryptions
@@ -424,6 +426,8 @@ impl Vault {
             .await?
             .ok_or_else(|| target.not_found())?;
         self.audit.appended(&appended);
+        // A token minted from the destroyed secret goes with it.
+        self.validator.forget_token(target);
         shredded(
             shred,
             &format!(
@@ -434,8 +438,7 @@ impl Vault {
         Ok(record.into())
     }
 
-    /// Every connection of a workspace, by provider name.
-    /// A workspace's connections; with `expiring_within`, only those whose
+    /// A workspace's connections, by provider name; with `expiring_within`, only those whose
     /// credential expires within that time from now, expired ones included.
     pub async fn list(
         &self,
@@ -505,7 +508,12 @@ impl Vault {
                 self.before_sending(context, details.clone()).await?;
                 let v = self
                     .validator
-                    .check(target, &decrypted.secrets, &decrypted.params)
+                    .check(
+                        target,
+                        &decrypted.secrets,
+                        &decrypted.params,
+                        self.clock.now(),
+                    )
                     .await;
                 self.record_validation(target, &data_key, &v).await?;
                 Ok::<_, VaultError>(v)
@@ -601,9 +609,14 @@ impl Vault {
                 Ok((s.field.clone(), SecretString::from(text)))
             })
             .collect::<Result<Secrets, VaultError>>()?;
+        // Every required field there, none undeclared; which optional ones a
+        // shape needs (the bound params choose it), the provider's check
+        // below says.
         let declared = target.provider.spec().secrets;
-        let complete = declared.len() == secrets.len()
-            && declared.iter().all(|f| secrets.contains_key(f.name));
+        let complete = declared
+            .iter()
+            .all(|f| !f.required || secrets.contains_key(f.name))
+            && secrets.keys().all(|k| declared.iter().any(|f| f.name == k));
         if !complete {
             tamper_warning(target, "secret field set");
             return Err(VaultError::DataLoss);

@@ -308,6 +308,27 @@ fn passes_back(name: &str) -> bool {
 }
 
 impl Vault {
+    /// The error a Proxy call gets when its token could not be minted: the
+    /// verdict a validation would have given, as a status.
+    fn mint_failed(
+        &self,
+        target: &CredentialRef,
+        failed: crate::providers::validation::Validation,
+    ) -> VaultError {
+        use crate::providers::validation::Verdict;
+        match failed.verdict {
+            Verdict::Rejected => VaultError::FailedPrecondition(format!(
+                "{}: store new client credentials for this connection",
+                failed.message
+            )),
+            Verdict::RateLimited => {
+                self.validator.cool_down(target, failed.retry_after_seconds);
+                VaultError::ProviderUnavailable(failed.message)
+            }
+            _ => VaultError::ProviderUnavailable(failed.message),
+        }
+    }
+
     /// Sends `call` to the provider with the connection's credentials, if
     /// its route is on the provider's allowlist (and the configuration's),
     /// its placeholders name the connection's own parameters, and no 429
@@ -381,7 +402,28 @@ impl Vault {
             let hint = hints.get(field).map_or("[redacted]", String::as_str);
             scrubber.secret(secret.expose_secret().as_bytes(), hint);
         }
-        let mut headers = (spec.auth)(&decrypted.secrets, &decrypted.params);
+        let method = reqwest::Method::from_bytes(call.method.as_bytes())
+            .map_err(|_| VaultError::InvalidArgument("`method` is not an HTTP method".into()))?;
+        let intent = audit::Details {
+            proxy: Some(proxied.clone()),
+            ..details.clone()
+        };
+        self.before_sending(context, intent).await?;
+        // A connection on client credentials calls with a minted token; the
+        // mint itself sends the secret, so it comes after the intent is logged.
+        let minted = self
+            .validator
+            .call_secrets(
+                &call.target,
+                &decrypted.secrets,
+                &decrypted.params,
+                self.clock.now(),
+            )
+            .await
+            .map_err(|failed| self.mint_failed(&call.target, failed))?;
+        let call_secrets = minted.as_ref().unwrap_or(&decrypted.secrets);
+        let mut headers = (spec.auth)(call_secrets, &decrypted.params);
+        drop(minted);
         drop(decrypted);
         for h in &headers {
             scrubber.header(h);
@@ -398,13 +440,6 @@ impl Vault {
                 sensitive: false,
             });
         }
-        let method = reqwest::Method::from_bytes(call.method.as_bytes())
-            .map_err(|_| VaultError::InvalidArgument("`method` is not an HTTP method".into()))?;
-        let intent = audit::Details {
-            proxy: Some(proxied.clone()),
-            ..details.clone()
-        };
-        self.before_sending(context, intent).await?;
         let outgoing = Outgoing {
             method,
             path_and_query: call.path_and_query,

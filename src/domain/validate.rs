@@ -17,6 +17,8 @@ use crate::providers::{Params, Provider, Secrets};
 /// rate-limit memory both share.
 pub(super) struct Validator {
     outbound: Outbound,
+    /// Tokens minted from stored client credentials.
+    minter: super::mint::Minter,
     base_urls: ProvidersConfig,
     in_flight: Mutex<HashMap<CredentialRef, Arc<OnceCell<Validation>>>>,
     rate_limited_until: Mutex<HashMap<CredentialRef, Instant>>,
@@ -28,13 +30,104 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Validator {
-    pub(super) fn new(outbound: Outbound, providers: &ProvidersConfig) -> Self {
-        Self {
+    pub(super) fn new(
+        outbound: Outbound,
+        providers: &ProvidersConfig,
+    ) -> Result<Self, crate::crypto::CryptoError> {
+        Ok(Self {
             outbound,
+            minter: super::mint::Minter::new()?,
             base_urls: providers.with_defaults(),
             in_flight: Mutex::new(HashMap::new()),
             rate_limited_until: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Drops any token minted for `target` (its credentials changed or were
+    /// destroyed).
+    pub(super) fn forget_token(&self, target: &CredentialRef) {
+        self.minter.forget(target);
+    }
+
+    /// Drops the minted tokens that expired by `now`.
+    pub(super) fn sweep_tokens(&self, now: SystemTime) {
+        self.minter.sweep(now);
+    }
+
+    /// The secrets a call to the provider carries: for a connection that
+    /// mints (client credentials), a token minted at most once for all
+    /// concurrent needs, or the verdict of the failed mint; otherwise `None`:
+    /// the stored secrets themselves.
+    pub(super) async fn call_secrets(
+        &self,
+        target: &CredentialRef,
+        secrets: &Secrets,
+        params: &Params,
+        now: SystemTime,
+    ) -> Result<Option<Secrets>, Validation> {
+        let provider = target.provider;
+        let Some(mint) = provider.spec().mint.filter(|m| (m.applies)(params)) else {
+            return Ok(None);
+        };
+        let mut credentials: Vec<&[u8]> = secrets
+            .iter()
+            .flat_map(|(k, v)| [k.as_bytes(), v.expose_secret().as_bytes()])
+            .collect();
+        credentials.extend(
+            params
+                .iter()
+                .flat_map(|(k, v)| [k.as_bytes(), v.as_bytes()]),
+        );
+        let token = self
+            .minter
+            .token(target, &credentials, now, || {
+                self.mint(provider, mint, secrets, params)
+            })
+            .await?;
+        Ok(Some(Secrets::from([(mint.token_field.to_owned(), token)])))
+    }
+
+    /// One request to the provider's token endpoint.
+    async fn mint(
+        &self,
+        provider: Provider,
+        mint: &crate::providers::MintSpec,
+        secrets: &Secrets,
+        params: &Params,
+    ) -> Result<crate::providers::Minted, Validation> {
+        let name = provider.spec().display_name;
+        let base = self
+            .base_url_for(provider, mint.base_url_key, params)
+            .map_err(|why| Validation::new(Verdict::Unreachable, why))?;
+        let mut request = (mint.request)(secrets, params);
+        let mut scrubber = Scrubber::new();
+        for secret in secrets.values() {
+            scrubber.secret(secret.expose_secret().as_bytes(), scrub::MASK);
         }
+        let outgoing = crate::outbound::Outgoing {
+            method: reqwest::Method::POST,
+            path_and_query: request.path.to_owned(),
+            headers: request.headers,
+            body: std::mem::take(&mut *request.body),
+            max_response: 64 * 1024,
+        };
+        let incoming = self
+            .outbound
+            .send(provider, &base, outgoing, &scrubber)
+            .await
+            .map_err(|Unreachable(why)| {
+                Validation::new(
+                    Verdict::Unreachable,
+                    format!("couldn't reach {name}'s token endpoint: {why}"),
+                )
+            })?;
+        let answer = crate::providers::validation::Answer {
+            status: incoming.status,
+            retry_after: incoming.retry_after(),
+            body: incoming.body,
+            truncated: incoming.truncated,
+        };
+        (mint.read)(&answer)
     }
 
     /// The validation already under way for `target`, or a new slot for one:
@@ -133,11 +226,42 @@ impl Validator {
         target: &CredentialRef,
         secrets: &Secrets,
         params: &Params,
+        now: SystemTime,
     ) -> Validation {
         if let Some(limited) = self.rate_limited(target) {
             return limited;
         }
         let started = Instant::now();
+        let (mut v, minted) = match self.call_secrets(target, secrets, params, now).await {
+            Ok(minted) => {
+                let call = minted.as_ref().unwrap_or(secrets);
+                (self.check_with(target, call, params).await, minted)
+            }
+            // A failed mint is the verdict: the token endpoint refused the
+            // secret, or did not answer.
+            Err(failed) => (failed, None),
+        };
+        if v.verdict == Verdict::RateLimited {
+            self.cool_down(target, v.retry_after_seconds);
+        }
+        v.checked_at = SystemTime::now();
+        v.duration_ms = u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX);
+        scrub(&mut v, secrets);
+        if let Some(minted) = &minted {
+            scrub(&mut v, minted);
+        }
+        v
+    }
+
+    /// The validating call with `secrets` (stored, or a minted token), on the
+    /// stored region or host, and on the others where that tells a wrong
+    /// region from a bad key.
+    async fn check_with(
+        &self,
+        target: &CredentialRef,
+        secrets: &Secrets,
+        params: &Params,
+    ) -> Validation {
         let provider = target.provider;
         let spec = &provider.spec().validation;
         let key = params.get(spec.base_url_param).map_or("", String::as_str);
@@ -161,12 +285,6 @@ impl Validator {
                 }
             }
         }
-        if v.verdict == Verdict::RateLimited {
-            self.cool_down(target, v.retry_after_seconds);
-        }
-        v.checked_at = SystemTime::now();
-        v.duration_ms = u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX);
-        scrub(&mut v, secrets);
         v
     }
 

@@ -1,4 +1,5 @@
-//! Amperity: a JWT bearer access token for one tenant, on one of three hosts.
+//! Amperity: a JWT bearer access token for one tenant, on one of three hosts;
+//! or OAuth client credentials, from which the vault mints its own tokens.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -7,8 +8,13 @@ use secrecy::ExposeSecret;
 
 use zeroize::Zeroizing;
 
-use super::validation::{classify, Answer, ProbeHeader, Reading, Validation};
-use super::{Checked, FieldSpec, Params, ProviderSpec, Rejection, Route, Secrets, ValidationSpec};
+use secrecy::SecretString;
+
+use super::validation::{classify, printable, Answer, ProbeHeader, Reading, Validation, Verdict};
+use super::{
+    Checked, FieldSpec, MintRequest, MintSpec, Minted, Params, ProviderSpec, Rejection, Route,
+    Secrets, ValidationSpec,
+};
 
 /// The API version every request must name.
 const API_VERSION: &str = "2024-04-01";
@@ -16,11 +22,19 @@ const API_VERSION: &str = "2024-04-01";
 pub static SPEC: ProviderSpec = ProviderSpec {
     name: "amperity",
     display_name: "Amperity",
-    secrets: &[FieldSpec::required(
-        "access_token",
-        "an API access token (a JWT) from the tenant's API keys page",
-        8192,
-    )],
+    secrets: &[
+        FieldSpec::optional(
+            "access_token",
+            "with auth = token (the default): an API access token (a JWT) from the tenant's \
+             API keys page",
+            8192,
+        ),
+        FieldSpec::optional(
+            "client_secret",
+            "with auth = client_credentials: the API key's OAuth client secret",
+            1024,
+        ),
+    ],
     params: &[
         FieldSpec::required("tenant_id", "the tenant id, sent as Amperity-Tenant", 63),
         FieldSpec::choice(
@@ -28,6 +42,18 @@ pub static SPEC: ProviderSpec = ProviderSpec {
             "app (AWS), tenant ({tenant_id}.amperity.com, Azure) or apse2 (Australia)",
             &["app", "tenant", "apse2"],
             "app",
+        ),
+        FieldSpec::choice(
+            "auth",
+            "token (a stored access token) or client_credentials (the vault mints short-lived \
+             tokens from client_id and client_secret)",
+            &["token", "client_credentials"],
+            "token",
+        ),
+        FieldSpec::optional(
+            "client_id",
+            "with auth = client_credentials: the API key's OAuth client id",
+            256,
         ),
     ],
     check,
@@ -46,7 +72,129 @@ pub static SPEC: ProviderSpec = ProviderSpec {
         interpret,
     },
     routes: &[Route::get("/api/segments"), Route::get("/api/campaigns")],
+    mint: Some(&MINT),
 };
+
+/// Client credentials: `POST https://{tenant}.amperity.com/api/v0/oauth2/token`
+/// (PROVIDERS.md, "Amperity").
+static MINT: MintSpec = MintSpec {
+    applies: mints,
+    base_url_key: "tenant",
+    request: mint_request,
+    read: read_minted,
+    token_field: "access_token",
+};
+
+const TOKEN_PATH: &str = "/api/v0/oauth2/token";
+/// A minted token's lifetime when the answer does not say (Amperity: 1 hour).
+const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
+
+fn mints(params: &Params) -> bool {
+    params
+        .get("auth")
+        .is_some_and(|a| a == "client_credentials")
+}
+
+fn mint_request(secrets: &Secrets, params: &Params) -> MintRequest {
+    let secret = secrets
+        .get("client_secret")
+        .map(|s| s.expose_secret())
+        .unwrap_or_default();
+    let client_id = params.get("client_id").map_or("", String::as_str);
+    let tenant = params.get("tenant_id").cloned().unwrap_or_default();
+    let body = Zeroizing::new(
+        url::form_urlencoded::Serializer::new(String::new())
+            .append_pair("grant_type", "client_credentials")
+            .append_pair("client_id", client_id)
+            .append_pair("client_secret", secret)
+            .finish()
+            .into_bytes(),
+    );
+    let header = |name, value: String| ProbeHeader {
+        name,
+        value: Zeroizing::new(value),
+        sensitive: false,
+    };
+    MintRequest {
+        path: TOKEN_PATH,
+        headers: vec![
+            header(
+                "content-type",
+                "application/x-www-form-urlencoded".to_owned(),
+            ),
+            header("accept", "application/json".to_owned()),
+            // Documented as X-Amperity-Tenant for the token endpoint, and as
+            // Amperity-Tenant for the API: both are sent.
+            header("amperity-tenant", tenant.clone()),
+            header("x-amperity-tenant", tenant),
+        ],
+        body,
+    }
+}
+
+/// `{"access_token": "...", "expires_in": 3600, "token_type": "Bearer"}`.
+fn read_minted(answer: &Answer) -> Result<Minted, Validation> {
+    let refused = |why: &str| {
+        Validation::answered(
+            Verdict::Rejected,
+            answer.status,
+            format!("Amperity's token endpoint refused the client credentials ({why})"),
+        )
+    };
+    match answer.status {
+        200..=299 => {}
+        // OAuth: 400 invalid_client / invalid_grant, 401 invalid_client.
+        400 | 401 => {
+            let error = answer
+                .json()
+                .and_then(|j| j.get("error")?.as_str().map(printable))
+                .unwrap_or_else(|| format!("HTTP {}", answer.status));
+            return Err(refused(&error));
+        }
+        _ => {
+            let reading = Reading {
+                forbidden_is_permission: true,
+                not_found_is_permission: false,
+            };
+            return Err(classify(
+                answer,
+                &reading,
+                "Amperity's token endpoint",
+                |_| None,
+            ));
+        }
+    }
+    let unexpected = || {
+        Validation::answered(
+            Verdict::UnexpectedResponse,
+            answer.status,
+            "Amperity's token endpoint answered without an access token",
+        )
+    };
+    let json = answer.json().ok_or_else(unexpected)?;
+    let token = json
+        .get("access_token")
+        .and_then(serde_json::Value::as_str)
+        .filter(|t| !t.is_empty() && t.len() <= 8192)
+        .ok_or_else(unexpected)?;
+    if json
+        .get("token_type")
+        .and_then(serde_json::Value::as_str)
+        .is_some_and(|t| !t.eq_ignore_ascii_case("bearer"))
+    {
+        return Err(unexpected());
+    }
+    // At least a minute, at most a day, whatever the answer claims.
+    let lifetime = json
+        .get("expires_in")
+        .and_then(serde_json::Value::as_u64)
+        .map_or(DEFAULT_LIFETIME, Duration::from_secs)
+        .clamp(Duration::from_secs(60), Duration::from_secs(24 * 3600));
+    Ok(Minted {
+        token: SecretString::from(token.to_owned()),
+        lifetime,
+    })
+}
 
 /// All three headers Amperity requires on every call.
 fn auth(secrets: &Secrets, params: &Params) -> Vec<ProbeHeader> {
@@ -106,10 +254,23 @@ fn check(secrets: &Secrets, params: &Params) -> Result<Checked, Rejection> {
                 .into(),
         ));
     }
-    let token = secrets
-        .get("access_token")
-        .map(|s| s.expose_secret())
-        .unwrap_or_default();
+    if mints(params) {
+        return check_client_credentials(secrets, params);
+    }
+    if secrets.contains_key("client_secret") || params.contains_key("client_id") {
+        return Err(Rejection::Invalid(
+            "`client_secret` and `client_id` go with auth = client_credentials; with auth = \
+             token (the default) store `access_token` alone"
+                .into(),
+        ));
+    }
+    let Some(token) = secrets.get("access_token").map(|s| s.expose_secret()) else {
+        return Err(Rejection::Invalid(
+            "field `access_token` is missing (or store client credentials with \
+             auth = client_credentials)"
+                .into(),
+        ));
+    };
     let expires_at = jwt_expiry(token)
         .ok_or_else(|| {
             Rejection::Invalid(
@@ -131,6 +292,29 @@ fn check(secrets: &Secrets, params: &Params) -> Result<Checked, Rejection> {
         }
     }
     Ok(Checked { expires_at })
+}
+
+/// The client-credentials shape: `client_secret` and `client_id`, no token.
+fn check_client_credentials(secrets: &Secrets, params: &Params) -> Result<Checked, Rejection> {
+    if secrets.contains_key("access_token") {
+        return Err(Rejection::Invalid(
+            "with auth = client_credentials the vault mints its own tokens: store \
+             `client_secret` (and the param `client_id`), not `access_token`"
+                .into(),
+        ));
+    }
+    if !secrets.contains_key("client_secret") {
+        return Err(Rejection::Invalid(
+            "field `client_secret` is missing (auth = client_credentials)".into(),
+        ));
+    }
+    if !params.contains_key("client_id") {
+        return Err(Rejection::Invalid(
+            "parameter `client_id` is missing (auth = client_credentials)".into(),
+        ));
+    }
+    // Client secrets carry no expiry the vault can read.
+    Ok(Checked { expires_at: None })
 }
 
 /// The latest `exp` accepted: 9999-12-31T23:59:59Z. Anything later is no
@@ -265,6 +449,100 @@ mod tests {
         for bad in ["Acme", "acme.evil.com", "-acme", "a/b", "acme-"] {
             assert!(run(&jwt("{}"), bad).is_err(), "{bad}");
         }
+    }
+
+    fn answer(status: u16, body: &str) -> Answer {
+        Answer {
+            status,
+            retry_after: None,
+            body: body.as_bytes().to_vec(),
+            truncated: false,
+        }
+    }
+
+    #[test]
+    fn a_token_answer_is_read_defensively() {
+        let ok = read_minted(&answer(
+            200,
+            r#"{"access_token":"t0k","expires_in":3600,"token_type":"Bearer"}"#,
+        ))
+        .unwrap();
+        assert_eq!(ok.token.expose_secret(), "t0k");
+        assert_eq!(ok.lifetime, Duration::from_secs(3600));
+        // Lifetimes are bounded; a missing one is an hour.
+        let lifetime = |body: &str| read_minted(&answer(200, body)).unwrap().lifetime;
+        assert_eq!(
+            lifetime(r#"{"access_token":"t","expires_in":1}"#).as_secs(),
+            60
+        );
+        assert_eq!(
+            lifetime(r#"{"access_token":"t","expires_in":99999999}"#).as_secs(),
+            86400
+        );
+        assert_eq!(lifetime(r#"{"access_token":"t"}"#).as_secs(), 3600);
+        for (status, body, verdict) in [
+            (
+                200,
+                r#"{"token_type":"Bearer"}"#,
+                Verdict::UnexpectedResponse,
+            ),
+            (200, r#"{"access_token":""}"#, Verdict::UnexpectedResponse),
+            (
+                200,
+                r#"{"access_token":"t","token_type":"MAC"}"#,
+                Verdict::UnexpectedResponse,
+            ),
+            (200, "not json", Verdict::UnexpectedResponse),
+            (401, r#"{"error":"invalid_client"}"#, Verdict::Rejected),
+            (400, r#"{"error":"invalid_grant"}"#, Verdict::Rejected),
+            (403, "{}", Verdict::InsufficientPermission),
+            (429, "{}", Verdict::RateLimited),
+            (503, "{}", Verdict::Unreachable),
+            (302, "", Verdict::UnexpectedResponse),
+        ] {
+            let Err(v) = read_minted(&answer(status, body)) else {
+                panic!("{status} {body} minted a token");
+            };
+            assert_eq!(v.verdict, verdict, "{status} {body}: {v:?}");
+        }
+        let refused = read_minted(&answer(401, r#"{"error":"invalid_client"}"#)).unwrap_err();
+        assert!(refused.message.contains("invalid_client"), "{refused:?}");
+    }
+
+    #[test]
+    fn each_shape_needs_its_own_fields() {
+        let secrets = |pairs: &[(&str, &str)]| -> Secrets {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).into()))
+                .collect()
+        };
+        let params = |pairs: &[(&str, &str)]| -> Params {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        let cc = params(&[
+            ("tenant_id", "acme"),
+            ("auth", "client_credentials"),
+            ("client_id", "id"),
+        ]);
+        assert!(check(&secrets(&[("client_secret", "s")]), &cc).is_ok());
+        assert!(check(&secrets(&[]), &cc).is_err());
+        let token = jwt(r#"{"sub":"x"}"#);
+        assert!(check(
+            &secrets(&[("client_secret", "s"), ("access_token", &token)]),
+            &cc
+        )
+        .is_err());
+        let mut no_id = cc.clone();
+        no_id.remove("client_id");
+        assert!(check(&secrets(&[("client_secret", "s")]), &no_id).is_err());
+        let token_shape = params(&[("tenant_id", "acme"), ("auth", "token")]);
+        assert!(check(&secrets(&[("access_token", &token)]), &token_shape).is_ok());
+        assert!(check(&secrets(&[("client_secret", "s")]), &token_shape).is_err());
+        assert!(check(&secrets(&[]), &token_shape).is_err());
     }
 
     proptest::proptest! {

@@ -50,6 +50,7 @@ pub static SPEC: ProviderSpec = ProviderSpec {
         Route::get("/api/2/taxonomy/*"),
         Route::get("/api/2/events/segmentation"),
     ],
+    mint: None,
 };
 
 fn uses_taxonomy(params: &Params) -> bool {

@@ -75,6 +75,43 @@ pub struct ProviderSpec {
     pub validation: ValidationSpec,
     /// The calls Proxy may make; the configuration may narrow this, never widen it.
     pub routes: &'static [Route],
+    /// Where the credential is one the vault exchanges for short-lived
+    /// access tokens (OAuth client credentials), how.
+    pub mint: Option<&'static MintSpec>,
+}
+
+/// How the vault mints an access token from a stored credential: one POST
+/// to the provider's token endpoint.
+#[derive(Debug)]
+pub struct MintSpec {
+    /// Whether a connection with these params mints (a provider may also
+    /// take a stored token as is).
+    pub applies: fn(&Params) -> bool,
+    /// The base URL key (see [`ValidationSpec::base_urls`]) of the host that
+    /// mints.
+    pub base_url_key: &'static str,
+    /// The request: path, headers and a form body holding the secret.
+    pub request: fn(&Secrets, &Params) -> MintRequest,
+    /// The minted token and its lifetime, or the verdict of a failed mint.
+    pub read: fn(&Answer) -> Result<Minted, Validation>,
+    /// The secret field the minted token stands in for in [`ProviderSpec::auth`].
+    pub token_field: &'static str,
+}
+
+/// One token request.
+pub struct MintRequest {
+    pub path: &'static str,
+    pub headers: Vec<ProbeHeader>,
+    /// `application/x-www-form-urlencoded`; holds the secret.
+    pub body: zeroize::Zeroizing<Vec<u8>>,
+}
+
+/// A minted access token. Never logged, stored or returned (its `Debug`
+/// shows `[REDACTED]`).
+#[derive(Debug)]
+pub struct Minted {
+    pub token: SecretString,
+    pub lifetime: std::time::Duration,
 }
 
 impl ProviderSpec {
@@ -144,6 +181,15 @@ impl FieldSpec {
         }
     }
 
+    /// A field that one shape of the credential needs and another does not
+    /// (the provider's `check` says which).
+    const fn optional(name: &'static str, description: &'static str, max_bytes: usize) -> Self {
+        Self {
+            required: false,
+            ..Self::required(name, description, max_bytes)
+        }
+    }
+
     const fn choice(
         name: &'static str,
         description: &'static str,
@@ -156,7 +202,7 @@ impl FieldSpec {
             required: false,
             allowed,
             default: Some(default),
-            max_bytes: 16,
+            max_bytes: 32,
         }
     }
 }

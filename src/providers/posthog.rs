@@ -40,6 +40,7 @@ pub static SPEC: ProviderSpec = ProviderSpec {
         Route::get("/api/projects/{project_id}/cohorts/"),
         Route::post("/api/projects/{project_id}/query/"),
     ],
+    mint: None,
 };
 
 fn auth(secrets: &Secrets, _params: &Params) -> Vec<ProbeHeader> {

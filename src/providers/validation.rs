@@ -71,7 +71,7 @@ impl Validation {
         }
     }
 
-    fn answered(verdict: Verdict, status: u16, message: impl Into<String>) -> Self {
+    pub(crate) fn answered(verdict: Verdict, status: u16, message: impl Into<String>) -> Self {
         Self {
             provider_status: status,
             ..Self::new(verdict, message)
