@@ -292,6 +292,105 @@ async fn posthog_missing_scope_and_unknown_project_are_insufficient_permission()
     }
 }
 
+/// PostHog's project answer, and `current` for `GET /api/personal_api_keys/@current/`.
+fn posthog_key_answers(current: Reply) -> impl Fn(&Recorded) -> Reply + Send + Sync + 'static {
+    move |r: &Recorded| {
+        if r.path_and_query == "/api/personal_api_keys/@current/" {
+            current.clone()
+        } else {
+            Reply::json(200, r#"{"id":42,"name":"Findry prod"}"#)
+        }
+    }
+}
+
+/// What the key may do, for the calls this vault makes with it: its scopes
+/// against the allowlisted Proxy routes (a `:write` scope includes its
+/// `:read`), and its projects against the stored one. A 403 on the key's own
+/// introspection means "cannot tell".
+#[tokio::test]
+async fn posthog_reports_missing_scopes_and_other_projects() {
+    let cases: [(&str, &str, &[&str]); 5] = [
+        (
+            "two scopes",
+            r#"{"scopes":["project:read","annotation:read"],"scoped_teams":[]}"#,
+            &["annotation:write", "cohort:read", "query:read"],
+        ),
+        (
+            "nothing",
+            r#"{"scopes":[],"scoped_teams":[]}"#,
+            &[
+                "annotation:write",
+                "cohort:read",
+                "project:read",
+                "query:read",
+            ],
+        ),
+        ("all", r#"{"scopes":["*"],"scoped_teams":[42]}"#, &[]),
+        (
+            "write includes read",
+            r#"{"scopes":["project:read","annotation:write","cohort:read","query:read"]}"#,
+            &[],
+        ),
+        (
+            "another project",
+            r#"{"scopes":["*"],"scoped_teams":[7,8]}"#,
+            &[],
+        ),
+    ];
+    for (name, current, missing) in cases {
+        let w = world(posthog_key_answers(Reply::json(200, current))).await;
+        w.store(posthog("42")).await.unwrap();
+        let v = w.validate("ws", "posthog").await;
+        assert_eq!(v.display_name, "Findry prod", "{name}: {v:?}");
+        assert_eq!(v.missing_scopes, missing, "{name}: {v:?}");
+        let expected = if missing.is_empty() && name != "another project" {
+            Verdict::Valid
+        } else {
+            Verdict::InsufficientPermission
+        };
+        assert_eq!(verdict(&v), expected, "{name}: {v:?}");
+        if name == "another project" {
+            assert!(v.message.contains("other projects than 42"), "{v:?}");
+        }
+        for scope in missing {
+            assert!(v.message.contains(scope), "{name}: {v:?}");
+        }
+        let introspection = &w.us.requests()[1];
+        assert_eq!(
+            introspection.path_and_query,
+            "/api/personal_api_keys/@current/"
+        );
+        assert_eq!(
+            introspection.headers["authorization"],
+            format!("Bearer {PHX}")
+        );
+    }
+    // The key may not read itself: cannot tell, so VALID stands.
+    let w = world(posthog_key_answers(Reply::json(
+        403,
+        r#"{"detail":"API key missing required scope 'personal_api_key:read'"}"#,
+    )))
+    .await;
+    w.store(posthog("42")).await.unwrap();
+    let v = w.validate("ws", "posthog").await;
+    assert_eq!(verdict(&v), Verdict::Valid, "{v:?}");
+    // A narrower allowlist needs fewer scopes.
+    let w = world_with(
+        posthog_key_answers(Reply::json(
+            200,
+            r#"{"scopes":["project:read","annotation:read"]}"#,
+        )),
+        |config| {
+            config.providers.posthog.proxy =
+                Some(vec!["GET /api/projects/{project_id}/annotations/".into()]);
+        },
+    )
+    .await;
+    w.store(posthog("42")).await.unwrap();
+    let v = w.validate("ws", "posthog").await;
+    assert_eq!(verdict(&v), Verdict::Valid, "{v:?}");
+}
+
 /// A provider echoes the key base64-encoded after 170 characters of filler,
 /// in the message and in the project name. Cut to 200 characters before it
 /// was scrubbed, the echo lost its tail and with it the whole match, so 21

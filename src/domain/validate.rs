@@ -309,13 +309,52 @@ impl Validator {
         for h in &probe.headers {
             scrubber.header(h);
         }
-        match self.outbound.call(provider, &base, probe, &scrubber).await {
+        let first = match self.outbound.call(provider, &base, probe, &scrubber).await {
             Ok(answer) => (spec.validation.interpret)(&answer, params),
-            Err(Unreachable(why)) => Validation::new(
-                Verdict::Unreachable,
-                format!("couldn't reach {name}: {why}"),
-            ),
+            Err(Unreachable(why)) => {
+                return Validation::new(
+                    Verdict::Unreachable,
+                    format!("couldn't reach {name}: {why}"),
+                )
+            }
+        };
+        match &spec.validation.permissions {
+            Some(permissions) if first.verdict == Verdict::Valid => self
+                .judge_permissions(provider, permissions, &base, secrets, params, &scrubber)
+                .await
+                .map_or(first.clone(), |judged| Validation {
+                    display_name: first.display_name,
+                    ..judged
+                }),
+            _ => first,
         }
+    }
+
+    /// Asks the provider what a valid credential may do, for the calls this
+    /// vault makes with it; `None` when the answer cannot tell.
+    async fn judge_permissions(
+        &self,
+        provider: Provider,
+        permissions: &crate::providers::Permissions,
+        base: &url::Url,
+        secrets: &Secrets,
+        params: &Params,
+        scrubber: &Scrubber,
+    ) -> Option<Validation> {
+        let spec = provider.spec();
+        let allowed = self.configured(provider);
+        let routes: Vec<&'static crate::providers::Route> =
+            spec.routes.iter().filter(|r| allowed.proxies(r)).collect();
+        let probe = crate::providers::validation::Probe {
+            path_and_query: (permissions.path)(params),
+            headers: (spec.auth)(secrets, params),
+        };
+        let answer = self
+            .outbound
+            .call(provider, base, probe, scrubber)
+            .await
+            .ok()?;
+        (permissions.judge)(&answer, params, &routes)
     }
 }
 

@@ -211,6 +211,7 @@ fn encode_validation(v: Validation) -> proto::Validation {
         suggested_region: v.suggested_region,
         checked_at: Some(v.checked_at.into()),
         duration_ms: v.duration_ms,
+        missing_scopes: v.missing_scopes,
     }
 }
 

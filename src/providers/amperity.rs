@@ -70,6 +70,7 @@ pub static SPEC: ProviderSpec = ProviderSpec {
         max_concurrent: 8,
         path,
         interpret,
+        permissions: None,
     },
     routes: &[Route::get("/api/segments"), Route::get("/api/campaigns")],
     mint: Some(&MINT),

@@ -37,6 +37,7 @@ pub static SPEC: ProviderSpec = ProviderSpec {
         max_concurrent: 4,
         path,
         interpret,
+        permissions: None,
     },
     routes: &[
         Route::get("/api/2/events/list"),

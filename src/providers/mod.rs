@@ -145,6 +145,20 @@ pub struct ValidationSpec {
     pub path: fn(&Params) -> String,
     /// What the provider's answer means.
     pub interpret: fn(&Answer, &Params) -> Validation,
+    /// Where the provider can say what a valid credential may do: asked
+    /// after a VALID answer.
+    pub permissions: Option<Permissions>,
+}
+
+/// A second validating call, about what the credential may do.
+#[derive(Debug)]
+pub struct Permissions {
+    /// The path and query of the GET.
+    pub path: fn(&Params) -> String,
+    /// The verdict, given the answer and the Proxy routes this vault allows
+    /// for the connection; `None` when the answer cannot tell (the first
+    /// verdict stands).
+    pub judge: fn(&Answer, &Params, &[&'static Route]) -> Option<Validation>,
 }
 
 impl ValidationSpec {

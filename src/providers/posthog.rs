@@ -4,8 +4,11 @@ use secrecy::ExposeSecret;
 
 use zeroize::Zeroizing;
 
-use super::validation::{classify, printable, Answer, ProbeHeader, Reading, Validation};
-use super::{Checked, FieldSpec, Params, ProviderSpec, Rejection, Route, Secrets, ValidationSpec};
+use super::validation::{classify, printable, Answer, ProbeHeader, Reading, Validation, Verdict};
+use super::{
+    Checked, FieldSpec, Params, Permissions, ProviderSpec, Rejection, Route, Secrets,
+    ValidationSpec,
+};
 
 pub static SPEC: ProviderSpec = ProviderSpec {
     name: "posthog",
@@ -32,6 +35,10 @@ pub static SPEC: ProviderSpec = ProviderSpec {
         max_concurrent: 8,
         path,
         interpret,
+        permissions: Some(Permissions {
+            path: |_| "/api/personal_api_keys/@current/".to_owned(),
+            judge,
+        }),
     },
     // `{project_id}` must be the connection's own project.
     routes: &[
@@ -74,6 +81,100 @@ fn interpret(answer: &Answer, _params: &Params) -> Validation {
         json.get("name")
             .and_then(serde_json::Value::as_str)
             .map(printable)
+    })
+}
+
+/// The scope a call needs: validation reads the project; each allowlisted
+/// route reads or writes one kind of object.
+fn scope(route: &Route) -> Option<&'static str> {
+    let object = if route.template.ends_with("/annotations/") {
+        "annotation"
+    } else if route.template.ends_with("/cohorts/") {
+        "cohort"
+    } else if route.template.ends_with("/query/") {
+        // A HogQL query is a read, whatever its method.
+        return Some("query:read");
+    } else {
+        return None;
+    };
+    Some(match (object, route.method) {
+        ("annotation", "GET") => "annotation:read",
+        ("annotation", _) => "annotation:write",
+        ("cohort", "GET") => "cohort:read",
+        _ => "cohort:write",
+    })
+}
+
+/// `GET /api/personal_api_keys/@current/`: the key's `scopes` (`*` for all;
+/// a `:write` scope includes its `:read`) and `scoped_teams` (empty for all
+/// projects). A 403 here means the key may not read itself: the first
+/// verdict stands, as it does for any answer that cannot tell.
+fn judge(answer: &Answer, params: &Params, routes: &[&'static Route]) -> Option<Validation> {
+    if answer.status != 200 || answer.truncated {
+        return None;
+    }
+    let json = answer.json()?;
+    let scopes: Vec<&str> = json
+        .get("scopes")?
+        .as_array()?
+        .iter()
+        .filter_map(serde_json::Value::as_str)
+        .collect();
+    let teams: Vec<u64> = json
+        .get("scoped_teams")
+        .and_then(serde_json::Value::as_array)
+        .map(|t| t.iter().filter_map(serde_json::Value::as_u64).collect())
+        .unwrap_or_default();
+    let project = params.get("project_id").map_or("", String::as_str);
+    if !teams.is_empty() && !teams.iter().any(|t| t.to_string() == project) {
+        return Some(Validation::answered(
+            Verdict::InsufficientPermission,
+            answer.status,
+            format!(
+                "PostHog: the key is scoped to other projects than {project}; allow this \
+                 project in the key's settings, or store a key for it"
+            ),
+        ));
+    }
+    let has = |needed: &str| {
+        scopes.iter().any(|s| {
+            *s == "*"
+                || *s == needed
+                || needed
+                    .strip_suffix(":read")
+                    .is_some_and(|object| *s == format!("{object}:write"))
+        })
+    };
+    let mut missing: Vec<String> = std::iter::once("project:read")
+        .chain(routes.iter().filter_map(|r| scope(r)))
+        .filter(|needed| !has(needed))
+        .map(str::to_owned)
+        .collect();
+    missing.sort();
+    missing.dedup();
+    // Granting `x:write` grants `x:read` too: name only the write.
+    let writes: Vec<String> = missing
+        .iter()
+        .filter_map(|m| m.strip_suffix(":write").map(str::to_owned))
+        .collect();
+    missing.retain(|m| {
+        m.strip_suffix(":read")
+            .is_none_or(|object| !writes.iter().any(|w| w == object))
+    });
+    if missing.is_empty() {
+        return None;
+    }
+    Some(Validation {
+        missing_scopes: missing.clone(),
+        ..Validation::answered(
+            Verdict::InsufficientPermission,
+            answer.status,
+            format!(
+                "PostHog: the key lacks scopes for calls this vault makes with it: {}; add them \
+                 to the key, or narrow providers.posthog.proxy",
+                missing.join(", ")
+            ),
+        )
     })
 }
 

@@ -55,6 +55,10 @@ pub struct Validation {
     pub suggested_region: String,
     pub checked_at: SystemTime,
     pub duration_ms: u32,
+    /// With INSUFFICIENT_PERMISSION: the scopes the credential lacks for the
+    /// calls this vault makes with it. (Absent from verdicts stored before.)
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub missing_scopes: Vec<String>,
 }
 
 impl Validation {
@@ -68,6 +72,7 @@ impl Validation {
             suggested_region: String::new(),
             checked_at: SystemTime::now(),
             duration_ms: 0,
+            missing_scopes: Vec::new(),
         }
     }
 
