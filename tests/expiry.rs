@@ -17,14 +17,6 @@ use credvault::proto::{AuditEvent, ListRequest, StoreRequest};
 const DAY: Duration = Duration::from_secs(24 * 60 * 60);
 const SECRET: &str = "Zt5Kw8Qn2Vb7Xr4Jm9Lc3Hd6Fg1Sp0Ay";
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// An Amperity connection in `workspace` whose token expires at `exp`.
 fn amperity(workspace: &str, exp: SystemTime) -> StoreRequest {
     let exp = exp.duration_since(UNIX_EPOCH).unwrap().as_secs();
@@ -104,7 +96,7 @@ fn gauges(provider: &str, within: [u64; 3], expired: u64) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expiry_is_counted_listed_and_announced_once_per_threshold() {
     let dir = VaultDir::new();
-    let port = free_port();
+    let port = common::free_port();
     let mut config = dir.config();
     config.metrics.listen = Some(format!("127.0.0.1:{port}").parse().unwrap());
     let t0 = SystemTime::now();

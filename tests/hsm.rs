@@ -84,23 +84,27 @@ impl SoftHsm {
 
     /// An AES-256 key made with exactly `flags`.
     fn keygen_with(&self, label: &str, flags: &[&str]) {
+        let args = [
+            &["--keygen", "--key-type", "AES:32", "--label", label],
+            flags,
+        ]
+        .concat();
+        self.tool(PIN, &args);
+    }
+
+    /// `pkcs11-tool ARGS` on the token, logged in with `pin`, which must work.
+    fn tool(&self, pin: &str, args: &[&str]) {
         let module = module();
-        let mut args = vec![
+        let login = [
             "--module",
             module.to_str().unwrap(),
             "--token-label",
             TOKEN,
             "--login",
             "--pin",
-            PIN,
-            "--keygen",
-            "--key-type",
-            "AES:32",
-            "--label",
-            label,
+            pin,
         ];
-        args.extend_from_slice(flags);
-        self.run("pkcs11-tool", &args);
+        self.run("pkcs11-tool", &[&login[..], args].concat());
     }
 
     /// Whether the token says a login with a wrong PIN failed since the last
@@ -117,41 +121,14 @@ impl SoftHsm {
 
     /// Logs in once with `pin`, which must be right.
     fn log_in(&self, pin: &str) {
-        let module = module();
-        self.run(
-            "pkcs11-tool",
-            &[
-                "--module",
-                module.to_str().unwrap(),
-                "--token-label",
-                TOKEN,
-                "--login",
-                "--pin",
-                pin,
-                "--list-objects",
-            ],
-        );
+        self.tool(pin, &["--list-objects"]);
     }
 
     /// Deletes the secret key labelled `label` from the token.
     fn delete_key(&self, label: &str) {
-        let module = module();
-        self.run(
-            "pkcs11-tool",
-            &[
-                "--module",
-                module.to_str().unwrap(),
-                "--token-label",
-                TOKEN,
-                "--login",
-                "--pin",
-                PIN,
-                "--delete-object",
-                "--type",
-                "secrkey",
-                "--label",
-                label,
-            ],
+        self.tool(
+            PIN,
+            &["--delete-object", "--type", "secrkey", "--label", label],
         );
     }
 
@@ -504,13 +481,20 @@ async fn a_file_vault_moves_onto_the_token_and_serves_when_the_token_goes_away()
     assert_eq!(redacted.secrets, stored.secrets);
 }
 
+/// A key `credvault-root` on `hsm`'s token, and a vault folder in `dir` on
+/// it whose metrics listen on the port returned.
+fn token_vault_with_metrics(hsm: &SoftHsm, dir: &Path) -> (PathBuf, Config, u16) {
+    hsm.keygen("credvault-root", &[]);
+    let config = vault_on_token(dir, "credvault-root", PIN, None);
+    let mut loaded = Config::load(&config).unwrap();
+    let metrics_port = with_metrics(&mut loaded);
+    std::fs::write(&config, loaded.to_toml()).unwrap();
+    (config, loaded, metrics_port)
+}
+
 /// Sets a free port for `config`'s metrics listener, and returns it.
 fn with_metrics(config: &mut Config) -> u16 {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     config.metrics.listen = Some(format!("127.0.0.1:{port}").parse().unwrap());
     port
 }
@@ -550,16 +534,6 @@ fn restore_token(hsm: &SoftHsm, backup: &Path) {
     copy_new_files(backup, &hsm.conf.with_file_name("tokens"));
     let touch = hsm.conf.with_file_name("touch");
     std::fs::write(&touch, b"touch").unwrap();
-    let module = module();
-    let common = [
-        "--module",
-        module.to_str().unwrap(),
-        "--token-label",
-        TOKEN,
-        "--login",
-        "--pin",
-        PIN,
-    ];
     let write = [
         "--write-object",
         touch.to_str().unwrap(),
@@ -568,9 +542,11 @@ fn restore_token(hsm: &SoftHsm, backup: &Path) {
         "--label",
         "touch",
     ];
-    hsm.run("pkcs11-tool", &[&common[..], &write].concat());
-    let delete = ["--delete-object", "--type", "data", "--label", "touch"];
-    hsm.run("pkcs11-tool", &[&common[..], &delete].concat());
+    hsm.tool(PIN, &write);
+    hsm.tool(
+        PIN,
+        &["--delete-object", "--type", "data", "--label", "touch"],
+    );
 }
 
 /// Copies every file under `from` that `to` lacks.
@@ -610,17 +586,9 @@ async fn no_byte_of_the_root_key_is_in_the_vaults_files() {
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut root).unwrap();
     let key_file = tmp.path().join("known.key");
     std::fs::write(&key_file, root).unwrap();
-    let module = module();
-    hsm.run(
-        "pkcs11-tool",
+    hsm.tool(
+        PIN,
         &[
-            "--module",
-            module.to_str().unwrap(),
-            "--token-label",
-            TOKEN,
-            "--login",
-            "--pin",
-            PIN,
             "--write-object",
             key_file.to_str().unwrap(),
             "--type",
@@ -756,11 +724,7 @@ async fn a_writable_or_relative_module_and_a_shared_token_label_are_refused() {
 async fn a_token_that_hangs_stops_nothing_but_rotation() {
     let tmp = tempfile::tempdir().unwrap();
     let hsm = SoftHsm::new(tmp.path());
-    hsm.keygen("credvault-root", &[]);
-    let config = vault_on_token(tmp.path(), "credvault-root", PIN, None);
-    let mut loaded = Config::load(&config).unwrap();
-    let metrics_port = with_metrics(&mut loaded);
-    std::fs::write(&config, loaded.to_toml()).unwrap();
+    let (config, _, metrics_port) = token_vault_with_metrics(&hsm, tmp.path());
     let mut served = common::spawn_server_as(&config, &["env", &hsm.env()]).await;
     let mut c = client(&config, &served.url).await;
     let stored = c
@@ -821,11 +785,7 @@ async fn a_token_that_hangs_stops_nothing_but_rotation() {
 async fn a_refused_pin_is_not_tried_again() {
     let tmp = tempfile::tempdir().unwrap();
     let hsm = SoftHsm::new(tmp.path());
-    hsm.keygen("credvault-root", &[]);
-    let config = vault_on_token(tmp.path(), "credvault-root", PIN, None);
-    let mut loaded = Config::load(&config).unwrap();
-    let metrics_port = with_metrics(&mut loaded);
-    std::fs::write(&config, loaded.to_toml()).unwrap();
+    let (config, loaded, metrics_port) = token_vault_with_metrics(&hsm, tmp.path());
     let pin_file = loaded
         .keys
         .pkcs11

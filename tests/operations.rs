@@ -19,14 +19,6 @@ use tonic_health::pb::HealthCheckRequest;
 
 const SECRET: &str = "Wd6Fq1Zk8Xm3Bv7Nc2Lp9Rt4Hy5Js0Gu";
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test]
 async fn health_is_serving_after_start_and_not_serving_once_shutdown_begins() {
     let dir = VaultDir::new();
@@ -148,7 +140,7 @@ async fn reflection_v1alpha_answers_python_grpcio_reflection() {
 #[tokio::test]
 async fn metrics_count_calls_and_never_carry_a_secret() {
     let dir = VaultDir::new();
-    let port = free_port();
+    let port = common::free_port();
     let mut config = dir.config();
     config.metrics.listen = Some(format!("127.0.0.1:{port}").parse().unwrap());
     let vault = dir.start_with(config).await;

@@ -452,14 +452,7 @@ mod tests {
         }
     }
 
-    fn answer(status: u16, body: &str) -> Answer {
-        Answer {
-            status,
-            retry_after: None,
-            body: body.as_bytes().to_vec(),
-            truncated: false,
-        }
-    }
+    use crate::providers::validation::answer;
 
     #[test]
     fn a_token_answer_is_read_defensively() {

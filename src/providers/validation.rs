@@ -258,18 +258,20 @@ fn permission(answer: &Answer, provider: &str) -> Validation {
     )
 }
 
+/// An answer with `status` and `body`, for the providers' tests.
+#[cfg(test)]
+pub(crate) fn answer(status: u16, body: &str) -> Answer {
+    Answer {
+        status,
+        retry_after: None,
+        body: body.as_bytes().to_vec(),
+        truncated: false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn answer(status: u16, body: &str) -> Answer {
-        Answer {
-            status,
-            retry_after: None,
-            body: body.as_bytes().to_vec(),
-            truncated: false,
-        }
-    }
 
     const STRICT: Reading = Reading {
         forbidden_is_permission: true,

@@ -811,3 +811,12 @@ pub fn capture_logs() -> std::sync::Arc<std::sync::Mutex<Vec<u8>>> {
     })
     .clone()
 }
+
+/// A port free on 127.0.0.1 a moment ago (for a listener the vault binds).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
