@@ -508,7 +508,7 @@ impl Config {
                     let place = locate(&text, span.start);
                     // A value written under a key that names where a secret
                     // is may be the secret itself (the PIN in `pin_env`).
-                    let message = if place.key.as_deref().is_some_and(names_a_secret) {
+                    let message = if !place.key.as_deref().is_some_and(may_show_value) {
                         without_values(e.message())
                     } else {
                         e.message().to_owned()
@@ -595,11 +595,28 @@ impl Config {
         };
         hide(&mut shown.keys.root_key_env);
         hide(&mut shown.storage.password_env);
+        // Not read on SQLite, so not known to be a path.
+        if shown.storage.backend != Backend::Postgres && shown.storage.password_file.is_some() {
+            shown.storage.password_file = Some("(not shown)".into());
+        }
         if let Some(token) = &mut shown.keys.pkcs11 {
             hide(&mut token.pin_env);
         }
         shown.to_toml()
     }
+}
+
+/// Whether a parse error under `key` (`table.key`, as [`locate`] finds it)
+/// may quote the value written there: only in the tables that hold no word
+/// about secrets (limits, metrics, ...), for keys that do not say where a
+/// secret is. Elsewhere (`keys`, `storage`, `providers`, an inline table) a
+/// value written by mistake may be the secret itself.
+fn may_show_value(key: &str) -> bool {
+    let table = key.split('.').next().unwrap_or(key);
+    matches!(
+        table,
+        "listen" | "limits" | "metrics" | "audit" | "tls" | "outbound" | "monitor"
+    ) && !names_a_secret(key)
 }
 
 /// Whether a configuration key says where a secret is (and so a value
@@ -729,6 +746,12 @@ mod tests {
             (
                 "[storage]\npath = \"d\"\n[keys]\nroot_key_env = 738215\n",
                 "keys.root_key_env",
+            ),
+            // An inline table is located at its own key (review round 3).
+            (
+                "[storage]\npath = \"d\"\n[keys]\npkcs11 = { module = \"/m\", token_label = \
+                 \"t\", key_label = \"k\", pin_env = 738215 }\n",
+                "keys.pkcs11",
             ),
         ] {
             std::fs::write(&path, format!("{base}{text}")).unwrap();

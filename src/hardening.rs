@@ -43,6 +43,16 @@ pub enum FileError {
          following links, so that the file checked is the file read)"
     )]
     Symlink { what: &'static str, path: PathBuf },
+    #[error("{what} {path} is not a regular file (a directory, a FIFO, a device); name a file")]
+    NotAFile { what: &'static str, path: PathBuf },
+    /// A file of key material that is not there, under a name that looks
+    /// like a secret: its path is not repeated, in case the secret itself was
+    /// written where the path belongs.
+    #[error(
+        "the {what} named in the configuration does not exist (its path is not repeated \
+         here, in case a secret was written in its place)"
+    )]
+    SecretFileMissing { what: &'static str },
     #[error(
         "{what} {path} is readable by group or others (mode {mode:o}); run `chmod 600 {path}`"
     )]
@@ -78,7 +88,14 @@ pub enum FileError {
 /// file cannot be swapped between the check and the read.
 pub fn read_private(what: &'static str, path: &Path) -> Result<Zeroizing<Vec<u8>>, FileError> {
     let io = io_error(what, path);
-    let mut file = open_no_follow(what, path, std::fs::OpenOptions::new().read(true))?;
+    let mut file = open_file(what, path, false).map_err(|e| match e {
+        FileError::Io { source, .. }
+            if source.kind() == io::ErrorKind::NotFound && looks_like_a_secret(path) =>
+        {
+            FileError::SecretFileMissing { what }
+        }
+        other => other,
+    })?;
     let meta = file.metadata().map_err(io)?;
     check_owner(what, path, &meta)?;
     let mode = meta.mode() & 0o777;
@@ -99,7 +116,7 @@ pub fn read_private(what: &'static str, path: &Path) -> Result<Zeroizing<Vec<u8>
 /// a user other than this one or root owns it, checked on the open file.
 pub fn read_trusted(what: &'static str, path: &Path) -> Result<Vec<u8>, FileError> {
     let io = io_error(what, path);
-    let mut file = std::fs::File::open(path).map_err(io)?;
+    let mut file = open_file(what, path, true)?;
     let meta = file.metadata().map_err(io)?;
     check_unchangeable(what, path, &meta)?;
     let mut bytes = Vec::new();
@@ -112,7 +129,7 @@ pub fn read_trusted(what: &'static str, path: &Path) -> Result<Vec<u8>, FileErro
 /// write it, or if a user other than this one or root owns it. Use the
 /// returned file (e.g. through `/proc/self/fd`), never the path again.
 pub fn open_trusted(what: &'static str, path: &Path) -> Result<std::fs::File, FileError> {
-    let file = std::fs::File::open(path).map_err(io_error(what, path))?;
+    let file = open_file(what, path, true)?;
     let meta = file.metadata().map_err(io_error(what, path))?;
     check_unchangeable(what, path, &meta)?;
     Ok(file)
@@ -161,6 +178,7 @@ pub fn write_public(what: &'static str, path: &Path, bytes: &[u8]) -> Result<(),
             .create(true)
             .truncate(true)
             .mode(0o644),
+        0,
     )?;
     // `mode` applies only to a new file; an old one keeps its own otherwise.
     file.set_permissions(std::fs::Permissions::from_mode(0o644))
@@ -180,6 +198,7 @@ pub fn append_public(what: &'static str, path: &Path, line: &str) -> Result<(), 
             .append(true)
             .create(true)
             .mode(0o644),
+        0,
     )?;
     file.write_all(format!("{line}\n").as_bytes()).map_err(io)?;
     file.sync_data().map_err(io)
@@ -203,25 +222,70 @@ pub fn read_trusted_certs(
     Ok(certs)
 }
 
+/// Whether a path's last part looks like a secret written where a path
+/// belongs (a PIN, a hex or base64 key) rather than a file's name: no dot,
+/// and all digits, or 20 or more characters of a key's alphabet.
+fn looks_like_a_secret(path: &Path) -> bool {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let key_alphabet = |c: char| c.is_ascii_alphanumeric() || "+/=_-".contains(c);
+    !name.contains('.')
+        && (name.chars().all(|c| c.is_ascii_digit())
+            || (name.len() >= 20 && name.chars().all(key_alphabet)))
+}
+
+/// Opens the regular file at `path` for reading (through a symbolic link
+/// only with `follow`), without blocking: a FIFO or a device named in the
+/// configuration is refused, never waited on.
+fn open_file(what: &'static str, path: &Path, follow: bool) -> Result<std::fs::File, FileError> {
+    // O_NONBLOCK is a small positive flag on every Unix: the cast keeps it.
+    #[allow(clippy::cast_possible_wrap)]
+    let non_blocking = rustix::fs::OFlags::NONBLOCK.bits() as i32;
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    let file = if follow {
+        options
+            .custom_flags(non_blocking)
+            .open(path)
+            .map_err(io_error(what, path))?
+    } else {
+        open_no_follow(what, path, &mut options, non_blocking)?
+    };
+    let meta = file.metadata().map_err(io_error(what, path))?;
+    if !meta.is_file() {
+        return Err(FileError::NotAFile {
+            what,
+            path: path.to_owned(),
+        });
+    }
+    Ok(file)
+}
+
 /// Opens `path` as `options` say, failing if its last component is a symbolic link.
 fn open_no_follow(
     what: &'static str,
     path: &Path,
     options: &mut std::fs::OpenOptions,
+    flags: i32,
 ) -> Result<std::fs::File, FileError> {
     // O_NOFOLLOW is a small positive flag on every Unix: the cast keeps it.
     #[allow(clippy::cast_possible_wrap)]
     let no_follow = rustix::fs::OFlags::NOFOLLOW.bits() as i32;
-    options.custom_flags(no_follow).open(path).map_err(|e| {
-        if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) {
-            FileError::Symlink {
-                what,
-                path: path.to_owned(),
+    options
+        .custom_flags(no_follow | flags)
+        .open(path)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) {
+                FileError::Symlink {
+                    what,
+                    path: path.to_owned(),
+                }
+            } else {
+                io_error(what, path)(e)
             }
-        } else {
-            io_error(what, path)(e)
-        }
-    })
+        })
 }
 
 fn check_owner(what: &'static str, path: &Path, meta: &std::fs::Metadata) -> Result<(), FileError> {
@@ -240,6 +304,26 @@ fn check_owner(what: &'static str, path: &Path, meta: &std::fs::Metadata) -> Res
 
 #[cfg(test)]
 mod tests {
+    /// A key or PIN written where a key file's path belongs is not repeated
+    /// when the file is missing (review round 3); a real file name is.
+    #[test]
+    fn a_missing_key_file_is_named_unless_its_name_looks_like_a_secret() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        for (name, shown) in [
+            ("root.key", true),
+            ("hsm-pin", true),
+            ("738215", false),
+            (&"ab".repeat(32)[..], false),
+        ] {
+            let err = super::read_private("root key file", &dir.path().join(name))
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert_eq!(err.contains(name), shown, "{name}: {err}");
+            assert!(!err.is_empty());
+        }
+    }
+
     #[test]
     fn core_limit_is_zero_afterwards() {
         super::disable_core_dumps();

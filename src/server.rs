@@ -79,6 +79,12 @@ pub async fn run_with_clock(
     clock: Clock,
 ) -> Result<(), ServeError> {
     crate::hardening::disable_core_dumps();
+    // A token that hangs would hold start-up silently, the port bound.
+    let watchdog = config
+        .keys
+        .pkcs11
+        .as_ref()
+        .map(|_| StartupWatchdog::arm(TOKEN_STARTUP_WAIT));
     let root = RootKey::load(config.keys.root_source().map_err(ServeError::Config)?)?;
     let tls = SharedTls::load(&config.tls)?;
     let store = crate::store::open(&config.storage).await?;
@@ -96,6 +102,7 @@ pub async fn run_with_clock(
             VaultError::DataLoss => ServeError::Corrupt(config.storage.path.clone()),
             other => ServeError::Keyring(other),
         })?;
+    drop(watchdog);
     // Only now, with the root key and the database's password read: a secret
     // written where a variable's name belongs stops start-up before this.
     tracing::info!(
@@ -213,6 +220,36 @@ pub async fn run_with_clock(
     // ...then the head as the vault leaves it, signed, stored and anchored.
     checkpoint(&last_checkpoint, 0, config.audit.anchor_file.as_deref()).await;
     result
+}
+
+/// How long start-up may wait on the root key's token (logging in, opening
+/// the sealed keys) before the vault gives up.
+const TOKEN_STARTUP_WAIT: Duration = Duration::from_secs(30);
+
+/// Ends the process if start-up is not done within its limit: a call into
+/// a token that hangs cannot be interrupted, and a vault that neither serves
+/// nor says why is worse than one that exits naming the cause. Disarmed
+/// when dropped.
+struct StartupWatchdog(#[allow(dead_code)] std::sync::mpsc::Sender<()>);
+
+impl StartupWatchdog {
+    fn arm(limit: Duration) -> Self {
+        let (armed, watch) = std::sync::mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = watch.recv_timeout(limit) {
+                let why = format!(
+                    "the root key's hardware security module did not answer within {} s of \
+                     start-up (logging in, or opening the sealed keys): check the token, then \
+                     start the vault again",
+                    limit.as_secs()
+                );
+                tracing::error!("{why}");
+                eprintln!("credvault: error: {why}");
+                std::process::exit(1);
+            }
+        });
+        Self(armed)
+    }
 }
 
 /// How often the root key's token is asked whether it still answers.

@@ -183,6 +183,17 @@ async fn expiry_is_counted_listed_and_announced_once_per_threshold() {
     );
     wait_for_metrics(port, &gauges("amperity", [2, 0, 0], 1)).await;
 
+    // A database writer moves ws-d's expiry (bound to its key) closer: the
+    // vault neither counts nor announces it (review round 3: a signed,
+    // forged notice).
+    c.store(amperity("ws-d", t0 + 300 * DAY)).await.unwrap();
+    let edited = millis(clock.now() + DAY / 2);
+    let sql = format!(
+        "UPDATE credentials SET expires_at = {edited} \
+         WHERE workspace_id = 'ws-d' AND provider = 'amperity'"
+    );
+    assert_eq!(dir.execute(&sql, &[]), 1);
+
     // A restart writes nothing again either: the next notice is ws-a's 7d.
     vault.stop().await;
     let vault = dir.start_with_clock(config, clock.clone()).await;
@@ -194,4 +205,18 @@ async fn expiry_is_counted_listed_and_announced_once_per_threshold() {
         ("ws-a".into(), "7d".into())
     );
     wait_for_metrics(port, &gauges("amperity", [2, 1, 0], 1)).await;
+    // Six days on, ws-a is within one day. ws-d, past its forged expiry
+    // since the restart, was never announced (its notice would have come
+    // right after ws-a's 7d) nor counted.
+    clock.advance(6 * DAY);
+    assert_eq!(
+        next_notice(&mut notices).await,
+        ("ws-a".into(), "1d".into())
+    );
+    wait_for_metrics(port, &gauges("amperity", [2, 1, 1], 1)).await;
+}
+
+/// Milliseconds since the epoch, as the stores keep times.
+fn millis(at: SystemTime) -> u64 {
+    u64::try_from(at.duration_since(UNIX_EPOCH).unwrap().as_millis()).unwrap()
 }

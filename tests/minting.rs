@@ -44,9 +44,16 @@ async fn world(token_host: Option<&str>) -> World {
         if !endpoint.authorizes(r) {
             return Reply::json(401, r#"{"message":"Unauthorized"}"#);
         }
-        // A provider that echoes the token it got.
+        // A provider that echoes the token it got, raw and base64-encoded
+        // (review round 3: the base64 echo passed).
+        use base64::Engine;
         let echoed = r.headers.get("authorization").cloned().unwrap_or_default();
-        Reply::json(200, &SEGMENTS.replace("Loyal", &echoed))
+        let token = echoed.trim_start_matches("Bearer ");
+        let encoded = base64::engine::general_purpose::STANDARD.encode(token);
+        Reply::json(
+            200,
+            &SEGMENTS.replace("Loyal", &format!("{echoed} {encoded}")),
+        )
     })
     .await;
     let mut config = dir.config();
@@ -179,7 +186,10 @@ async fn fifty_concurrent_calls_share_one_mint_and_the_token_is_renewed_before_i
     answers.push(format!("{v:?}"));
     let seen = w.seen(&answers).await;
     for secret in std::iter::once(CLIENT_SECRET.to_owned()).chain(w.tokens.minted()) {
+        use base64::Engine;
+        let encoded = base64::engine::general_purpose::STANDARD.encode(&secret);
         assert!(!seen.contains(&secret), "{secret} was seen");
+        assert!(!seen.contains(&encoded), "{secret} was seen base64-encoded");
     }
     assert!(answers[0].contains("[redacted]"), "{}", answers[0]);
 }

@@ -454,6 +454,34 @@ fn a_secret_written_in_place_of_a_variables_name_is_not_echoed() {
     }
 }
 
+/// The client subcommands read --key and friends from the environment too:
+/// `--help` does not show those values, and an unreadable key file is not
+/// named (a key pasted into CREDVAULT_KEY would come back otherwise).
+#[test]
+fn client_settings_from_the_environment_are_not_echoed() {
+    let key = "ab".repeat(32);
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_credvault"))
+        .args(["list", "--help"])
+        .env("CREDVAULT_KEY", &key)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&help.stdout);
+    assert!(text.contains("CREDVAULT_KEY"), "{text}");
+    assert!(!text.contains(&key), "{text}");
+    let dir = VaultDir::new();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_credvault"))
+        .args(["list", "--workspace", "ws", "--addr", "https://127.0.0.1:1"])
+        .env("CREDVAULT_KEY", &key)
+        .env("CREDVAULT_CERT", dir.path().join("x.pem"))
+        .env("CREDVAULT_CA", dir.path().join("x.pem"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("client key file"), "{text}");
+    assert!(!text.contains(&key), "{text}");
+}
+
 /// check-config tells an unreachable database from a root key that does not
 /// open it, and says where it tried.
 #[test]

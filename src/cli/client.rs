@@ -23,21 +23,22 @@ pub struct Connect {
     #[arg(
         long,
         env = "CREDVAULT_ADDR",
+        hide_env_values = true,
         default_value = "https://localhost:50051"
     )]
     addr: String,
     /// A development vault's folder: use its CA and `app` client certificate
     /// unless --ca, --cert or --key say otherwise.
-    #[arg(long, env = "CREDVAULT_DATA_DIR")]
+    #[arg(long, env = "CREDVAULT_DATA_DIR", hide_env_values = true)]
     data_dir: Option<PathBuf>,
     /// The CA bundle (PEM) that signed the server's certificate.
-    #[arg(long, env = "CREDVAULT_CA")]
+    #[arg(long, env = "CREDVAULT_CA", hide_env_values = true)]
     ca: Option<PathBuf>,
     /// This client's certificate (PEM).
-    #[arg(long, env = "CREDVAULT_CERT")]
+    #[arg(long, env = "CREDVAULT_CERT", hide_env_values = true)]
     cert: Option<PathBuf>,
     /// This client's private key (PEM).
-    #[arg(long, env = "CREDVAULT_KEY")]
+    #[arg(long, env = "CREDVAULT_KEY", hide_env_values = true)]
     key: Option<PathBuf>,
     /// With --data-dir: which development identity to present (app, admin,
     /// auditor); the audit subcommands default to auditor, the others to app.
@@ -288,7 +289,14 @@ impl Connect {
             .or(dev_key)
             .ok_or("--key is required (or --data-dir of a development vault)")?;
         let read = |p: &PathBuf| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
-        let key_pem = Zeroizing::new(read(&key)?);
+        // A key written where its path belongs (CREDVAULT_KEY=...) is not
+        // repeated back.
+        let key_pem = Zeroizing::new(std::fs::read(&key).map_err(|e| {
+            format!(
+                "the client key file (--key or CREDVAULT_KEY) cannot be read: {e} (its path is \
+                 not repeated here, in case a key was written in its place)"
+            )
+        })?);
         connect_channel(&self.addr, &read(&ca)?, &read(&cert)?, &key_pem).await
     }
 }

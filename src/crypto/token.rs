@@ -53,7 +53,8 @@ pub struct TokenSettings {
 pub enum TokenError {
     #[error("the PKCS#11 module {module} could not be loaded ({reason}): check keys.pkcs11.module names the token's library (for SoftHSMv2, /usr/lib/softhsm/libsofthsm2.so)")]
     Module { module: PathBuf, reason: String },
-    #[error("no token is labelled `{label}` in {module} (tokens present: {present}); check keys.pkcs11.token_label")]
+    /// The configured label is not repeated: a mistyped secret may be in it.
+    #[error("no token has the label that keys.pkcs11.token_label names, in {module} (tokens present: {present}); check keys.pkcs11.token_label")]
     NoToken {
         label: String,
         module: PathBuf,
@@ -67,7 +68,7 @@ pub enum TokenError {
         "the user PIN of token `{label}` is locked: the token's security officer must unlock it"
     )]
     PinLocked { label: String },
-    #[error("token `{token}` has no secret key labelled `{key}`: check keys.pkcs11.key_label. If this vault's keys were sealed under a key of that label, it was deleted: restore the token from its backup, or recover with the break-glass file key (README, \"The root key in an HSM\"); a new key would not open them")]
+    #[error("token `{token}` has no secret key with the label that keys.pkcs11.key_label names: check it. If this vault's keys were sealed under a key of that label, it was deleted: restore the token from its backup, or recover with the break-glass file key (README, \"The root key in an HSM\"); a new key would not open them")]
     NoKey { token: String, key: String },
     #[error("token `{token}` has {count} secret keys labelled `{key}`: labels must name one key")]
     ManyKeys {
@@ -106,6 +107,9 @@ const PROBE_AAD: &[u8] = b"credvault/v1/token-probe";
 /// How long a check of the token may take before the key counts as
 /// unavailable (a token, or a network HSM, that hangs).
 const CHECK_WAIT: Duration = Duration::from_secs(5);
+/// How many different PINs the token may refuse while the vault logs in
+/// again before it stops trying (tokens lock a PIN after 3 to 10 tries).
+const MAX_PIN_REFUSALS: usize = 2;
 
 /// A key on a token, with a logged-in session to use it, and what it takes to
 /// log in again once the token comes back after going away.
@@ -132,10 +136,10 @@ struct Health {
     /// When the check in progress began, in ms after `epoch`; 0 if none.
     checking_since: AtomicU64,
     epoch: Instant,
-    /// A digest of the PIN the token refused when logging in again: that PIN
-    /// is not tried again (a token locks its PIN after a few tries), only a
-    /// changed one.
-    pin_refused: Mutex<Option<ring::digest::Digest>>,
+    /// Digests of the PINs the token refused when logging in again: none is
+    /// tried again, and after [`MAX_PIN_REFUSALS`] no PIN is (a token locks
+    /// its PIN after a few tries) until the vault restarts.
+    pin_refused: Mutex<Vec<ring::digest::Digest>>,
     /// Why the last reconnection failed, to log each new reason once.
     last_failure: Mutex<Option<String>>,
 }
@@ -177,7 +181,7 @@ impl TokenKey {
                 available: true.into(),
                 checking_since: 0.into(),
                 epoch: Instant::now(),
-                pin_refused: Mutex::new(None),
+                pin_refused: Mutex::new(Vec::new()),
                 last_failure: Mutex::new(None),
             },
             label,
@@ -196,9 +200,17 @@ impl TokenKey {
     /// does not, tries to log in again, and takes the key it then finds only
     /// if it is the same key. Blocks: call it off the async runtime.
     pub fn check(&self) -> bool {
-        self.health
+        // One check at a time: while one hangs, the next reports that (and
+        // its start stays, so the hang is seen), rather than queue behind it.
+        let started = self.elapsed_ms().max(1);
+        if self
+            .health
             .checking_since
-            .store(self.elapsed_ms().max(1), Ordering::Release);
+            .compare_exchange(0, started, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return self.available();
+        }
         let available = self.check_now();
         self.health.available.store(available, Ordering::Release);
         self.health.checking_since.store(0, Ordering::Release);
@@ -206,7 +218,10 @@ impl TokenKey {
     }
 
     fn check_now(&self) -> bool {
-        let mut connected = self.lock();
+        let Some(mut connected) = self.lock_within(CHECK_WAIT) else {
+            // A seal or an open holds the session, and hangs.
+            return false;
+        };
         if connected.as_ref().is_some_and(Connected::answers) {
             return true;
         }
@@ -241,21 +256,21 @@ impl TokenKey {
             .pin_refused
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if refused
-            .as_ref()
-            .is_some_and(|r| r.as_ref() == digest.as_ref())
-        {
+        if refused.len() >= MAX_PIN_REFUSALS {
+            return Err(Reconnect::PinsRefused);
+        }
+        if refused.iter().any(|r| r.as_ref() == digest.as_ref()) {
             return Err(Reconnect::PinRefusedBefore);
         }
         let again = match Connected::log_in(&self.pkcs11, &self.settings, pin) {
             Ok(again) => again,
             Err(e @ (TokenError::WrongPin { .. } | TokenError::PinLocked { .. })) => {
-                *refused = Some(digest);
+                refused.push(digest);
                 return Err(Reconnect::Token(e));
             }
             Err(e) => return Err(Reconnect::Token(e)),
         };
-        *refused = None;
+        refused.clear();
         match again.open(&self.probe, PROBE_AAD) {
             Ok(_) => Ok(again),
             Err(_) => Err(Reconnect::DifferentKey),
@@ -273,8 +288,21 @@ impl TokenKey {
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Connected>> {
-        self.connected.lock().unwrap_or_else(|p| p.into_inner())
+    /// The session, if no other use of it (hung in the token) holds it for
+    /// longer than `wait`: a use that would queue behind a hung one fails
+    /// instead, and frees its thread.
+    fn lock_within(&self, wait: Duration) -> Option<std::sync::MutexGuard<'_, Option<Connected>>> {
+        let deadline = Instant::now() + wait;
+        loop {
+            match self.connected.try_lock() {
+                Ok(guard) => return Some(guard),
+                Err(std::sync::TryLockError::Poisoned(p)) => return Some(p.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(std::sync::TryLockError::WouldBlock) => return None,
+            }
+        }
     }
 
     /// AES-256-GCM on the token, with a nonce from `rng`: the same bytes the
@@ -287,7 +315,7 @@ impl TokenKey {
     ) -> Result<Sealed, CryptoError> {
         let mut nonce = [0u8; NONCE_LEN];
         rng.fill(&mut nonce).map_err(|_| CryptoError::Random)?;
-        let connected = self.lock();
+        let connected = self.lock_within(CHECK_WAIT).ok_or(CryptoError::Token)?;
         let connected = connected.as_ref().ok_or(CryptoError::Token)?;
         connected.seal(nonce, plaintext, aad).map_err(|e| {
             tracing::warn!(key = %self.label, error = %e, "the token could not seal");
@@ -296,7 +324,7 @@ impl TokenKey {
     }
 
     pub fn open(&self, sealed: &Sealed, aad: &[u8]) -> Result<Plaintext, CryptoError> {
-        let connected = self.lock();
+        let connected = self.lock_within(CHECK_WAIT).ok_or(CryptoError::Token)?;
         let connected = connected.as_ref().ok_or(CryptoError::Token)?;
         connected.open(sealed, aad).map_err(|e| match e {
             Opened::Unavailable(e) => {
@@ -317,6 +345,8 @@ enum Reconnect {
     DifferentKey,
     #[error("the token refused this PIN when the vault logged in again: it is not tried again, since a token locks its PIN after a few tries. Put the right PIN in keys.pkcs11.pin_file; the vault tries once more when the PIN there changes")]
     PinRefusedBefore,
+    #[error("the token refused {MAX_PIN_REFUSALS} PINs while the vault logged in again: no more are tried, so that the token does not lock its PIN. Put the right PIN in keys.pkcs11.pin_file and restart the vault")]
+    PinsRefused,
 }
 
 /// Why a token did not open a sealed key.
@@ -361,7 +391,10 @@ impl Connected {
         let session = pkcs11.open_ro_session(slot).map_err(failed)?;
         match session.login(UserType::User, Some(&pin)) {
             Ok(()) | Err(P11Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
-            Err(P11Error::Pkcs11(RvError::PinIncorrect, _)) => {
+            Err(P11Error::Pkcs11(
+                RvError::PinIncorrect | RvError::PinInvalid | RvError::PinLenRange,
+                _,
+            )) => {
                 return Err(TokenError::WrongPin {
                     label: token.to_owned(),
                 })

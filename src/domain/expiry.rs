@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use super::{Vault, VaultError};
+use super::{CredentialRef, Vault, VaultError};
 use crate::audit::{self, Event};
 use crate::providers::Provider;
 use crate::store::{Expiring, ExpiryNotice};
@@ -83,6 +83,12 @@ impl Vault {
             let Some(threshold) = crossed(row.expires_at, now) else {
                 continue;
             };
+            // The expiry is bound to the connection's key with its params:
+            // one a database writer edited is neither counted nor announced
+            // (review round 3: it forged a signed notice).
+            if !self.expiry_is_bound(&row).await {
+                continue;
+            }
             if let Some(c) = Provider::ALL
                 .iter()
                 .find(|p| p.name() == row.provider)
@@ -94,6 +100,39 @@ impl Vault {
         }
         *self.expiry_lock() = counts.clone();
         Ok(counts)
+    }
+
+    /// Whether `row`'s expiry is the one bound to its connection's data key.
+    async fn expiry_is_bound(&self, row: &Expiring) -> bool {
+        let Ok(target) = CredentialRef::parse(&row.workspace_id, &row.provider) else {
+            return false;
+        };
+        let Ok(Some(record)) = self.store.get(&row.workspace_id, &row.provider).await else {
+            return false;
+        };
+        let Some(wrapped) = &record.data_key else {
+            return false;
+        };
+        if record.expires_at != Some(row.expires_at) {
+            // Stored again meanwhile: the next check sees the new expiry.
+            return false;
+        }
+        if self.know_key_version(&record).await.is_err() {
+            return false;
+        }
+        let Ok(data_key) = self.keyring_read().open_data_key(
+            &target.owner(),
+            wrapped.key_version,
+            &wrapped.sealed,
+        ) else {
+            super::tamper_warning(&target, "data key");
+            return false;
+        };
+        let bound = super::binding_holds(&data_key, &record, &target);
+        if !bound {
+            super::tamper_warning(&target, "parameter binding (its expiry)");
+        }
+        bound
     }
 
     /// The counts of the last [`Vault::check_expiry`].
