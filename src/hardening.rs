@@ -124,6 +124,13 @@ pub fn read_trusted(what: &'static str, path: &Path) -> Result<Vec<u8>, FileErro
     Ok(bytes)
 }
 
+/// Opens a public file to read it (an anchor file, an export, a public
+/// key): without blocking, and only if it is a regular file, so that a FIFO
+/// put in its place is refused rather than waited on.
+pub fn open_public(what: &'static str, path: &Path) -> Result<std::fs::File, FileError> {
+    open_file(what, path, true)
+}
+
 /// Opens a file the vault trusts without reading it (a library it loads),
 /// and checks the file opened, not the path: refused if group or others may
 /// write it, or if a user other than this one or root owns it. Use the
@@ -176,10 +183,12 @@ pub fn write_public(what: &'static str, path: &Path, bytes: &[u8]) -> Result<(),
         std::fs::OpenOptions::new()
             .write(true)
             .create(true)
-            .truncate(true)
+            .truncate(false)
             .mode(0o644),
-        0,
+        non_blocking(),
     )?;
+    regular(what, path, &file)?;
+    file.set_len(0).map_err(io_error(what, path))?;
     // `mode` applies only to a new file; an old one keeps its own otherwise.
     file.set_permissions(std::fs::Permissions::from_mode(0o644))
         .map_err(io)?;
@@ -198,8 +207,9 @@ pub fn append_public(what: &'static str, path: &Path, line: &str) -> Result<(), 
             .append(true)
             .create(true)
             .mode(0o644),
-        0,
+        non_blocking(),
     )?;
+    regular(what, path, &file)?;
     file.write_all(format!("{line}\n").as_bytes()).map_err(io)?;
     file.sync_data().map_err(io)
 }
@@ -222,45 +232,62 @@ pub fn read_trusted_certs(
     Ok(certs)
 }
 
-/// Whether a path's last part looks like a secret written where a path
-/// belongs (a PIN, a hex or base64 key) rather than a file's name: no dot,
-/// and all digits, or 20 or more characters of a key's alphabet.
+/// Whether a path looks like a secret written where a path belongs (a PIN,
+/// a hex or base64 key) rather than a file's: its folder is not there, or
+/// its name has no dot and is all digits, or 20 or more characters of a
+/// key's alphabet.
 fn looks_like_a_secret(path: &Path) -> bool {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let key_alphabet = |c: char| c.is_ascii_alphanumeric() || "+/=_-".contains(c);
-    !name.contains('.')
-        && (name.chars().all(|c| c.is_ascii_digit())
-            || (name.len() >= 20 && name.chars().all(key_alphabet)))
+    // A base64 key holding `/` reads as folders that are not there.
+    let folder_missing = path.parent().is_some_and(|p| !p.is_dir());
+    folder_missing
+        || (!name.contains('.')
+            && (name.chars().all(|c| c.is_ascii_digit())
+                || (name.len() >= 20 && name.chars().all(key_alphabet))))
 }
 
 /// Opens the regular file at `path` for reading (through a symbolic link
 /// only with `follow`), without blocking: a FIFO or a device named in the
 /// configuration is refused, never waited on.
 fn open_file(what: &'static str, path: &Path, follow: bool) -> Result<std::fs::File, FileError> {
-    // O_NONBLOCK is a small positive flag on every Unix: the cast keeps it.
-    #[allow(clippy::cast_possible_wrap)]
-    let non_blocking = rustix::fs::OFlags::NONBLOCK.bits() as i32;
     let mut options = std::fs::OpenOptions::new();
     options.read(true);
     let file = if follow {
         options
-            .custom_flags(non_blocking)
+            .custom_flags(non_blocking())
             .open(path)
             .map_err(io_error(what, path))?
     } else {
-        open_no_follow(what, path, &mut options, non_blocking)?
+        open_no_follow(what, path, &mut options, non_blocking())?
     };
+    regular(what, path, &file)?;
+    Ok(file)
+}
+
+/// `O_NONBLOCK`: opening a FIFO or a device does not wait.
+fn non_blocking() -> i32 {
+    // A small positive flag on every Unix: the cast keeps it.
+    #[allow(clippy::cast_possible_wrap)]
+    let flag = rustix::fs::OFlags::NONBLOCK.bits() as i32;
+    flag
+}
+
+/// Refuses an open file that is not a regular file (a FIFO, a device, a
+/// directory).
+fn regular(what: &'static str, path: &Path, file: &std::fs::File) -> Result<(), FileError> {
     let meta = file.metadata().map_err(io_error(what, path))?;
-    if !meta.is_file() {
-        return Err(FileError::NotAFile {
+    if meta.is_file() {
+        Ok(())
+    } else {
+        Err(FileError::NotAFile {
             what,
             path: path.to_owned(),
-        });
+        })
     }
-    Ok(file)
 }
 
 /// Opens `path` as `options` say, failing if its last component is a symbolic link.
@@ -279,6 +306,12 @@ fn open_no_follow(
         .map_err(|e| {
             if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) {
                 FileError::Symlink {
+                    what,
+                    path: path.to_owned(),
+                }
+            } else if e.raw_os_error() == Some(rustix::io::Errno::NXIO.raw_os_error()) {
+                // Opened to write without blocking: a FIFO with no reader.
+                FileError::NotAFile {
                     what,
                     path: path.to_owned(),
                 }
@@ -314,12 +347,14 @@ mod tests {
             ("hsm-pin", true),
             ("738215", false),
             (&"ab".repeat(32)[..], false),
+            ("Kq3/9xZtWm1Yp+Lr2Vb7Nc5Hd8Fg0Js4Ae6Ti/Uo=", false),
         ] {
             let err = super::read_private("root key file", &dir.path().join(name))
                 .err()
                 .map(|e| e.to_string())
                 .unwrap_or_default();
-            assert_eq!(err.contains(name), shown, "{name}: {err}");
+            let last = name.rsplit('/').next().unwrap_or(name);
+            assert_eq!(err.contains(last), shown, "{name}: {err}");
             assert!(!err.is_empty());
         }
     }

@@ -238,9 +238,9 @@ impl StartupWatchdog {
         std::thread::spawn(move || {
             if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = watch.recv_timeout(limit) {
                 let why = format!(
-                    "the root key's hardware security module did not answer within {} s of \
-                     start-up (logging in, or opening the sealed keys): check the token, then \
-                     start the vault again",
+                    "start-up did not finish within {} s: the root key's hardware security \
+                     module (logging in, opening the sealed keys) or the database does not \
+                     answer. Check both, then start the vault again",
                     limit.as_secs()
                 );
                 tracing::error!("{why}");

@@ -806,7 +806,7 @@ async fn a_token_that_hangs_stops_nothing_but_rotation() {
     .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
-    assert!(err.contains("did not answer within 30 s"), "{err}");
+    assert!(err.contains("did not finish within 30 s"), "{err}");
     assert!(started.elapsed() < std::time::Duration::from_secs(50));
     // Let SoftHSMv2 in any process go on.
     std::fs::remove_file(&generation).unwrap();

@@ -454,6 +454,46 @@ fn a_secret_written_in_place_of_a_variables_name_is_not_echoed() {
     }
 }
 
+/// A FIFO put where the audit anchor file or the audit public key file
+/// belongs is refused at start-up, never waited on (review round 3: `serve`
+/// held its port, silent).
+#[test]
+fn audit_files_that_are_fifos_are_refused_not_waited_on() {
+    for which in ["anchor", "public key"] {
+        let dir = VaultDir::new();
+        let path = dir.path().join("credvault.toml");
+        let fifo = dir.path().join("audit.fifo");
+        assert!(std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success());
+        let mut config = dir.config();
+        if which == "anchor" {
+            config.audit.anchor_file = Some(fifo);
+        } else {
+            config.audit.public_key_file = Some(fifo);
+        }
+        std::fs::write(&path, config.to_toml()).unwrap();
+        let out = std::process::Command::new("timeout")
+            .args([
+                "20",
+                env!("CARGO_BIN_EXE_credvault"),
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_ne!(out.status.code(), Some(124), "{which}: serve hung");
+        assert!(!out.status.success(), "{which}: {err}");
+        assert!(err.contains("not a regular file"), "{which}: {err}");
+    }
+}
+
 /// The client subcommands read --key and friends from the environment too:
 /// `--help` does not show those values, and an unreadable key file is not
 /// named (a key pasted into CREDVAULT_KEY would come back otherwise).

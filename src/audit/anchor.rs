@@ -14,7 +14,12 @@ pub fn append(path: &Path, head: &SignedHead) -> Result<(), FileError> {
 /// Every head in `path`, in order: an anchor file (one JSON line each) or a
 /// head saved from `credvault audit head` (one JSON value, any layout).
 pub fn read(path: &Path) -> Result<Vec<SignedHead>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut text = String::new();
+    std::io::Read::read_to_string(
+        &mut crate::hardening::open_public("audit head file", path).map_err(|e| e.to_string())?,
+        &mut text,
+    )
+    .map_err(|e| format!("{}: {e}", path.display()))?;
     serde_json::Deserializer::from_str(&text)
         .into_iter::<SignedHead>()
         .enumerate()

@@ -259,7 +259,13 @@ fn timestamp_millis(t: &prost_types::Timestamp) -> i64 {
 }
 
 fn read_public_key(path: &Path) -> Result<Vec<u8>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut text = String::new();
+    std::io::Read::read_to_string(
+        &mut crate::hardening::open_public("audit public key file", path)
+            .map_err(|e| e.to_string())?,
+        &mut text,
+    )
+    .map_err(|e| format!("{}: {e}", path.display()))?;
     data_encoding::HEXLOWER_PERMISSIVE
         .decode(text.trim().as_bytes())
         .map_err(|_| format!("{} is not a hex public key", path.display()))
@@ -374,7 +380,7 @@ fn report(checked: &audit::Checked, source: &str) {
 
 /// An export's events, and the signed head it must end with, at its last event.
 fn read_export(path: &Path) -> Result<(Vec<StoredEvent>, SignedHead), String> {
-    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let file = crate::hardening::open_public("audit export", path).map_err(|e| e.to_string())?;
     let mut events = Vec::new();
     let mut head: Option<SignedHead> = None;
     for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
