@@ -56,12 +56,7 @@ async fn next_notice(stream: &mut tonic::Streaming<AuditEvent>) -> (String, Stri
 async fn wait_for_metrics(port: u16, expected: &[String]) {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = common::scrape_metrics(port).await;
         let missing: Vec<_> = expected
             .iter()
             .filter(|l| !text.lines().any(|line| line == l.as_str()))

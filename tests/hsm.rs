@@ -502,12 +502,7 @@ fn with_metrics(config: &mut Config) -> u16 {
 
 /// `credvault_root_key_available` as the vault on `port` exports it now.
 async fn root_key_metric(port: u16) -> u8 {
-    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = common::scrape_metrics(port).await;
     let line = text
         .lines()
         .find_map(|l| l.strip_prefix("credvault_root_key_available "))

@@ -154,12 +154,7 @@ async fn metrics_count_calls_and_never_carry_a_secret() {
     c.redact(reference("ws-metrics", "posthog"))
         .await
         .unwrap_err();
-    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = common::scrape_metrics(port).await;
     for line in [
         r#"credvault_calls_total{method="Credentials.Store",code="OK"} 1"#,
         r#"credvault_calls_total{method="Credentials.Redact",code="OK"} 1"#,

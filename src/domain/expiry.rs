@@ -120,19 +120,7 @@ impl Vault {
         if self.know_key_version(&record).await.is_err() {
             return false;
         }
-        let Ok(data_key) = self.keyring_read().open_data_key(
-            &target.owner(),
-            wrapped.key_version,
-            &wrapped.sealed,
-        ) else {
-            super::tamper_warning(&target, "data key");
-            return false;
-        };
-        let bound = super::binding_holds(&data_key, &record, &target);
-        if !bound {
-            super::tamper_warning(&target, "parameter binding (its expiry)");
-        }
-        bound
+        self.bound_data_key(&target, &record, wrapped).is_ok()
     }
 
     /// The counts of the last [`Vault::check_expiry`].

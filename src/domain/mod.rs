@@ -575,6 +575,27 @@ impl Vault {
         Ok(())
     }
 
+    /// The connection's data key, once its params and expiry are checked to
+    /// be the ones stored with it: where, how and to whom the secrets are
+    /// sent, and when they expire, are steered by them. `DATA_LOSS`, with a
+    /// warning, for anything a Store would not have written.
+    fn bound_data_key(
+        &self,
+        target: &CredentialRef,
+        record: &CredentialRecord,
+        wrapped: &WrappedDataKey,
+    ) -> Result<crypto::Key, VaultError> {
+        let data_key = self
+            .keyring_read()
+            .open_data_key(&target.owner(), wrapped.key_version, &wrapped.sealed)
+            .inspect_err(|_| tamper_warning(target, "data key"))?;
+        if !binding_holds(&data_key, record, target) || record.status != StoredStatus::Connected {
+            tamper_warning(target, "parameter binding");
+            return Err(VaultError::DataLoss);
+        }
+        Ok(data_key)
+    }
+
     fn open_record(
         &self,
         target: &CredentialRef,
@@ -586,17 +607,7 @@ impl Vault {
                 target.provider, target.workspace_id
             )));
         };
-        let data_key = self
-            .keyring_read()
-            .open_data_key(&target.owner(), wrapped.key_version, &wrapped.sealed)
-            .inspect_err(|_| tamper_warning(target, "data key"))?;
-        // Where, how and to whom the secrets are sent is steered by the
-        // params: they must be the ones stored with this data key.
-        let bound = binding_holds(&data_key, &record, target);
-        if !bound || record.status != StoredStatus::Connected {
-            tamper_warning(target, "parameter binding");
-            return Err(VaultError::DataLoss);
-        }
+        let data_key = self.bound_data_key(target, &record, wrapped)?;
         let secrets = record
             .secrets
             .iter()

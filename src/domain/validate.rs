@@ -100,10 +100,7 @@ impl Validator {
             .base_url_for(provider, mint.base_url_key, params)
             .map_err(|why| Validation::new(Verdict::Unreachable, why))?;
         let mut request = (mint.request)(secrets, params);
-        let mut scrubber = Scrubber::new();
-        for secret in secrets.values() {
-            scrubber.secret(secret.expose_secret().as_bytes(), scrub::MASK);
-        }
+        let scrubber = masking(secrets);
         let outgoing = crate::outbound::Outgoing {
             method: reqwest::Method::POST,
             path_and_query: request.path.to_owned(),
@@ -111,9 +108,9 @@ impl Validator {
             body: std::mem::take(&mut *request.body),
             max_response: 64 * 1024,
         };
-        let incoming = self
+        let answer = self
             .outbound
-            .send(provider, &base, outgoing, &scrubber)
+            .ask(provider, &base, outgoing, &scrubber)
             .await
             .map_err(|Unreachable(why)| {
                 Validation::new(
@@ -121,12 +118,6 @@ impl Validator {
                     format!("couldn't reach {name}'s token endpoint: {why}"),
                 )
             })?;
-        let answer = crate::providers::validation::Answer {
-            status: incoming.status,
-            retry_after: incoming.retry_after(),
-            body: incoming.body,
-            truncated: incoming.truncated,
-        };
         (mint.read)(&answer)
     }
 
@@ -302,10 +293,7 @@ impl Validator {
             Err(why) => return Validation::new(Verdict::Unreachable, why),
         };
         let probe = spec.probe(secrets, params);
-        let mut scrubber = Scrubber::new();
-        for secret in secrets.values() {
-            scrubber.secret(secret.expose_secret().as_bytes(), scrub::MASK);
-        }
+        let mut scrubber = masking(secrets);
         for h in &probe.headers {
             scrubber.header(h);
         }
@@ -358,12 +346,18 @@ impl Validator {
     }
 }
 
-/// Removes any secret value a provider echoed into text the caller will see.
-fn scrub(v: &mut Validation, secrets: &Secrets) {
+/// A scrubber that masks each of `secrets`, in every form it searches.
+fn masking(secrets: &Secrets) -> Scrubber {
     let mut scrubber = Scrubber::new();
     for secret in secrets.values() {
         scrubber.secret(secret.expose_secret().as_bytes(), scrub::MASK);
     }
+    scrubber
+}
+
+/// Removes any secret value a provider echoed into text the caller will see.
+fn scrub(v: &mut Validation, secrets: &Secrets) {
+    let scrubber = masking(secrets);
     scrubber.scrub_str(&mut v.message);
     scrubber.scrub_str(&mut v.display_name);
 }

@@ -186,6 +186,18 @@ impl Outbound {
             body: Vec::new(),
             max_response: self.max_body,
         };
+        self.ask(provider, base, outgoing, scrubber).await
+    }
+
+    /// [`Outbound::send`], read as an [`Answer`] for a verdict (a
+    /// validation, a token request).
+    pub async fn ask(
+        &self,
+        provider: Provider,
+        base: &Url,
+        outgoing: Outgoing,
+        scrubber: &Scrubber,
+    ) -> Result<Answer, Unreachable> {
         let incoming = self.send(provider, base, outgoing, scrubber).await?;
         Ok(Answer {
             status: incoming.status,

@@ -820,3 +820,13 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// The text of the vault's `/metrics` on 127.0.0.1:`port`.
+pub async fn scrape_metrics(port: u16) -> String {
+    reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
