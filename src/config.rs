@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -31,6 +32,8 @@ pub struct Config {
     pub audit: AuditConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub monitor: MonitorConfig,
     /// Who may call what; no rule, no call.
     #[serde(default, rename = "policy")]
     pub policy: Vec<Rule>,
@@ -74,6 +77,58 @@ pub struct MetricsConfig {
     /// Where `GET /metrics` is served over plain HTTP, e.g. "127.0.0.1:9464".
     #[serde(skip_serializing_if = "Option::is_none")]
     pub listen: Option<SocketAddr>,
+}
+
+/// The health monitor, which revalidates every connected connection on a
+/// period; off unless `revalidate_every` is set.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MonitorConfig {
+    /// How often each connection is revalidated, e.g. "24h"; at least
+    /// [`MonitorConfig::SHORTEST`].
+    #[serde(with = "humantime_option", skip_serializing_if = "Option::is_none")]
+    pub revalidate_every: Option<Duration>,
+}
+
+impl MonitorConfig {
+    /// The shortest period: the checks of a shorter one would be a load on
+    /// the providers rather than a watch.
+    pub const SHORTEST: Duration = Duration::from_secs(10 * 60);
+
+    fn check(&self) -> Result<(), String> {
+        match self.revalidate_every {
+            Some(every) if every < Self::SHORTEST => Err(format!(
+                "monitor.revalidate_every: {} is shorter than the shortest period, {}; \
+                 set a longer one (\"24h\" is typical) or remove it to turn the monitor off",
+                humantime::format_duration(every),
+                humantime::format_duration(Self::SHORTEST)
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// An optional duration written as "24h", "90m", "1d 12h".
+mod humantime_option {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text).map(Some).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "{e}; write a duration such as \"24h\", \"90m\" or \"1d 12h\""
+            ))
+        })
+    }
 }
 
 /// The audit log's signed checkpoints.
@@ -522,6 +577,7 @@ impl Config {
             .providers
             .check()
             .and_then(|()| config.storage.check())
+            .and_then(|()| config.monitor.check())
             .and_then(|()| config.keys.root_source().map(drop))
             .and_then(|()| Policy::compile(&config.policy).map(drop))
             .map_err(|message| ConfigError::Parse {

@@ -140,6 +140,12 @@ pub async fn run_with_clock(
             Duration::from_millis(config.tls.reload_poll_ms.max(100)),
         )),
     ];
+    if let Some(every) = config.monitor.revalidate_every {
+        tasks.push(tokio::spawn(crate::domain::monitor::run(
+            Arc::clone(&vault),
+            every,
+        )));
+    }
     if let Some(path) = config.source.clone() {
         tasks.extend(watch_sighup(path, policy.clone(), tls.clone()));
     }

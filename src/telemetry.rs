@@ -67,6 +67,11 @@ pub struct Metrics {
     root_key_available: Gauge,
     credentials_expiring: Family<ExpiringLabels, Gauge>,
     credentials_expired: Family<ProviderLabels, Gauge>,
+    monitor_checks: Family<VerdictLabels, Counter>,
+    monitor_due: Family<ProviderLabels, Gauge>,
+    monitor_backoff: Family<ProviderLabels, Gauge>,
+    monitor_passes: Counter,
+    monitor_in_flight: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -158,6 +163,37 @@ impl Metrics {
             "Connected connections whose stored credential has expired, as of the last check",
             credentials_expired.clone(),
         );
+        let monitor_checks = Family::<VerdictLabels, Counter>::default();
+        registry.register(
+            "monitor_checks",
+            "The health monitor's revalidations, by provider and verdict",
+            monitor_checks.clone(),
+        );
+        let monitor_due = Family::<ProviderLabels, Gauge>::default();
+        registry.register(
+            "monitor_due",
+            "Connections due for revalidation at the monitor's last pass that wait for the \
+             provider's budget or back-off",
+            monitor_due.clone(),
+        );
+        let monitor_backoff = Family::<ProviderLabels, Gauge>::default();
+        registry.register(
+            "monitor_backoff_seconds",
+            "Seconds left before the monitor calls a provider that answered it 429 again",
+            monitor_backoff.clone(),
+        );
+        let monitor_passes = Counter::default();
+        registry.register(
+            "monitor_passes",
+            "The health monitor's passes over the connections (one every 10 s while on)",
+            monitor_passes.clone(),
+        );
+        let monitor_in_flight = Gauge::default();
+        registry.register(
+            "monitor_in_flight",
+            "The health monitor's revalidations under way",
+            monitor_in_flight.clone(),
+        );
         let key_versions_in_use = Gauge::default();
         registry.register(
             "key_versions_in_use",
@@ -179,6 +215,11 @@ impl Metrics {
             root_key_available,
             credentials_expiring,
             credentials_expired,
+            monitor_checks,
+            monitor_due,
+            monitor_backoff,
+            monitor_passes,
+            monitor_in_flight,
         }
     }
 
@@ -250,6 +291,7 @@ impl Metrics {
                 })
                 .set(i64::try_from(counts.expired).unwrap_or(i64::MAX));
         }
+        self.render_monitor(&vault.monitor_progress());
         let head = *vault.audit().watch().borrow();
         self.audit_sequence
             .set(i64::try_from(head).unwrap_or(i64::MAX));
@@ -257,6 +299,39 @@ impl Metrics {
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
         text
+    }
+}
+
+impl Metrics {
+    /// The monitor counts in the vault; its counters here mirror them.
+    fn render_monitor(&self, progress: &crate::domain::monitor::Progress) {
+        use std::sync::atomic::Ordering;
+        for ((provider, verdict), n) in &progress.checks {
+            self.monitor_checks
+                .get_or_create(&VerdictLabels {
+                    provider: (*provider).to_owned(),
+                    verdict: (*verdict).to_owned(),
+                })
+                .inner()
+                .store(*n, Ordering::Relaxed);
+        }
+        for (gauges, by_provider) in [
+            (&self.monitor_due, &progress.due),
+            (&self.monitor_backoff, &progress.backing_off),
+        ] {
+            for (provider, n) in by_provider {
+                gauges
+                    .get_or_create(&ProviderLabels {
+                        provider: (*provider).to_owned(),
+                    })
+                    .set(i64::try_from(*n).unwrap_or(i64::MAX));
+            }
+        }
+        self.monitor_passes
+            .inner()
+            .store(progress.passes, Ordering::Relaxed);
+        self.monitor_in_flight
+            .set(i64::try_from(progress.in_flight).unwrap_or(i64::MAX));
     }
 }
 

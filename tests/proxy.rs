@@ -763,24 +763,7 @@ async fn audit_events_record_the_route_and_sizes_never_the_query_or_body() {
 
     // The chain, Proxy events and all, verifies from the database and from
     // an export read over the Audit API.
-    let config = w.dir.path().join("credvault.toml");
-    std::fs::write(&config, w.dir.config().to_toml()).unwrap();
-    let export = common::export_audit(&w.dir, &w.vault).await;
-    for (flag, path) in [("--config", &config), ("--file", &export)] {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_credvault"))
-            .args(["audit", "verify", "--public-key"])
-            .arg(w.dir.path().join("audit.pub"))
-            .arg(flag)
-            .arg(path)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{flag}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    let export = common::verify_audit(&w.dir, &w.vault, &w.dir.config()).await;
     let exported = std::fs::read_to_string(&export).unwrap();
     assert!(exported.contains("/api/2/annotations"));
     assert!(!exported.contains("QUERYCANARY77") && !exported.contains("BODYCANARY88"));

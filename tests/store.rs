@@ -14,8 +14,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use credvault::audit::{verify_links, Event, StoredEvent, GENESIS};
 use credvault::crypto::{NewKeyMaterial, Sealed, WrappedKeyVersion, FINGERPRINT_KEY_PURPOSE};
 use credvault::store::{
-    CredentialRecord, PostgresSettings, PostgresStore, RetireOutcome, Rewrapped, RootWitness,
-    SecretRecord, SqliteStore, Store, StoreError, StoredStatus, WrappedDataKey,
+    CredentialRecord, Noted, PostgresSettings, PostgresStore, RetireOutcome, Rewrapped,
+    RootWitness, SecretRecord, SqliteStore, Store, StoreError, StoredStatus, VerdictRecord,
+    WrappedDataKey,
 };
 
 /// One engine's store on a fresh database, with key version 1.
@@ -126,6 +127,7 @@ fn event(method: &str, workspace: &str) -> Event {
         proxy: None,
         count: None,
         expiry: None,
+        verdict_change: None,
     }
 }
 
@@ -465,7 +467,7 @@ contract!(
             .unwrap();
         let key = row.data_key.unwrap();
         assert!(store
-            .set_last_validation("ws-1", "posthog", &key, "valid".into())
+            .set_last_validation("ws-1", "posthog", &key, verdict("valid"))
             .await
             .unwrap());
         let mut replaced = record("ws-1", 1, &["api_key"]);
@@ -475,9 +477,149 @@ contract!(
         });
         store.put(replaced, event("Store", "ws-1")).await.unwrap();
         assert!(!store
-            .set_last_validation("ws-1", "posthog", &key, "valid".into())
+            .set_last_validation("ws-1", "posthog", &key, verdict("valid"))
             .await
             .unwrap());
+    }
+);
+
+fn verdict(json: &str) -> VerdictRecord {
+    VerdictRecord {
+        json: json.into(),
+        at: SystemTime::now(),
+        settled: true,
+    }
+}
+
+contract!(
+    a_monitor_verdict_is_recorded_once_with_its_event,
+    |store: Arc<dyn Store>| async move {
+        let (row, _, _) = store
+            .put(record("ws-1", 1, &["api_key"]), event("Store", "ws-1"))
+            .await
+            .unwrap();
+        let key = row.data_key.unwrap();
+        let head = whole_log(&*store).await.len();
+        // Two replicas checked at once, both from "no verdict yet": the
+        // first records and appends its event, the second neither.
+        let first = store
+            .note_verdict(
+                "ws-1",
+                "posthog",
+                &key,
+                None,
+                verdict("rejected"),
+                Some(event("Monitor.Verdict", "ws-1")),
+            )
+            .await
+            .unwrap();
+        assert!(matches!(first, Noted::Recorded(Some(_))), "{first:?}");
+        let second = store
+            .note_verdict(
+                "ws-1",
+                "posthog",
+                &key,
+                None,
+                verdict("rejected"),
+                Some(event("Monitor.Verdict", "ws-1")),
+            )
+            .await
+            .unwrap();
+        assert!(matches!(second, Noted::Stale), "{second:?}");
+        let log = whole_log(&*store).await;
+        assert_eq!(log.len(), head + 1);
+        assert_one_chain(&log);
+        // From the verdict now stored, it records (no event given).
+        let third = store
+            .note_verdict(
+                "ws-1",
+                "posthog",
+                &key,
+                Some("rejected".into()),
+                verdict("valid"),
+                None,
+            )
+            .await
+            .unwrap();
+        assert!(matches!(third, Noted::Recorded(None)), "{third:?}");
+        let stored = store.get("ws-1", "posthog").await.unwrap().unwrap();
+        assert_eq!(stored.last_validation.as_deref(), Some("valid"));
+    }
+);
+
+contract!(
+    the_monitor_finds_connections_by_when_they_were_validated,
+    |store: Arc<dyn Store>| async move {
+        let hour = std::time::Duration::from_secs(3600);
+        let now = SystemTime::now();
+        for ws in [
+            "ws-new",
+            "ws-settled",
+            "ws-unsettled",
+            "ws-fresh",
+            "ws-gone",
+        ] {
+            store
+                .put(record(ws, 1, &["api_key"]), event("Store", ws))
+                .await
+                .unwrap();
+        }
+        let key = |ws: &'static str| {
+            let store = Arc::clone(&store);
+            async move {
+                store
+                    .get(ws, "posthog")
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .data_key
+                    .unwrap()
+            }
+        };
+        let at = |at: SystemTime, settled: bool| VerdictRecord {
+            json: "v".into(),
+            at,
+            settled,
+        };
+        for (ws, when, settled) in [
+            ("ws-settled", now - 30 * hour, true),
+            ("ws-unsettled", now - 2 * hour, false),
+            ("ws-fresh", now, true),
+        ] {
+            let k = key(ws).await;
+            assert!(store
+                .set_last_validation(ws, "posthog", &k, at(when, settled))
+                .await
+                .unwrap());
+        }
+        store
+            .zero("ws-gone", "posthog", now, event("Zero", "ws-gone"))
+            .await
+            .unwrap();
+        let due = store
+            .monitor_due(now - 20 * hour, now - hour, now + hour)
+            .await
+            .unwrap();
+        let names: Vec<_> = due.iter().map(|w| w.workspace_id.as_str()).collect();
+        assert_eq!(names, ["ws-new", "ws-settled", "ws-unsettled"]);
+        assert_eq!(due[0].validated_at, None);
+        assert_eq!(due[1].settled, Some(true));
+        assert_eq!(due[2].settled, Some(false));
+        assert_eq!(due[2].last_validation.as_deref(), Some("v"));
+        // Stored again: the schedule starts over from the new secrets.
+        store
+            .put(
+                record("ws-settled", 1, &["api_key"]),
+                event("Store", "ws-settled"),
+            )
+            .await
+            .unwrap();
+        let due = store
+            .monitor_due(now - 20 * hour, now - hour, now - hour)
+            .await
+            .unwrap();
+        let names: Vec<_> = due.iter().map(|w| w.workspace_id.as_str()).collect();
+        assert_eq!(names, ["ws-unsettled"]);
     }
 );
 

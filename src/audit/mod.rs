@@ -88,6 +88,21 @@ pub struct Event {
     /// soon, or has expired. Absent from every other event.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expiry: Option<Expiry>,
+    /// For the health monitor's notice that a connection's settled verdict
+    /// changed (`verdict` is the new one). Absent from every other event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verdict_change: Option<VerdictChange>,
+}
+
+/// That a connection's settled verdict changed, as the health monitor's
+/// notice states it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerdictChange {
+    /// The settled verdict before; empty for a connection's first.
+    pub previous: String,
+    /// VALID again after a verdict that was not.
+    pub recovered: bool,
 }
 
 /// A connection's expiry, as an expiry notice states it.
@@ -125,6 +140,7 @@ pub struct Details {
     pub secrets: BTreeMap<String, SecretSummary>,
     pub proxy: Option<Proxied>,
     pub expiry: Option<Expiry>,
+    pub verdict_change: Option<VerdictChange>,
 }
 
 impl Event {
@@ -148,6 +164,7 @@ impl Event {
             proxy: details.proxy,
             count: None,
             expiry: details.expiry,
+            verdict_change: details.verdict_change,
         }
     }
 

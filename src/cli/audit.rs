@@ -250,6 +250,10 @@ fn event_from_proto(e: &proto::AuditEvent) -> Event {
             within: x.within.clone(),
             expires_at_ms: x.expires_at.as_ref().map_or(0, timestamp_millis),
         }),
+        verdict_change: e.verdict_change.as_ref().map(|c| audit::VerdictChange {
+            previous: c.previous.clone(),
+            recovered: c.recovered,
+        }),
     }
 }
 

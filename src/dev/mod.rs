@@ -115,6 +115,8 @@ fn dev_config() -> Config {
         outbound: OutboundConfig::default(),
         providers: ProvidersConfig::default().with_defaults(),
         metrics: Default::default(),
+        // Off: the dev vault's providers are the real ones.
+        monitor: Default::default(),
         audit: AuditConfig {
             public_key_file: Some(AUDIT_PUBLIC_KEY_FILE.into()),
             anchor_file: Some(AUDIT_ANCHOR_FILE.into()),

@@ -7,6 +7,7 @@ pub mod expiry;
 mod ids;
 mod input;
 mod mint;
+pub mod monitor;
 pub mod proxy;
 mod redact;
 pub mod rotation;
@@ -26,8 +27,8 @@ use crate::outbound::Outbound;
 use crate::providers::validation::{Validation, Verdict};
 use crate::providers::{Params, Provider, Secrets};
 use crate::store::{
-    CredentialRecord, SecretRecord, Shred, Store, StoreError, StoredKeys, StoredStatus,
-    WrappedDataKey,
+    CredentialRecord, Noted, SecretRecord, Shred, Store, StoreError, StoredKeys, StoredStatus,
+    VerdictRecord, WrappedDataKey,
 };
 use validate::Validator;
 
@@ -141,6 +142,8 @@ pub struct Vault {
     clock: clock::Clock,
     /// What the last expiry check counted (see [`expiry`]).
     expiry: std::sync::Mutex<expiry::ExpiryCounts>,
+    /// What the health monitor has done (see [`monitor`]).
+    monitor: std::sync::Mutex<monitor::Progress>,
 }
 
 impl std::fmt::Debug for Vault {
@@ -201,6 +204,7 @@ impl Vault {
             rewrap_batch: keys.rewrap_batch.max(1),
             clock: clock::Clock::system(),
             expiry: std::sync::Mutex::default(),
+            monitor: std::sync::Mutex::default(),
         })
     }
 
@@ -471,7 +475,9 @@ impl Vault {
             secrets: summaries(&record.secrets),
             ..audit::Details::default()
         };
-        let v = self.check_record(target, record, context, &details).await?;
+        let v = self
+            .check_record(target, record, context, &details, Recording::Plain)
+            .await?;
         details.verdict = v.verdict.name().to_owned();
         Ok((v, details))
     }
@@ -482,6 +488,7 @@ impl Vault {
         record: CredentialRecord,
         context: &audit::Context,
         details: &audit::Details,
+        how: Recording,
     ) -> Result<Validation, VaultError> {
         let Some(data_key) = record.data_key.clone() else {
             return Ok(Validation::new(
@@ -489,13 +496,15 @@ impl Vault {
                 "the connection is disconnected; store credentials to reconnect it",
             ));
         };
+        let previous = record.last_validation.clone();
         if record.expires_at.is_some_and(|at| at <= self.clock.now()) {
             let expired = Validation::new(
                 Verdict::Expired,
                 "the stored credential has expired (its `exp` has passed); store a new one",
             );
-            self.record_validation(target, &data_key, &expired).await?;
-            return Ok(expired);
+            return self
+                .record_validation(target, &data_key, expired, previous, &how)
+                .await;
         }
         if let Some(limited) = self.validator.rate_limited(target) {
             return Ok(limited);
@@ -515,8 +524,8 @@ impl Vault {
                         self.clock.now(),
                     )
                     .await;
-                self.record_validation(target, &data_key, &v).await?;
-                Ok::<_, VaultError>(v)
+                self.record_validation(target, &data_key, v, previous, &how)
+                    .await
             })
             .await
             .cloned();
@@ -524,21 +533,55 @@ impl Vault {
         result
     }
 
+    /// Records `v` as the connection's `last_validation`, `previous` being
+    /// the one stored when the check began; returns `v` as recorded.
     async fn record_validation(
         &self,
         target: &CredentialRef,
         data_key: &WrappedDataKey,
-        v: &Validation,
-    ) -> Result<(), VaultError> {
-        self.store
-            .set_last_validation(
-                target.workspace_id.as_str(),
-                target.provider.name(),
-                data_key,
-                encode_validation(v)?,
-            )
-            .await?;
-        Ok(())
+        mut v: Validation,
+        previous: Option<String>,
+        how: &Recording,
+    ) -> Result<Validation, VaultError> {
+        let before = previous
+            .as_deref()
+            .and_then(|json| serde_json::from_str::<Validation>(json).ok())
+            .and_then(|p| settled_verdict(&p));
+        if !v.verdict.is_settled() {
+            v.last_settled = before;
+        }
+        v.checked_at = self.clock.now();
+        let record = VerdictRecord {
+            json: encode_validation(&v)?,
+            at: v.checked_at,
+            settled: v.verdict.is_settled(),
+        };
+        let (workspace, provider) = (target.workspace_id.as_str(), target.provider.name());
+        match how {
+            Recording::Plain => {
+                self.store
+                    .set_last_validation(workspace, provider, data_key, record)
+                    .await?;
+            }
+            Recording::Monitor => {
+                let event = monitor::verdict_change(before, v.verdict)
+                    .map(|change| monitor::verdict_event(target, v.verdict, change));
+                let noted = self
+                    .store
+                    .note_verdict(workspace, provider, data_key, previous, record, event)
+                    .await?;
+                if let Noted::Recorded(Some(stored)) = noted {
+                    self.audit.appended(&stored);
+                    tracing::info!(
+                        workspace = %workspace,
+                        provider = %provider,
+                        verdict = v.verdict.name(),
+                        "a connection's validation verdict changed"
+                    );
+                }
+            }
+        }
+        Ok(v)
     }
 
     /// Commits the event of a call about to reach a provider, before it
@@ -719,6 +762,27 @@ fn summaries(secrets: &[SecretRecord]) -> BTreeMap<String, audit::SecretSummary>
             (s.field.clone(), summary)
         })
         .collect()
+}
+
+/// How a verdict is recorded.
+#[derive(Debug, Clone, Copy)]
+enum Recording {
+    /// A caller's Validate: recorded unless the secrets changed meanwhile.
+    Plain,
+    /// The health monitor's: recorded only while the stored verdict is still
+    /// the one its check began from, with an event when the settled verdict
+    /// changed (see [`monitor::verdict_change`]).
+    Monitor,
+}
+
+/// The settled verdict `v` stands for: its own, or for an unsettled one the
+/// settled one before it.
+fn settled_verdict(v: &Validation) -> Option<Verdict> {
+    if v.verdict.is_settled() {
+        Some(v.verdict)
+    } else {
+        v.last_settled
+    }
 }
 
 fn encode_validation(v: &Validation) -> Result<String, VaultError> {

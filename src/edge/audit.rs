@@ -195,5 +195,9 @@ pub fn encode(stored: &StoredEvent) -> Option<proto::AuditEvent> {
             within: x.within,
             expires_at: Some(crate::store::time(x.expires_at_ms).into()),
         }),
+        verdict_change: e.verdict_change.map(|c| proto::VerdictChange {
+            previous: c.previous,
+            recovered: c.recovered,
+        }),
     })
 }

@@ -12,8 +12,8 @@ use secrecy::SecretString;
 
 use super::validation::{classify, printable, Answer, ProbeHeader, Reading, Validation, Verdict};
 use super::{
-    Checked, FieldSpec, MintRequest, MintSpec, Minted, Params, ProviderSpec, Rejection, Route,
-    Secrets, ValidationSpec,
+    Checked, FieldSpec, MintRequest, MintSpec, Minted, MonitorBudget, Params, ProviderSpec, Rate,
+    Rejection, Route, Secrets, ValidationSpec,
 };
 
 /// The API version every request must name.
@@ -74,6 +74,16 @@ pub static SPEC: ProviderSpec = ProviderSpec {
     },
     routes: &[Route::get("/api/segments"), Route::get("/api/campaigns")],
     mint: Some(&MINT),
+    monitor: MonitorBudget {
+        quota: "10 requests per second per tenant",
+        unit_param: Some("tenant_id"),
+        concurrent: 1,
+        // A tenth: one request a second.
+        rate: Some(Rate {
+            requests: 1,
+            per: Duration::from_secs(1),
+        }),
+    },
 };
 
 /// Client credentials: `POST https://{tenant}.amperity.com/api/v0/oauth2/token`

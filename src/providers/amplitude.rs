@@ -5,7 +5,10 @@ use secrecy::ExposeSecret;
 use zeroize::Zeroizing;
 
 use super::validation::{classify, Answer, ProbeHeader, Reading, Validation};
-use super::{Checked, FieldSpec, Params, ProviderSpec, Rejection, Route, Secrets, ValidationSpec};
+use super::{
+    Checked, FieldSpec, MonitorBudget, Params, ProviderSpec, Rejection, Route, Secrets,
+    ValidationSpec,
+};
 
 pub static SPEC: ProviderSpec = ProviderSpec {
     name: "amplitude",
@@ -52,6 +55,12 @@ pub static SPEC: ProviderSpec = ProviderSpec {
         Route::get("/api/2/events/segmentation"),
     ],
     mint: None,
+    monitor: MonitorBudget {
+        quota: "5 concurrent REST requests per project",
+        unit_param: None,
+        concurrent: 1,
+        rate: None,
+    },
 };
 
 fn uses_taxonomy(params: &Params) -> bool {

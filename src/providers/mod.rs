@@ -78,6 +78,32 @@ pub struct ProviderSpec {
     /// Where the credential is one the vault exchanges for short-lived
     /// access tokens (OAuth client credentials), how.
     pub mint: Option<&'static MintSpec>,
+    /// What the health monitor may spend of the provider's quota.
+    pub monitor: MonitorBudget,
+}
+
+/// The share of a provider's quota the health monitor may use: a small
+/// one, so that the product keeps the rest. Each replica keeps its own.
+#[derive(Debug)]
+pub struct MonitorBudget {
+    /// The provider's own limit, as its documentation states it.
+    pub quota: &'static str,
+    /// The param naming what the quota is counted per (a tenant, a team);
+    /// `None` where each connection is its own (an Amplitude key is one
+    /// project).
+    pub unit_param: Option<&'static str>,
+    /// Monitor checks in flight per unit, at most.
+    pub concurrent: u32,
+    /// Requests the monitor starts per unit within a window, at most
+    /// (`None`: only [`MonitorBudget::concurrent`] bounds it).
+    pub rate: Option<Rate>,
+}
+
+/// At most `requests` within any `per`.
+#[derive(Debug, Clone, Copy)]
+pub struct Rate {
+    pub requests: u32,
+    pub per: std::time::Duration,
 }
 
 /// How the vault mints an access token from a stored credential: one POST

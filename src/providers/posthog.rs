@@ -1,13 +1,15 @@
 //! PostHog: a personal API key (`phx_…`) for one project in the US or EU cloud.
 
+use std::time::Duration;
+
 use secrecy::ExposeSecret;
 
 use zeroize::Zeroizing;
 
 use super::validation::{classify, printable, Answer, ProbeHeader, Reading, Validation, Verdict};
 use super::{
-    Checked, FieldSpec, Params, Permissions, ProviderSpec, Rejection, Route, Secrets,
-    ValidationSpec,
+    Checked, FieldSpec, MonitorBudget, Params, Permissions, ProviderSpec, Rate, Rejection, Route,
+    Secrets, ValidationSpec,
 };
 
 pub static SPEC: ProviderSpec = ProviderSpec {
@@ -48,6 +50,16 @@ pub static SPEC: ProviderSpec = ProviderSpec {
         Route::post("/api/projects/{project_id}/query/"),
     ],
     mint: None,
+    monitor: MonitorBudget {
+        quota: "240 analytics requests per minute per team",
+        unit_param: Some("project_id"),
+        concurrent: 1,
+        // A tenth: 24 a minute.
+        rate: Some(Rate {
+            requests: 24,
+            per: Duration::from_secs(60),
+        }),
+    },
 };
 
 fn auth(secrets: &Secrets, _params: &Params) -> Vec<ProbeHeader> {

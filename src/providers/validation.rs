@@ -27,6 +27,24 @@ pub enum Verdict {
 }
 
 impl Verdict {
+    /// Whether the verdict says something lasting about the credential,
+    /// rather than that the provider could not tell now (UNREACHABLE,
+    /// RATE_LIMITED, UNEXPECTED_RESPONSE) or that there is nothing to ask
+    /// (DISCONNECTED).
+    pub fn is_settled(self) -> bool {
+        match self {
+            Verdict::Valid
+            | Verdict::Rejected
+            | Verdict::WrongRegion
+            | Verdict::InsufficientPermission
+            | Verdict::Expired => true,
+            Verdict::RateLimited
+            | Verdict::Unreachable
+            | Verdict::UnexpectedResponse
+            | Verdict::Disconnected => false,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Verdict::Valid => "VALID",
@@ -59,6 +77,11 @@ pub struct Validation {
     /// calls this vault makes with it. (Absent from verdicts stored before.)
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub missing_scopes: Vec<String>,
+    /// With an unsettled verdict (see [`Verdict::is_settled`]): the settled
+    /// one recorded before it, so that a provider's outage does not make
+    /// the health monitor forget what it last knew.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_settled: Option<Verdict>,
 }
 
 impl Validation {
@@ -73,6 +96,7 @@ impl Validation {
             checked_at: SystemTime::now(),
             duration_ms: 0,
             missing_scopes: Vec::new(),
+            last_settled: None,
         }
     }
 

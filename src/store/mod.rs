@@ -165,6 +165,43 @@ pub struct ParamsBinding {
     pub tag: Vec<u8>,
 }
 
+/// A verdict as recorded for a connection.
+#[derive(Debug, Clone)]
+pub struct VerdictRecord {
+    /// The verdict, as the domain serialized it (non-secret).
+    pub json: String,
+    /// When it was reached.
+    pub at: SystemTime,
+    /// Whether it says something lasting about the credential (VALID,
+    /// REJECTED, ...), rather than that the provider could not tell now;
+    /// the health monitor asks again sooner after an unsettled one.
+    pub settled: bool,
+}
+
+/// What [`Store::note_verdict`] did.
+#[derive(Debug)]
+pub enum Noted {
+    /// Recorded, with the event if one was given.
+    Recorded(Option<StoredEvent>),
+    /// Not recorded: the stored verdict or secrets changed meanwhile.
+    Stale,
+}
+
+/// A connection the health monitor may find due.
+#[derive(Debug, Clone)]
+pub struct Watched {
+    pub workspace_id: String,
+    pub provider: String,
+    /// When it was last stored.
+    pub updated_at: SystemTime,
+    /// When it was last validated since then, if it was.
+    pub validated_at: Option<SystemTime>,
+    /// Whether that verdict was settled (see [`VerdictRecord::settled`]).
+    pub settled: Option<bool>,
+    /// That verdict, as stored.
+    pub last_validation: Option<String>,
+}
+
 /// A connection whose credential expires soon, or has expired.
 #[derive(Debug, Clone)]
 pub struct Expiring {
@@ -487,8 +524,32 @@ pub trait Store: Send + Sync + 'static {
         workspace_id: &str,
         provider: &str,
         data_key: &WrappedDataKey,
-        validation: String,
+        verdict: VerdictRecord,
     ) -> Result<bool, StoreError>;
+    /// The health monitor's record of a verdict: as
+    /// [`Store::set_last_validation`], only while the stored verdict is
+    /// still `previous`, with `event` (that the verdict changed) appended in
+    /// the same transaction. [`Noted::Stale`], with nothing written, when
+    /// another check or a Store got there first.
+    async fn note_verdict(
+        &self,
+        workspace_id: &str,
+        provider: &str,
+        data_key: &WrappedDataKey,
+        previous: Option<String>,
+        verdict: VerdictRecord,
+        event: Option<Event>,
+    ) -> Result<Noted, StoreError>;
+    /// Connected connections the health monitor may find due (the exact
+    /// schedule is the monitor's): last validated at or before
+    /// `settled_before` (settled verdicts) or `unsettled_before` (the
+    /// others), or never validated since stored at or before `stored_before`.
+    async fn monitor_due(
+        &self,
+        settled_before: SystemTime,
+        unsettled_before: SystemTime,
+        stored_before: SystemTime,
+    ) -> Result<Vec<Watched>, StoreError>;
     /// Destroys a connection's secret material and marks it disconnected at
     /// `at` (unless it already was), appending `event` in the same
     /// transaction. `None`, with nothing written, if there is no such connection.

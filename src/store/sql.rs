@@ -99,7 +99,8 @@ statements! {
              updated_at = excluded.updated_at, disconnected_at = NULL, \
              expires_at = excluded.expires_at, key_version = excluded.key_version, \
              dek_nonce = excluded.dek_nonce, wrapped_dek = excluded.wrapped_dek, \
-             last_validation = excluded.last_validation, binding = excluded.binding \
+             last_validation = excluded.last_validation, binding = excluded.binding, \
+             validated_at = NULL, validation_settled = NULL \
          RETURNING ", credential_columns!()
     );
     DELETE_SECRETS = "DELETE FROM credential_secrets WHERE workspace_id = $1 AND provider = $2";
@@ -113,9 +114,28 @@ statements! {
              binding = NULL \
          WHERE workspace_id = $2 AND provider = $3 RETURNING ", credential_columns!()
     );
-    /// Records a verdict unless the secrets changed since the data key `$4` was read.
-    SET_LAST_VALIDATION = "UPDATE credentials SET last_validation = $1 \
-         WHERE workspace_id = $2 AND provider = $3 AND wrapped_dek = $4";
+    /// Records a verdict reached at `$2` (`$3`: 1 if settled) unless the
+    /// secrets changed since the data key `$6` was read.
+    SET_LAST_VALIDATION = "UPDATE credentials \
+         SET last_validation = $1, validated_at = $2, validation_settled = $3 \
+         WHERE workspace_id = $4 AND provider = $5 AND wrapped_dek = $6";
+    /// As [`SET_LAST_VALIDATION`], only while the stored verdict is still
+    /// `$7`: the health monitor's compare-and-set, so that of two replicas
+    /// that checked at once only one records, and announces a change.
+    NOTE_VERDICT = "UPDATE credentials \
+         SET last_validation = $1, validated_at = $2, validation_settled = $3 \
+         WHERE workspace_id = $4 AND provider = $5 AND wrapped_dek = $6 \
+           AND last_validation IS NOT DISTINCT FROM $7";
+    /// Connected connections the health monitor may find due: validated
+    /// with a settled verdict at or before `$1`, with an unsettled one at or
+    /// before `$2`, or never validated since stored at or before `$3`.
+    MONITOR_DUE = "SELECT workspace_id, provider, updated_at, validated_at, \
+         validation_settled, last_validation FROM credentials \
+         WHERE status = 'connected' AND ( \
+             (validation_settled = 1 AND validated_at <= $1) \
+             OR (validation_settled = 0 AND validated_at <= $2) \
+             OR (validated_at IS NULL AND updated_at <= $3)) \
+         ORDER BY workspace_id, provider";
     /// Connected connections that expire at or before `$1`, with the expiry
     /// notice last written for each.
     EXPIRING = "SELECT workspace_id, provider, expires_at, expiry_notice_for, \
@@ -445,6 +465,18 @@ pub(super) fn credential(row: &dyn SqlRow) -> Result<CredentialRecord, StoreErro
         secrets: Vec::new(),
         last_validation: row.text(11)?,
         binding: row.bytes(12)?,
+    })
+}
+
+/// A row of [`MONITOR_DUE`].
+pub(super) fn watched(row: &dyn SqlRow) -> Result<super::Watched, StoreError> {
+    Ok(super::Watched {
+        workspace_id: text(row, 0)?,
+        provider: text(row, 1)?,
+        updated_at: time(int(row, 2)?),
+        validated_at: row.int(3)?.map(time),
+        settled: row.int(4)?.map(|s| s == 1),
+        last_validation: row.text(5)?,
     })
 }
 

@@ -218,6 +218,7 @@ impl VaultDir {
             },
             providers: ProvidersConfig::default(),
             metrics: Default::default(),
+            monitor: Default::default(),
             audit: credvault::config::AuditConfig {
                 public_key_file: Some(p.join("audit.pub")),
                 ..Default::default()
@@ -506,6 +507,30 @@ pub async fn export_audit(dir: &VaultDir, vault: &TestVault) -> PathBuf {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    export
+}
+
+/// Verifies `vault`'s audit chain with `credvault audit verify`, from its
+/// database (through `config`) and from an export read over the Audit API.
+pub async fn verify_audit(dir: &VaultDir, vault: &TestVault, config: &Config) -> PathBuf {
+    let config_file = dir.path().join("credvault.toml");
+    std::fs::write(&config_file, config.to_toml()).unwrap();
+    let export = export_audit(dir, vault).await;
+    for (flag, path) in [("--config", &config_file), ("--file", &export)] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_credvault"))
+            .args(["audit", "verify", "--public-key"])
+            .arg(dir.path().join("audit.pub"))
+            .arg(flag)
+            .arg(path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{flag}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     export
 }
 

@@ -19,9 +19,9 @@ use zeroize::Zeroizing;
 use super::sql::{self, values, SqlRow, Value};
 use super::{
     audit_failure, millis, taken, AuditRecord, Awaited, CredentialRecord, Expiring, ExpiryNotice,
-    Hold, KeyVersionRow, ParamsBinding, Queued, Reseal, RetireOutcome, Rewrapped, RootSealed,
-    RootWitness, Shred, StaleDataKey, Store, StoreError, StoredKeys, WrappedDataKey,
-    FINGERPRINT_KEY, LEGACY_FINGERPRINT_KEY,
+    Hold, KeyVersionRow, Noted, ParamsBinding, Queued, Reseal, RetireOutcome, Rewrapped,
+    RootSealed, RootWitness, Shred, StaleDataKey, Store, StoreError, StoredKeys, VerdictRecord,
+    Watched, WrappedDataKey, FINGERPRINT_KEY, LEGACY_FINGERPRINT_KEY,
 };
 use crate::audit::{chain_hash, Checkpoint, Event, StoredEvent};
 use crate::crypto::{NewKeyMaterial, Sealed, WrappedKeyVersion};
@@ -180,6 +180,10 @@ $$;
 ALTER TABLE credentials ADD COLUMN expiry_notice_for BIGINT;
 ALTER TABLE credentials ADD COLUMN expiry_notice_within BIGINT;
 CREATE INDEX credentials_by_expiry ON credentials (expires_at) WHERE expires_at IS NOT NULL;
+",
+    r"
+ALTER TABLE credentials ADD COLUMN validated_at BIGINT;
+ALTER TABLE credentials ADD COLUMN validation_settled BIGINT;
 ",
 ];
 
@@ -768,14 +772,16 @@ impl Store for PostgresStore {
         workspace_id: &str,
         provider: &str,
         data_key: &WrappedDataKey,
-        validation: String,
+        verdict: VerdictRecord,
     ) -> Result<bool, StoreError> {
         let c = self.client().await?;
         let changed = execute(
             &c,
             sql::SET_LAST_VALIDATION,
             &values![
-                &validation,
+                &verdict.json,
+                millis(verdict.at),
+                i64::from(verdict.settled),
                 workspace_id,
                 provider,
                 &data_key.sealed.ciphertext
@@ -783,6 +789,63 @@ impl Store for PostgresStore {
         )
         .await?;
         Ok(changed > 0)
+    }
+
+    async fn note_verdict(
+        &self,
+        workspace_id: &str,
+        provider: &str,
+        data_key: &WrappedDataKey,
+        previous: Option<String>,
+        verdict: VerdictRecord,
+        event: Option<Event>,
+    ) -> Result<Noted, StoreError> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await?;
+        // The row first, then the head: the lock order of every transaction.
+        let changed = execute(
+            &tx,
+            sql::NOTE_VERDICT,
+            &values![
+                &verdict.json,
+                millis(verdict.at),
+                i64::from(verdict.settled),
+                workspace_id,
+                provider,
+                &data_key.sealed.ciphertext,
+                previous.as_ref()
+            ],
+        )
+        .await?;
+        if changed == 0 {
+            return Ok(Noted::Stale);
+        }
+        let stored = match event {
+            Some(event) => Some(append_in(&tx, event).await?),
+            None => None,
+        };
+        tx.commit().await?;
+        Ok(Noted::Recorded(stored))
+    }
+
+    async fn monitor_due(
+        &self,
+        settled_before: SystemTime,
+        unsettled_before: SystemTime,
+        stored_before: SystemTime,
+    ) -> Result<Vec<Watched>, StoreError> {
+        let c = self.client().await?;
+        query(
+            &c,
+            sql::MONITOR_DUE,
+            &values![
+                millis(settled_before),
+                millis(unsettled_before),
+                millis(stored_before)
+            ],
+            sql::watched,
+        )
+        .await
     }
 
     async fn zero(

@@ -11,9 +11,9 @@ use rusqlite::{Connection, ErrorCode, OptionalExtension};
 use super::sql::{self, values, SqlRow, Value};
 use super::{
     audit_failure, millis, taken, AuditRecord, Awaited, CredentialRecord, Expiring, ExpiryNotice,
-    Hold, KeyVersionRow, ParamsBinding, Queued, Reseal, RetireOutcome, Rewrapped, RootSealed,
-    RootWitness, Shred, StaleDataKey, Store, StoreError, StoredKeys, WrappedDataKey,
-    FINGERPRINT_KEY, LEGACY_FINGERPRINT_KEY,
+    Hold, KeyVersionRow, Noted, ParamsBinding, Queued, Reseal, RetireOutcome, Rewrapped,
+    RootSealed, RootWitness, Shred, StaleDataKey, Store, StoreError, StoredKeys, VerdictRecord,
+    Watched, WrappedDataKey, FINGERPRINT_KEY, LEGACY_FINGERPRINT_KEY,
 };
 use crate::audit::{chain_hash, Checkpoint, Event, StoredEvent, GENESIS};
 use crate::crypto::{NewKeyMaterial, Sealed, WrappedKeyVersion};
@@ -103,6 +103,10 @@ ALTER TABLE audit_checkpoints ADD COLUMN signed_at INTEGER;
 ALTER TABLE credentials ADD COLUMN expiry_notice_for INTEGER;
 ALTER TABLE credentials ADD COLUMN expiry_notice_within INTEGER;
 CREATE INDEX credentials_by_expiry ON credentials (expires_at) WHERE expires_at IS NOT NULL;
+"#,
+    r#"
+ALTER TABLE credentials ADD COLUMN validated_at INTEGER;
+ALTER TABLE credentials ADD COLUMN validation_settled INTEGER;
 "#,
 ];
 
@@ -616,7 +620,7 @@ impl Store for SqliteStore {
         workspace_id: &str,
         provider: &str,
         data_key: &WrappedDataKey,
-        validation: String,
+        verdict: VerdictRecord,
     ) -> Result<bool, StoreError> {
         let (w, p) = (workspace_id.to_owned(), provider.to_owned());
         let wrapped = data_key.sealed.ciphertext.clone();
@@ -624,9 +628,74 @@ impl Store for SqliteStore {
             let changed = execute(
                 conn,
                 sql::SET_LAST_VALIDATION,
-                &values![&validation, &w, &p, &wrapped],
+                &values![
+                    &verdict.json,
+                    millis(verdict.at),
+                    i64::from(verdict.settled),
+                    &w,
+                    &p,
+                    &wrapped
+                ],
             )?;
             Ok(changed > 0)
+        })
+        .await
+    }
+
+    async fn note_verdict(
+        &self,
+        workspace_id: &str,
+        provider: &str,
+        data_key: &WrappedDataKey,
+        previous: Option<String>,
+        verdict: VerdictRecord,
+        event: Option<Event>,
+    ) -> Result<Noted, StoreError> {
+        let (w, p) = (workspace_id.to_owned(), provider.to_owned());
+        let wrapped = data_key.sealed.ciphertext.clone();
+        self.write(move |conn| {
+            let changed = execute(
+                conn,
+                sql::NOTE_VERDICT,
+                &values![
+                    &verdict.json,
+                    millis(verdict.at),
+                    i64::from(verdict.settled),
+                    &w,
+                    &p,
+                    &wrapped,
+                    previous.as_ref()
+                ],
+            )?;
+            if changed == 0 {
+                return Ok(Noted::Stale);
+            }
+            match event {
+                Some(event) => append_in(conn, event).map(|e| Noted::Recorded(Some(e))),
+                None => Ok(Noted::Recorded(None)),
+            }
+        })
+        .await
+    }
+
+    async fn monitor_due(
+        &self,
+        settled_before: SystemTime,
+        unsettled_before: SystemTime,
+        stored_before: SystemTime,
+    ) -> Result<Vec<Watched>, StoreError> {
+        let (settled, unsettled, stored) = (
+            millis(settled_before),
+            millis(unsettled_before),
+            millis(stored_before),
+        );
+        self.read(move |conn| {
+            query(
+                conn,
+                sql::MONITOR_DUE,
+                &values![settled, unsettled, stored],
+                sql::watched,
+            )
         })
         .await
     }
