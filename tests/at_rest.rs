@@ -365,11 +365,9 @@ async fn zero_leaves_no_ciphertext_in_the_database_or_wal() {
     assert_eq!(material.len(), 3);
 
     vault.zero(&target("ws1"), &context()).await.unwrap();
-    for suffix in ["", "-wal"] {
-        let path = format!("{}{suffix}", dir.db().display());
-        let bytes = std::fs::read(&path).unwrap_or_default();
+    for (bytes, file) in common::sqlite_files(&dir.db()).iter().zip(["file", "WAL"]) {
         for m in &material {
-            assert!(!contains_bytes(&bytes, m), "ciphertext still in {path}");
+            assert!(!contains_bytes(bytes, m), "ciphertext still in the {file}");
         }
     }
     assert!(matches!(
@@ -493,10 +491,7 @@ fn stored_material(dir: &VaultDir) -> Vec<Vec<u8>> {
 
 /// How many of `material` are still in the database file or its WAL.
 fn left_behind(dir: &VaultDir, material: &[Vec<u8>]) -> usize {
-    let files: Vec<Vec<u8>> = ["", "-wal"]
-        .iter()
-        .map(|suffix| std::fs::read(format!("{}{suffix}", dir.db().display())).unwrap_or_default())
-        .collect();
+    let files = common::sqlite_files(&dir.db());
     material
         .iter()
         .filter(|m| files.iter().any(|f| contains_bytes(f, m)))

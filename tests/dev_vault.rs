@@ -227,9 +227,7 @@ fn new_user_stores_redacts_lists_and_zeroes_with_the_cli_and_no_secret_leaks() {
     .concat();
     assert!(String::from_utf8_lossy(&log).contains("identity=spiffe://credvault.local/app"));
     let mut files = vec![log];
-    for name in ["credvault.db", "credvault.db-wal"] {
-        files.push(std::fs::read(data.join(name)).unwrap_or_default());
-    }
+    files.extend(common::sqlite_files(&data.join("credvault.db")));
     for canary in [API_KEY_CANARY, SECRET_CANARY] {
         // The hint shows 4 characters: no 5-character piece may appear anywhere.
         for piece in std::iter::once(canary.to_owned()).chain(windows(canary, 5)) {

@@ -177,12 +177,11 @@ async fn retire_is_refused_while_in_use_and_destroys_the_material_after() {
     );
     // The files themselves: SQLite's; PostgreSQL's are its own business (README).
     let files = if common::on_sqlite() {
-        vec!["", "-wal"]
+        common::sqlite_files(&dir.db())
     } else {
-        vec![]
+        Vec::new()
     };
-    for suffix in files {
-        let bytes = std::fs::read(format!("{}{suffix}", dir.db().display())).unwrap_or_default();
+    for bytes in files {
         assert!(
             !contains_bytes(&bytes, &material),
             "retired key material still in the file"

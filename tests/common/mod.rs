@@ -510,6 +510,17 @@ pub async fn export_audit(dir: &VaultDir, vault: &TestVault) -> PathBuf {
     export
 }
 
+/// The SQLite database file at `db` and its WAL, to search for what must
+/// not be there. The main file must exist and hold something (a search of a
+/// missing file finds nothing, and would pass); the WAL may be gone after a
+/// checkpoint.
+pub fn sqlite_files(db: &Path) -> Vec<Vec<u8>> {
+    let main = std::fs::read(db).unwrap_or_else(|e| panic!("{}: {e}", db.display()));
+    assert!(!main.is_empty(), "{} is empty", db.display());
+    let wal = std::fs::read(format!("{}-wal", db.display())).unwrap_or_default();
+    vec![main, wal]
+}
+
 /// Verifies `vault`'s audit chain with `credvault audit verify`, from its
 /// database (through `config`) and from an export read over the Audit API.
 pub async fn verify_audit(dir: &VaultDir, vault: &TestVault, config: &Config) -> PathBuf {
