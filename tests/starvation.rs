@@ -340,6 +340,32 @@ async fn every_method_but_proxy_takes_only_small_messages() {
     );
 }
 
+/// `edge::status::refusal_codes` recognises tonic's own refusals by their
+/// messages: this fails loudly if a tonic upgrade changes them.
+#[tokio::test]
+async fn tonic_refusals_keep_the_codes_the_vault_gives_them() {
+    let dir = VaultDir::new();
+    let vault = dir.start().await;
+    let (app, _) = common::raw_h2(vault.addr.port(), dir.ca.cert_pem(), &dir.app).await;
+    // A field with wire type 7, which does not exist: not a message.
+    let undecodable = vec![0, 0, 0, 0, 2, 0x0f, 0x01];
+    assert_eq!(
+        raw_call(
+            app.clone(),
+            "/credvault.v1.Credentials/ListProviders",
+            undecodable
+        )
+        .await,
+        "3",
+        "INVALID_ARGUMENT, not tonic's INTERNAL"
+    );
+    assert_eq!(
+        status_of_raw_call(app, "/credvault.v1.Credentials/ListProviders", 1_000_000).await,
+        "8",
+        "RESOURCE_EXHAUSTED, not tonic's OUT_OF_RANGE"
+    );
+}
+
 #[tokio::test]
 async fn idle_connections_of_one_identity_cannot_take_every_place() {
     let dir = VaultDir::new();

@@ -40,7 +40,7 @@ pub fn seal(
             },
         )
         // AES-GCM encryption fails only for inputs over 64 GiB.
-        .map_err(|_| CryptoError::Decrypt)?;
+        .map_err(|_| CryptoError::Encrypt)?;
     Ok(Sealed { nonce, ciphertext })
 }
 

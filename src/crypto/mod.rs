@@ -20,6 +20,10 @@ pub use token::{TokenError, TokenKey, TokenSettings};
 pub enum CryptoError {
     #[error("could not decrypt")]
     Decrypt,
+    /// Not data loss: nothing stored is wrong (AES-GCM refuses only inputs
+    /// over 64 GiB).
+    #[error("could not encrypt")]
+    Encrypt,
     #[error("the system random number generator failed")]
     Random,
     #[error("key version {0} is not in the keyring")]
