@@ -18,7 +18,8 @@
 //! - [`policy`]: who may call what.
 //! - [`telemetry`]: Prometheus metrics.
 //! - [`config`], [`server`]: the configuration file and the `run` entry point.
-//! - [`dev`]: the development vault (certificates, root key, provider fakes) and [`cli`].
+//! - [`dev`]: the development vault (certificates, root key) and [`cli`]. The
+//!   provider fakes for tests and the benchmark live in `crates/testkit`.
 
 #![forbid(unsafe_code)]
 

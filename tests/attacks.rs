@@ -9,8 +9,8 @@
 mod common;
 
 use common::{amplitude, map, reference, TestVault, VaultDir};
-use credvault::dev::fake::{FakeProvider, Reply};
 use credvault::proto::{ProxyRequest, StoreRequest};
+use credvault_testkit::fake::{FakeProvider, Reply};
 use tonic::Code;
 
 const API_KEY: &str = "a1b2c3d4e5f6a7b8c9d0e1f2a3b4c5d6";

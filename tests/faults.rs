@@ -15,11 +15,11 @@ use common::{amplitude, map, reference, VaultDir};
 use credvault::audit::Durability;
 use credvault::config::Config;
 use credvault::dev::certs::{DevCa, Subject};
-use credvault::dev::fake::{FakeProvider, Reply};
 use credvault::domain::{CredentialRef, Vault, VaultError};
 use credvault::proto::credentials_client::CredentialsClient;
 use credvault::proto::validation::Verdict;
 use credvault::proto::{ListProvidersRequest, StoreRequest};
+use credvault_testkit::fake::{FakeProvider, Reply};
 use tonic::Code;
 
 const BIN: &str = env!("CARGO_BIN_EXE_credvault");

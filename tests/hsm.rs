@@ -14,8 +14,8 @@ use common::{amplitude, reference};
 use credvault::config::Config;
 use credvault::crypto::TokenSettings;
 use credvault::dev::certs::DevCa;
-use credvault::dev::fake::{FakeProvider, Reply};
 use credvault::proto::validation::Verdict;
+use credvault_testkit::fake::{FakeProvider, Reply};
 
 const BIN: &str = env!("CARGO_BIN_EXE_credvault");
 const SECRET: &str = "Hq7Rt2Vb9Nc4Lm8Xw3Kd6Fj1Gs5Zp0Ye";

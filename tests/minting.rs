@@ -13,10 +13,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use common::{map, reference, TestVault, VaultDir};
-use credvault::dev::fake::{FakeProvider, Recorded, Reply, TokenEndpoint};
 use credvault::domain::clock::Clock;
 use credvault::proto::validation::Verdict;
 use credvault::proto::{ProxyRequest, StoreRequest};
+use credvault_testkit::fake::{FakeProvider, Recorded, Reply, TokenEndpoint};
 
 const CLIENT_ID: &str = "credvault-test-client";
 const CLIENT_SECRET: &str = "Cs9Xq2Lw7Rt4Vb8Nm1Kd6Jf3Hg5Zp0Ya";

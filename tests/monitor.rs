@@ -12,10 +12,10 @@ use std::time::{Duration, SystemTime};
 
 use common::{amplitude, jwt, map, reference, TestVault, VaultDir};
 use credvault::config::Config;
-use credvault::dev::fake::{FakeProvider, Recorded, Reply};
 use credvault::domain::clock::Clock;
 use credvault::proto::validation::Verdict;
 use credvault::proto::{AuditEvent, StoreRequest};
+use credvault_testkit::fake::{FakeProvider, Recorded, Reply};
 
 const HOUR: Duration = Duration::from_secs(60 * 60);
 const OK_EVENTS: &str = r#"{"data":[{"name":"Signed Up","totals":12}]}"#;

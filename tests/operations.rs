@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use common::{amplitude, reference, VaultDir};
 use credvault::dev::certs::{DevCa, Subject};
-use credvault::dev::fake::{FakeProvider, Reply};
 use credvault::proto::ListProvidersRequest;
+use credvault_testkit::fake::{FakeProvider, Reply};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;

@@ -8,10 +8,10 @@ mod common;
 use base64::Engine;
 use common::{amplitude, map, reference, TestVault, VaultDir};
 use credvault::config::Config;
-use credvault::dev::fake::{FakeProvider, Recorded, Reply};
 use credvault::policy::Rule;
 use credvault::proto::audit_client::AuditClient;
 use credvault::proto::{ProxyRequest, ProxyResponse, StoreRequest, SubscribeRequest};
+use credvault_testkit::fake::{FakeProvider, Recorded, Reply};
 use tonic::Code;
 
 const API_KEY: &str = "a1b2c3d4e5f6a7b8c9d0e1f2a3b4c5d6";

@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use common::{reference, ServerProcess, VaultDir};
 use credvault::dev::certs::Subject;
-use credvault::dev::fake::{FakeProvider, Reply};
 use credvault::proto::audit_client::AuditClient;
 use credvault::proto::credentials_client::CredentialsClient;
 use credvault::proto::key_admin_client::KeyAdminClient;
@@ -20,6 +19,7 @@ use credvault::proto::validation::Verdict;
 use credvault::proto::{
     ListRequest, RetireRequest, RotateRequest, StatusRequest, StoreRequest, SubscribeRequest,
 };
+use credvault_testkit::fake::{FakeProvider, Reply};
 use tonic::transport::Channel;
 
 const PHX: &str = "phx_Rk3Vw9Qm2Lx8Tz5Nc1Bd7Yf4Gh6Js0";

@@ -10,11 +10,11 @@ use std::time::Duration;
 
 use common::{amplitude, contains_bytes, reference, TestVault, VaultDir};
 use credvault::config::Config;
-use credvault::dev::fake::{FakeProvider, Reply};
 use credvault::proto::key_admin_client::KeyAdminClient;
 use credvault::proto::key_version_info::State;
 use credvault::proto::validation::Verdict;
 use credvault::proto::{KeyStatus, RetireRequest, RotateRequest, StatusRequest};
+use credvault_testkit::fake::{FakeProvider, Reply};
 use tonic::transport::Channel;
 use tonic::Code;
 

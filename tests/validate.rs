@@ -10,9 +10,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use base64::Engine;
 use common::{amplitude, jwt, map, reference, windows, TestVault, VaultDir};
 use credvault::config::Config;
-use credvault::dev::fake::{FakeProvider, Recorded, Reply};
 use credvault::proto::validation::Verdict;
 use credvault::proto::{StoreRequest, Validation};
+use credvault_testkit::fake::{FakeProvider, Recorded, Reply};
 use tonic::Code;
 
 const API_KEY: &str = "a1b2c3d4e5f6a7b8c9d0e1f2a3b4c5d6";

@@ -1,7 +1,6 @@
 //! A development vault in one folder: certificates, root key, configuration and database, made on first run.
 
 pub mod certs;
-pub mod fake;
 
 use std::path::{Path, PathBuf};
 

@@ -801,7 +801,7 @@ pub async fn dev_channel(config: &Path, url: &str, identity: &str) -> Channel {
 pub fn use_fake_amplitude(
     config: &mut Config,
     dir: &Path,
-    fake: &credvault::dev::fake::FakeProvider,
+    fake: &credvault_testkit::fake::FakeProvider,
     fake_ca: &credvault::dev::certs::DevCa,
 ) {
     let ca = dir.join("provider-ca.pem");

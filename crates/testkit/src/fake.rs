@@ -14,7 +14,7 @@ use hyper_util::rt::TokioIo;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-use super::certs::{DevCa, Subject};
+use credvault::dev::certs::{DevCa, Subject};
 
 /// One request as the fake received it.
 #[derive(Debug, Clone)]

@@ -19,12 +19,12 @@ use clap::Parser;
 use credvault::audit::Durability;
 use credvault::config::Config;
 use credvault::dev::certs::DevCertPaths;
-use credvault::dev::fake::{FakeProvider, Reply};
 use credvault::proto::credentials_client::CredentialsClient;
 use credvault::proto::key_admin_client::KeyAdminClient;
 use credvault::proto::{
     CredentialRef, ListRequest, ProxyRequest, RotateRequest, StatusRequest, StoreRequest,
 };
+use credvault_testkit::fake::{FakeProvider, Reply};
 use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tonic::transport::Channel;
