@@ -49,13 +49,21 @@ async fn world(answer: &Answer, monitor: bool) -> World {
     common::capture_logs();
     let dir = VaultDir::new();
     let replies = Arc::clone(answer);
-    let fake =
-        FakeProvider::start(&dir.ca, move |_: &Recorded| replies.lock().unwrap().clone()).await;
+    let fake = FakeProvider::start(&dir.ca, move |r: &Recorded| {
+        if r.path_and_query.ends_with("/oauth2/token") {
+            return Reply::json(
+                200,
+                r#"{"access_token":"minted-by-the-fake","expires_in":3600,"token_type":"Bearer"}"#,
+            );
+        }
+        replies.lock().unwrap().clone()
+    })
+    .await;
     let mut config = dir.config();
     for (provider, keys) in [
         (&mut config.providers.amplitude, ["us", "eu"]),
         (&mut config.providers.posthog, ["us", "eu"]),
-        (&mut config.providers.amperity, ["app", "apse2"]),
+        (&mut config.providers.amperity, ["app", "tenant"]),
     ] {
         provider.base_urls = keys.iter().map(|k| ((*k).into(), fake.url())).collect();
     }
@@ -418,4 +426,90 @@ async fn the_monitor_is_off_unless_configured() {
         metric(&w.metrics().await, "credvault_monitor_passes_total"),
         0
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_mints_its_tokens_is_monitored_too() {
+    let answer = answering(Reply::json(200, r#"{"data":[]}"#));
+    let mut w = world(&answer, true).await;
+    let mut c = w.v().client().await;
+    c.store(StoreRequest {
+        workspace_id: "ws-cc".into(),
+        provider: "amperity".into(),
+        secrets: map(&[("client_secret", SECRET)]),
+        params: map(&[
+            ("tenant_id", "acme"),
+            ("auth", "client_credentials"),
+            ("client_id", "credvault-monitor"),
+        ]),
+        ..StoreRequest::default()
+    })
+    .await
+    .unwrap();
+    // A mint and its call cost two requests against a budget of one a
+    // second (review: such a check never fitted, and never ran).
+    w.advance(25 * HOUR).await;
+    let paths: Vec<_> = w
+        .fake
+        .requests()
+        .into_iter()
+        .map(|r| r.path_and_query)
+        .collect();
+    assert_eq!(paths.len(), 2, "{paths:?}");
+    assert!(paths[0].ends_with("/oauth2/token"), "{paths:?}");
+    let text = w.metrics().await;
+    assert_eq!(
+        metric(
+            &text,
+            r#"credvault_monitor_checks_total{provider="amperity",verdict="VALID"}"#
+        ),
+        1,
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edited_verdict_forges_no_announcement_and_a_callers_check_is_announced() {
+    let answer = answering(Reply::json(200, OK_EVENTS));
+    let mut w = world(&answer, true).await;
+    let mut c = w.v().client().await;
+    c.store(amplitude("ws-1", &amplitude_key(1), SECRET))
+        .await
+        .unwrap();
+    c.validate_connection(reference("ws-1", "amplitude"))
+        .await
+        .unwrap();
+    // A database writer turns the stored VALID into REJECTED; the key still
+    // works. Had the monitor believed it, it would announce a "recovery"
+    // that never happened, signed by the vault (review).
+    let edited = w.dir.execute(
+        r#"UPDATE credentials SET last_validation = replace(last_validation, '"VALID"', '"REJECTED"')"#,
+        &[],
+    );
+    assert_eq!(edited, 1);
+    let (_, head) = verdict_events(&w, 0).await;
+    w.advance(25 * HOUR).await;
+    let (events, head) = verdict_events(&w, head).await;
+    assert!(events.is_empty(), "{events:?}");
+
+    // The key is revoked, and a caller's Validate is the first to see it: the
+    // change is announced all the same (review: the monitor then saw
+    // REJECTED → REJECTED, and nothing was).
+    set(&answer, Reply::json(401, r#"{"error":"invalid api key"}"#));
+    let v = c
+        .validate_connection(reference("ws-1", "amplitude"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(v.verdict(), Verdict::Rejected);
+    let (events, head) = verdict_events(&w, head).await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    let change = events[0].verdict_change.clone().unwrap();
+    assert_eq!(
+        (change.previous.as_str(), change.recovered),
+        ("VALID", false)
+    );
+    w.advance(25 * HOUR).await;
+    let (events, _) = verdict_events(&w, head).await;
+    assert!(events.is_empty(), "announced twice: {events:?}");
 }

@@ -4,12 +4,12 @@ mod audit_log;
 pub mod clock;
 mod error;
 pub mod expiry;
+mod hint;
 mod ids;
 mod input;
 mod mint;
 pub mod monitor;
 pub mod proxy;
-mod redact;
 pub mod rotation;
 mod validate;
 
@@ -34,14 +34,16 @@ use validate::Validator;
 
 pub use audit_log::{continues_from, AuditLog, Effect, UNDURABLE_MAX};
 pub use error::VaultError;
+pub use hint::hint;
 pub use ids::{parse_provider, CredentialRef, WorkspaceId};
 pub use input::NewCredential;
-pub use redact::hint;
 
 const SECRET_PURPOSE: &str = "credvault/v1/secret";
 /// How long a use of the root key may take (a token may hang).
 const ROOT_KEY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 const PARAMS_PURPOSE: &str = "credvault/v1/params-binding";
+/// The purpose of a stored verdict's tag (see [`tagged_verdict`]).
+const VERDICT_PURPOSE: &str = "credvault/v1/verdict-binding";
 const BIND_PARAMS_METHOD: &str = "KeyAdmin.BindParams";
 const UNBOUND_PARAMS: &str = "this database was written before each connection's params were \
      bound to its key: stop every replica, run `credvault keys bind-params --config FILE` once, \
@@ -52,7 +54,7 @@ const WRONG_ROOT_KEY: &str =
 
 /// Whether a connection currently holds secrets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Status {
+pub enum ConnectionState {
     Connected,
     Disconnected,
 }
@@ -67,7 +69,7 @@ pub struct Connection {
     pub provider: String,
     pub params: BTreeMap<String, String>,
     pub secrets: BTreeMap<String, Redacted>,
-    pub status: Status,
+    pub status: ConnectionState,
     pub created_at: SystemTime,
     pub updated_at: SystemTime,
     pub disconnected_at: Option<SystemTime>,
@@ -100,8 +102,8 @@ impl From<CredentialRecord> for Connection {
             last_validation,
             secrets: summaries(&r.secrets),
             status: match r.status {
-                StoredStatus::Connected => Status::Connected,
-                StoredStatus::Disconnected => Status::Disconnected,
+                StoredStatus::Connected => ConnectionState::Connected,
+                StoredStatus::Disconnected => ConnectionState::Disconnected,
             },
             key_version: r.data_key.map_or(0, |k| k.key_version),
             workspace_id: r.workspace_id,
@@ -303,7 +305,7 @@ impl Vault {
                     v.message
                 )));
             }
-            Some(encode_validation(&v)?)
+            Some(v)
         } else {
             None
         };
@@ -313,7 +315,7 @@ impl Vault {
         let mut attempts = 0;
         let (stored, appended, key_version, encryptions) = loop {
             let (record, event, key_version) =
-                self.seal_record(&new, last_validation.clone(), context)?;
+                self.seal_record(&new, last_validation.as_ref(), context)?;
             match self.store.put(record, event).await {
                 Ok((stored, appended, encryptions)) => {
                     break (stored, appended, key_version, encryptions)
@@ -349,7 +351,7 @@ impl Vault {
     fn seal_record(
         &self,
         new: &NewCredential,
-        last_validation: Option<String>,
+        last_validation: Option<&Validation>,
         context: &audit::Context,
     ) -> Result<(CredentialRecord, Event, u32), VaultError> {
         let target = &new.target;
@@ -357,6 +359,9 @@ impl Vault {
         let keyring = self.keyring_read();
         let (data_key, key_version, sealed_key) = keyring.new_data_key(&owner)?;
         let binding = params_binding(&data_key, target, &new.params, new.checked.expires_at);
+        let last_validation = last_validation
+            .map(|v| tagged_verdict(&data_key, target, v))
+            .transpose()?;
         let secrets = new
             .secrets
             .iter()
@@ -497,6 +502,7 @@ impl Vault {
             ));
         };
         let previous = record.last_validation.clone();
+        self.know_key_version(&record).await?;
         if record.expires_at.is_some_and(|at| at <= self.clock.now()) {
             let expired = Validation::new(
                 Verdict::Expired,
@@ -509,7 +515,6 @@ impl Vault {
         if let Some(limited) = self.validator.rate_limited(target) {
             return Ok(limited);
         }
-        self.know_key_version(&record).await?;
         let slot = self.validator.join(target);
         let result = slot
             .get_or_try_init(|| async {
@@ -543,41 +548,72 @@ impl Vault {
         previous: Option<String>,
         how: &Recording,
     ) -> Result<Validation, VaultError> {
-        let before = previous
-            .as_deref()
-            .and_then(|json| serde_json::from_str::<Validation>(json).ok())
-            .and_then(|p| settled_verdict(&p));
+        let key = self
+            .keyring_read()
+            .open_data_key(&target.owner(), data_key.key_version, &data_key.sealed)
+            .inspect_err(|_| tamper_warning(target, "data key"))?;
+        let before = previous.as_deref().and_then(|json| {
+            let bound = bound_verdict(&key, target, json);
+            if bound.is_none() {
+                tracing::warn!(
+                    workspace = %target.workspace_id,
+                    provider = %target.provider,
+                    "the stored verdict is not one this vault recorded (edited, or from before \
+                     verdicts were bound); the next settled verdict counts as the first"
+                );
+            }
+            bound.as_ref().and_then(settled_verdict)
+        });
         if !v.verdict.is_settled() {
             v.last_settled = before;
         }
         v.checked_at = self.clock.now();
         let record = VerdictRecord {
-            json: encode_validation(&v)?,
+            json: tagged_verdict(&key, target, &v)?,
             at: v.checked_at,
             settled: v.verdict.is_settled(),
         };
+        drop(key);
         let (workspace, provider) = (target.workspace_id.as_str(), target.provider.name());
-        match how {
-            Recording::Plain => {
-                self.store
-                    .set_last_validation(workspace, provider, data_key, record)
-                    .await?;
+        // A settled verdict that changed is announced, whoever checked: the
+        // health monitor or a caller's Validate.
+        let event = monitor::verdict_change(before, v.verdict)
+            .map(|change| monitor::verdict_event(target, v.verdict, change));
+        if matches!(how, Recording::Plain) && event.is_none() {
+            self.store
+                .set_last_validation(workspace, provider, data_key, record)
+                .await?;
+            return Ok(v);
+        }
+        let noted = self
+            .store
+            .note_verdict(
+                workspace,
+                provider,
+                data_key,
+                previous,
+                record.clone(),
+                event,
+            )
+            .await?;
+        match noted {
+            Noted::Recorded(Some(stored)) => {
+                self.audit.appended(&stored);
+                tracing::info!(
+                    workspace = %workspace,
+                    provider = %provider,
+                    verdict = v.verdict.name(),
+                    "a connection's validation verdict changed"
+                );
             }
-            Recording::Monitor => {
-                let event = monitor::verdict_change(before, v.verdict)
-                    .map(|change| monitor::verdict_event(target, v.verdict, change));
-                let noted = self
-                    .store
-                    .note_verdict(workspace, provider, data_key, previous, record, event)
-                    .await?;
-                if let Noted::Recorded(Some(stored)) = noted {
-                    self.audit.appended(&stored);
-                    tracing::info!(
-                        workspace = %workspace,
-                        provider = %provider,
-                        verdict = v.verdict.name(),
-                        "a connection's validation verdict changed"
-                    );
+            Noted::Recorded(None) => {}
+            // Another check recorded first: the monitor leaves it; a caller's
+            // verdict is recorded all the same, without the announcement.
+            Noted::Stale => {
+                if matches!(how, Recording::Plain) {
+                    self.store
+                        .set_last_validation(workspace, provider, data_key, record)
+                        .await?;
                 }
             }
         }
@@ -764,14 +800,15 @@ fn summaries(secrets: &[SecretRecord]) -> BTreeMap<String, audit::SecretSummary>
         .collect()
 }
 
-/// How a verdict is recorded.
+/// How a verdict is recorded. Either way, a settled verdict that changed
+/// (see [`monitor::verdict_change`]) is recorded only while the stored one
+/// is still the one the check began from, with its event.
 #[derive(Debug, Clone, Copy)]
 enum Recording {
     /// A caller's Validate: recorded unless the secrets changed meanwhile.
     Plain,
-    /// The health monitor's: recorded only while the stored verdict is still
-    /// the one its check began from, with an event when the settled verdict
-    /// changed (see [`monitor::verdict_change`]).
+    /// The health monitor's: recorded only over the verdict its check began
+    /// from.
     Monitor,
 }
 
@@ -783,6 +820,43 @@ fn settled_verdict(v: &Validation) -> Option<Verdict> {
     } else {
         v.last_settled
     }
+}
+
+/// `v` as stored: with a tag binding it to the connection and its data key.
+fn tagged_verdict(
+    data_key: &crypto::Key,
+    target: &CredentialRef,
+    v: &Validation,
+) -> Result<String, VaultError> {
+    let mut v = v.clone();
+    v.tag = String::new();
+    let untagged = encode_validation(&v)?;
+    let tag = with_verdict_fields(target, &untagged, |fields| {
+        crypto::bind(data_key, VERDICT_PURPOSE, fields)
+    });
+    v.tag = data_encoding::HEXLOWER.encode(&tag);
+    encode_validation(&v)
+}
+
+/// The verdict stored as `json`, if its tag shows this vault recorded it for
+/// this connection and data key.
+fn bound_verdict(data_key: &crypto::Key, target: &CredentialRef, json: &str) -> Option<Validation> {
+    let mut v: Validation = serde_json::from_str(json).ok()?;
+    let tag = data_encoding::HEXLOWER
+        .decode(std::mem::take(&mut v.tag).as_bytes())
+        .ok()?;
+    let untagged = encode_validation(&v).ok()?;
+    with_verdict_fields(target, &untagged, |fields| {
+        crypto::verify_binding(data_key, VERDICT_PURPOSE, fields, &tag)
+    })
+    .then_some(v)
+}
+
+/// The owner, then the verdict's JSON without its tag.
+fn with_verdict_fields<R>(target: &CredentialRef, json: &str, f: impl FnOnce(&[&[u8]]) -> R) -> R {
+    let mut fields = target.owner().to_vec();
+    fields.push(json.as_bytes());
+    f(&fields)
 }
 
 fn encode_validation(v: &Validation) -> Result<String, VaultError> {

@@ -31,7 +31,7 @@ use tokio::task::JoinSet;
 use super::{summaries, CredentialRef, Recording, Vault, VaultError};
 use crate::audit::{self, Event};
 use crate::providers::validation::{Validation, Verdict};
-use crate::providers::Provider;
+use crate::providers::{Provider, QuotaUnit};
 use crate::store::{CredentialRecord, StoredStatus, Watched};
 
 /// The method of the monitor's notices that a verdict changed.
@@ -223,7 +223,10 @@ impl Budgets {
             {
                 window.pop_front();
             }
-            if window.len() + cost as usize > rate.requests as usize {
+            // A check's requests go together: one that costs more than the
+            // whole window (an Amperity mint and its call, against one a
+            // second) waits for an empty window, never for ever.
+            if !window.is_empty() && window.len() + cost as usize > rate.requests as usize {
                 return false;
             }
             window.extend(std::iter::repeat_n(now, cost as usize));
@@ -266,7 +269,8 @@ impl Budgets {
                 seconds = wait.as_secs(),
                 "a provider rate-limited the health monitor; its checks pause"
             );
-        } else if v.provider_status != 0 {
+        } else if v.provider_status != 0 && self.backing_off(provider, now).is_none() {
+            // An answer to a check started before a 429 ends nothing.
             self.back_off.remove(&provider);
         }
     }
@@ -297,6 +301,9 @@ struct Monitor {
     budgets: Budgets,
     checks: JoinSet<(Started, Result<Validation, VaultError>)>,
     running: HashSet<CredentialRef>,
+    /// Connections whose check failed (a row that fails its binding, a
+    /// database error), left alone until then: not a warning every pass.
+    failed: HashMap<CredentialRef, SystemTime>,
 }
 
 impl Monitor {
@@ -315,13 +322,16 @@ impl Monitor {
             .collect();
         due.sort_by_key(|(at, _)| *at);
         self.budgets.tidy(now);
+        self.failed.retain(|_, until| *until > now);
         let mut waiting: BTreeMap<&'static str, u64> =
             Provider::ALL.iter().map(|p| (p.name(), 0)).collect();
         for (_, row) in due {
             let Ok(target) = CredentialRef::parse(&row.workspace_id, &row.provider) else {
                 continue;
             };
-            if self.running.contains(&target) {
+            if self.running.contains(&target)
+                || self.failed.get(&target).is_some_and(|until| *until > now)
+            {
                 continue;
             }
             let provider = target.provider;
@@ -388,22 +398,42 @@ impl Monitor {
                     .entry((provider.name(), v.verdict.name()))
                     .or_default() += 1;
             }
-            Err(e) => tracing::warn!(
-                workspace = %started.target.workspace_id,
-                provider = provider.name(),
-                error = %e,
-                "the health monitor could not check a connection; it will try again"
-            ),
+            Err(e) => {
+                let retry = self.schedule.retry;
+                tracing::warn!(
+                    workspace = %started.target.workspace_id,
+                    provider = provider.name(),
+                    error = %e,
+                    retry_in = %humantime::format_duration(retry),
+                    "the health monitor could not check a connection"
+                );
+                self.failed
+                    .insert(started.target, self.vault.clock.now() + retry);
+            }
         }
     }
 }
 
 /// What a connection's checks count against: the param its provider's
-/// quota is counted per, or the connection itself.
+/// quota is counted per (a number in one spelling: `007` is `7`), or the
+/// fingerprint of its key.
 fn quota_unit(target: &CredentialRef, record: &CredentialRecord) -> String {
-    match target.provider.spec().monitor.unit_param {
-        Some(param) => record.params.get(param).cloned().unwrap_or_default(),
-        None => format!("{}/{}", target.workspace_id, target.provider),
+    match target.provider.spec().monitor.unit {
+        QuotaUnit::Param(param) => {
+            let value = record.params.get(param).map_or("", String::as_str);
+            match value.parse::<u64>() {
+                Ok(n) if value.bytes().all(|b| b.is_ascii_digit()) => n.to_string(),
+                _ => value.to_owned(),
+            }
+        }
+        QuotaUnit::Secret(field) => record
+            .secrets
+            .iter()
+            .find(|s| s.field == field)
+            .map_or_else(
+                || format!("{}/{}", target.workspace_id, target.provider),
+                |s| format!("key {}", s.fingerprint),
+            ),
     }
 }
 
@@ -465,6 +495,7 @@ pub async fn run(vault: Arc<Vault>, every: Duration) {
         budgets: Budgets::default(),
         checks: JoinSet::new(),
         running: HashSet::new(),
+        failed: HashMap::new(),
     };
     loop {
         if let Err(e) = monitor.pass().await {
@@ -557,6 +588,64 @@ mod tests {
         assert_eq!(a.due(&r), a.due(&r));
     }
 
+    fn record(ws: &str, provider: &str, params: &[(&str, &str)], key: &str) -> CredentialRecord {
+        CredentialRecord {
+            workspace_id: ws.into(),
+            provider: provider.into(),
+            params: params
+                .iter()
+                .map(|(k, v)| ((*k).into(), (*v).into()))
+                .collect(),
+            status: StoredStatus::Connected,
+            created_at: SystemTime::UNIX_EPOCH,
+            updated_at: SystemTime::UNIX_EPOCH,
+            disconnected_at: None,
+            expires_at: None,
+            data_key: None,
+            secrets: vec![crate::store::SecretRecord {
+                field: "api_key".into(),
+                sealed: crate::crypto::Sealed {
+                    nonce: [0; crate::crypto::NONCE_LEN],
+                    ciphertext: Vec::new(),
+                },
+                hint: String::new(),
+                fingerprint: key.into(),
+            }],
+            last_validation: None,
+            binding: None,
+        }
+    }
+
+    #[test]
+    fn a_quota_unit_is_the_providers_not_the_workspaces() {
+        let unit = |ws: &str, provider: &str, params: &[(&str, &str)], key: &str| {
+            let target = CredentialRef::parse(ws, provider).unwrap();
+            quota_unit(&target, &record(ws, provider, params, key))
+        };
+        // One Amplitude key stored by two workspaces is one project (review:
+        // each workspace had its own budget).
+        assert_eq!(
+            unit("ws-1", "amplitude", &[], "abcd1234"),
+            unit("ws-2", "amplitude", &[], "abcd1234")
+        );
+        assert_ne!(
+            unit("ws-1", "amplitude", &[], "abcd1234"),
+            unit("ws-1", "amplitude", &[], "ffff0000")
+        );
+        // One PostHog team, however its number is written (review: `007`
+        // had a budget of its own).
+        for spelling in ["7", "07", "007"] {
+            assert_eq!(
+                unit("ws-1", "posthog", &[("project_id", spelling)], ""),
+                "7"
+            );
+        }
+        assert_eq!(
+            unit("ws-1", "amperity", &[("tenant_id", "acme")], ""),
+            unit("ws-9", "amperity", &[("tenant_id", "acme")], "")
+        );
+    }
+
     #[test]
     fn a_change_is_a_settled_verdict_that_differs() {
         use Verdict::*;
@@ -590,12 +679,24 @@ mod tests {
         // One in flight per unit.
         assert!(!b.take(Provider::Posthog, "team-1", 2, t0 + Duration::from_secs(61)));
 
+        // Amperity: one request a second; a mint and its call cost two, and
+        // go when the window is empty (review: they never went).
+        assert!(b.take(Provider::Amperity, "acme", 2, t0));
+        b.release(Provider::Amperity, "acme");
+        assert!(!b.take(Provider::Amperity, "acme", 2, t0));
+        assert!(b.take(Provider::Amperity, "acme", 2, t0 + Duration::from_secs(1)));
+
         let mut limited = Validation::answered(Verdict::RateLimited, 429, "slow down");
         limited.retry_after_seconds = 5;
         b.answered(Provider::Amplitude, &limited, t0);
         assert_eq!(b.backing_off(Provider::Amplitude, t0), Some(BACK_OFF_MIN));
         // Answers of checks started before it: the same strike.
         b.answered(Provider::Amplitude, &limited, t0);
+        assert_eq!(b.backing_off(Provider::Amplitude, t0), Some(BACK_OFF_MIN));
+        // A check started before the 429 answers 200: the back-off holds
+        // (review: it ended it).
+        let ok = Validation::answered(Verdict::Valid, 200, "ok");
+        b.answered(Provider::Amplitude, &ok, t0);
         assert_eq!(b.backing_off(Provider::Amplitude, t0), Some(BACK_OFF_MIN));
         // A 429 after the back-off: twice as long.
         let later = t0 + BACK_OFF_MIN;
@@ -604,8 +705,12 @@ mod tests {
             b.backing_off(Provider::Amplitude, later),
             Some(2 * BACK_OFF_MIN)
         );
-        let ok = Validation::answered(Verdict::Valid, 200, "ok");
-        b.answered(Provider::Amplitude, &ok, t0);
-        assert_eq!(b.backing_off(Provider::Amplitude, t0), None);
+        let after = later + 2 * BACK_OFF_MIN;
+        b.answered(Provider::Amplitude, &ok, after);
+        assert_eq!(b.backing_off(Provider::Amplitude, after), None);
+        assert!(
+            !b.back_off.contains_key(&Provider::Amplitude),
+            "strikes reset"
+        );
     }
 }

@@ -177,8 +177,8 @@ fn encode(c: domain::Connection) -> proto::Credential {
             .map(|(field, r)| (field, r.into()))
             .collect(),
         status: match c.status {
-            domain::Status::Connected => proto::Status::Connected,
-            domain::Status::Disconnected => proto::Status::Disconnected,
+            domain::ConnectionState::Connected => proto::Status::Connected,
+            domain::ConnectionState::Disconnected => proto::Status::Disconnected,
         } as i32,
         created_at: Some(c.created_at.into()),
         updated_at: Some(c.updated_at.into()),

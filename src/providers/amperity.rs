@@ -12,8 +12,8 @@ use secrecy::SecretString;
 
 use super::validation::{classify, printable, Answer, ProbeHeader, Reading, Validation, Verdict};
 use super::{
-    Checked, FieldSpec, MintRequest, MintSpec, Minted, MonitorBudget, Params, ProviderSpec, Rate,
-    Rejection, Route, Secrets, ValidationSpec,
+    Checked, FieldSpec, MintRequest, MintSpec, Minted, MonitorBudget, Params, ProviderSpec,
+    QuotaUnit, Rate, Rejection, Route, Secrets, ValidationSpec,
 };
 
 /// The API version every request must name.
@@ -76,7 +76,7 @@ pub static SPEC: ProviderSpec = ProviderSpec {
     mint: Some(&MINT),
     monitor: MonitorBudget {
         quota: "10 requests per second per tenant",
-        unit_param: Some("tenant_id"),
+        unit: QuotaUnit::Param("tenant_id"),
         concurrent: 1,
         // A tenth: one request a second.
         rate: Some(Rate {

@@ -6,7 +6,7 @@ use zeroize::Zeroizing;
 
 use super::validation::{classify, Answer, ProbeHeader, Reading, Validation};
 use super::{
-    Checked, FieldSpec, MonitorBudget, Params, ProviderSpec, Rejection, Route, Secrets,
+    Checked, FieldSpec, MonitorBudget, Params, ProviderSpec, QuotaUnit, Rejection, Route, Secrets,
     ValidationSpec,
 };
 
@@ -57,7 +57,7 @@ pub static SPEC: ProviderSpec = ProviderSpec {
     mint: None,
     monitor: MonitorBudget {
         quota: "5 concurrent REST requests per project",
-        unit_param: None,
+        unit: QuotaUnit::Secret("api_key"),
         concurrent: 1,
         rate: None,
     },

@@ -88,15 +88,23 @@ pub struct ProviderSpec {
 pub struct MonitorBudget {
     /// The provider's own limit, as its documentation states it.
     pub quota: &'static str,
-    /// The param naming what the quota is counted per (a tenant, a team);
-    /// `None` where each connection is its own (an Amplitude key is one
-    /// project).
-    pub unit_param: Option<&'static str>,
+    /// What the quota is counted per.
+    pub unit: QuotaUnit,
     /// Monitor checks in flight per unit, at most.
     pub concurrent: u32,
     /// Requests the monitor starts per unit within a window, at most
     /// (`None`: only [`MonitorBudget::concurrent`] bounds it).
     pub rate: Option<Rate>,
+}
+
+/// What a provider counts its quota per.
+#[derive(Debug, Clone, Copy)]
+pub enum QuotaUnit {
+    /// The value of this param (a tenant, a team).
+    Param(&'static str),
+    /// The key stored in this secret field, known by its fingerprint (an
+    /// Amplitude API key is one project, whichever workspaces store it).
+    Secret(&'static str),
 }
 
 /// At most `requests` within any `per`.

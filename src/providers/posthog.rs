@@ -8,8 +8,8 @@ use zeroize::Zeroizing;
 
 use super::validation::{classify, printable, Answer, ProbeHeader, Reading, Validation, Verdict};
 use super::{
-    Checked, FieldSpec, MonitorBudget, Params, Permissions, ProviderSpec, Rate, Rejection, Route,
-    Secrets, ValidationSpec,
+    Checked, FieldSpec, MonitorBudget, Params, Permissions, ProviderSpec, QuotaUnit, Rate,
+    Rejection, Route, Secrets, ValidationSpec,
 };
 
 pub static SPEC: ProviderSpec = ProviderSpec {
@@ -52,7 +52,7 @@ pub static SPEC: ProviderSpec = ProviderSpec {
     mint: None,
     monitor: MonitorBudget {
         quota: "240 analytics requests per minute per team",
-        unit_param: Some("project_id"),
+        unit: QuotaUnit::Param("project_id"),
         concurrent: 1,
         // A tenth: 24 a minute.
         rate: Some(Rate {

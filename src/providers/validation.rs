@@ -82,6 +82,11 @@ pub struct Validation {
     /// the health monitor forget what it last knew.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_settled: Option<Verdict>,
+    /// As stored: a tag (hex) binding the rest to the connection's data key,
+    /// so that the verdict a change is measured from is one the vault
+    /// recorded, not one a database writer wrote. Empty elsewhere.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub tag: String,
 }
 
 impl Validation {
@@ -97,6 +102,7 @@ impl Validation {
             duration_ms: 0,
             missing_scopes: Vec::new(),
             last_settled: None,
+            tag: String::new(),
         }
     }
 
