@@ -260,11 +260,10 @@ async fn verdict_events(w: &World, after: u64) -> (Vec<AuditEvent>, u64) {
     (found, head)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_changed_verdict_is_announced_once_and_so_is_the_recovery() {
-    let answer = answering(Reply::json(200, OK_EVENTS));
-    let mut w = world(&answer, true).await;
-    let mut c = w.v().client().await;
+/// Stores Amplitude key 1 in `ws-1` and validates it: VALID.
+async fn stored_and_valid(
+    c: &mut credvault::proto::credentials_client::CredentialsClient<tonic::transport::Channel>,
+) {
     c.store(amplitude("ws-1", &amplitude_key(1), SECRET))
         .await
         .unwrap();
@@ -274,6 +273,14 @@ async fn a_changed_verdict_is_announced_once_and_so_is_the_recovery() {
         .unwrap()
         .into_inner();
     assert_eq!(v.verdict(), Verdict::Valid);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_verdict_is_announced_once_and_so_is_the_recovery() {
+    let answer = answering(Reply::json(200, OK_EVENTS));
+    let mut w = world(&answer, true).await;
+    let mut c = w.v().client().await;
+    stored_and_valid(&mut c).await;
     let (_, mut head) = verdict_events(&w, 0).await;
 
     // The key is revoked: both regions answer 401.
@@ -473,12 +480,7 @@ async fn an_edited_verdict_forges_no_announcement_and_a_callers_check_is_announc
     let answer = answering(Reply::json(200, OK_EVENTS));
     let mut w = world(&answer, true).await;
     let mut c = w.v().client().await;
-    c.store(amplitude("ws-1", &amplitude_key(1), SECRET))
-        .await
-        .unwrap();
-    c.validate_connection(reference("ws-1", "amplitude"))
-        .await
-        .unwrap();
+    stored_and_valid(&mut c).await;
     // A database writer turns the stored VALID into REJECTED; the key still
     // works. Had the monitor believed it, it would announce a "recovery"
     // that never happened, signed by the vault (review).

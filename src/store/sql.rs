@@ -576,6 +576,24 @@ pub(super) fn secrets_values<'a>(
 }
 
 /// A new key version's parameters for [`INSERT_KEY_VERSION`].
+/// The parameters of [`SET_LAST_VALIDATION`]; [`NOTE_VERDICT`] takes the
+/// verdict it replaces after them.
+pub(super) fn verdict_values<'a>(
+    verdict: &'a super::VerdictRecord,
+    workspace_id: &'a str,
+    provider: &'a str,
+    data_key: &'a super::WrappedDataKey,
+) -> [Value<'a>; 6] {
+    values![
+        &verdict.json,
+        super::millis(verdict.at),
+        i64::from(verdict.settled),
+        workspace_id,
+        provider,
+        &data_key.sealed.ciphertext
+    ]
+}
+
 pub(super) fn key_version_values(v: &WrappedKeyVersion, created_at: i64) -> [Value<'_>; 4] {
     values![
         v.version,

@@ -778,14 +778,7 @@ impl Store for PostgresStore {
         let changed = execute(
             &c,
             sql::SET_LAST_VALIDATION,
-            &values![
-                &verdict.json,
-                millis(verdict.at),
-                i64::from(verdict.settled),
-                workspace_id,
-                provider,
-                &data_key.sealed.ciphertext
-            ],
+            &sql::verdict_values(&verdict, workspace_id, provider, data_key),
         )
         .await?;
         Ok(changed > 0)
@@ -803,20 +796,9 @@ impl Store for PostgresStore {
         let mut c = self.client().await?;
         let tx = c.transaction().await?;
         // The row first, then the head: the lock order of every transaction.
-        let changed = execute(
-            &tx,
-            sql::NOTE_VERDICT,
-            &values![
-                &verdict.json,
-                millis(verdict.at),
-                i64::from(verdict.settled),
-                workspace_id,
-                provider,
-                &data_key.sealed.ciphertext,
-                previous.as_ref()
-            ],
-        )
-        .await?;
+        let mut values = sql::verdict_values(&verdict, workspace_id, provider, data_key).to_vec();
+        values.push(previous.as_ref().into());
+        let changed = execute(&tx, sql::NOTE_VERDICT, &values).await?;
         if changed == 0 {
             return Ok(Noted::Stale);
         }

@@ -622,20 +622,16 @@ impl Store for SqliteStore {
         data_key: &WrappedDataKey,
         verdict: VerdictRecord,
     ) -> Result<bool, StoreError> {
-        let (w, p) = (workspace_id.to_owned(), provider.to_owned());
-        let wrapped = data_key.sealed.ciphertext.clone();
+        let (w, p, key) = (
+            workspace_id.to_owned(),
+            provider.to_owned(),
+            data_key.clone(),
+        );
         self.write(move |conn| {
             let changed = execute(
                 conn,
                 sql::SET_LAST_VALIDATION,
-                &values![
-                    &verdict.json,
-                    millis(verdict.at),
-                    i64::from(verdict.settled),
-                    &w,
-                    &p,
-                    &wrapped
-                ],
+                &sql::verdict_values(&verdict, &w, &p, &key),
             )?;
             Ok(changed > 0)
         })
@@ -651,22 +647,15 @@ impl Store for SqliteStore {
         verdict: VerdictRecord,
         event: Option<Event>,
     ) -> Result<Noted, StoreError> {
-        let (w, p) = (workspace_id.to_owned(), provider.to_owned());
-        let wrapped = data_key.sealed.ciphertext.clone();
+        let (w, p, key) = (
+            workspace_id.to_owned(),
+            provider.to_owned(),
+            data_key.clone(),
+        );
         self.write(move |conn| {
-            let changed = execute(
-                conn,
-                sql::NOTE_VERDICT,
-                &values![
-                    &verdict.json,
-                    millis(verdict.at),
-                    i64::from(verdict.settled),
-                    &w,
-                    &p,
-                    &wrapped,
-                    previous.as_ref()
-                ],
-            )?;
+            let mut values = sql::verdict_values(&verdict, &w, &p, &key).to_vec();
+            values.push(previous.as_ref().into());
+            let changed = execute(conn, sql::NOTE_VERDICT, &values)?;
             if changed == 0 {
                 return Ok(Noted::Stale);
             }
