@@ -1,4 +1,5 @@
-//! What Store, Redact, Zero and List mean, independent of the wire.
+//! The vault itself, independent of the wire: what Store, Redact, Zero, List, Validate and
+//! Proxy mean (this file and its modules), key rotation, expiry and the health monitor.
 
 mod audit_log;
 pub mod clock;

@@ -42,7 +42,6 @@ impl From<crate::audit::SecretSummary> for crate::proto::RedactedSecret {
     }
 }
 
-/// The services whose health is reported, by their full gRPC names.
 /// Room for a Proxy request's fields around its largest body, so that a body
 /// just over the cap reaches the handler and is refused by name.
 const PROXY_REQUEST_MESSAGE: usize = MAX_REQUEST_BODY + MAX_PATH_BYTES + 64 * 1024;
@@ -53,6 +52,7 @@ pub const PROXY_RESPONSE_MESSAGE: usize = MAX_RESPONSE_BODY + 64 * 1024;
 /// (NOT_SERVING while its HSM token does not answer). Not a gRPC service.
 pub const ROOT_KEY_HEALTH: &str = "credvault.RootKey";
 
+/// The services whose health is reported, by their full gRPC names.
 pub const SERVICES: [&str; 3] = [
     "credvault.v1.Credentials",
     "credvault.v1.Audit",

@@ -1,4 +1,5 @@
-//! The providers the vault knows: one module each, declaring its fields and the checks its values must pass.
+//! The providers the vault knows: one module each, declaring its fields, the checks its
+//! values must pass, how it is validated, its Proxy routes, its mint and its monitor budget.
 
 mod amperity;
 mod amplitude;
