@@ -1,5 +1,5 @@
-//! The command line: `serve`, `dev`, `check-config`, `certs init`, the key and audit
-//! commands, and the client subcommands for people.
+//! The command line: `serve`, `check-config`, `certs init`, the key and audit commands,
+//! and the client subcommands for people.
 
 pub mod audit;
 mod check;
