@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+/// The outbound client's settings are its own; the file format includes them.
+pub use crate::outbound::OutboundConfig;
 use crate::policy::{Policy, Rule};
 use crate::providers::{Provider, Route};
 
@@ -40,34 +42,6 @@ pub struct Config {
     /// The file this was loaded from, re-read on SIGHUP.
     #[serde(skip)]
     pub source: Option<PathBuf>,
-}
-
-/// How the vault calls providers (ValidateConnection).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct OutboundConfig {
-    /// The whole call, body included.
-    pub timeout_ms: u64,
-    pub connect_timeout_ms: u64,
-    /// CA certificates (PEM) trusted in addition to the system roots.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub extra_ca_file: Option<PathBuf>,
-    /// Let provider hosts resolve to loopback or private addresses (tests only).
-    pub allow_private_addresses: bool,
-    /// Response bodies are read up to this size, then abandoned.
-    pub max_response_bytes: usize,
-}
-
-impl Default for OutboundConfig {
-    fn default() -> Self {
-        Self {
-            timeout_ms: 10_000,
-            connect_timeout_ms: 5_000,
-            extra_ca_file: None,
-            allow_private_addresses: false,
-            max_response_bytes: 64 * 1024,
-        }
-    }
 }
 
 /// Prometheus metrics; off unless `listen` is set.

@@ -6,19 +6,49 @@ pub mod scrub;
 use std::collections::BTreeMap;
 use std::error::Error as _;
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use reqwest::redirect::Policy;
+use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 use url::Url;
 
-use crate::config::OutboundConfig;
 use crate::providers::validation::{Answer, Probe, ProbeHeader};
 use crate::providers::Provider;
 pub use address::is_public;
 pub use scrub::Scrubber;
+
+/// How the vault calls providers (ValidateConnection, Proxy, token mints): the
+/// configuration file's `[outbound]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutboundConfig {
+    /// The whole call, body included.
+    pub timeout_ms: u64,
+    pub connect_timeout_ms: u64,
+    /// CA certificates (PEM) trusted in addition to the system roots.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub extra_ca_file: Option<PathBuf>,
+    /// Let provider hosts resolve to loopback or private addresses (tests only).
+    pub allow_private_addresses: bool,
+    /// Response bodies are read up to this size, then abandoned.
+    pub max_response_bytes: usize,
+}
+
+impl Default for OutboundConfig {
+    fn default() -> Self {
+        Self {
+            timeout_ms: 10_000,
+            connect_timeout_ms: 5_000,
+            extra_ca_file: None,
+            allow_private_addresses: false,
+            max_response_bytes: 64 * 1024,
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use async_trait::async_trait;
-use rusqlite::{Connection, ErrorCode, OptionalExtension};
+use rusqlite::{Connection, OptionalExtension};
 
 use super::sql::{self, values, SqlRow, Value};
 use super::{
@@ -19,6 +19,7 @@ use crate::audit::{chain_hash, Checkpoint, Event, StoredEvent, GENESIS};
 use crate::crypto::{NewKeyMaterial, Sealed, WrappedKeyVersion};
 use writer::{Destroys, Writer};
 
+mod error;
 mod writer;
 
 const READERS: usize = 4;
@@ -263,33 +264,6 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         tx.commit()?;
     }
     Ok(())
-}
-
-/// Sorts SQLite's errors into the store's typed set.
-fn classify(e: rusqlite::Error) -> StoreError {
-    match e.sqlite_error_code() {
-        Some(ErrorCode::DiskFull) => StoreError::Full,
-        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => {
-            StoreError::Busy(e.to_string())
-        }
-        Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) => {
-            StoreError::Corrupt("SQLite reports a corrupt database file")
-        }
-        Some(
-            ErrorCode::CannotOpen
-            | ErrorCode::SystemIoFailure
-            | ErrorCode::ReadOnly
-            | ErrorCode::PermissionDenied,
-        ) => StoreError::Unavailable(e.to_string()),
-        Some(ErrorCode::ConstraintViolation) => StoreError::Conflict(e.to_string()),
-        _ => StoreError::Engine(e.to_string()),
-    }
-}
-
-impl From<rusqlite::Error> for StoreError {
-    fn from(e: rusqlite::Error) -> Self {
-        classify(e)
-    }
 }
 
 /// Runs a shared statement; returns the rows it changed.

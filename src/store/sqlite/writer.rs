@@ -215,7 +215,7 @@ fn run(conn: &Connection, queue: &mpsc::Receiver<Job>, max_batch: usize, pending
         if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
             // Without a transaction a write would commit on its own, in
             // autocommit mode, and then be reported as failed: run none.
-            let e = super::classify(e);
+            let e = super::error::classify(e);
             for job in batch {
                 ((job.run)(None).finish)(Err(&e));
             }
@@ -265,7 +265,7 @@ fn run(conn: &Connection, queue: &mpsc::Receiver<Job>, max_batch: usize, pending
         }
         let committed = match aborted {
             Some(e) => Err(e),
-            None => conn.execute_batch("COMMIT").map_err(super::classify),
+            None => conn.execute_batch("COMMIT").map_err(super::error::classify),
         };
         let mut shred = Shred::Done;
         if committed.is_err() {
