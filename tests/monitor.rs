@@ -41,6 +41,9 @@ struct World {
     /// `None` only while restarting.
     vault: Option<TestVault>,
     fake: FakeProvider,
+    /// What PostHog's key introspection answers (403 by default: the key
+    /// cannot read itself, and the first verdict stands).
+    scopes: Answer,
     metrics_port: u16,
     passes: u64,
 }
@@ -49,7 +52,12 @@ async fn world(answer: &Answer, monitor: bool) -> World {
     common::capture_logs();
     let dir = VaultDir::new();
     let replies = Arc::clone(answer);
+    let scopes = answering(Reply::json(403, "{}"));
+    let scope_replies = Arc::clone(&scopes);
     let fake = FakeProvider::start(&dir.ca, move |r: &Recorded| {
+        if r.path_and_query.starts_with("/api/personal_api_keys/") {
+            return scope_replies.lock().unwrap().clone();
+        }
         if r.path_and_query.ends_with("/oauth2/token") {
             return Reply::json(
                 200,
@@ -80,6 +88,7 @@ async fn world(answer: &Answer, monitor: bool) -> World {
         clock,
         vault: Some(vault),
         fake,
+        scopes,
         metrics_port,
         passes: 0,
     };
@@ -512,6 +521,112 @@ async fn an_edited_verdict_forges_no_announcement_and_a_callers_check_is_announc
         ("VALID", false)
     );
     w.advance(25 * HOUR).await;
-    let (events, _) = verdict_events(&w, head).await;
+    let (events, head) = verdict_events(&w, head).await;
     assert!(events.is_empty(), "announced twice: {events:?}");
+
+    // An expiry written into the row (Amplitude keys have none): not a
+    // verdict but a broken binding (review: EXPIRED, then "recovered", both
+    // announced).
+    let past = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        - 3_600_000;
+    let edited = w
+        .dir
+        .execute(&format!("UPDATE credentials SET expires_at = {past}"), &[]);
+    assert_eq!(edited, 1);
+    let err = c
+        .validate_connection(reference("ws-1", "amplitude"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::DataLoss, "{err:?}");
+    w.advance(25 * HOUR).await;
+    let (events, _) = verdict_events(&w, head).await;
+    assert!(events.is_empty(), "{events:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_check_overtaken_by_another_is_answered_not_recorded() {
+    let answer = answering(Reply::json(200, r#"{"data":[]}"#));
+    let w = world(&answer, false).await;
+    let mut c = w.v().client().await;
+    let exp = SystemTime::now() + HOUR;
+    let exp_secs = exp
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    c.store(StoreRequest {
+        secrets: map(&[(
+            "access_token",
+            &jwt(&format!(r#"{{"sub":"svc","exp":{exp_secs}}}"#)),
+        )]),
+        ..amperity("ws-x")
+    })
+    .await
+    .unwrap();
+    let validate = |mut c: credvault::proto::credentials_client::CredentialsClient<
+        tonic::transport::Channel,
+    >| async move {
+        c.validate_connection(reference("ws-x", "amperity"))
+            .await
+            .unwrap()
+            .into_inner()
+            .verdict()
+    };
+    assert_eq!(validate(c.clone()).await, Verdict::Valid);
+    // A slow check starts before the expiry...
+    set(
+        &answer,
+        Reply::json(200, r#"{"data":[]}"#).after(Duration::from_secs(2)),
+    );
+    let slow = tokio::spawn(validate(c.clone()));
+    while w.fake.request_count() < 2 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // ...another sees the credential expired, and answers first...
+    w.clock.advance(2 * HOUR);
+    assert_eq!(validate(c.clone()).await, Verdict::Expired);
+    // ...then the slow one answers VALID: answered, not recorded over it.
+    assert_eq!(slow.await.unwrap(), Verdict::Valid);
+    assert_eq!(validate(c.clone()).await, Verdict::Expired);
+    let (events, _) = verdict_events(&w, 0).await;
+    let told: Vec<_> = events.iter().map(|e| e.verdict.as_str()).collect();
+    assert_eq!(told, ["EXPIRED"], "{events:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_on_the_scopes_call_backs_the_monitor_off() {
+    let answer = answering(Reply::json(200, r#"{"id":7,"name":"Acme"}"#));
+    let mut w = world(&answer, true).await;
+    set(
+        &w.scopes,
+        Reply::json(429, r#"{"detail":"throttled"}"#).header("retry-after", "600"),
+    );
+    let mut c = w.v().client().await;
+    c.store(StoreRequest {
+        workspace_id: "ws-ph".into(),
+        provider: "posthog".into(),
+        secrets: map(&[("personal_api_key", "phx_Rk3Vw9Qm2Lx8Tz5Nc1Bd7Yf4Gh6Js0")]),
+        params: map(&[("project_id", "7")]),
+        ..StoreRequest::default()
+    })
+    .await
+    .unwrap();
+    w.advance(25 * HOUR).await;
+    assert_eq!(w.fake.request_count(), 2);
+    let text = w.metrics().await;
+    let left = metric(
+        &text,
+        r#"credvault_monitor_backoff_seconds{provider="posthog"}"#,
+    );
+    assert!((500..=600).contains(&left), "{text}");
+    assert_eq!(
+        metric(
+            &text,
+            r#"credvault_monitor_checks_total{provider="posthog",verdict="RATE_LIMITED"}"#
+        ),
+        1,
+        "{text}"
+    );
 }

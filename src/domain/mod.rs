@@ -481,9 +481,7 @@ impl Vault {
             secrets: summaries(&record.secrets),
             ..audit::Details::default()
         };
-        let v = self
-            .check_record(target, record, context, &details, Recording::Plain)
-            .await?;
+        let v = self.check_record(target, record, context, &details).await?;
         details.verdict = v.verdict.name().to_owned();
         Ok((v, details))
     }
@@ -494,7 +492,6 @@ impl Vault {
         record: CredentialRecord,
         context: &audit::Context,
         details: &audit::Details,
-        how: Recording,
     ) -> Result<Validation, VaultError> {
         let Some(data_key) = record.data_key.clone() else {
             return Ok(Validation::new(
@@ -505,12 +502,16 @@ impl Vault {
         let previous = record.last_validation.clone();
         self.know_key_version(&record).await?;
         if record.expires_at.is_some_and(|at| at <= self.clock.now()) {
+            // The expiry is bound with the params: one a database writer
+            // moved is DATA_LOSS, never a verdict (review: it made the vault
+            // announce EXPIRED, then "recovered").
+            self.bound_data_key(target, &record, &data_key)?;
             let expired = Validation::new(
                 Verdict::Expired,
                 "the stored credential has expired (its `exp` has passed); store a new one",
             );
             return self
-                .record_validation(target, &data_key, expired, previous, &how)
+                .record_validation(target, &data_key, expired, previous)
                 .await;
         }
         if let Some(limited) = self.validator.rate_limited(target) {
@@ -530,8 +531,7 @@ impl Vault {
                         self.clock.now(),
                     )
                     .await;
-                self.record_validation(target, &data_key, v, previous, &how)
-                    .await
+                self.record_validation(target, &data_key, v, previous).await
             })
             .await
             .cloned();
@@ -547,7 +547,6 @@ impl Vault {
         data_key: &WrappedDataKey,
         mut v: Validation,
         previous: Option<String>,
-        how: &Recording,
     ) -> Result<Validation, VaultError> {
         let key = self
             .keyring_read()
@@ -577,46 +576,25 @@ impl Vault {
         drop(key);
         let (workspace, provider) = (target.workspace_id.as_str(), target.provider.name());
         // A settled verdict that changed is announced, whoever checked: the
-        // health monitor or a caller's Validate.
+        // health monitor or a caller's Validate. Either records only over the
+        // verdict its check began from, so the verdicts stored and announced
+        // form one chain: a check that another overtook (a slow one, another
+        // replica's) is answered, not recorded (review: an unconditional
+        // write announced one change twice and another never).
         let event = monitor::verdict_change(before, v.verdict)
             .map(|change| monitor::verdict_event(target, v.verdict, change));
-        if matches!(how, Recording::Plain) && event.is_none() {
-            self.store
-                .set_last_validation(workspace, provider, data_key, record)
-                .await?;
-            return Ok(v);
-        }
         let noted = self
             .store
-            .note_verdict(
-                workspace,
-                provider,
-                data_key,
-                previous,
-                record.clone(),
-                event,
-            )
+            .note_verdict(workspace, provider, data_key, previous, record, event)
             .await?;
-        match noted {
-            Noted::Recorded(Some(stored)) => {
-                self.audit.appended(&stored);
-                tracing::info!(
-                    workspace = %workspace,
-                    provider = %provider,
-                    verdict = v.verdict.name(),
-                    "a connection's validation verdict changed"
-                );
-            }
-            Noted::Recorded(None) => {}
-            // Another check recorded first: the monitor leaves it; a caller's
-            // verdict is recorded all the same, without the announcement.
-            Noted::Stale => {
-                if matches!(how, Recording::Plain) {
-                    self.store
-                        .set_last_validation(workspace, provider, data_key, record)
-                        .await?;
-                }
-            }
+        if let Noted::Recorded(Some(stored)) = noted {
+            self.audit.appended(&stored);
+            tracing::info!(
+                workspace = %workspace,
+                provider = %provider,
+                verdict = v.verdict.name(),
+                "a connection's validation verdict changed"
+            );
         }
         Ok(v)
     }
@@ -799,18 +777,6 @@ fn summaries(secrets: &[SecretRecord]) -> BTreeMap<String, audit::SecretSummary>
             (s.field.clone(), summary)
         })
         .collect()
-}
-
-/// How a verdict is recorded. Either way, a settled verdict that changed
-/// (see [`monitor::verdict_change`]) is recorded only while the stored one
-/// is still the one the check began from, with its event.
-#[derive(Debug, Clone, Copy)]
-enum Recording {
-    /// A caller's Validate: recorded unless the secrets changed meanwhile.
-    Plain,
-    /// The health monitor's: recorded only over the verdict its check began
-    /// from.
-    Monitor,
 }
 
 /// The settled verdict `v` stands for: its own, or for an unsettled one the

@@ -28,7 +28,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::task::JoinSet;
 
-use super::{summaries, CredentialRef, Recording, Vault, VaultError};
+use super::{summaries, CredentialRef, Vault, VaultError};
 use crate::audit::{self, Event};
 use crate::providers::validation::{Validation, Verdict};
 use crate::providers::{Provider, QuotaUnit};
@@ -254,9 +254,9 @@ impl Budgets {
     fn answered(&mut self, provider: Provider, v: &Validation, now: SystemTime) {
         if v.provider_status == 429 {
             let asked = Duration::from_secs(v.retry_after_seconds.into()).max(BACK_OFF_MIN);
-            if let Some((until, _)) = self.back_off.get_mut(&provider).filter(|(u, _)| *u > now) {
-                // Checks started before the first 429 answer: one strike.
-                *until = (*until).max(now + asked);
+            if self.backing_off(provider, now).is_some() {
+                // Checks started before the first 429: that strike's
+                // back-off stands, neither ended nor lengthened.
                 return;
             }
             let strikes = self.back_off.get(&provider).map_or(0, |(_, n)| *n) + 1;
@@ -390,7 +390,13 @@ impl Monitor {
         self.vault.monitor_lock().in_flight = self.checks.len() as u64;
         match result {
             Ok(v) => {
-                self.budgets.answered(provider, &v, self.vault.clock.now());
+                let now = self.vault.clock.now();
+                self.budgets.answered(provider, &v, now);
+                let left = self.budgets.backing_off(provider, now).unwrap_or_default();
+                self.vault
+                    .monitor_lock()
+                    .backing_off
+                    .insert(provider.name(), left.as_secs());
                 *self
                     .vault
                     .monitor_lock()
@@ -459,8 +465,7 @@ impl Vault {
             ..audit::Details::default()
         };
         let context = system_context(target, REVALIDATE_METHOD);
-        self.check_record(target, record, &context, &details, Recording::Monitor)
-            .await
+        self.check_record(target, record, &context, &details).await
     }
 
     /// What the health monitor has done (all zero while it is off).
@@ -690,8 +695,11 @@ mod tests {
         limited.retry_after_seconds = 5;
         b.answered(Provider::Amplitude, &limited, t0);
         assert_eq!(b.backing_off(Provider::Amplitude, t0), Some(BACK_OFF_MIN));
-        // Answers of checks started before it: the same strike.
-        b.answered(Provider::Amplitude, &limited, t0);
+        // Answers of checks started before it: the same strike, not
+        // lengthened by a longer Retry-After (review: it was).
+        let mut longer = limited.clone();
+        longer.retry_after_seconds = 3600;
+        b.answered(Provider::Amplitude, &longer, t0);
         assert_eq!(b.backing_off(Provider::Amplitude, t0), Some(BACK_OFF_MIN));
         // A check started before the 429 answers 200: the back-off holds
         // (review: it ended it).

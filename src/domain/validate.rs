@@ -342,6 +342,15 @@ impl Validator {
             .call(provider, base, probe, scrubber)
             .await
             .ok()?;
+        if answer.status == 429 {
+            // The check is not complete, and the provider said why: the
+            // monitor must back off, and the caller may ask again later
+            // (review: the first call's 200 stood, and ended the back-off).
+            return Some(crate::providers::validation::rate_limited(
+                &answer,
+                spec.display_name,
+            ));
+        }
         (permissions.judge)(&answer, params, &routes)
     }
 }

@@ -204,6 +204,19 @@ pub struct Reading {
 
 /// The table in PROVIDERS.md: statuses to verdicts. `accept` checks a 2xx
 /// body's shape and returns the display name.
+/// RATE_LIMITED, with the answer's Retry-After (defaulted and capped).
+pub fn rate_limited(answer: &Answer, provider: &str) -> Validation {
+    let secs = cool_down_seconds(answer.retry_after);
+    Validation {
+        retry_after_seconds: secs,
+        ..Validation::answered(
+            Verdict::RateLimited,
+            answer.status,
+            format!("{provider} is rate-limiting these credentials; retry in {secs} s"),
+        )
+    }
+}
+
 pub fn classify(
     answer: &Answer,
     reading: &Reading,
@@ -253,17 +266,7 @@ pub fn classify(
             "the provider rejected the credentials",
         ),
         404 if reading.not_found_is_permission => permission(answer, provider),
-        429 => {
-            let secs = cool_down_seconds(answer.retry_after);
-            Validation {
-                retry_after_seconds: secs,
-                ..Validation::answered(
-                    Verdict::RateLimited,
-                    status,
-                    format!("{provider} is rate-limiting these credentials; retry in {secs} s"),
-                )
-            }
-        }
+        429 => rate_limited(answer, provider),
         500..=599 => Validation::answered(
             Verdict::Unreachable,
             status,
