@@ -523,6 +523,42 @@ fn cooling_down(provider: Provider, seconds: u32) -> ProxyAnswer {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        /// The route the gate names for the policy is the route the handler
+        /// matches: the two parses of a Proxy request never disagree.
+        #[test]
+        fn the_gate_and_the_handler_name_the_same_route(
+            provider in proptest::sample::select(vec!["amplitude", "amperity", "posthog"]),
+            method in proptest::sample::select(vec!["GET", "POST", "get", "PATCH", "DELETE", "G ET"]),
+            segments in proptest::collection::vec(
+                proptest::sample::select(vec![
+                    "api", "2", "3", "projects", "42", "cohorts", "annotations", "events",
+                    "list", "segments", "taxonomy", "query", "..", ".", "%2e", "%2F", "",
+                    "x y", "{project_id}", "@current",
+                ]),
+                0..6,
+            ),
+            trailing in proptest::bool::ANY,
+            query in proptest::option::of("[a-z=&%.]{0,12}"),
+        ) {
+            let mut path = format!("/{}", segments.join("/"));
+            if trailing {
+                path.push('/');
+            }
+            if let Some(q) = query {
+                path = format!("{path}?{q}");
+            }
+            let named = route_name(provider, method, &path);
+            if let Ok(call) =
+                ProxyCall::parse("ws", provider, method, &path, HashMap::new(), Vec::new())
+            {
+                proptest::prop_assert_eq!(named, call.route().map(|(r, _)| r.to_string()));
+            } else {
+                proptest::prop_assert!(named.is_none(), "{named:?} for a request that does not parse");
+            }
+        }
+    }
+
     #[test]
     fn plain_paths_pass() {
         for ok in [
