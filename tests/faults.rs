@@ -391,6 +391,52 @@ async fn corrupted_database_page_never_gives_wrong_plaintext() {
     );
 }
 
+/// `check-config` finds a damaged page the vault would only meet when it
+/// reads it: through the store's own integrity check.
+#[tokio::test]
+async fn check_config_finds_a_damaged_page() {
+    let dir = VaultDir::new();
+    let (db, _) = snapshot_with_wal(&dir).await;
+    {
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .unwrap();
+    }
+    let mut config = dir.config();
+    config.storage.path = db.clone();
+    let file = dir.path().join("check.toml");
+    std::fs::write(&file, config.to_toml()).unwrap();
+    let check = || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_credvault"))
+            .args(["check-config", "--config"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let db_line = text
+            .lines()
+            .find(|l| l.contains("the database opens"))
+            .unwrap_or_default()
+            .to_owned();
+        (db_line, text)
+    };
+    let (line, text) = check();
+    assert!(line.starts_with('✓'), "the undamaged copy: {text}");
+    // Every page but the first (the schema, which opening reads anyway).
+    let mut bytes = std::fs::read(&db).unwrap();
+    for page in 1..bytes.len() / 4096 {
+        for b in &mut bytes[page * 4096 + 8..(page + 1) * 4096 - 8] {
+            *b ^= 0xff;
+        }
+    }
+    std::fs::write(&db, &bytes).unwrap();
+    let (line, text) = check();
+    assert!(
+        line.starts_with('✗') && text.contains("integrity check"),
+        "{text}"
+    );
+}
+
 #[tokio::test]
 async fn bad_client_certificates_are_refused_before_any_handler_runs() {
     let dir = VaultDir::new();

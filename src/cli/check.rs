@@ -141,16 +141,21 @@ fn writable(path: &Path) -> Result<(), String> {
     })
 }
 
-/// The configured store; `None` for a SQLite file that does not exist yet.
+/// The configured store, after its own integrity check; `None` for a SQLite
+/// file that does not exist yet.
 async fn open_store(config: &Config) -> Result<Option<Arc<dyn Store>>, String> {
-    if config.storage.backend == Backend::Postgres {
+    let store = if config.storage.backend == Backend::Postgres {
         crate::store::open(&config.storage)
             .await
-            .map(Some)
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?
     } else {
-        open_sqlite(&config.storage.path)
-    }
+        match open_sqlite(&config.storage.path)? {
+            Some(store) => store,
+            None => return Ok(None),
+        }
+    };
+    store.integrity_check().await.map_err(|e| e.to_string())?;
+    Ok(Some(store))
 }
 
 fn not_created_yet(config: &Config) -> String {
@@ -210,20 +215,11 @@ async fn open_keys(store: Arc<dyn Store>, root: &RootKey) -> Result<String, Stri
     ))
 }
 
-/// Opens the SQLite file after its integrity check; a missing file is fine.
+/// Opens the SQLite file; a missing file is fine.
 fn open_sqlite(path: &std::path::Path) -> Result<Option<Arc<dyn Store>>, String> {
     if !path.exists() {
         return Ok(None);
     }
-    let store = Arc::new(SqliteStore::open(path).map_err(|e| e.to_string())?);
-    let check: String =
-        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .and_then(|c| c.query_row("PRAGMA integrity_check", [], |r| r.get(0)))
-            .map_err(|e| format!("integrity check failed: {e}"))?;
-    if check != "ok" {
-        return Err(format!(
-            "the database is corrupt ({check}); restore it from a backup"
-        ));
-    }
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(path).map_err(|e| e.to_string())?);
     Ok(Some(store))
 }

@@ -403,7 +403,7 @@ impl Vault {
             let hint = hints.get(field).map_or("[redacted]", String::as_str);
             scrubber.secret(secret.expose_secret().as_bytes(), hint);
         }
-        let method = reqwest::Method::from_bytes(call.method.as_bytes())
+        let method = http::Method::from_bytes(call.method.as_bytes())
             .map_err(|_| VaultError::InvalidArgument("`method` is not an HTTP method".into()))?;
         let intent = audit::Details {
             proxy: Some(proxied.clone()),

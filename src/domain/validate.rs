@@ -102,7 +102,7 @@ impl Validator {
         let mut request = (mint.request)(secrets, params);
         let scrubber = masking(secrets);
         let outgoing = crate::outbound::Outgoing {
-            method: reqwest::Method::POST,
+            method: http::Method::POST,
             path_and_query: request.path.to_owned(),
             headers: request.headers,
             body: std::mem::take(&mut *request.body),

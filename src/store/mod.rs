@@ -560,6 +560,12 @@ pub trait Store: Send + Sync + 'static {
         at: SystemTime,
         event: Event,
     ) -> Result<Option<(CredentialRecord, StoredEvent, Shred)>, StoreError>;
+    /// Checks the database's own structure, for `check-config`: `Corrupt`
+    /// when it is damaged. The default finds nothing to check (PostgreSQL
+    /// checks its own pages).
+    async fn integrity_check(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// Writes that destroyed key or secret material (Zero, Retire, a Store
     /// that replaced secrets) whose old bytes the database's files still
     /// hold, because a reader's snapshot needs them; 0 once none do.

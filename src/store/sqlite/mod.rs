@@ -968,6 +968,19 @@ impl Store for SqliteStore {
         self.inner.writer.pending_shreds()
     }
 
+    async fn integrity_check(&self) -> Result<(), StoreError> {
+        let verdict: String = self
+            .read(|conn| Ok(conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))?))
+            .await?;
+        if verdict == "ok" {
+            Ok(())
+        } else {
+            Err(StoreError::Corrupt(
+                "the file fails SQLite's integrity check; restore it from a backup",
+            ))
+        }
+    }
+
     async fn key_material(&self, purpose: &str) -> Result<Option<Sealed>, StoreError> {
         let purpose = purpose.to_owned();
         self.read(move |conn| sealed_material(conn, &purpose)).await
