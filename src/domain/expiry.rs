@@ -199,7 +199,7 @@ pub async fn run(vault: Arc<Vault>) {
     let mut ticks = vault.clock.ticks(CHECK_EVERY);
     loop {
         // Minted tokens past their expiry leave memory too.
-        vault.validator.sweep_tokens(vault.clock.now());
+        vault.gateway.sweep_tokens(vault.clock.now());
         if let Err(e) = vault.check_expiry().await {
             tracing::warn!(error = %e, "checking credentials' expiry failed; trying again later");
         }

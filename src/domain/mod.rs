@@ -5,6 +5,7 @@ mod audit_log;
 pub mod clock;
 mod error;
 pub mod expiry;
+mod gateway;
 mod hint;
 mod ids;
 mod input;
@@ -12,7 +13,6 @@ mod mint;
 pub mod monitor;
 pub mod proxy;
 pub mod rotation;
-mod validate;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,7 +31,7 @@ use crate::store::{
     CredentialRecord, Noted, SecretRecord, Shred, Store, StoreError, StoredKeys, StoredStatus,
     VerdictRecord, WrappedDataKey,
 };
-use validate::Validator;
+use gateway::Gateway;
 
 pub use audit_log::{continues_from, AuditLog, Effect, UNDURABLE_MAX};
 pub use error::VaultError;
@@ -133,7 +133,7 @@ pub struct Vault {
     /// use it (a token may block).
     root: Arc<RootKey>,
     keyring: RwLock<Keyring>,
-    validator: Validator,
+    gateway: Gateway,
     audit: AuditLog,
     rotation: tokio::sync::Mutex<()>,
     rewrap_wake: tokio::sync::Notify,
@@ -198,7 +198,7 @@ impl Vault {
             store,
             root: Arc::new(root),
             keyring: RwLock::new(keyring),
-            validator: Validator::new(outbound, providers)?,
+            gateway: Gateway::new(outbound, providers)?,
             audit,
             rotation: tokio::sync::Mutex::new(()),
             rewrap_wake: tokio::sync::Notify::new(),
@@ -296,7 +296,7 @@ impl Vault {
             self.before_sending(context, audit::Details::default())
                 .await?;
             let v = self
-                .validator
+                .gateway
                 .check(target, &new.secrets, &new.params, self.clock.now())
                 .await;
             if v.verdict != Verdict::Valid {
@@ -333,7 +333,7 @@ impl Vault {
             }
         };
         self.audit.appended(&appended);
-        self.validator.forget_token(target);
+        self.gateway.forget_token(target);
         let primary = self.primary_key_version();
         if key_version == primary {
             self.primary_encryptions
@@ -437,7 +437,7 @@ impl Vault {
             .ok_or_else(|| target.not_found())?;
         self.audit.appended(&appended);
         // A token minted from the destroyed secret goes with it.
-        self.validator.forget_token(target);
+        self.gateway.forget_token(target);
         shredded(
             shred,
             &format!(
@@ -514,16 +514,16 @@ impl Vault {
                 .record_validation(target, &data_key, expired, previous)
                 .await;
         }
-        if let Some(limited) = self.validator.rate_limited(target) {
+        if let Some(limited) = self.gateway.rate_limited(target) {
             return Ok(limited);
         }
-        let slot = self.validator.join(target);
+        let slot = self.gateway.join(target);
         let result = slot
             .get_or_try_init(|| async {
                 let decrypted = self.open_record(target, record)?;
                 self.before_sending(context, details.clone()).await?;
                 let v = self
-                    .validator
+                    .gateway
                     .check(
                         target,
                         &decrypted.secrets,
@@ -535,7 +535,7 @@ impl Vault {
             })
             .await
             .cloned();
-        self.validator.leave(target, &slot);
+        self.gateway.leave(target, &slot);
         result
     }
 

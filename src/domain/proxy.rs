@@ -323,7 +323,7 @@ impl Vault {
                 failed.message
             )),
             Verdict::RateLimited => {
-                self.validator.cool_down(target, failed.retry_after_seconds);
+                self.gateway.cool_down(target, failed.retry_after_seconds);
                 VaultError::ProviderUnavailable(failed.message)
             }
             _ => VaultError::ProviderUnavailable(failed.message),
@@ -350,7 +350,7 @@ impl Vault {
                 spec.display_name
             )));
         };
-        if !self.validator.configured(provider).proxies(route) {
+        if !self.gateway.configured(provider).proxies(route) {
             return Err(VaultError::PermissionDenied(format!(
                 "`{route}` is not allowed by this vault's configuration (providers.{provider}.proxy)"
             )));
@@ -379,7 +379,7 @@ impl Vault {
             redactions: 0,
             answered_by_vault: false,
         };
-        if let Some(seconds) = self.validator.cooling_down(&call.target) {
+        if let Some(seconds) = self.gateway.cooling_down(&call.target) {
             let answer = cooling_down(provider, seconds);
             proxied.status = answer.status;
             proxied.response_bytes = answer.body.len() as u64;
@@ -395,7 +395,7 @@ impl Vault {
         self.know_key_version(&record).await?;
         let decrypted = self.open_record(&call.target, record)?;
         let base = self
-            .validator
+            .gateway
             .base_url(provider, &decrypted.params)
             .map_err(VaultError::ProviderUnavailable)?;
         let mut scrubber = Scrubber::new();
@@ -413,7 +413,7 @@ impl Vault {
         // A connection on client credentials calls with a minted token; the
         // mint itself sends the secret, so it comes after the intent is logged.
         let minted = self
-            .validator
+            .gateway
             .call_secrets(
                 &call.target,
                 &decrypted.secrets,
@@ -454,7 +454,7 @@ impl Vault {
             max_response: MAX_RESPONSE_BODY,
         };
         let incoming = self
-            .validator
+            .gateway
             .outbound()
             .send(provider, &base, outgoing, &scrubber)
             .await
@@ -465,7 +465,7 @@ impl Vault {
                 ))
             })?;
         if incoming.status == 429 {
-            self.validator
+            self.gateway
                 .cool_down(&call.target, cool_down_seconds(incoming.retry_after()));
         }
         let mut redactions = incoming.scrubbed;

@@ -1,4 +1,6 @@
-//! ValidateConnection: the vault calls the provider with the credentials it holds and turns the answer into a verdict.
+//! The gateway for every provider call the vault makes with a connection's
+//! credentials: ValidateConnection's checks (turning answers into verdicts),
+//! Proxy's calls, and token mints, with the rate-limit memory they share.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -15,7 +17,7 @@ use crate::providers::{Params, Provider, Secrets};
 
 /// Provider calls, for validation and proxy alike, with the per-connection
 /// rate-limit memory both share.
-pub(super) struct Validator {
+pub(super) struct Gateway {
     outbound: Outbound,
     /// Tokens minted from stored client credentials.
     minter: super::mint::Minter,
@@ -29,7 +31,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-impl Validator {
+impl Gateway {
     pub(super) fn new(
         outbound: Outbound,
         providers: &ProvidersConfig,
