@@ -476,11 +476,7 @@ impl Vault {
         context: &audit::Context,
     ) -> Result<(Validation, audit::Details), VaultError> {
         let record = self.record(target).await?;
-        let mut details = audit::Details {
-            key_version: record.data_key.as_ref().map_or(0, |k| k.key_version),
-            secrets: summaries(&record.secrets),
-            ..audit::Details::default()
-        };
+        let mut details = record_details(&record);
         let v = self.check_record(target, record, context, &details).await?;
         details.verdict = v.verdict.name().to_owned();
         Ok((v, details))
@@ -505,13 +501,13 @@ impl Vault {
             // The expiry is bound with the params: one a database writer
             // moved is DATA_LOSS, never a verdict (review: it made the vault
             // announce EXPIRED, then "recovered").
-            self.bound_data_key(target, &record, &data_key)?;
+            let key = self.bound_data_key(target, &record, &data_key)?;
             let expired = Validation::new(
                 Verdict::Expired,
                 "the stored credential has expired (its `exp` has passed); store a new one",
             );
             return self
-                .record_validation(target, &data_key, expired, previous)
+                .record_validation(target, (&key, &data_key), expired, previous)
                 .await;
         }
         if let Some(limited) = self.gateway.rate_limited(target) {
@@ -520,7 +516,7 @@ impl Vault {
         let slot = self.gateway.join(target);
         let result = slot
             .get_or_try_init(|| async {
-                let decrypted = self.open_record(target, record)?;
+                let (decrypted, key) = self.open_record(target, record)?;
                 self.before_sending(context, details.clone()).await?;
                 let v = self
                     .gateway
@@ -531,7 +527,8 @@ impl Vault {
                         self.clock.now(),
                     )
                     .await;
-                self.record_validation(target, &data_key, v, previous).await
+                self.record_validation(target, (&key, &data_key), v, previous)
+                    .await
             })
             .await
             .cloned();
@@ -544,16 +541,12 @@ impl Vault {
     async fn record_validation(
         &self,
         target: &CredentialRef,
-        data_key: &WrappedDataKey,
+        (key, data_key): (&crypto::Key, &WrappedDataKey),
         mut v: Validation,
         previous: Option<String>,
     ) -> Result<Validation, VaultError> {
-        let key = self
-            .keyring_read()
-            .open_data_key(&target.owner(), data_key.key_version, &data_key.sealed)
-            .inspect_err(|_| tamper_warning(target, "data key"))?;
         let before = previous.as_deref().and_then(|json| {
-            let bound = bound_verdict(&key, target, json);
+            let bound = bound_verdict(key, target, json);
             if bound.is_none() {
                 tracing::warn!(
                     workspace = %target.workspace_id,
@@ -569,11 +562,10 @@ impl Vault {
         }
         v.checked_at = self.clock.now();
         let record = VerdictRecord {
-            json: tagged_verdict(&key, target, &v)?,
+            json: tagged_verdict(key, target, &v)?,
             at: v.checked_at,
             settled: v.verdict.is_settled(),
         };
-        drop(key);
         let (workspace, provider) = (target.workspace_id.as_str(), target.provider.name());
         // A settled verdict that changed is announced, whoever checked: the
         // health monitor or a caller's Validate. Either records only over the
@@ -620,6 +612,7 @@ impl Vault {
         let record = self.record(target).await?;
         self.know_key_version(&record).await?;
         self.open_record(target, record)
+            .map(|(decrypted, _)| decrypted)
     }
 
     /// With replicas, a data key may name a version another replica created
@@ -654,11 +647,13 @@ impl Vault {
         Ok(data_key)
     }
 
+    /// The connection's secrets, decrypted after every check, with the data
+    /// key that opened them (a verdict about them is tagged under it).
     fn open_record(
         &self,
         target: &CredentialRef,
         record: CredentialRecord,
-    ) -> Result<Decrypted, VaultError> {
+    ) -> Result<(Decrypted, crypto::Key), VaultError> {
         let Some(wrapped) = &record.data_key else {
             return Err(VaultError::FailedPrecondition(format!(
                 "the {} connection of workspace `{}` is disconnected",
@@ -696,11 +691,12 @@ impl Vault {
             tamper_warning(target, "parameter");
             return Err(VaultError::DataLoss);
         }
-        Ok(Decrypted {
+        let decrypted = Decrypted {
             provider: target.provider,
             params: record.params,
             secrets,
-        })
+        };
+        Ok((decrypted, data_key))
     }
 
     async fn record(&self, target: &CredentialRef) -> Result<CredentialRecord, VaultError> {
@@ -763,6 +759,16 @@ fn shredded(shred: Shred, done: &str) -> Result<(), VaultError> {
              by the vault, see the shreds_pending metric; PostgreSQL: by the next VACUUM, \
              which calling again runs); call again to confirm"
         ))),
+    }
+}
+
+/// What the event of a call that uses `record`'s secrets says of them: the
+/// key version and each secret's hint and fingerprint.
+fn record_details(record: &CredentialRecord) -> audit::Details {
+    audit::Details {
+        key_version: record.data_key.as_ref().map_or(0, |k| k.key_version),
+        secrets: summaries(&record.secrets),
+        ..audit::Details::default()
     }
 }
 

@@ -28,7 +28,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::task::JoinSet;
 
-use super::{summaries, CredentialRef, Vault, VaultError};
+use super::{record_details, CredentialRef, Vault, VaultError};
 use crate::audit::{self, Event};
 use crate::providers::validation::{Validation, Verdict};
 use crate::providers::{Provider, QuotaUnit};
@@ -459,11 +459,7 @@ impl Vault {
         target: &CredentialRef,
         record: CredentialRecord,
     ) -> Result<Validation, VaultError> {
-        let details = audit::Details {
-            key_version: record.data_key.as_ref().map_or(0, |k| k.key_version),
-            secrets: summaries(&record.secrets),
-            ..audit::Details::default()
-        };
+        let details = record_details(&record);
         let context = system_context(target, REVALIDATE_METHOD);
         self.check_record(target, record, &context, &details).await
     }

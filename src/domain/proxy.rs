@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use secrecy::ExposeSecret;
 
-use super::{summaries, CredentialRef, Vault, VaultError};
+use super::{record_details, CredentialRef, Vault, VaultError};
 use crate::audit::{self, Proxied};
 use crate::outbound::scrub::MASK;
 use crate::outbound::{Outgoing, Scrubber, Unreachable};
@@ -365,11 +365,7 @@ impl Vault {
                 )));
             }
         }
-        let mut details = audit::Details {
-            key_version: record.data_key.as_ref().map_or(0, |k| k.key_version),
-            secrets: summaries(&record.secrets),
-            ..audit::Details::default()
-        };
+        let mut details = record_details(&record);
         let mut proxied = Proxied {
             method: call.method.clone(),
             route: route.template.to_owned(),
@@ -393,7 +389,7 @@ impl Vault {
             .map(|s| (s.field.clone(), s.hint.clone()))
             .collect();
         self.know_key_version(&record).await?;
-        let decrypted = self.open_record(&call.target, record)?;
+        let (decrypted, _) = self.open_record(&call.target, record)?;
         let base = self
             .gateway
             .base_url(provider, &decrypted.params)
