@@ -466,20 +466,24 @@ contract!(
             .await
             .unwrap();
         let key = row.data_key.unwrap();
-        assert!(store
-            .set_last_validation("ws-1", "posthog", &key, verdict("valid"))
+        let recorded = store
+            .note_verdict("ws-1", "posthog", &key, None, verdict("valid"), None)
             .await
-            .unwrap());
+            .unwrap();
+        assert!(matches!(recorded, Noted::Recorded(None)), "{recorded:?}");
         let mut replaced = record("ws-1", 1, &["api_key"]);
         replaced.data_key = Some(WrappedDataKey {
             key_version: 1,
             sealed: sealed(0x77),
         });
         store.put(replaced, event("Store", "ws-1")).await.unwrap();
-        assert!(!store
-            .set_last_validation("ws-1", "posthog", &key, verdict("valid"))
+        // The stored verdict is none again (a Store starts over): only the
+        // data key tells the slow check's verdict from the new secrets.
+        let stale = store
+            .note_verdict("ws-1", "posthog", &key, None, verdict("valid"), None)
             .await
-            .unwrap());
+            .unwrap();
+        assert!(matches!(stale, Noted::Stale), "{stale:?}");
     }
 );
 
@@ -581,10 +585,11 @@ contract!(
             ("ws-fresh", now, true),
         ] {
             let k = key(ws).await;
-            assert!(store
-                .set_last_validation(ws, "posthog", &k, at(when, settled))
+            let recorded = store
+                .note_verdict(ws, "posthog", &k, None, at(when, settled), None)
                 .await
-                .unwrap());
+                .unwrap();
+            assert!(matches!(recorded, Noted::Recorded(None)), "{recorded:?}");
         }
         store
             .zero("ws-gone", "posthog", now, event("Zero", "ws-gone"))

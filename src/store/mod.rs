@@ -518,19 +518,10 @@ pub trait Store: Send + Sync + 'static {
     async fn list(&self, workspace_id: &str) -> Result<Vec<CredentialRecord>, StoreError>;
     /// Records a connection's latest validation verdict, unless its secrets
     /// changed since `data_key` was read (so a slow check never labels newer
-    /// secrets). Returns whether it was recorded.
-    async fn set_last_validation(
-        &self,
-        workspace_id: &str,
-        provider: &str,
-        data_key: &WrappedDataKey,
-        verdict: VerdictRecord,
-    ) -> Result<bool, StoreError>;
-    /// The health monitor's record of a verdict: as
-    /// [`Store::set_last_validation`], only while the stored verdict is
-    /// still `previous`, with `event` (that the verdict changed) appended in
-    /// the same transaction. [`Noted::Stale`], with nothing written, when
-    /// another check or a Store got there first.
+    /// secrets), and only while the stored verdict is still `previous`, with
+    /// `event` (that the verdict changed) appended in the same transaction.
+    /// [`Noted::Stale`], with nothing written, when another check or a Store
+    /// got there first.
     async fn note_verdict(
         &self,
         workspace_id: &str,

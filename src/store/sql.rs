@@ -114,14 +114,10 @@ statements! {
              binding = NULL \
          WHERE workspace_id = $2 AND provider = $3 RETURNING ", credential_columns!()
     );
-    /// Records a verdict reached at `$2` (`$3`: 1 if settled) unless the
-    /// secrets changed since the data key `$6` was read.
-    SET_LAST_VALIDATION = "UPDATE credentials \
-         SET last_validation = $1, validated_at = $2, validation_settled = $3 \
-         WHERE workspace_id = $4 AND provider = $5 AND wrapped_dek = $6";
-    /// As [`SET_LAST_VALIDATION`], only while the stored verdict is still
-    /// `$7`: the health monitor's compare-and-set, so that of two replicas
-    /// that checked at once only one records, and announces a change.
+    /// Records a verdict reached at `$2` (`$3`: 1 if settled), unless the
+    /// secrets changed since the data key `$6` was read, and only while the
+    /// stored verdict is still `$7`: of two checks that ran at once only
+    /// one records, and announces a change.
     NOTE_VERDICT = "UPDATE credentials \
          SET last_validation = $1, validated_at = $2, validation_settled = $3 \
          WHERE workspace_id = $4 AND provider = $5 AND wrapped_dek = $6 \
@@ -575,25 +571,26 @@ pub(super) fn secrets_values<'a>(
         .collect()
 }
 
-/// A new key version's parameters for [`INSERT_KEY_VERSION`].
-/// The parameters of [`SET_LAST_VALIDATION`]; [`NOTE_VERDICT`] takes the
-/// verdict it replaces after them.
+/// The parameters of [`NOTE_VERDICT`].
 pub(super) fn verdict_values<'a>(
     verdict: &'a super::VerdictRecord,
     workspace_id: &'a str,
     provider: &'a str,
     data_key: &'a super::WrappedDataKey,
-) -> [Value<'a>; 6] {
+    previous: Option<&'a String>,
+) -> [Value<'a>; 7] {
     values![
         &verdict.json,
         super::millis(verdict.at),
         i64::from(verdict.settled),
         workspace_id,
         provider,
-        &data_key.sealed.ciphertext
+        &data_key.sealed.ciphertext,
+        previous
     ]
 }
 
+/// A new key version's parameters for [`INSERT_KEY_VERSION`].
 pub(super) fn key_version_values(v: &WrappedKeyVersion, created_at: i64) -> [Value<'_>; 4] {
     values![
         v.version,

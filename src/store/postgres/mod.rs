@@ -767,23 +767,6 @@ impl Store for PostgresStore {
         credentials(&c, sql::WORKSPACE_CREDENTIALS, &values![workspace_id]).await
     }
 
-    async fn set_last_validation(
-        &self,
-        workspace_id: &str,
-        provider: &str,
-        data_key: &WrappedDataKey,
-        verdict: VerdictRecord,
-    ) -> Result<bool, StoreError> {
-        let c = self.client().await?;
-        let changed = execute(
-            &c,
-            sql::SET_LAST_VALIDATION,
-            &sql::verdict_values(&verdict, workspace_id, provider, data_key),
-        )
-        .await?;
-        Ok(changed > 0)
-    }
-
     async fn note_verdict(
         &self,
         workspace_id: &str,
@@ -796,8 +779,13 @@ impl Store for PostgresStore {
         let mut c = self.client().await?;
         let tx = c.transaction().await?;
         // The row first, then the head: the lock order of every transaction.
-        let mut values = sql::verdict_values(&verdict, workspace_id, provider, data_key).to_vec();
-        values.push(previous.as_ref().into());
+        let values = sql::verdict_values(
+            &verdict,
+            workspace_id,
+            provider,
+            data_key,
+            previous.as_ref(),
+        );
         let changed = execute(&tx, sql::NOTE_VERDICT, &values).await?;
         if changed == 0 {
             return Ok(Noted::Stale);

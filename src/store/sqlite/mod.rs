@@ -589,29 +589,6 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn set_last_validation(
-        &self,
-        workspace_id: &str,
-        provider: &str,
-        data_key: &WrappedDataKey,
-        verdict: VerdictRecord,
-    ) -> Result<bool, StoreError> {
-        let (w, p, key) = (
-            workspace_id.to_owned(),
-            provider.to_owned(),
-            data_key.clone(),
-        );
-        self.write(move |conn| {
-            let changed = execute(
-                conn,
-                sql::SET_LAST_VALIDATION,
-                &sql::verdict_values(&verdict, &w, &p, &key),
-            )?;
-            Ok(changed > 0)
-        })
-        .await
-    }
-
     async fn note_verdict(
         &self,
         workspace_id: &str,
@@ -627,8 +604,7 @@ impl Store for SqliteStore {
             data_key.clone(),
         );
         self.write(move |conn| {
-            let mut values = sql::verdict_values(&verdict, &w, &p, &key).to_vec();
-            values.push(previous.as_ref().into());
+            let values = sql::verdict_values(&verdict, &w, &p, &key, previous.as_ref());
             let changed = execute(conn, sql::NOTE_VERDICT, &values)?;
             if changed == 0 {
                 return Ok(Noted::Stale);
