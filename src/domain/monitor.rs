@@ -253,12 +253,12 @@ impl Budgets {
     /// After a check of `provider` that ended in `v`.
     fn answered(&mut self, provider: Provider, v: &Validation, now: SystemTime) {
         if v.provider_status == 429 {
-            let asked = Duration::from_secs(v.retry_after_seconds.into()).max(BACK_OFF_MIN);
             if self.backing_off(provider, now).is_some() {
                 // Checks started before the first 429: that strike's
                 // back-off stands, neither ended nor lengthened.
                 return;
             }
+            let asked = Duration::from_secs(v.retry_after_seconds.into()).max(BACK_OFF_MIN);
             let strikes = self.back_off.get(&provider).map_or(0, |(_, n)| *n) + 1;
             let wait = asked
                 .saturating_mul(1 << (strikes - 1).min(10))
@@ -329,9 +329,7 @@ impl Monitor {
             let Ok(target) = CredentialRef::parse(&row.workspace_id, &row.provider) else {
                 continue;
             };
-            if self.running.contains(&target)
-                || self.failed.get(&target).is_some_and(|until| *until > now)
-            {
+            if self.running.contains(&target) || self.failed.contains_key(&target) {
                 continue;
             }
             let provider = target.provider;
@@ -393,13 +391,9 @@ impl Monitor {
                 let now = self.vault.clock.now();
                 self.budgets.answered(provider, &v, now);
                 let left = self.budgets.backing_off(provider, now).unwrap_or_default();
-                self.vault
-                    .monitor_lock()
-                    .backing_off
-                    .insert(provider.name(), left.as_secs());
-                *self
-                    .vault
-                    .monitor_lock()
+                let mut progress = self.vault.monitor_lock();
+                progress.backing_off.insert(provider.name(), left.as_secs());
+                *progress
                     .checks
                     .entry((provider.name(), v.verdict.name()))
                     .or_default() += 1;
